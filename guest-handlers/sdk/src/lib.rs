@@ -1,0 +1,72 @@
+//! Tessera guest SDK: what a model owner needs to write a handler in a few lines.
+//!
+//! A handler implements [`Handler`] and exports it with [`export_handler!`]:
+//!
+//! ```ignore
+//! struct MyHandler;
+//! impl tessera_sdk::Handler for MyHandler {
+//!     fn preprocess(req: Request) -> Result<ModelInput, HandlerError> { ... }
+//!     fn postprocess(outputs: Vec<Tensor>, ctx: Vec<u8>) -> Result<Response, HandlerError> { ... }
+//! }
+//! tessera_sdk::export_handler!(MyHandler);
+//! ```
+//!
+//! Helpers cover the usual request shapes: JSON bodies ([`json`]), base64 ([`b64`]), PNG/JPEG
+//! images ([`img`]) and tensors ([`Tensor`] constructors and readers). Everything here runs
+//! inside the sandbox; the only host calls are [`asset`], [`param`] and [`log`].
+
+pub mod b64;
+pub mod img;
+pub mod json;
+mod tensor;
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "handler",
+        path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_handler",
+        default_bindings_module: "tessera_sdk::bindings",
+    });
+}
+
+pub use bindings::tessera::handler::types::{
+    Dtype, HandlerError, LogLevel, ModelInput, Request, Response, Tensor,
+};
+pub use bindings::Guest as Handler;
+pub use bindings::export_handler;
+pub use tensor::TensorView;
+
+use bindings::tessera::handler::host;
+
+/// Reads a file from the archive's `assets/` folder.
+pub fn asset(path: &str) -> Result<Vec<u8>, HandlerError> {
+    host::read_asset(path).map_err(|e| HandlerError::Internal(format!("asset {path}: {e}")))
+}
+
+/// A parameter from the `handler:` map of model-config.yaml, parsed as `T`.
+pub fn param<T: std::str::FromStr>(key: &str) -> Option<T> {
+    host::config_param(key).and_then(|v| v.parse().ok())
+}
+
+/// Logs one line to the server log (rate-limited by the host).
+pub fn log(level: LogLevel, message: &str) {
+    host::log(level, message)
+}
+
+impl HandlerError {
+    /// Shorthand for a 400 with the given message.
+    pub fn bad(msg: impl Into<String>) -> Self {
+        HandlerError::BadRequest(msg.into())
+    }
+}
+
+impl Response {
+    /// A 200 response with a JSON body.
+    pub fn json<T: serde::Serialize>(value: &T) -> Result<Response, HandlerError> {
+        let body = serde_json::to_vec(value)
+            .map_err(|e| HandlerError::Internal(format!("serialising response: {e}")))?;
+        Ok(Response { status: 200, content_type: "application/json".into(), body })
+    }
+}

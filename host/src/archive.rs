@@ -1,0 +1,472 @@
+//! Model archives: `model-config.yaml`, TorchScript files, `handler.wasm` and `assets/`, in a
+//! `.tar.gz`. This module reads the config, packs archives (`tessera pack`) and unpacks them
+//! defensively. It never trusts an archive: unpacking refuses absolute paths, `..`, links,
+//! devices, unexpected entry kinds and anything over the size limits, and writes only below a
+//! fresh directory that is renamed into place once complete.
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+/// Name of the config file inside an archive.
+pub const CONFIG_FILE: &str = "model-config.yaml";
+/// Name of the handler component inside an archive.
+pub const HANDLER_FILE: &str = "handler.wasm";
+/// Folder of read-only files the handler may read.
+pub const ASSETS_DIR: &str = "assets";
+const MAX_ENTRIES: usize = 10_000;
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("archive is not a valid gzip-compressed tar: {0}")]
+    Corrupt(String),
+    #[error("archive entry '{0}' is unsafe: {1}")]
+    UnsafeEntry(String, &'static str),
+    #[error("archive is too large: {0}")]
+    TooLarge(String),
+    #[error("archive is missing {0}")]
+    Missing(&'static str),
+    #[error("invalid model-config.yaml: {0}")]
+    BadConfig(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
+    move |source| ArchiveError::Io { path: path.to_path_buf(), source }
+}
+
+/// `model-config.yaml`: TorchServe's keys where they mean the same, Tessera's own under
+/// `tessera:`, and the handler's free-form parameters under `handler:`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Accepted for TorchServe compatibility; Tessera keeps no idle workers.
+    #[serde(default = "one")]
+    pub min_workers: u32,
+    /// Concurrent forwards of this model.
+    #[serde(default = "one")]
+    pub max_workers: u32,
+    /// Largest batch (batching across requests is not implemented yet: values above 1 run
+    /// requests one at a time).
+    #[serde(default = "one")]
+    pub batch_size: u32,
+    /// Milliseconds to wait to fill a batch.
+    #[serde(default = "default_batch_delay")]
+    pub max_batch_delay: u64,
+    /// Seconds one request may take end to end, handler and forward included.
+    #[serde(default = "default_timeout")]
+    pub response_timeout: u64,
+    /// `gpu` or `cpu`; absent means the server's device.
+    #[serde(default)]
+    pub device_type: Option<String>,
+    #[serde(default)]
+    pub tessera: TesseraConfig,
+    /// Free-form parameters the handler reads with `config-param`.
+    #[serde(default)]
+    pub handler: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// Tessera's own keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TesseraConfig {
+    /// The TorchScript file whose `forward` is run; may be omitted when there is exactly one.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Cap on the handler's linear memory, in MiB (at most the server's cap).
+    #[serde(default)]
+    pub handler_memory_mib: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_batch_delay() -> u64 {
+    100
+}
+fn default_timeout() -> u64 {
+    120
+}
+
+impl ModelConfig {
+    /// Parses and validates a config.
+    pub fn parse(text: &str) -> Result<ModelConfig, ArchiveError> {
+        let config: ModelConfig =
+            serde_yaml::from_str(text).map_err(|e| ArchiveError::BadConfig(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ArchiveError> {
+        let bad = |m: String| Err(ArchiveError::BadConfig(m));
+        if self.max_workers == 0 || self.max_workers > 64 {
+            return bad(format!("maxWorkers must be 1..=64, got {}", self.max_workers));
+        }
+        if self.min_workers > self.max_workers {
+            return bad("minWorkers exceeds maxWorkers".into());
+        }
+        if self.batch_size == 0 || self.batch_size > 1024 {
+            return bad(format!("batchSize must be 1..=1024, got {}", self.batch_size));
+        }
+        if self.response_timeout == 0 || self.response_timeout > 3600 {
+            return bad(format!("responseTimeout must be 1..=3600 seconds, got {}", self.response_timeout));
+        }
+        match self.device_type.as_deref() {
+            None | Some("gpu") | Some("cpu") => {}
+            Some(other) => return bad(format!("deviceType must be gpu or cpu, got '{other}'")),
+        }
+        if let Some(m) = &self.tessera.model {
+            check_model_file_name(m)?;
+        }
+        Ok(())
+    }
+
+    /// A handler parameter rendered as the string the handler receives.
+    pub fn handler_param(&self, key: &str) -> Option<String> {
+        match self.handler.get(key)? {
+            serde_yaml::Value::String(s) => Some(s.clone()),
+            serde_yaml::Value::Null => None,
+            other => serde_yaml::to_string(other).ok().map(|s| s.trim_end().to_string()),
+        }
+    }
+}
+
+fn check_model_file_name(name: &str) -> Result<(), ArchiveError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && (name.ends_with(".pt") || name.ends_with(".pt2") || name.ends_with(".ts"));
+    if ok {
+        Ok(())
+    } else {
+        Err(ArchiveError::BadConfig(format!(
+            "model file '{name}' must be a plain file name ending in .pt/.pt2/.ts"
+        )))
+    }
+}
+
+/// Limits applied while unpacking.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_archive_bytes: u64,
+    pub max_unpacked_bytes: u64,
+}
+
+/// An archive unpacked on local disk and checked for the pieces a model needs.
+#[derive(Debug, Clone)]
+pub struct Unpacked {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    /// The TorchScript file to run.
+    pub model_file: PathBuf,
+    /// All TorchScript files at the top level.
+    pub model_files: Vec<PathBuf>,
+    pub handler: PathBuf,
+    /// sha256 of the handler bytes (the compiled-component cache key).
+    pub handler_hash: String,
+    /// Sum of the TorchScript files' sizes.
+    pub model_bytes: u64,
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, ArchiveError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher).map_err(io_err(path))?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Unpacks `archive` into `dest` (which must not exist), validating every entry. The work is
+/// done in a sibling temporary directory renamed into place at the end, so `dest` either holds a
+/// complete archive or does not exist.
+pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, ArchiveError> {
+    let size = fs::metadata(archive).map_err(io_err(archive))?.len();
+    if size > limits.max_archive_bytes {
+        return Err(ArchiveError::TooLarge(format!(
+            "{size} bytes, over the limit of {}",
+            limits.max_archive_bytes
+        )));
+    }
+    let parent = dest.parent().ok_or_else(|| ArchiveError::Invalid("bad destination".into()))?;
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = parent.join(format!(
+        ".partial-{}-{}-{}",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+    let result = extract(archive, &tmp, limits).and_then(|()| inspect(&tmp));
+    match result {
+        Ok(_) => {
+            fs::rename(&tmp, dest).map_err(io_err(dest))?;
+            inspect(dest)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveError> {
+    let file = File::open(archive).map_err(io_err(archive))?;
+    let mut tar = tar::Archive::new(GzDecoder::new(io::BufReader::new(file)));
+    let entries = tar.entries().map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
+    let mut total: u64 = 0;
+    for (count, entry) in entries.enumerate() {
+        if count >= MAX_ENTRIES {
+            return Err(ArchiveError::TooLarge(format!("more than {MAX_ENTRIES} entries")));
+        }
+        let mut entry = entry.map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw).into_owned();
+        let rel = safe_relative(&name)?;
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            if let Some(rel) = rel {
+                let d = dest.join(rel);
+                fs::create_dir_all(&d).map_err(io_err(&d))?;
+            }
+            continue;
+        }
+        if kind.is_symlink() || kind.is_hard_link() {
+            return Err(ArchiveError::UnsafeEntry(name, "links are not allowed"));
+        }
+        if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+            return Err(ArchiveError::UnsafeEntry(name, "device and fifo entries are not allowed"));
+        }
+        if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() || kind.is_gnu_longname() {
+            continue; // metadata records; the tar crate folds them into the next entry
+        }
+        if !kind.is_file() && kind != tar::EntryType::Continuous {
+            return Err(ArchiveError::UnsafeEntry(name, "unsupported entry type"));
+        }
+        let Some(rel) = rel else {
+            return Err(ArchiveError::UnsafeEntry(name, "empty path"));
+        };
+        let declared = entry.header().size().unwrap_or(u64::MAX);
+        if total.saturating_add(declared) > limits.max_unpacked_bytes {
+            return Err(ArchiveError::TooLarge(format!(
+                "unpacked size exceeds the limit of {} bytes",
+                limits.max_unpacked_bytes
+            )));
+        }
+        let out_path = dest.join(&rel);
+        if out_path.exists() {
+            return Err(ArchiveError::UnsafeEntry(name, "duplicate entry"));
+        }
+        if let Some(p) = out_path.parent() {
+            fs::create_dir_all(p).map_err(io_err(p))?;
+        }
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&out_path)
+            .map_err(io_err(&out_path))?;
+        // Copy at most the declared size (+1 to notice a lying header).
+        let copied = io::copy(&mut (&mut entry).take(declared.saturating_add(1)), &mut out)
+            .map_err(|e| ArchiveError::Corrupt(format!("{name}: {e}")))?;
+        if copied != declared {
+            return Err(ArchiveError::Corrupt(format!("{name}: size does not match its header")));
+        }
+        total += copied;
+    }
+    Ok(())
+}
+
+/// The entry name as a relative path below the archive root, or an error if it could escape.
+/// `None` for the root itself (`./`).
+fn safe_relative(name: &str) -> Result<Option<PathBuf>, ArchiveError> {
+    if name.contains('\0') || name.contains('\\') {
+        return Err(ArchiveError::UnsafeEntry(name.into(), "forbidden character in path"));
+    }
+    let path = Path::new(name);
+    let mut out = PathBuf::new();
+    for comp in path.components() {
+        match comp {
+            Component::Normal(c) => out.push(c),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(ArchiveError::UnsafeEntry(name.into(), "'..' in path")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(ArchiveError::UnsafeEntry(name.into(), "absolute path"))
+            }
+        }
+    }
+    if out.components().count() > 16 {
+        return Err(ArchiveError::UnsafeEntry(name.into(), "path nested too deep"));
+    }
+    Ok(if out.as_os_str().is_empty() { None } else { Some(out) })
+}
+
+/// Reads an unpacked directory back: config, handler, model files.
+pub fn inspect(dir: &Path) -> Result<Unpacked, ArchiveError> {
+    let config_path = dir.join(CONFIG_FILE);
+    if !config_path.is_file() {
+        return Err(ArchiveError::Missing(CONFIG_FILE));
+    }
+    let config_len = fs::metadata(&config_path).map_err(io_err(&config_path))?.len();
+    if config_len > MAX_CONFIG_BYTES {
+        return Err(ArchiveError::TooLarge(format!("{CONFIG_FILE} is {config_len} bytes")));
+    }
+    let text = fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+    let config = ModelConfig::parse(&text)?;
+    let handler = dir.join(HANDLER_FILE);
+    if !handler.is_file() {
+        return Err(ArchiveError::Missing(HANDLER_FILE));
+    }
+    let mut model_files = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_file() && check_model_file_name(&name).is_ok() {
+            model_files.push(e.path());
+        }
+    }
+    model_files.sort();
+    let model_file = match &config.tessera.model {
+        Some(m) => {
+            let p = dir.join(m);
+            if !p.is_file() {
+                return Err(ArchiveError::Invalid(format!("tessera.model names '{m}', which is not in the archive")));
+            }
+            p
+        }
+        None => match model_files.as_slice() {
+            [one] => one.clone(),
+            [] => return Err(ArchiveError::Missing("a TorchScript file (*.pt)")),
+            _ => {
+                return Err(ArchiveError::Invalid(
+                    "several TorchScript files: name the one to run in tessera.model".into(),
+                ))
+            }
+        },
+    };
+    let mut model_bytes = 0;
+    for f in &model_files {
+        model_bytes += fs::metadata(f).map_err(io_err(f))?.len();
+    }
+    let handler_hash = sha256_file(&handler)?;
+    Ok(Unpacked { dir: dir.to_path_buf(), config, model_file, model_files, handler, handler_hash, model_bytes })
+}
+
+/// What goes into an archive.
+#[derive(Debug, Clone)]
+pub struct PackSpec {
+    pub config: PathBuf,
+    pub models: Vec<PathBuf>,
+    pub handler: PathBuf,
+    /// Files or directories copied under `assets/` (directories keep their inner layout).
+    pub assets: Vec<PathBuf>,
+}
+
+/// Writes a `.tar.gz` archive at `output` from `spec`; validates the config and file names.
+/// Checking that the handler is a component of our world and that TorchScript loads is the
+/// caller's job (it needs the sandbox and runtime).
+pub fn pack(spec: &PackSpec, output: &Path) -> Result<(), ArchiveError> {
+    let text = fs::read_to_string(&spec.config).map_err(io_err(&spec.config))?;
+    let config = ModelConfig::parse(&text)?;
+    if spec.models.is_empty() {
+        return Err(ArchiveError::Missing("a TorchScript file (--model)"));
+    }
+    let mut names = Vec::new();
+    for m in &spec.models {
+        let name = m.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        check_model_file_name(&name)?;
+        if names.contains(&name) {
+            return Err(ArchiveError::Invalid(format!("two model files named '{name}'")));
+        }
+        names.push(name);
+    }
+    match &config.tessera.model {
+        Some(m) if !names.contains(m) => {
+            return Err(ArchiveError::Invalid(format!("tessera.model names '{m}', which is not being packed")))
+        }
+        None if names.len() > 1 => {
+            return Err(ArchiveError::Invalid("several model files: name the one to run in tessera.model".into()))
+        }
+        _ => {}
+    }
+    let tmp = output.with_extension("partial");
+    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut tar = tar::Builder::new(GzEncoder::new(io::BufWriter::new(file), flate2::Compression::fast()));
+    tar.follow_symlinks(true);
+    let mut add = |src: &Path, name: &str| -> Result<(), ArchiveError> {
+        tar.append_path_with_name(src, name).map_err(io_err(src))
+    };
+    add(&spec.config, CONFIG_FILE)?;
+    for (m, name) in spec.models.iter().zip(&names) {
+        add(m, name)?;
+    }
+    add(&spec.handler, HANDLER_FILE)?;
+    for asset in &spec.assets {
+        let base = asset.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        if asset.is_dir() {
+            for (path, rel) in walk(asset)? {
+                add(&path, &format!("{ASSETS_DIR}/{base}/{rel}"))?;
+            }
+        } else {
+            add(asset, &format!("{ASSETS_DIR}/{base}"))?;
+        }
+    }
+    let gz = tar.into_inner().map_err(io_err(output))?;
+    let mut writer = gz.finish().map_err(io_err(output))?;
+    writer.flush().map_err(io_err(output))?;
+    drop(writer);
+    fs::rename(&tmp, output).map_err(io_err(output))?;
+    Ok(())
+}
+
+fn walk(root: &Path) -> Result<Vec<(PathBuf, String)>, ArchiveError> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let p = e.map_err(io_err(&dir))?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
+                out.push((p, rel));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(safe_relative("./a/b").unwrap(), Some(PathBuf::from("a/b")));
+        assert_eq!(safe_relative("./").unwrap(), None);
+        assert!(safe_relative("/etc/passwd").is_err());
+        assert!(safe_relative("a/../../x").is_err());
+        assert!(safe_relative("..").is_err());
+    }
+
+    #[test]
+    fn config_defaults_and_validation() {
+        let c = ModelConfig::parse("maxWorkers: 2\nhandler:\n  max_pixels: 100\n").unwrap();
+        assert_eq!((c.max_workers, c.batch_size, c.response_timeout), (2, 1, 120));
+        assert_eq!(c.handler_param("max_pixels").as_deref(), Some("100"));
+        assert!(ModelConfig::parse("maxWorkers: 0\n").is_err());
+        assert!(ModelConfig::parse("deviceType: tpu\n").is_err());
+        assert!(ModelConfig::parse("bogusKey: 1\n").is_err());
+        assert!(ModelConfig::parse("tessera:\n  model: ../x.pt\n").is_err());
+    }
+}

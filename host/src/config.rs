@@ -1,0 +1,100 @@
+//! Server configuration: one typed struct, from flags or environment, every field defaulted so
+//! `tessera serve` runs with no configuration at all.
+use clap::Args;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Everything `tessera serve` can be told. Sizes are bytes unless the name says otherwise.
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    /// Address to bind. Loopback by default: the management API loads code.
+    #[arg(long, env = "TESSERA_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// Port for the inference, management and metrics API (0 picks a free port).
+    #[arg(long, env = "TESSERA_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Directory holding model archives (`<name>.tar.gz`).
+    #[arg(long, env = "TESSERA_MODEL_STORE", default_value = "model-store")]
+    pub model_store: PathBuf,
+
+    /// Directory where archives are unpacked (the local-disk tier). Defaults to a folder under
+    /// the system temp dir, unique to this process.
+    #[arg(long, env = "TESSERA_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// Device to run models on: `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
+    pub device: String,
+
+    /// Residency budget on the device, in MiB: the sum of what loaded models hold.
+    /// 0 means 90% of the GPU's memory on CUDA, 8 GiB on CPU.
+    #[arg(long, env = "TESSERA_MEMORY_BUDGET_MIB", default_value_t = 0)]
+    pub memory_budget_mib: u64,
+
+    /// Largest accepted request body, in MiB.
+    #[arg(long, env = "TESSERA_MAX_REQUEST_MIB", default_value_t = 64)]
+    pub max_request_mib: u64,
+
+    /// Largest response a handler may produce, in MiB.
+    #[arg(long, env = "TESSERA_MAX_RESPONSE_MIB", default_value_t = 64)]
+    pub max_response_mib: u64,
+
+    /// Largest archive accepted from the store, in MiB.
+    #[arg(long, env = "TESSERA_MAX_ARCHIVE_MIB", default_value_t = 8192)]
+    pub max_archive_mib: u64,
+
+    /// Largest total unpacked size of one archive, in MiB (gzip-bomb guard).
+    #[arg(long, env = "TESSERA_MAX_UNPACKED_MIB", default_value_t = 16384)]
+    pub max_unpacked_mib: u64,
+
+    /// Default cap on a handler instance's linear memory, in MiB (model-config may lower it).
+    #[arg(long, env = "TESSERA_HANDLER_MEMORY_MIB", default_value_t = 512)]
+    pub handler_memory_mib: u64,
+
+    /// Requests allowed to wait for a model's workers before the server answers 429.
+    #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+
+    /// Models listed per page by `GET /models`.
+    #[arg(long, env = "TESSERA_PAGE_SIZE", default_value_t = 100)]
+    pub page_size: usize,
+
+    /// Models to load at start-up (archive names in the store), comma-separated.
+    #[arg(long, env = "TESSERA_PRELOAD", value_delimiter = ',')]
+    pub preload: Vec<String>,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl Config {
+    /// Defaults, as `tessera serve` with no flags would use them (for tests and embedding).
+    pub fn default_for(model_store: PathBuf) -> Config {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        let mut config = Wrapper::parse_from(["tessera"]).config;
+        config.model_store = model_store;
+        config
+    }
+
+    pub fn max_request_bytes(&self) -> usize {
+        (self.max_request_mib * MIB) as usize
+    }
+    pub fn max_response_bytes(&self) -> usize {
+        (self.max_response_mib * MIB) as usize
+    }
+    pub fn max_archive_bytes(&self) -> u64 {
+        self.max_archive_mib * MIB
+    }
+    pub fn max_unpacked_bytes(&self) -> u64 {
+        self.max_unpacked_mib * MIB
+    }
+    pub fn handler_memory_bytes(&self) -> u64 {
+        self.handler_memory_mib * MIB
+    }
+}

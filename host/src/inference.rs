@@ -1,0 +1,220 @@
+//! One inference request, top to bottom: resolve the name, make the model resident, admit the
+//! request (or answer 429), run the handler's preprocess, the forward on the device and the
+//! handler's postprocess, each off the async runtime and all within the model's
+//! responseTimeout.
+use crate::archive::Limits;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryError};
+use crate::residency::{blocking, LoadedModel, LoaderConfig, Residency, ResidencyError};
+use crate::runtime::{self, RuntimeError};
+use crate::sandbox::{HandlerRequest, HandlerResponse, Sandbox, SandboxError};
+use crate::store::LocalStore;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Everything that can go wrong serving a request; the HTTP layer maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Residency(Arc<ResidencyError>),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("model '{0}' is busy: its queue is full, retry later")]
+    Overloaded(String),
+    #[error("request timed out after {0:?} (model responseTimeout)")]
+    Timeout(Duration),
+}
+
+impl From<Arc<ResidencyError>> for InferenceError {
+    fn from(e: Arc<ResidencyError>) -> Self {
+        InferenceError::Residency(e)
+    }
+}
+impl From<ResidencyError> for InferenceError {
+    fn from(e: ResidencyError) -> Self {
+        InferenceError::Residency(Arc::new(e))
+    }
+}
+
+/// Timings of one request, returned to the client as headers.
+#[derive(Debug, Default, Clone)]
+pub struct Timings {
+    pub load: Option<Duration>,
+    pub queue: Duration,
+    pub preprocess: Duration,
+    pub inference: Duration,
+    pub postprocess: Duration,
+}
+
+/// The server's shared state.
+pub struct Tessera {
+    pub config: Config,
+    pub registry: Registry,
+    pub residency: Residency,
+    pub sandbox: Arc<Sandbox>,
+    pub metrics: Arc<Metrics>,
+    pub device: tch::Device,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Tessera {
+    /// Builds the server state from its config.
+    pub fn new(config: Config) -> anyhow::Result<Arc<Tessera>> {
+        let device = runtime::parse_device(&config.device).map_err(anyhow::Error::msg)?;
+        let device = match device {
+            tch::Device::Cuda(_) if !tch::Cuda::is_available() => {
+                anyhow::bail!("device {} requested but CUDA is not available", config.device)
+            }
+            d => d,
+        };
+        let budget = match config.memory_budget_mib {
+            0 => default_budget(device),
+            mib => mib << 20,
+        };
+        let work_dir = config
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("tessera-{}", std::process::id())));
+        std::fs::create_dir_all(&work_dir)?;
+        let sandbox = Sandbox::new()?;
+        let metrics = Arc::new(Metrics::new());
+        let loader = LoaderConfig {
+            work_dir,
+            limits: Limits { max_archive_bytes: config.max_archive_bytes(), max_unpacked_bytes: config.max_unpacked_bytes() },
+            device,
+            handler_memory_bytes: config.handler_memory_bytes(),
+            max_response_bytes: config.max_response_bytes(),
+            max_queue: config.max_queue,
+        };
+        tracing::info!(device = runtime::device_name(device), budget_mib = budget >> 20,
+            store = %config.model_store.display(), "tessera starting");
+        Ok(Arc::new(Tessera {
+            registry: Registry::new(LocalStore::new(config.model_store.clone())),
+            residency: Residency::new(budget, sandbox.clone(), loader, metrics.clone()),
+            sandbox,
+            metrics,
+            device,
+            config,
+            next_id: Default::default(),
+        }))
+    }
+
+    /// A short unique request id.
+    pub fn request_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{:x}-{n}", std::process::id())
+    }
+
+    /// Makes `name` resident, registering it from the store on first use.
+    pub async fn ensure_loaded(&self, name: &str) -> Result<(Arc<LoadedModel>, bool), InferenceError> {
+        let reg = self.registry.resolve(name)?;
+        Ok(self.residency.get(&reg).await?)
+    }
+
+    /// Serves one request for model `name`.
+    pub async fn invoke(
+        &self,
+        name: &str,
+        request: HandlerRequest,
+        request_id: &str,
+    ) -> Result<(HandlerResponse, Timings), InferenceError> {
+        let mut timings = Timings::default();
+        let load_started = Instant::now();
+        let (model, loaded_now) = self.ensure_loaded(name).await?;
+        if loaded_now {
+            timings.load = Some(load_started.elapsed());
+        }
+        let _busy = model.begin(self.residency.clock());
+        let timeout = Duration::from_secs(model.unpacked.config.response_timeout);
+        let deadline = Instant::now() + timeout;
+        let _admitted = model.admission.try_acquire().map_err(|_| {
+            self.metrics.rejected.with_label_values(&[name]).inc();
+            InferenceError::Overloaded(name.to_string())
+        })?;
+        match tokio::time::timeout(timeout, self.run(&model, request, request_id, deadline, &mut timings)).await {
+            Ok(result) => result.map(|r| (r, timings)),
+            Err(_) => Err(InferenceError::Timeout(timeout)),
+        }
+    }
+
+    async fn run(
+        &self,
+        model: &Arc<LoadedModel>,
+        request: HandlerRequest,
+        request_id: &str,
+        deadline: Instant,
+        timings: &mut Timings,
+    ) -> Result<HandlerResponse, InferenceError> {
+        let t = Instant::now();
+        let pre = {
+            let (sandbox, m, rid) = (self.sandbox.clone(), model.clone(), request_id.to_string());
+            blocking(move || sandbox.preprocess(&m.handler, request, &rid, deadline)).await??
+        };
+        timings.preprocess = t.elapsed();
+
+        let t = Instant::now();
+        let inputs = Arc::new(pre.inputs);
+        let mut queued = None;
+        let outputs = loop {
+            let permit = model.workers.clone().acquire_owned().await.map_err(|_| InferenceError::Overloaded(model.name.clone()))?;
+            queued.get_or_insert(t.elapsed());
+            let (m, inputs) = (model.clone(), inputs.clone());
+            // The permit travels with the forward: if the request times out first, the worker
+            // stays taken until libtorch actually returns.
+            let result = blocking(move || {
+                let out = m.torch.forward(&inputs);
+                drop(permit);
+                out
+            })
+            .await?;
+            match result {
+                Ok(o) => break o,
+                Err(RuntimeError::OutOfMemory { message, .. }) => {
+                    if !self.residency.evict_one_idle(&model.name, "out of memory at forward").await {
+                        return Err(ResidencyError::InsufficientMemory(format!(
+                            "forward of '{}' ran out of device memory with no idle model left to evict: {}",
+                            model.name,
+                            message.lines().next().unwrap_or_default()
+                        ))
+                        .into());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        timings.queue = queued.unwrap_or_default();
+        timings.inference = t.elapsed() - timings.queue;
+        self.metrics.inference_seconds.with_label_values(&[model.name.as_str()]).observe(timings.inference.as_secs_f64());
+
+        let t = Instant::now();
+        let response = {
+            let (sandbox, m, rid) = (self.sandbox.clone(), model.clone(), request_id.to_string());
+            blocking(move || sandbox.postprocess(&m.handler, outputs, pre.context, &rid, deadline)).await??
+        };
+        timings.postprocess = t.elapsed();
+        Ok(response)
+    }
+}
+
+fn default_budget(device: tch::Device) -> u64 {
+    if let tch::Device::Cuda(n) = device {
+        if let Some((_, total)) = runtime::cuda_mem_info(n) {
+            return total / 10 * 9;
+        }
+    }
+    // Half the machine's memory, as read from /proc/meminfo; 8 GiB when unknown.
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        })
+        .map(|kb| kb * 1024 / 2)
+        .unwrap_or(8 << 30)
+}

@@ -1,0 +1,352 @@
+//! The TorchScript runtime (tch / libtorch): loads a model onto its device, measures what it
+//! holds there, and runs `forward` on named tensors.
+//!
+//! Everything here blocks (libtorch calls can take seconds): callers run it on blocking
+//! threads. This layer knows nothing of HTTP, handlers or caching.
+use std::path::Path;
+use std::sync::Mutex;
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+mod cuda {
+    extern "C" {
+        pub fn tessera_cuda_allocated_bytes(device: i32) -> i64;
+        pub fn tessera_cuda_reserved_bytes(device: i32) -> i64;
+        pub fn tessera_cuda_empty_cache() -> i32;
+        pub fn tessera_cuda_mem_info(device: i32, free: *mut u64, total: *mut u64) -> i32;
+    }
+}
+
+/// (free, total) bytes of GPU memory as the driver sees them.
+pub fn cuda_mem_info(device: usize) -> Option<(u64, u64)> {
+    if !tch::Cuda::is_available() {
+        return None;
+    }
+    let (mut free, mut total) = (0u64, 0u64);
+    // SAFETY: plain out-pointers to locals; the shim returns -1 if the runtime is not loaded.
+    let rc = unsafe { cuda::tessera_cuda_mem_info(device as i32, &mut free, &mut total) };
+    (rc == 0).then_some((free, total))
+}
+
+/// Bytes the CUDA caching allocator has handed out / reserved on `device`, if CUDA is usable.
+pub fn cuda_memory(device: usize) -> Option<(u64, u64)> {
+    if !tch::Cuda::is_available() {
+        return None;
+    }
+    // SAFETY: the shim catches every C++ exception and answers -1 when CUDA is not initialised.
+    let (a, r) = unsafe {
+        (cuda::tessera_cuda_allocated_bytes(device as i32), cuda::tessera_cuda_reserved_bytes(device as i32))
+    };
+    (a >= 0 && r >= 0).then_some((a as u64, r as u64))
+}
+
+/// Returns cached, unused CUDA blocks to the driver so freed models show up as free memory.
+pub fn cuda_empty_cache() {
+    if tch::Cuda::is_available() {
+        // SAFETY: see `cuda_memory`.
+        unsafe { cuda::tessera_cuda_empty_cache() };
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("out of memory on {device}: {message}")]
+    OutOfMemory { device: String, message: String },
+    #[error("model file could not be loaded as TorchScript: {0}")]
+    Load(String),
+    #[error("model forward failed: {0}")]
+    Forward(String),
+    #[error("model returned an unsupported output: {0}")]
+    Output(String),
+    #[error("invalid input tensor: {0}")]
+    Input(String),
+}
+
+fn is_oom(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("out of memory") || m.contains("cuda_error_out_of_memory") || m.contains("can't allocate memory")
+}
+
+/// Element types that cross the handler boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F64,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+        }
+    }
+    fn kind(self) -> Kind {
+        match self {
+            DType::F32 => Kind::Float,
+            DType::F64 => Kind::Double,
+            DType::F16 => Kind::Half,
+            DType::BF16 => Kind::BFloat16,
+            DType::I64 => Kind::Int64,
+            DType::I32 => Kind::Int,
+            DType::I16 => Kind::Int16,
+            DType::I8 => Kind::Int8,
+            DType::U8 => Kind::Uint8,
+            DType::Bool => Kind::Bool,
+        }
+    }
+    fn from_kind(kind: Kind) -> Option<DType> {
+        Some(match kind {
+            Kind::Float => DType::F32,
+            Kind::Double => DType::F64,
+            Kind::Half => DType::F16,
+            Kind::BFloat16 => DType::BF16,
+            Kind::Int64 => DType::I64,
+            Kind::Int => DType::I32,
+            Kind::Int16 => DType::I16,
+            Kind::Int8 => DType::I8,
+            Kind::Uint8 => DType::U8,
+            Kind::Bool => DType::Bool,
+            _ => return None,
+        })
+    }
+}
+
+/// A dense little-endian tensor in host memory, as exchanged with handlers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+    pub data: Vec<u8>,
+}
+
+/// Most dimensions a tensor may have.
+const MAX_DIMS: usize = 8;
+
+impl HostTensor {
+    /// Checks that `data` matches `shape` and `dtype`.
+    pub fn new(name: String, dtype: DType, shape: Vec<u64>, data: Vec<u8>) -> Result<HostTensor, String> {
+        if shape.len() > MAX_DIMS {
+            return Err(format!("tensor '{name}' has {} dimensions (max {MAX_DIMS})", shape.len()));
+        }
+        let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        let want = numel.and_then(|n| n.checked_mul(dtype.size() as u64));
+        if want != Some(data.len() as u64) {
+            return Err(format!(
+                "tensor '{name}': shape {shape:?} of {dtype:?} needs {want:?} bytes, got {}",
+                data.len()
+            ));
+        }
+        let shape = shape
+            .into_iter()
+            .map(|d| i64::try_from(d).map_err(|_| format!("tensor '{name}': dimension too large")))
+            .collect::<Result<_, _>>()?;
+        Ok(HostTensor { name, dtype, shape, data })
+    }
+
+    fn to_tch(&self, device: Device) -> Tensor {
+        Tensor::from_data_size(&self.data, &self.shape, self.dtype.kind()).to_device(device)
+    }
+
+    fn from_tch(name: String, t: &Tensor) -> Result<HostTensor, RuntimeError> {
+        let dtype = DType::from_kind(t.kind())
+            .ok_or_else(|| RuntimeError::Output(format!("output '{name}' has unsupported dtype {:?}", t.kind())))?;
+        let t = t.to_device(Device::Cpu).contiguous();
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * dtype.size()];
+        t.f_copy_data_u8(&mut data, numel).map_err(|e| RuntimeError::Output(e.to_string()))?;
+        Ok(HostTensor { name, dtype, shape: t.size(), data })
+    }
+}
+
+/// Parses `auto`, `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device, String> {
+    match spec {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "gpu" => Ok(Device::Cuda(0)),
+        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Ok(Device::Cuda(n)),
+            None => Err(format!("unknown device '{s}': use auto, cpu, cuda or cuda:N")),
+        },
+    }
+}
+
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Loads are serialised per process so that the allocator delta measured around one load is
+/// that load's alone.
+static LOAD_LOCK: Mutex<()> = Mutex::new(());
+
+/// A TorchScript module resident on a device.
+pub struct TorchModel {
+    /// Always `Some` until drop, which frees it before emptying the CUDA cache.
+    module: Option<CModule>,
+    pub device: Device,
+    /// Bytes this model holds on its device, measured after load.
+    pub held_bytes: u64,
+}
+
+// SAFETY: a TorchScript module's `forward` in inference mode may be called from several threads
+// at once (libtorch's documented serving pattern, used by TorchServe's C++ backend); we never
+// mutate the module after load. `CModule` is only missing the marker.
+unsafe impl Sync for TorchModel {}
+
+impl TorchModel {
+    /// Loads `path` onto `device` and measures what it holds there: on CUDA, the caching
+    /// allocator's growth across the load; on CPU, the bytes of its parameters and serialized
+    /// tensors (the file's tensor records are exactly the storages it keeps).
+    pub fn load(path: &Path, device: Device) -> Result<TorchModel, RuntimeError> {
+        let _serial = LOAD_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let cuda_index = match device {
+            Device::Cuda(n) => Some(n),
+            _ => None,
+        };
+        let before = cuda_index.and_then(cuda_memory).map(|(a, _)| a);
+        let mut module = CModule::load_on_device(path, device).map_err(|e| {
+            let m = e.to_string();
+            if is_oom(&m) {
+                RuntimeError::OutOfMemory { device: device_name(device), message: m }
+            } else {
+                RuntimeError::Load(m)
+            }
+        })?;
+        module.set_eval();
+        let param_bytes: u64 = module
+            .named_parameters()
+            .map(|ps| ps.iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum())
+            .unwrap_or(0);
+        let after = cuda_index.and_then(cuda_memory).map(|(a, _)| a);
+        let held_bytes = match (before, after) {
+            (Some(b), Some(a)) => a.saturating_sub(b).max(param_bytes),
+            _ => {
+                let file = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                param_bytes.max(file)
+            }
+        };
+        Ok(TorchModel { module: Some(module), device, held_bytes })
+    }
+
+    /// Runs `forward` with the inputs as positional arguments and returns the outputs as
+    /// named tensors: a tensor output is `output0`; a tuple or list gives `output0..N`; a
+    /// `Dict[str, Tensor]` keeps its keys.
+    pub fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, RuntimeError> {
+        let _guard = tch::no_grad_guard();
+        let args: Vec<IValue> = inputs.iter().map(|t| IValue::Tensor(t.to_tch(self.device))).collect();
+        let module = self.module.as_ref().expect("module present until drop");
+        let out = module.forward_is(&args).map_err(|e| {
+            let m = e.to_string();
+            if is_oom(&m) {
+                RuntimeError::OutOfMemory { device: device_name(self.device), message: m }
+            } else {
+                RuntimeError::Forward(first_line(&m))
+            }
+        })?;
+        let mut outputs = Vec::new();
+        collect_outputs(out, None, &mut outputs)?;
+        Ok(outputs)
+    }
+}
+
+impl Drop for TorchModel {
+    fn drop(&mut self) {
+        drop(self.module.take());
+        if self.device.is_cuda() {
+            // The caching allocator keeps freed blocks; hand them back so the memory is free
+            // for the driver and visible as such (nvidia-smi).
+            cuda_empty_cache();
+            tracing::debug!(device = device_name(self.device), bytes = self.held_bytes, "freed model");
+        }
+    }
+}
+
+fn first_line(m: &str) -> String {
+    // libtorch errors carry a long C++/TorchScript traceback; the first lines say what failed.
+    m.lines().filter(|l| !l.trim().is_empty()).take(6).collect::<Vec<_>>().join("\n")
+}
+
+fn collect_outputs(value: IValue, name: Option<String>, out: &mut Vec<HostTensor>) -> Result<(), RuntimeError> {
+    let next_name = |out: &Vec<HostTensor>| format!("output{}", out.len());
+    match value {
+        IValue::Tensor(t) => {
+            let n = name.unwrap_or_else(|| next_name(out));
+            out.push(HostTensor::from_tch(n, &t)?);
+        }
+        IValue::Tuple(items) | IValue::GenericList(items) => {
+            for v in items {
+                collect_outputs(v, None, out)?;
+            }
+        }
+        IValue::TensorList(ts) => {
+            for t in ts {
+                let n = next_name(out);
+                out.push(HostTensor::from_tch(n, &t)?);
+            }
+        }
+        IValue::GenericDict(pairs) => {
+            for (k, v) in pairs {
+                let key = match k {
+                    IValue::String(s) => s,
+                    other => return Err(RuntimeError::Output(format!("dict key {other:?} is not a string"))),
+                };
+                collect_outputs(v, Some(key), out)?;
+            }
+        }
+        IValue::Double(x) => {
+            let n = name.unwrap_or_else(|| next_name(out));
+            out.push(HostTensor { name: n, dtype: DType::F64, shape: vec![], data: x.to_le_bytes().to_vec() });
+        }
+        IValue::Int(x) => {
+            let n = name.unwrap_or_else(|| next_name(out));
+            out.push(HostTensor { name: n, dtype: DType::I64, shape: vec![], data: x.to_le_bytes().to_vec() });
+        }
+        IValue::Bool(x) => {
+            let n = name.unwrap_or_else(|| next_name(out));
+            out.push(HostTensor { name: n, dtype: DType::Bool, shape: vec![], data: vec![x as u8] });
+        }
+        other => return Err(RuntimeError::Output(format!("{other:?}"))),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_tensor_checks_sizes() {
+        assert!(HostTensor::new("x".into(), DType::F32, vec![2, 3], vec![0; 24]).is_ok());
+        assert!(HostTensor::new("x".into(), DType::F32, vec![2, 3], vec![0; 23]).is_err());
+        assert!(HostTensor::new("x".into(), DType::U8, vec![u64::MAX, 2], vec![]).is_err());
+    }
+
+    #[test]
+    fn round_trip_through_tch() {
+        let t = HostTensor::new("x".into(), DType::F32, vec![2], [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect()).unwrap();
+        let back = HostTensor::from_tch("x".into(), &t.to_tch(Device::Cpu)).unwrap();
+        assert_eq!(back, t);
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert_eq!(parse_device("cuda:1").unwrap(), Device::Cuda(1));
+        assert!(parse_device("tpu").is_err());
+    }
+}

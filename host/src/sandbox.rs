@@ -1,0 +1,448 @@
+//! The Wasm sandbox: runs each model owner's handler component around the forward pass.
+//!
+//! One [`Sandbox`] owns the process-wide `wasmtime::Engine` (component model, epoch
+//! interruption) and a cache of pre-linked components keyed by the handler's sha256, so a
+//! handler is compiled once however many archives or reloads carry it. Every call gets a fresh
+//! `Store` and instance: no state leaks between requests. A store is capped in linear memory,
+//! tables and instances, and interrupted at an epoch deadline derived from the request's
+//! timeout; a trap, a timeout or an exhausted memory cap becomes a typed error and never takes
+//! the server down. Handlers get no preopened directories, no network, no environment or
+//! arguments, and deterministic "random" bytes; the host interface lends read-only archive
+//! assets, model-config parameters and a rate-limited log.
+//!
+//! Calls here are synchronous and may run for the whole deadline: callers run them on blocking
+//! threads, never on the async runtime.
+use crate::runtime::{DType, HostTensor};
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component as WasmComponent, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "handler",
+        path: "../wit",
+    });
+}
+
+use bindings::tessera::handler::types as wit;
+use bindings::Handler as HandlerBindings;
+
+/// Epoch tick; deadlines are rounded up to it.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Lines a handler may log per call before the rest are counted and dropped.
+const LOG_LINES_PER_CALL: usize = 200;
+const LOG_LINE_MAX: usize = 2048;
+/// Largest asset a handler may read in one call.
+const MAX_ASSET_BYTES: u64 = 256 << 20;
+/// Bytes of stdout/stderr kept per call (then forwarded to the log).
+const STDIO_CAPTURE: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The handler itself rejected the request or failed in a way it reported.
+    #[error("{0}")]
+    Handler(HandlerFailure),
+    #[error("handler exceeded its time limit of {0:?}")]
+    Timeout(Duration),
+    #[error("handler exceeded its memory limit of {0} MiB")]
+    MemoryLimit(u64),
+    #[error("handler trapped: {0}")]
+    Trap(String),
+    #[error("handler response of {0} bytes exceeds the limit of {1} bytes")]
+    ResponseTooLarge(usize, usize),
+    #[error("handler returned an invalid tensor: {0}")]
+    BadTensor(String),
+    #[error("handler.wasm is not a valid handler component: {0}")]
+    InvalidComponent(String),
+}
+
+/// A typed failure reported by the handler (the WIT `handler-error`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HandlerFailure {
+    BadRequest(String),
+    UnsupportedMediaType(String),
+    PayloadTooLarge(String),
+    Unprocessable(String),
+    Internal(String),
+}
+
+impl std::fmt::Display for HandlerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (HandlerFailure::BadRequest(m)
+        | HandlerFailure::UnsupportedMediaType(m)
+        | HandlerFailure::PayloadTooLarge(m)
+        | HandlerFailure::Unprocessable(m)
+        | HandlerFailure::Internal(m)) = self;
+        f.write_str(m)
+    }
+}
+
+impl From<wit::HandlerError> for HandlerFailure {
+    fn from(e: wit::HandlerError) -> Self {
+        match e {
+            wit::HandlerError::BadRequest(m) => HandlerFailure::BadRequest(m),
+            wit::HandlerError::UnsupportedMediaType(m) => HandlerFailure::UnsupportedMediaType(m),
+            wit::HandlerError::PayloadTooLarge(m) => HandlerFailure::PayloadTooLarge(m),
+            wit::HandlerError::Unprocessable(m) => HandlerFailure::Unprocessable(m),
+            wit::HandlerError::Internal(m) => HandlerFailure::Internal(m),
+        }
+    }
+}
+
+/// An HTTP request as the handler sees it.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerRequest {
+    pub body: Vec<u8>,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// The handler's response.
+#[derive(Debug, Clone)]
+pub struct HandlerResponse {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+/// What preprocess produced.
+pub struct Preprocessed {
+    pub inputs: Vec<HostTensor>,
+    pub context: Vec<u8>,
+}
+
+/// Per-model facts a handler instance may see, and its limits.
+#[derive(Debug, Clone)]
+pub struct HandlerEnv {
+    /// Model name, for log lines.
+    pub model: String,
+    /// The archive's `assets/` folder.
+    pub assets: PathBuf,
+    /// `handler:` parameters of model-config.yaml, rendered as strings.
+    pub params: HashMap<String, String>,
+    pub memory_bytes: u64,
+    pub max_response_bytes: usize,
+}
+
+/// A compiled, pre-linked handler ready to instantiate.
+#[derive(Clone)]
+pub struct Handler {
+    pre: bindings::HandlerPre<State>,
+    env: Arc<HandlerEnv>,
+}
+
+/// The process-wide sandbox: engine, linker and compiled-component cache.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<State>,
+    compiled: Mutex<HashMap<String, bindings::HandlerPre<State>>>,
+}
+
+struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    env: Arc<HandlerEnv>,
+    request_id: String,
+    logged: usize,
+    dropped: usize,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl wit::Host for State {}
+
+impl bindings::tessera::handler::host::Host for State {
+    fn read_asset(&mut self, path: String) -> Result<Vec<u8>, String> {
+        let rel = Path::new(&path);
+        let safe = !path.is_empty()
+            && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        if !safe {
+            return Err(format!("asset path '{path}' must be relative and stay inside assets/"));
+        }
+        let full = self.env.assets.join(rel);
+        // Assets are unpacked by us and contain no links; still, refuse anything that is not
+        // a regular file inside the assets folder.
+        let meta = std::fs::symlink_metadata(&full).map_err(|_| format!("no asset named '{path}'"))?;
+        if !meta.is_file() {
+            return Err(format!("asset '{path}' is not a regular file"));
+        }
+        if meta.len() > MAX_ASSET_BYTES {
+            return Err(format!("asset '{path}' is {} bytes, over the {MAX_ASSET_BYTES} limit", meta.len()));
+        }
+        std::fs::read(&full).map_err(|e| format!("reading asset '{path}': {e}"))
+    }
+
+    fn config_param(&mut self, key: String) -> Option<String> {
+        self.env.params.get(&key).cloned()
+    }
+
+    fn log(&mut self, level: wit::LogLevel, message: String) {
+        if self.logged >= LOG_LINES_PER_CALL {
+            self.dropped += 1;
+            return;
+        }
+        self.logged += 1;
+        let mut msg = message;
+        if msg.len() > LOG_LINE_MAX {
+            let mut cut = LOG_LINE_MAX;
+            while !msg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            msg.truncate(cut);
+            msg.push('…');
+        }
+        let (model, rid) = (&self.env.model, &self.request_id);
+        match level {
+            wit::LogLevel::Debug => tracing::debug!(target: "handler", model, request_id = rid, "{msg}"),
+            wit::LogLevel::Info => tracing::info!(target: "handler", model, request_id = rid, "{msg}"),
+            wit::LogLevel::Warn => tracing::warn!(target: "handler", model, request_id = rid, "{msg}"),
+            wit::LogLevel::Error => tracing::error!(target: "handler", model, request_id = rid, "{msg}"),
+        }
+    }
+}
+
+impl Sandbox {
+    /// Builds the engine and starts the epoch ticker thread.
+    pub fn new() -> anyhow::Result<Arc<Sandbox>> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.max_wasm_stack(1 << 20);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::<State>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        HandlerBindings::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        let sandbox = Arc::new(Sandbox { engine, linker, compiled: Mutex::new(HashMap::new()) });
+        let weak = Arc::downgrade(&sandbox);
+        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
+            while let Some(s) = weak.upgrade() {
+                s.engine.increment_epoch();
+                drop(s);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+        Ok(sandbox)
+    }
+
+    /// Compiles (or fetches from the cache) the component at `path`, whose sha256 is `hash`, and
+    /// checks that it implements the handler world. Slow on first sight of a hash: call it from
+    /// a blocking thread.
+    pub fn prepare(&self, path: &Path, hash: &str, env: HandlerEnv) -> Result<Handler, SandboxError> {
+        if let Some(pre) = self.compiled.lock().unwrap().get(hash) {
+            return Ok(Handler { pre: pre.clone(), env: Arc::new(env) });
+        }
+        let bytes = std::fs::read(path).map_err(|e| SandboxError::InvalidComponent(e.to_string()))?;
+        let pre = self.link(&bytes)?;
+        self.compiled.lock().unwrap().insert(hash.to_string(), pre.clone());
+        tracing::info!(model = env.model, handler = &hash[..12], "compiled handler component");
+        Ok(Handler { pre, env: Arc::new(env) })
+    }
+
+    /// Validates handler bytes without caching (used by `tessera pack`).
+    pub fn validate(&self, bytes: &[u8]) -> Result<(), SandboxError> {
+        self.link(bytes).map(|_| ())
+    }
+
+    fn link(&self, bytes: &[u8]) -> Result<bindings::HandlerPre<State>, SandboxError> {
+        if wasmparser_is_core_module(bytes) {
+            return Err(SandboxError::InvalidComponent(
+                "it is a core wasm module, not a component (build for wasm32-wasip2)".into(),
+            ));
+        }
+        let component = WasmComponent::from_binary(&self.engine, bytes)
+            .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| SandboxError::InvalidComponent(format!("imports outside the tessera:handler world: {e:#}")))?;
+        bindings::HandlerPre::new(pre)
+            .map_err(|e| SandboxError::InvalidComponent(format!("does not export the tessera:handler world: {e:#}")))
+    }
+
+    fn store(&self, handler: &Handler, request_id: &str, deadline: Instant) -> (Store<State>, MemoryOutputPipe) {
+        let stdout = MemoryOutputPipe::new(STDIO_CAPTURE);
+        let mut wasi = WasiCtx::builder();
+        // Deterministic bytes for both random interfaces: handlers get no entropy source.
+        let pattern: Vec<u8> = (0u8..=255).map(|i| i.wrapping_mul(167).wrapping_add(13)).collect();
+        wasi.secure_random(wasmtime_wasi::random::Deterministic::new(pattern.clone()))
+            .insecure_random(wasmtime_wasi::random::Deterministic::new(pattern))
+            .insecure_random_seed(0)
+            .stdout(stdout.clone())
+            .stderr(stdout.clone());
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(handler.env.memory_bytes as usize)
+            .instances(16)
+            .tables(16)
+            .memories(4)
+            .table_elements(100_000)
+            .trap_on_grow_failure(true)
+            .build();
+        let state = State {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limits,
+            env: handler.env.clone(),
+            request_id: request_id.to_string(),
+            logged: 0,
+            dropped: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        let left = deadline.saturating_duration_since(Instant::now());
+        store.set_epoch_deadline((left.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1);
+        store.epoch_deadline_trap();
+        (store, stdout)
+    }
+
+    /// Runs `preprocess` in a fresh instance.
+    pub fn preprocess(
+        &self,
+        handler: &Handler,
+        request: HandlerRequest,
+        request_id: &str,
+        deadline: Instant,
+    ) -> Result<Preprocessed, SandboxError> {
+        let started = Instant::now();
+        let (mut store, stdout) = self.store(handler, request_id, deadline);
+        let req = wit::Request { body: request.body, content_type: request.content_type, headers: request.headers };
+        let result = handler
+            .pre
+            .instantiate(&mut store)
+            .and_then(|h| h.call_preprocess(&mut store, &req));
+        finish_call(&store, &stdout, "preprocess");
+        let out = self.classify(result, &handler.env, deadline.saturating_duration_since(started))?;
+        let inputs = out.inputs.into_iter().map(to_host).collect::<Result<Vec<_>, _>>()?;
+        Ok(Preprocessed { inputs, context: out.context })
+    }
+
+    /// Runs `postprocess` in a fresh instance.
+    pub fn postprocess(
+        &self,
+        handler: &Handler,
+        outputs: Vec<HostTensor>,
+        context: Vec<u8>,
+        request_id: &str,
+        deadline: Instant,
+    ) -> Result<HandlerResponse, SandboxError> {
+        let started = Instant::now();
+        let (mut store, stdout) = self.store(handler, request_id, deadline);
+        let outputs: Vec<wit::Tensor> = outputs.into_iter().map(from_host).collect();
+        let result = handler
+            .pre
+            .instantiate(&mut store)
+            .and_then(|h| h.call_postprocess(&mut store, &outputs, &context));
+        finish_call(&store, &stdout, "postprocess");
+        let resp = self.classify(result, &handler.env, deadline.saturating_duration_since(started))?;
+        if resp.body.len() > handler.env.max_response_bytes {
+            return Err(SandboxError::ResponseTooLarge(resp.body.len(), handler.env.max_response_bytes));
+        }
+        if !(100..=599).contains(&resp.status) {
+            return Err(SandboxError::Handler(HandlerFailure::Internal(format!(
+                "handler returned invalid HTTP status {}",
+                resp.status
+            ))));
+        }
+        Ok(HandlerResponse { status: resp.status, content_type: resp.content_type, body: resp.body })
+    }
+
+    fn classify<T>(
+        &self,
+        result: wasmtime::Result<Result<T, wit::HandlerError>>,
+        env: &HandlerEnv,
+        budget: Duration,
+    ) -> Result<T, SandboxError> {
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(SandboxError::Handler(e.into())),
+            Err(err) => {
+                let text = format!("{err:#}");
+                match err.downcast_ref::<Trap>() {
+                    Some(Trap::Interrupt) => Err(SandboxError::Timeout(budget)),
+                    Some(Trap::StackOverflow) => Err(SandboxError::Trap("call stack exhausted".into())),
+                    _ if text.contains("forcing a memory growth failure")
+                        || text.contains("memory allocation")
+                        || text.contains("grow") && text.contains("limit") =>
+                    {
+                        Err(SandboxError::MemoryLimit(env.memory_bytes >> 20))
+                    }
+                    _ => Err(SandboxError::Trap(text)),
+                }
+            }
+        }
+    }
+}
+
+fn finish_call(store: &Store<State>, stdout: &MemoryOutputPipe, phase: &str) {
+    let state = store.data();
+    if state.dropped > 0 {
+        tracing::warn!(target: "handler", model = state.env.model, request_id = state.request_id,
+            "{phase}: dropped {} log lines over the limit of {LOG_LINES_PER_CALL}", state.dropped);
+    }
+    let captured = stdout.contents();
+    if !captured.is_empty() {
+        let text = String::from_utf8_lossy(&captured);
+        for line in text.lines().take(LOG_LINES_PER_CALL) {
+            tracing::info!(target: "handler", model = state.env.model, request_id = state.request_id,
+                stream = "stdio", "{}", line.chars().take(LOG_LINE_MAX).collect::<String>());
+        }
+    }
+}
+
+/// Core modules start with `\0asm` version 1; components use a different layer/version.
+fn wasmparser_is_core_module(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && &bytes[0..4] == b"\0asm" && bytes[4..8] == [1, 0, 0, 0]
+}
+
+fn dtype_from_wit(d: wit::Dtype) -> DType {
+    match d {
+        wit::Dtype::F32 => DType::F32,
+        wit::Dtype::F64 => DType::F64,
+        wit::Dtype::F16 => DType::F16,
+        wit::Dtype::Bf16 => DType::BF16,
+        wit::Dtype::I64 => DType::I64,
+        wit::Dtype::I32 => DType::I32,
+        wit::Dtype::I16 => DType::I16,
+        wit::Dtype::I8 => DType::I8,
+        wit::Dtype::U8 => DType::U8,
+        wit::Dtype::Boolean => DType::Bool,
+    }
+}
+
+fn dtype_to_wit(d: DType) -> wit::Dtype {
+    match d {
+        DType::F32 => wit::Dtype::F32,
+        DType::F64 => wit::Dtype::F64,
+        DType::F16 => wit::Dtype::F16,
+        DType::BF16 => wit::Dtype::Bf16,
+        DType::I64 => wit::Dtype::I64,
+        DType::I32 => wit::Dtype::I32,
+        DType::I16 => wit::Dtype::I16,
+        DType::I8 => wit::Dtype::I8,
+        DType::U8 => wit::Dtype::U8,
+        DType::Bool => wit::Dtype::Boolean,
+    }
+}
+
+fn to_host(t: wit::Tensor) -> Result<HostTensor, SandboxError> {
+    let dtype = dtype_from_wit(t.dtype);
+    HostTensor::new(t.name, dtype, t.shape, t.data).map_err(SandboxError::BadTensor)
+}
+
+fn from_host(t: HostTensor) -> wit::Tensor {
+    wit::Tensor {
+        name: t.name,
+        dtype: dtype_to_wit(t.dtype),
+        shape: t.shape.iter().map(|&d| d as u64).collect(),
+        data: t.data,
+    }
+}
