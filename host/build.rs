@@ -13,7 +13,9 @@ fn main() {
     println!("cargo:rerun-if-changed=src/runtime/cuda_shim.cpp");
     let lib = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
         Ok(lib) => PathBuf::from(lib),
-        Err(_) => panic!("torch-sys did not report DEP_TCH_LIBTORCH_LIB; is LIBTORCH_USE_PYTORCH=1 set?"),
+        Err(_) => {
+            panic!("torch-sys did not report DEP_TCH_LIBTORCH_LIB; is LIBTORCH_USE_PYTORCH=1 set?")
+        }
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     let has_cuda = lib.join("libtorch_cuda.so").exists();
@@ -21,7 +23,10 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
 
-    let include = lib.parent().expect("libtorch lib dir has a parent").join("include");
+    let include = lib
+        .parent()
+        .expect("libtorch lib dir has a parent")
+        .join("include");
     let mut build = cc::Build::new();
     build
         .cpp(true)

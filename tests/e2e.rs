@@ -1,0 +1,549 @@
+//! End-to-end tests: a real `tessera serve` on loopback, archives built by `tessera pack`,
+//! requests over HTTP. Artifacts (handler components, exported TorchScript) come from
+//! `scripts/test.sh`.
+mod support;
+
+use base64::Engine;
+use serde_json::json;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+const EXAMPLE_CONFIG: &str =
+    "minWorkers: 1\nmaxWorkers: 2\nbatchSize: 1\nmaxBatchDelay: 100\nresponseTimeout: 30\n\
+tessera:\n  model: model.pt\nhandler:\n  max_pixels: 1000000\n";
+
+fn example_store(dir: &Path) {
+    pack(
+        dir,
+        "example",
+        EXAMPLE_CONFIG,
+        &artifact("example/model.pt"),
+        &artifact("handlers/example.wasm"),
+    );
+}
+
+fn example_request(w: u32, h: u32, seed: u64, gen_args: serde_json::Value) -> serde_json::Value {
+    let png = png_rgb(w, h, &noise((w * h * 3) as usize, seed));
+    json!({ "image": B64.encode(png), "gen_args": gen_args })
+}
+
+/// Runs the Python reference pipeline on the same TorchScript file and request.
+fn reference_pixels(model: &Path, request: &serde_json::Value) -> (Vec<usize>, Vec<u8>) {
+    let mut child = Command::new(python())
+        .arg(workspace().join("models/example/reference.py"))
+        .arg(model)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python reference");
+    serde_json::to_writer(child.stdin.take().unwrap(), request).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "reference failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shape = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    (shape, B64.decode(v["pixels"].as_str().unwrap()).unwrap())
+}
+
+fn response_pixels(reply: &Reply) -> (u32, u32, Vec<u8>) {
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    let png = B64
+        .decode(body["generated_image"].as_str().expect("generated_image"))
+        .unwrap();
+    decode_png(&png)
+}
+
+#[test]
+fn output_matches_python_reference_through_every_api() {
+    let store = tempfile::tempdir().unwrap();
+    example_store(store.path());
+    let server = Server::start(store.path(), &[]);
+    // gen_args as a JSON string, the way the seed's clients send it.
+    let request = example_request(37, 23, 7, json!("{\"strength\": 0.75}"));
+    let (shape, want) = reference_pixels(&artifact("example/model.pt"), &request);
+    assert_eq!(shape, vec![23, 37, 3]);
+
+    let body = serde_json::to_vec(&request).unwrap();
+    let json_ct = ("content-type", "application/json");
+    let replies = [
+        (
+            "torchserve",
+            post(&server.url("/predictions/example"), &[json_ct], &body),
+        ),
+        (
+            "sagemaker invoke",
+            post(&server.url("/models/example/invoke"), &[json_ct], &body),
+        ),
+        (
+            "sagemaker invocations",
+            post(
+                &server.url("/invocations"),
+                &[
+                    json_ct,
+                    ("X-Amzn-SageMaker-Target-Model", "/example.tar.gz"),
+                ],
+                &body,
+            ),
+        ),
+    ];
+    for (api, reply) in &replies {
+        let (w, h, got) = response_pixels(reply);
+        assert_eq!((w, h), (37, 23), "{api}");
+        let max_diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert_eq!(
+            max_diff, 0,
+            "{api}: output differs from the Python reference by up to {max_diff}"
+        );
+        assert!(reply.header("x-request-id").is_some());
+        assert!(reply.header("x-inference-time").is_some());
+    }
+    // Only the first request loaded the model.
+    let loads = replies
+        .iter()
+        .filter(|(_, r)| r.header("x-model-load-time").is_some())
+        .count();
+    assert_eq!(loads, 1);
+    let listed = get(&server.url("/models")).json();
+    assert_eq!(listed["models"][0]["modelName"], "example");
+    assert_eq!(listed["models"][0]["state"], "Loaded");
+    assert_eq!(get(&server.url("/ping")).status, 200);
+}
+
+#[test]
+fn three_models_with_budget_for_two_all_succeed_and_evict() {
+    let store = tempfile::tempdir().unwrap();
+    let model = artifact("example/model-large.pt");
+    let size = std::fs::metadata(&model).unwrap().len();
+    for name in ["a", "b", "c"] {
+        pack(
+            store.path(),
+            name,
+            EXAMPLE_CONFIG,
+            &model,
+            &artifact("handlers/example.wasm"),
+        );
+    }
+    // Budget fits two copies, not three.
+    let budget_mib = (size * 5 / 2) >> 20;
+    assert!(
+        budget_mib * (1 << 20) > 2 * size && budget_mib * (1 << 20) < 3 * size,
+        "model size {size} unsuitable"
+    );
+    let server = Server::start(
+        store.path(),
+        &["--memory-budget-mib", &budget_mib.to_string()],
+    );
+    let request = example_request(16, 16, 3, json!({"strength": 0.5}));
+    for round in 0..3 {
+        for name in ["a", "b", "c"] {
+            let reply = post_json(&server.url(&format!("/predictions/{name}")), &request);
+            assert_eq!(
+                reply.status,
+                200,
+                "round {round} model {name}: {}",
+                reply.text()
+            );
+        }
+        let models = get(&server.url("/models")).json();
+        let loaded = models["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["state"] == "Loaded")
+            .count();
+        assert!(
+            loaded <= 2,
+            "round {round}: {loaded} models resident with a budget for two: {models}"
+        );
+    }
+    let models = get(&server.url("/models")).json();
+    let evictions: u64 = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["evictions"].as_u64().unwrap())
+        .sum();
+    assert!(
+        evictions >= 6,
+        "expected an eviction per request after the first two, saw {evictions}: {models}"
+    );
+    let metrics = get(&server.url("/metrics")).text();
+    assert!(
+        metrics.contains("tessera_model_evictions_total{"),
+        "{metrics}"
+    );
+    assert!(server.log().contains("model evicted"));
+}
+
+#[test]
+fn bad_requests_get_clear_4xx() {
+    let store = tempfile::tempdir().unwrap();
+    example_store(store.path());
+    let server = Server::start(store.path(), &["--max-request-mib", "1"]);
+    let unknown = post_json(&server.url("/predictions/nope"), &json!({}));
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["code"], 404);
+    assert_eq!(
+        post_json(&server.url("/predictions/..%2Fetc"), &json!({})).status,
+        400
+    );
+    assert_eq!(
+        post(&server.url("/invocations"), &[], b"{}").status,
+        400,
+        "missing target header"
+    );
+
+    let url = server.url("/predictions/example");
+    let not_json = post(&url, &[], b"\x89PNG not json");
+    assert_eq!(not_json.status, 400);
+    assert!(not_json.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    let missing = post_json(&url, &json!({"gen_args": "{}"}));
+    assert_eq!(missing.status, 400);
+    assert!(missing.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("missing field 'image'"));
+    let not_image = post_json(&url, &json!({"image": B64.encode(b"hello, not an image")}));
+    assert_eq!(not_image.status, 400);
+    assert!(not_image.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("not a PNG or JPEG"));
+    let bad_arg = post_json(&url, &example_request(4, 4, 1, json!({"strength": 3})));
+    assert_eq!(bad_arg.status, 400);
+    // Over the model's max_pixels (1e6) → 413 from the handler, before decoding.
+    let huge = post_json(&url, &example_request(1100, 1000, 1, json!({})));
+    assert_eq!(huge.status, 413, "{}", huge.text());
+    // Over the server's body limit → 413 from the host.
+    let too_big = post(
+        &url,
+        &[("content-type", "application/json")],
+        &vec![b' '; 2 << 20],
+    );
+    assert_eq!(too_big.status, 413);
+    assert!(too_big.json()["error"].as_str().unwrap().contains("limit"));
+    // The server still serves good requests.
+    assert_eq!(
+        post_json(&url, &example_request(8, 8, 2, json!({}))).status,
+        200
+    );
+}
+
+/// A raw tar entry: (name, type, data, link target).
+type RawEntry<'a> = (&'a str, tar::EntryType, &'a [u8], &'a str);
+
+/// Writes a .tar.gz with raw, unvalidated entries.
+fn raw_archive(path: &Path, entries: &[RawEntry]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
+    for (name, kind, data, link) in entries {
+        let mut h = tar::Header::new_old();
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        if !link.is_empty() {
+            h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        h.set_entry_type(*kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        builder.append(&h, *data).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap();
+}
+
+#[test]
+fn malicious_archives_are_rejected_and_nothing_escapes() {
+    let store = tempfile::tempdir().unwrap();
+    example_store(store.path());
+    let cfg = EXAMPLE_CONFIG.as_bytes();
+    let wasm = std::fs::read(artifact("handlers/example.wasm")).unwrap();
+    let model = std::fs::read(artifact("example/model.pt")).unwrap();
+    let file = tar::EntryType::Regular;
+    let zeros = vec![0u8; 64 << 20];
+    let base = |extra: (&'static str, tar::EntryType, &'static [u8], &'static str)| {
+        vec![
+            ("model-config.yaml", file, cfg, ""),
+            ("handler.wasm", file, &wasm[..], ""),
+            ("model.pt", file, &model[..], ""),
+            extra,
+        ]
+    };
+    let cases: Vec<(&str, Vec<RawEntry>)> = vec![
+        ("traversal", base(("../escaped.txt", file, b"pwned", ""))),
+        (
+            "absolute",
+            base(("/tmp/tessera-absolute-escape.txt", file, b"pwned", "")),
+        ),
+        (
+            "symlink",
+            base(("assets/link", tar::EntryType::Symlink, b"", "/etc/passwd")),
+        ),
+        (
+            "hardlink",
+            base(("assets/hard", tar::EntryType::Link, b"", "/etc/passwd")),
+        ),
+        (
+            "chardev",
+            base(("assets/dev", tar::EntryType::Char, b"", "")),
+        ),
+        ("fifo", base(("assets/fifo", tar::EntryType::Fifo, b"", ""))),
+        (
+            "nohandler",
+            vec![
+                ("model-config.yaml", file, cfg, ""),
+                ("model.pt", file, &model[..], ""),
+            ],
+        ),
+        (
+            "badhandler",
+            vec![
+                ("model-config.yaml", file, cfg, ""),
+                ("handler.wasm", file, b"\0asm\x01\0\0\0", ""),
+                ("model.pt", file, &model[..], ""),
+            ],
+        ),
+        (
+            "badmodel",
+            vec![
+                ("model-config.yaml", file, cfg, ""),
+                ("handler.wasm", file, &wasm[..], ""),
+                ("model.pt", file, b"not torchscript", ""),
+            ],
+        ),
+    ];
+    for (name, entries) in &cases {
+        raw_archive(&store.path().join(format!("{name}.tar.gz")), entries);
+    }
+    // A gzip bomb: 64 MiB of zeros compress to ~64 KiB; the server allows 16 MiB unpacked.
+    let mut bomb = base(("assets/a", file, b"", ""));
+    bomb[3] = ("assets/zeros", file, &zeros[..], "");
+    raw_archive(&store.path().join("bomb.tar.gz"), &bomb);
+    std::fs::write(
+        store.path().join("notgzip.tar.gz"),
+        b"plain text, not an archive",
+    )
+    .unwrap();
+
+    let server = Server::start(store.path(), &["--max-unpacked-mib", "16"]);
+    let request = example_request(8, 8, 1, json!({}));
+    for name in cases.iter().map(|(n, _)| *n).chain(["bomb", "notgzip"]) {
+        let reply = post_json(&server.url(&format!("/predictions/{name}")), &request);
+        assert_eq!(reply.status, 422, "{name}: {}", reply.text());
+        assert!(reply.json()["error"].as_str().unwrap().len() > 10, "{name}");
+    }
+    assert!(!store.path().join("escaped.txt").exists());
+    assert!(!Path::new("/tmp/tessera-absolute-escape.txt").exists());
+    // Good models still work.
+    assert_eq!(
+        post_json(&server.url("/predictions/example"), &request).status,
+        200
+    );
+}
+
+#[test]
+fn misbehaving_handlers_fail_alone() {
+    let store = tempfile::tempdir().unwrap();
+    example_store(store.path());
+    let chaos_cfg = "maxWorkers: 4\nresponseTimeout: 2\ntessera:\n  handlerMemoryMiB: 64\n";
+    pack(
+        store.path(),
+        "chaos",
+        chaos_cfg,
+        &artifact("example/model.pt"),
+        &artifact("handlers/chaos.wasm"),
+    );
+    let server = Server::start(store.path(), &["--max-response-mib", "16"]);
+    let chaos = server.url("/predictions/chaos");
+    let good = example_request(8, 8, 5, json!({}));
+
+    // A handler looping forever is cut off at responseTimeout while others keep being served.
+    let looping = {
+        let url = chaos.clone();
+        std::thread::spawn(move || post_json(&url, &json!({"mode": "loop"})))
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            post_json(&server.url("/predictions/example"), &good).status,
+            200
+        );
+    }
+    let reply = looping.join().unwrap();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert!(reply.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("time limit"));
+
+    let expect = [
+        ("hog", 500, "memory limit"),
+        ("stack", 500, ""),
+        ("trap", 500, "trapped"),
+        ("big", 500, "exceeds the limit"),
+        ("escape", 400, "must be relative"),
+    ];
+    for (mode, status, text) in expect {
+        let reply = post_json(&chaos, &json!({"mode": mode}));
+        assert_eq!(reply.status, status, "{mode}: {}", reply.text());
+        assert!(
+            reply.json()["error"].as_str().unwrap().contains(text),
+            "{mode}: {}",
+            reply.text()
+        );
+    }
+    // Log flooding is cut at the per-call limit; the request itself succeeds.
+    let flood = post_json(&chaos, &json!({"mode": "log"}));
+    assert_eq!(flood.status, 200, "{}", flood.text());
+    assert!(
+        server.wait_log("dropped 99800 log lines", Duration::from_secs(5)),
+        "{}",
+        server.log()
+    );
+    assert_eq!(post_json(&chaos, &json!({"mode": "ok"})).status, 200);
+    assert_eq!(
+        post_json(&server.url("/predictions/example"), &good).status,
+        200
+    );
+}
+
+#[test]
+fn full_queue_answers_429() {
+    let store = tempfile::tempdir().unwrap();
+    pack(
+        store.path(),
+        "chaos",
+        "maxWorkers: 1\nresponseTimeout: 3\n",
+        &artifact("example/model.pt"),
+        &artifact("handlers/chaos.wasm"),
+    );
+    let server = Server::start(store.path(), &["--max-queue", "0"]);
+    let url = server.url("/predictions/chaos");
+    assert_eq!(
+        post_json(&url, &json!({"mode": "ok"})).status,
+        200,
+        "load first"
+    );
+    let busy = {
+        let url = url.clone();
+        std::thread::spawn(move || post_json(&url, &json!({"mode": "loop"})))
+    };
+    assert!(wait_until(Duration::from_secs(10), || get(
+        &server.url("/models/chaos")
+    )
+    .json()["inFlight"]
+        == 1));
+    let rejected = post_json(&url, &json!({"mode": "ok"}));
+    assert_eq!(rejected.status, 429, "{}", rejected.text());
+    assert_eq!(busy.join().unwrap().status, 504);
+    assert_eq!(post_json(&url, &json!({"mode": "ok"})).status, 200);
+}
+
+#[test]
+fn sagemaker_management_api() {
+    let store = tempfile::tempdir().unwrap();
+    example_store(store.path());
+    pack(
+        store.path(),
+        "large",
+        EXAMPLE_CONFIG,
+        &artifact("example/model-large.pt"),
+        &artifact("handlers/example.wasm"),
+    );
+    let server = Server::start(store.path(), &["--memory-budget-mib", "1"]);
+    let models = server.url("/models");
+    let load = |name: &str, url: &str| post_json(&models, &json!({"model_name": name, "url": url}));
+    assert_eq!(load("first", "example.tar.gz").status, 200);
+    assert_eq!(load("first", "example.tar.gz").status, 409);
+    let abs = format!("file://{}", store.path().join("example.tar.gz").display());
+    assert_eq!(load("second", &abs).status, 200);
+    assert_eq!(load("third", "/etc/passwd").status, 400);
+    assert_eq!(load("bad/name", "example.tar.gz").status, 400);
+    assert_eq!(load("missing", "nothere.tar.gz").status, 404);
+    let too_big = load("big", "large.tar.gz");
+    assert_eq!(too_big.status, 507, "{}", too_big.text());
+    assert_eq!(
+        get(&server.url("/models/big")).status,
+        404,
+        "a model that did not fit is not registered"
+    );
+
+    let page1 = get(&server.url("/models?max_results=1")).json();
+    assert_eq!(page1["models"].as_array().unwrap().len(), 1);
+    let token = page1["nextPageToken"]
+        .as_str()
+        .expect("a second page")
+        .to_string();
+    let page2 = get(&server.url(&format!("/models?max_results=1&next_page_token={token}"))).json();
+    assert_eq!(page2["models"][0]["modelName"], "second");
+    assert!(page2.get("nextPageToken").is_none());
+
+    let described = get(&server.url("/models/first")).json();
+    assert_eq!(described["modelName"], "first");
+    assert_eq!(described["device"], "cpu");
+    assert!(described["residentBytes"].as_u64().unwrap() > 0);
+    let request = example_request(8, 8, 9, json!({}));
+    assert_eq!(
+        post_json(&server.url("/models/first/invoke"), &request).status,
+        200
+    );
+    assert_eq!(delete(&server.url("/models/first")).status, 200);
+    assert_eq!(get(&server.url("/models/first")).status, 404);
+    assert_eq!(delete(&server.url("/models/first")).status, 404);
+    assert!(get(&server.url("/metrics"))
+        .text()
+        .contains("tessera_requests_total"));
+}
+
+#[test]
+fn pack_rejects_what_it_cannot_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, EXAMPLE_CONFIG).unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm\x01\0\0\0").unwrap();
+    let run = |handler: &Path, model: &Path, out: &str| {
+        Command::new(BIN)
+            .args(["pack", "--config"])
+            .arg(&cfg)
+            .arg("--model")
+            .arg(model)
+            .arg("--handler")
+            .arg(handler)
+            .arg("--output")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let core = run(&junk, &artifact("example/model.pt"), "x.tar.gz");
+    assert!(!core.status.success());
+    assert!(String::from_utf8_lossy(&core.stderr).contains("not a component"));
+    let bad_model = run(&artifact("handlers/example.wasm"), &cfg, "y.tar.gz");
+    assert!(!bad_model.status.success());
+    let bad_name = run(
+        &artifact("handlers/example.wasm"),
+        &artifact("example/model.pt"),
+        "no good.tar.gz",
+    );
+    assert!(!bad_name.status.success());
+    assert!(!dir.path().join("x.tar.gz").exists() && !dir.path().join("y.tar.gz").exists());
+}

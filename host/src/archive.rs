@@ -40,7 +40,10 @@ pub enum ArchiveError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
-    move |source| ArchiveError::Io { path: path.to_path_buf(), source }
+    move |source| ArchiveError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// `model-config.yaml`: TorchServe's keys where they mean the same, Tessera's own under
@@ -82,7 +85,7 @@ pub struct TesseraConfig {
     #[serde(default)]
     pub model: Option<String>,
     /// Cap on the handler's linear memory, in MiB (at most the server's cap).
-    #[serde(default)]
+    #[serde(default, rename = "handlerMemoryMiB")]
     pub handler_memory_mib: Option<u64>,
 }
 
@@ -108,16 +111,25 @@ impl ModelConfig {
     fn validate(&self) -> Result<(), ArchiveError> {
         let bad = |m: String| Err(ArchiveError::BadConfig(m));
         if self.max_workers == 0 || self.max_workers > 64 {
-            return bad(format!("maxWorkers must be 1..=64, got {}", self.max_workers));
+            return bad(format!(
+                "maxWorkers must be 1..=64, got {}",
+                self.max_workers
+            ));
         }
         if self.min_workers > self.max_workers {
             return bad("minWorkers exceeds maxWorkers".into());
         }
         if self.batch_size == 0 || self.batch_size > 1024 {
-            return bad(format!("batchSize must be 1..=1024, got {}", self.batch_size));
+            return bad(format!(
+                "batchSize must be 1..=1024, got {}",
+                self.batch_size
+            ));
         }
         if self.response_timeout == 0 || self.response_timeout > 3600 {
-            return bad(format!("responseTimeout must be 1..=3600 seconds, got {}", self.response_timeout));
+            return bad(format!(
+                "responseTimeout must be 1..=3600 seconds, got {}",
+                self.response_timeout
+            ));
         }
         match self.device_type.as_deref() {
             None | Some("gpu") | Some("cpu") => {}
@@ -134,7 +146,9 @@ impl ModelConfig {
         match self.handler.get(key)? {
             serde_yaml::Value::String(s) => Some(s.clone()),
             serde_yaml::Value::Null => None,
-            other => serde_yaml::to_string(other).ok().map(|s| s.trim_end().to_string()),
+            other => serde_yaml::to_string(other)
+                .ok()
+                .map(|s| s.trim_end().to_string()),
         }
     }
 }
@@ -143,7 +157,9 @@ fn check_model_file_name(name: &str) -> Result<(), ArchiveError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         && (name.ends_with(".pt") || name.ends_with(".pt2") || name.ends_with(".ts"));
     if ok {
         Ok(())
@@ -196,7 +212,9 @@ pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, A
             limits.max_archive_bytes
         )));
     }
-    let parent = dest.parent().ok_or_else(|| ArchiveError::Invalid("bad destination".into()))?;
+    let parent = dest
+        .parent()
+        .ok_or_else(|| ArchiveError::Invalid("bad destination".into()))?;
     fs::create_dir_all(parent).map_err(io_err(parent))?;
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = parent.join(format!(
@@ -223,11 +241,15 @@ pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, A
 fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveError> {
     let file = File::open(archive).map_err(io_err(archive))?;
     let mut tar = tar::Archive::new(GzDecoder::new(io::BufReader::new(file)));
-    let entries = tar.entries().map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
+    let entries = tar
+        .entries()
+        .map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
     let mut total: u64 = 0;
     for (count, entry) in entries.enumerate() {
         if count >= MAX_ENTRIES {
-            return Err(ArchiveError::TooLarge(format!("more than {MAX_ENTRIES} entries")));
+            return Err(ArchiveError::TooLarge(format!(
+                "more than {MAX_ENTRIES} entries"
+            )));
         }
         let mut entry = entry.map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
         let raw = entry.path_bytes().into_owned();
@@ -245,9 +267,15 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
             return Err(ArchiveError::UnsafeEntry(name, "links are not allowed"));
         }
         if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-            return Err(ArchiveError::UnsafeEntry(name, "device and fifo entries are not allowed"));
+            return Err(ArchiveError::UnsafeEntry(
+                name,
+                "device and fifo entries are not allowed",
+            ));
         }
-        if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() || kind.is_gnu_longname() {
+        if kind.is_pax_global_extensions()
+            || kind.is_pax_local_extensions()
+            || kind.is_gnu_longname()
+        {
             continue; // metadata records; the tar crate folds them into the next entry
         }
         if !kind.is_file() && kind != tar::EntryType::Continuous {
@@ -279,7 +307,9 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
         let copied = io::copy(&mut (&mut entry).take(declared.saturating_add(1)), &mut out)
             .map_err(|e| ArchiveError::Corrupt(format!("{name}: {e}")))?;
         if copied != declared {
-            return Err(ArchiveError::Corrupt(format!("{name}: size does not match its header")));
+            return Err(ArchiveError::Corrupt(format!(
+                "{name}: size does not match its header"
+            )));
         }
         total += copied;
     }
@@ -290,7 +320,10 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
 /// `None` for the root itself (`./`).
 fn safe_relative(name: &str) -> Result<Option<PathBuf>, ArchiveError> {
     if name.contains('\0') || name.contains('\\') {
-        return Err(ArchiveError::UnsafeEntry(name.into(), "forbidden character in path"));
+        return Err(ArchiveError::UnsafeEntry(
+            name.into(),
+            "forbidden character in path",
+        ));
     }
     let path = Path::new(name);
     let mut out = PathBuf::new();
@@ -298,16 +331,25 @@ fn safe_relative(name: &str) -> Result<Option<PathBuf>, ArchiveError> {
         match comp {
             Component::Normal(c) => out.push(c),
             Component::CurDir => {}
-            Component::ParentDir => return Err(ArchiveError::UnsafeEntry(name.into(), "'..' in path")),
+            Component::ParentDir => {
+                return Err(ArchiveError::UnsafeEntry(name.into(), "'..' in path"))
+            }
             Component::RootDir | Component::Prefix(_) => {
                 return Err(ArchiveError::UnsafeEntry(name.into(), "absolute path"))
             }
         }
     }
     if out.components().count() > 16 {
-        return Err(ArchiveError::UnsafeEntry(name.into(), "path nested too deep"));
+        return Err(ArchiveError::UnsafeEntry(
+            name.into(),
+            "path nested too deep",
+        ));
     }
-    Ok(if out.as_os_str().is_empty() { None } else { Some(out) })
+    Ok(if out.as_os_str().is_empty() {
+        None
+    } else {
+        Some(out)
+    })
 }
 
 /// Reads an unpacked directory back: config, handler, model files.
@@ -316,9 +358,13 @@ pub fn inspect(dir: &Path) -> Result<Unpacked, ArchiveError> {
     if !config_path.is_file() {
         return Err(ArchiveError::Missing(CONFIG_FILE));
     }
-    let config_len = fs::metadata(&config_path).map_err(io_err(&config_path))?.len();
+    let config_len = fs::metadata(&config_path)
+        .map_err(io_err(&config_path))?
+        .len();
     if config_len > MAX_CONFIG_BYTES {
-        return Err(ArchiveError::TooLarge(format!("{CONFIG_FILE} is {config_len} bytes")));
+        return Err(ArchiveError::TooLarge(format!(
+            "{CONFIG_FILE} is {config_len} bytes"
+        )));
     }
     let text = fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
     let config = ModelConfig::parse(&text)?;
@@ -339,7 +385,9 @@ pub fn inspect(dir: &Path) -> Result<Unpacked, ArchiveError> {
         Some(m) => {
             let p = dir.join(m);
             if !p.is_file() {
-                return Err(ArchiveError::Invalid(format!("tessera.model names '{m}', which is not in the archive")));
+                return Err(ArchiveError::Invalid(format!(
+                    "tessera.model names '{m}', which is not in the archive"
+                )));
             }
             p
         }
@@ -358,7 +406,15 @@ pub fn inspect(dir: &Path) -> Result<Unpacked, ArchiveError> {
         model_bytes += fs::metadata(f).map_err(io_err(f))?.len();
     }
     let handler_hash = sha256_file(&handler)?;
-    Ok(Unpacked { dir: dir.to_path_buf(), config, model_file, model_files, handler, handler_hash, model_bytes })
+    Ok(Unpacked {
+        dir: dir.to_path_buf(),
+        config,
+        model_file,
+        model_files,
+        handler,
+        handler_hash,
+        model_bytes,
+    })
 }
 
 /// What goes into an archive.
@@ -382,25 +438,38 @@ pub fn pack(spec: &PackSpec, output: &Path) -> Result<(), ArchiveError> {
     }
     let mut names = Vec::new();
     for m in &spec.models {
-        let name = m.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let name = m
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         check_model_file_name(&name)?;
         if names.contains(&name) {
-            return Err(ArchiveError::Invalid(format!("two model files named '{name}'")));
+            return Err(ArchiveError::Invalid(format!(
+                "two model files named '{name}'"
+            )));
         }
         names.push(name);
     }
     match &config.tessera.model {
         Some(m) if !names.contains(m) => {
-            return Err(ArchiveError::Invalid(format!("tessera.model names '{m}', which is not being packed")))
+            return Err(ArchiveError::Invalid(format!(
+                "tessera.model names '{m}', which is not being packed"
+            )))
         }
         None if names.len() > 1 => {
-            return Err(ArchiveError::Invalid("several model files: name the one to run in tessera.model".into()))
+            return Err(ArchiveError::Invalid(
+                "several model files: name the one to run in tessera.model".into(),
+            ))
         }
         _ => {}
     }
     let tmp = output.with_extension("partial");
     let file = File::create(&tmp).map_err(io_err(&tmp))?;
-    let mut tar = tar::Builder::new(GzEncoder::new(io::BufWriter::new(file), flate2::Compression::fast()));
+    let mut tar = tar::Builder::new(GzEncoder::new(
+        io::BufWriter::new(file),
+        flate2::Compression::fast(),
+    ));
     tar.follow_symlinks(true);
     let mut add = |src: &Path, name: &str| -> Result<(), ArchiveError> {
         tar.append_path_with_name(src, name).map_err(io_err(src))
@@ -411,7 +480,11 @@ pub fn pack(spec: &PackSpec, output: &Path) -> Result<(), ArchiveError> {
     }
     add(&spec.handler, HANDLER_FILE)?;
     for asset in &spec.assets {
-        let base = asset.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let base = asset
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         if asset.is_dir() {
             for (path, rel) in walk(asset)? {
                 add(&path, &format!("{ASSETS_DIR}/{base}/{rel}"))?;
@@ -437,7 +510,11 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, String)>, ArchiveError> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
+                let rel = p
+                    .strip_prefix(root)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .replace('\\', "/");
                 out.push((p, rel));
             }
         }
@@ -462,7 +539,10 @@ mod tests {
     #[test]
     fn config_defaults_and_validation() {
         let c = ModelConfig::parse("maxWorkers: 2\nhandler:\n  max_pixels: 100\n").unwrap();
-        assert_eq!((c.max_workers, c.batch_size, c.response_timeout), (2, 1, 120));
+        assert_eq!(
+            (c.max_workers, c.batch_size, c.response_timeout),
+            (2, 1, 120)
+        );
         assert_eq!(c.handler_param("max_pixels").as_deref(), Some("100"));
         assert!(ModelConfig::parse("maxWorkers: 0\n").is_err());
         assert!(ModelConfig::parse("deviceType: tpu\n").is_err());

@@ -68,14 +68,20 @@ impl From<InferenceError> for ApiError {
         let status = match &e {
             InferenceError::Registry(r) => registry_status(r),
             InferenceError::Residency(r) => match r.as_ref() {
-                ResidencyError::Archive(_) | ResidencyError::Runtime(_) => StatusCode::UNPROCESSABLE_ENTITY,
-                ResidencyError::Handler(SandboxError::InvalidComponent(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+                ResidencyError::Archive(_) | ResidencyError::Runtime(_) => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                ResidencyError::Handler(SandboxError::InvalidComponent(_)) => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
                 ResidencyError::Handler(s) => sandbox_status(s),
                 ResidencyError::InsufficientMemory(_) => StatusCode::INSUFFICIENT_STORAGE,
                 ResidencyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             InferenceError::Sandbox(s) => sandbox_status(s),
-            InferenceError::Runtime(RuntimeError::OutOfMemory { .. }) => StatusCode::INSUFFICIENT_STORAGE,
+            InferenceError::Runtime(RuntimeError::OutOfMemory { .. }) => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
             InferenceError::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
             InferenceError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             InferenceError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -92,9 +98,13 @@ impl From<RegistryError> for ApiError {
 
 fn registry_status(e: &RegistryError) -> StatusCode {
     match e {
-        RegistryError::NotFound(_) | RegistryError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
+        RegistryError::NotFound(_) | RegistryError::Store(StoreError::NotFound(_)) => {
+            StatusCode::NOT_FOUND
+        }
         RegistryError::Exists(_) => StatusCode::CONFLICT,
-        RegistryError::Store(StoreError::BadName(_) | StoreError::BadUrl(_)) => StatusCode::BAD_REQUEST,
+        RegistryError::Store(StoreError::BadName(_) | StoreError::BadUrl(_)) => {
+            StatusCode::BAD_REQUEST
+        }
         RegistryError::Store(StoreError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -122,7 +132,10 @@ async fn ping() -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], app.metrics.render())
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -157,7 +170,10 @@ async fn model_json(app: &Tessera, name: &str, url: &str) -> serde_json::Value {
 }
 
 /// SageMaker ListModels: registered models, paginated by name.
-async fn list_models(State(app): State<App>, Query(q): Query<ListQuery>) -> Json<serde_json::Value> {
+async fn list_models(
+    State(app): State<App>,
+    Query(q): Query<ListQuery>,
+) -> Json<serde_json::Value> {
     let limit = q.max_results.unwrap_or(app.config.page_size).clamp(1, 1000);
     let (page, next) = app.registry.page(q.next_page_token.as_deref(), limit);
     let mut models = Vec::with_capacity(page.len());
@@ -180,8 +196,12 @@ struct LoadRequest {
 /// SageMaker LoadModel: register and load now; 409 if already there, 507 if it can't fit.
 async fn load_model(State(app): State<App>, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(&app, body).await?;
-    let req: LoadRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("expected {{\"model_name\", \"url\"}}: {e}")))?;
+    let req: LoadRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"model_name\", \"url\"}}: {e}"),
+        )
+    })?;
     let reg = app.registry.register(&req.model_name, &req.url)?;
     match app.residency.get(&reg).await {
         Ok(_) => Ok((
@@ -196,24 +216,48 @@ async fn load_model(State(app): State<App>, body: Body) -> Result<Response, ApiE
     }
 }
 
-async fn describe_model(State(app): State<App>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn describe_model(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     store::validate_name(&name).map_err(RegistryError::from)?;
-    let reg = app.registry.get(&name).ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+    let reg = app
+        .registry
+        .get(&name)
+        .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
     Ok(Json(model_json(&app, &reg.name, &reg.url).await))
 }
 
-async fn unload_model(State(app): State<App>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn unload_model(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     store::validate_name(&name).map_err(RegistryError::from)?;
-    let reg = app.registry.remove(&name).ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+    let reg = app
+        .registry
+        .remove(&name)
+        .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
     app.residency.remove(&reg.name).await;
-    Ok(Json(json!({ "status": format!("Model \"{}\" unloaded", reg.name) })))
+    Ok(Json(
+        json!({ "status": format!("Model \"{}\" unloaded", reg.name) }),
+    ))
 }
 
-async fn invoke_model(State(app): State<App>, Path(name): Path<String>, headers: HeaderMap, body: Body) -> Response {
+async fn invoke_model(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     serve(app, name, headers, body).await
 }
 
-async fn predictions(State(app): State<App>, Path(name): Path<String>, headers: HeaderMap, body: Body) -> Response {
+async fn predictions(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     serve(app, name, headers, body).await
 }
 
@@ -235,25 +279,42 @@ async fn invocations(State(app): State<App>, headers: HeaderMap, body: Body) -> 
     }
 }
 
+/// Reads the body up to the configured limit. Past the limit the rest is drained (up to a
+/// bound) before answering 413, so that clients still sending receive the answer instead of a
+/// reset connection.
 async fn read_body(app: &Tessera, body: Body) -> Result<Vec<u8>, ApiError> {
+    use http_body_util::BodyExt;
     let limit = app.config.max_request_bytes();
-    match axum::body::to_bytes(body, limit).await {
-        Ok(b) => Ok(b.to_vec()),
-        Err(e) => {
-            let too_big = std::error::Error::source(&e)
-                .map(|s| s.is::<http_body_util::LengthLimitError>())
-                .unwrap_or(false)
-                || e.to_string().contains("length limit");
-            if too_big {
-                Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body exceeds the limit of {} MiB", app.config.max_request_mib),
-                ))
-            } else {
-                Err(ApiError::new(StatusCode::BAD_REQUEST, format!("could not read request body: {e}")))
+    let drain_cap = limit.saturating_mul(4).max(64 << 20);
+    let mut body = body;
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("could not read request body: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            total = total.saturating_add(data.len());
+            if total <= limit {
+                buf.extend_from_slice(&data);
+            } else if total > drain_cap {
+                break;
             }
         }
     }
+    if total > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body exceeds the limit of {} MiB",
+                app.config.max_request_mib
+            ),
+        ));
+    }
+    Ok(buf)
 }
 
 /// Runs one inference and turns the result into a response with timing headers.
@@ -272,13 +333,16 @@ async fn serve(app: App, name: String, headers: HeaderMap, body: Body) -> Respon
                 .to_string(),
             headers: forwarded_headers(&headers),
         };
-        app.invoke(&name, request, &request_id).await.map_err(ApiError::from)
+        app.invoke(&name, request, &request_id)
+            .await
+            .map_err(ApiError::from)
     }
     .await;
     let elapsed = started.elapsed();
     let mut response = match result {
         Ok((r, timings)) => {
-            let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let status =
+                StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut resp = (status, r.body).into_response();
             if let Ok(ct) = HeaderValue::from_str(&r.content_type) {
                 resp.headers_mut().insert("content-type", ct);
@@ -288,19 +352,43 @@ async fn serve(app: App, name: String, headers: HeaderMap, body: Body) -> Respon
         }
         Err(e) => {
             if e.status.is_server_error() {
-                tracing::warn!(model = name, request_id, status = e.status.as_u16(), error = e.message, "request failed");
+                tracing::warn!(
+                    model = name,
+                    request_id,
+                    status = e.status.as_u16(),
+                    error = e.message,
+                    "request failed"
+                );
             } else {
-                tracing::info!(model = name, request_id, status = e.status.as_u16(), error = e.message, "request rejected");
+                tracing::info!(
+                    model = name,
+                    request_id,
+                    status = e.status.as_u16(),
+                    error = e.message,
+                    "request rejected"
+                );
             }
             e.into_response()
         }
     };
     let code = response.status().as_u16().to_string();
     if store::validate_name(&name).is_ok() {
-        app.metrics.requests.with_label_values(&[name.as_str(), code.as_str()]).inc();
-        app.metrics.request_seconds.with_label_values(&[name.as_str()]).observe(elapsed.as_secs_f64());
+        app.metrics
+            .requests
+            .with_label_values(&[name.as_str(), code.as_str()])
+            .inc();
+        app.metrics
+            .request_seconds
+            .with_label_values(&[name.as_str()])
+            .observe(elapsed.as_secs_f64());
     }
-    tracing::debug!(model = name, request_id, status = code, ms = elapsed.as_millis() as u64, "request done");
+    tracing::debug!(
+        model = name,
+        request_id,
+        status = code,
+        ms = elapsed.as_millis() as u64,
+        "request done"
+    );
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
@@ -309,7 +397,12 @@ async fn serve(app: App, name: String, headers: HeaderMap, body: Body) -> Respon
 
 /// Headers a handler may see: lower-case names, credentials and hop-by-hop headers removed.
 fn forwarded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
-    const HIDDEN: [&str; 4] = ["authorization", "cookie", "proxy-authorization", "x-amz-security-token"];
+    const HIDDEN: [&str; 4] = [
+        "authorization",
+        "cookie",
+        "proxy-authorization",
+        "x-amz-security-token",
+    ];
     headers
         .iter()
         .filter(|(k, _)| !HIDDEN.contains(&k.as_str()))

@@ -68,7 +68,10 @@ impl Tessera {
         let device = runtime::parse_device(&config.device).map_err(anyhow::Error::msg)?;
         let device = match device {
             tch::Device::Cuda(_) if !tch::Cuda::is_available() => {
-                anyhow::bail!("device {} requested but CUDA is not available", config.device)
+                anyhow::bail!(
+                    "device {} requested but CUDA is not available",
+                    config.device
+                )
             }
             d => d,
         };
@@ -76,16 +79,18 @@ impl Tessera {
             0 => default_budget(device),
             mib => mib << 20,
         };
-        let work_dir = config
-            .work_dir
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("tessera-{}", std::process::id())));
+        let work_dir = config.work_dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("tessera-{}", std::process::id()))
+        });
         std::fs::create_dir_all(&work_dir)?;
         let sandbox = Sandbox::new()?;
         let metrics = Arc::new(Metrics::new());
         let loader = LoaderConfig {
             work_dir,
-            limits: Limits { max_archive_bytes: config.max_archive_bytes(), max_unpacked_bytes: config.max_unpacked_bytes() },
+            limits: Limits {
+                max_archive_bytes: config.max_archive_bytes(),
+                max_unpacked_bytes: config.max_unpacked_bytes(),
+            },
             device,
             handler_memory_bytes: config.handler_memory_bytes(),
             max_response_bytes: config.max_response_bytes(),
@@ -106,12 +111,17 @@ impl Tessera {
 
     /// A short unique request id.
     pub fn request_id(&self) -> String {
-        let n = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         format!("{:x}-{n}", std::process::id())
     }
 
     /// Makes `name` resident, registering it from the store on first use.
-    pub async fn ensure_loaded(&self, name: &str) -> Result<(Arc<LoadedModel>, bool), InferenceError> {
+    pub async fn ensure_loaded(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<LoadedModel>, bool), InferenceError> {
         let reg = self.registry.resolve(name)?;
         Ok(self.residency.get(&reg).await?)
     }
@@ -136,7 +146,15 @@ impl Tessera {
             self.metrics.rejected.with_label_values(&[name]).inc();
             InferenceError::Overloaded(name.to_string())
         })?;
-        match tokio::time::timeout(timeout, self.run(&model, request, request_id, deadline, &mut timings)).await {
+        // The sandbox enforces `deadline` itself and says which handler call overran; the outer
+        // timer (a little later) catches waits and forwards, which cannot be interrupted.
+        let outer = timeout + Duration::from_millis(250);
+        match tokio::time::timeout(
+            outer,
+            self.run(&model, request, request_id, deadline, &mut timings),
+        )
+        .await
+        {
             Ok(result) => result.map(|r| (r, timings)),
             Err(_) => Err(InferenceError::Timeout(timeout)),
         }
@@ -161,7 +179,12 @@ impl Tessera {
         let inputs = Arc::new(pre.inputs);
         let mut queued = None;
         let outputs = loop {
-            let permit = model.workers.clone().acquire_owned().await.map_err(|_| InferenceError::Overloaded(model.name.clone()))?;
+            let permit = model
+                .workers
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| InferenceError::Overloaded(model.name.clone()))?;
             queued.get_or_insert(t.elapsed());
             let (m, inputs) = (model.clone(), inputs.clone());
             // The permit travels with the forward: if the request times out first, the worker
@@ -175,7 +198,11 @@ impl Tessera {
             match result {
                 Ok(o) => break o,
                 Err(RuntimeError::OutOfMemory { message, .. }) => {
-                    if !self.residency.evict_one_idle(&model.name, "out of memory at forward").await {
+                    if !self
+                        .residency
+                        .evict_one_idle(&model.name, "out of memory at forward")
+                        .await
+                    {
                         return Err(ResidencyError::InsufficientMemory(format!(
                             "forward of '{}' ran out of device memory with no idle model left to evict: {}",
                             model.name,
@@ -189,12 +216,16 @@ impl Tessera {
         };
         timings.queue = queued.unwrap_or_default();
         timings.inference = t.elapsed() - timings.queue;
-        self.metrics.inference_seconds.with_label_values(&[model.name.as_str()]).observe(timings.inference.as_secs_f64());
+        self.metrics
+            .inference_seconds
+            .with_label_values(&[model.name.as_str()])
+            .observe(timings.inference.as_secs_f64());
 
         let t = Instant::now();
         let response = {
             let (sandbox, m, rid) = (self.sandbox.clone(), model.clone(), request_id.to_string());
-            blocking(move || sandbox.postprocess(&m.handler, outputs, pre.context, &rid, deadline)).await??
+            blocking(move || sandbox.postprocess(&m.handler, outputs, pre.context, &rid, deadline))
+                .await??
         };
         timings.postprocess = t.elapsed();
         Ok(response)
@@ -213,7 +244,11 @@ fn default_budget(device: tch::Device) -> u64 {
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|kb| kb.parse::<u64>().ok())
+                })
         })
         .map(|kb| kb * 1024 / 2)
         .unwrap_or(8 << 30)

@@ -7,7 +7,11 @@ use tessera::inference::Tessera;
 use tessera::{http, runtime, sandbox, store, Config};
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Multi-model inference host with Wasm handlers")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Multi-model inference host with Wasm handlers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,11 +63,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let app = Tessera::new(config)?;
         let addr = std::net::SocketAddr::new(app.config.bind, app.config.port);
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         let local = listener.local_addr()?;
         for name in app.config.preload.clone() {
             match app.ensure_loaded(&name).await {
@@ -83,7 +91,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
 
 async fn shutdown() {
     let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
     tokio::select! {
         _ = ctrl_c => {},
         _ = term.recv() => {},
@@ -92,21 +101,41 @@ async fn shutdown() {
 }
 
 fn pack(args: PackArgs) -> anyhow::Result<()> {
-    let file = args.output.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let name = file
-        .strip_suffix(store::ARCHIVE_SUFFIX)
-        .with_context(|| format!("output '{file}' must be named <model>{}", store::ARCHIVE_SUFFIX))?;
+    let file = args
+        .output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let name = file.strip_suffix(store::ARCHIVE_SUFFIX).with_context(|| {
+        format!(
+            "output '{file}' must be named <model>{}",
+            store::ARCHIVE_SUFFIX
+        )
+    })?;
     store::validate_name(name)?;
-    let wasm = std::fs::read(&args.handler).with_context(|| format!("reading {}", args.handler.display()))?;
-    sandbox::Sandbox::new()?.validate(&wasm).context("checking the handler")?;
+    let wasm = std::fs::read(&args.handler)
+        .with_context(|| format!("reading {}", args.handler.display()))?;
+    sandbox::Sandbox::new()?
+        .validate(&wasm)
+        .context("checking the handler")?;
     if !args.skip_model_check {
         for m in &args.models {
-            runtime::TorchModel::load(m, tch::Device::Cpu).with_context(|| format!("checking {}", m.display()))?;
+            runtime::TorchModel::load(m, tch::Device::Cpu)
+                .with_context(|| format!("checking {}", m.display()))?;
         }
     }
-    let spec = PackSpec { config: args.config, models: args.models, handler: args.handler, assets: args.assets };
+    let spec = PackSpec {
+        config: args.config,
+        models: args.models,
+        handler: args.handler,
+        assets: args.assets,
+    };
     archive::pack(&spec, &args.output)?;
     let size = std::fs::metadata(&args.output)?.len();
-    println!("packed {} ({:.1} MiB)", args.output.display(), size as f64 / (1 << 20) as f64);
+    println!(
+        "packed {} ({:.1} MiB)",
+        args.output.display(),
+        size as f64 / (1 << 20) as f64
+    );
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Prometheus metrics, named the way TorchServe/Triton operators expect to find them.
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -28,40 +28,71 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("tessera_requests_total", "Inference requests by model and status code"),
+            Opts::new(
+                "tessera_requests_total",
+                "Inference requests by model and status code",
+            ),
             &["model", "code"],
         )
         .unwrap();
-        let buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
+        let buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            120.0,
+        ];
         let request_seconds = HistogramVec::new(
-            HistogramOpts::new("tessera_request_duration_seconds", "End-to-end request latency").buckets(buckets.clone()),
+            HistogramOpts::new(
+                "tessera_request_duration_seconds",
+                "End-to-end request latency",
+            )
+            .buckets(buckets.clone()),
             &["model"],
         )
         .unwrap();
         let inference_seconds = HistogramVec::new(
-            HistogramOpts::new("tessera_inference_duration_seconds", "Model forward latency").buckets(buckets.clone()),
+            HistogramOpts::new(
+                "tessera_inference_duration_seconds",
+                "Model forward latency",
+            )
+            .buckets(buckets.clone()),
             &["model"],
         )
         .unwrap();
         let loads = IntCounterVec::new(
-            Opts::new("tessera_model_loads_total", "Model loads by model and outcome"),
+            Opts::new(
+                "tessera_model_loads_total",
+                "Model loads by model and outcome",
+            ),
             &["model", "outcome"],
         )
         .unwrap();
-        let load_seconds =
-            Histogram::with_opts(HistogramOpts::new("tessera_model_load_duration_seconds", "Model load time").buckets(buckets))
-                .unwrap();
+        let load_seconds = Histogram::with_opts(
+            HistogramOpts::new("tessera_model_load_duration_seconds", "Model load time")
+                .buckets(buckets),
+        )
+        .unwrap();
         let evictions = IntCounterVec::new(
-            Opts::new("tessera_model_evictions_total", "Models removed from residency, by cause"),
+            Opts::new(
+                "tessera_model_evictions_total",
+                "Models removed from residency, by cause",
+            ),
             &["model", "cause"],
         )
         .unwrap();
-        let resident_bytes =
-            IntGaugeVec::new(Opts::new("tessera_model_resident_bytes", "Bytes a resident model holds on its device"), &["model"])
-                .unwrap();
-        let resident_models = IntGauge::new("tessera_resident_models", "Models currently resident").unwrap();
+        let resident_bytes = IntGaugeVec::new(
+            Opts::new(
+                "tessera_model_resident_bytes",
+                "Bytes a resident model holds on its device",
+            ),
+            &["model"],
+        )
+        .unwrap();
+        let resident_models =
+            IntGauge::new("tessera_resident_models", "Models currently resident").unwrap();
         let rejected = IntCounterVec::new(
-            Opts::new("tessera_requests_rejected_total", "Requests rejected because the model's queue was full"),
+            Opts::new(
+                "tessera_requests_rejected_total",
+                "Requests rejected because the model's queue was full",
+            ),
             &["model"],
         )
         .unwrap();
@@ -95,7 +126,9 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).unwrap_or_default();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .unwrap_or_default();
         String::from_utf8(buf).unwrap_or_default()
     }
 }

@@ -31,7 +31,10 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(store: LocalStore) -> Registry {
-        Registry { store, models: RwLock::new(BTreeMap::new()) }
+        Registry {
+            store,
+            models: RwLock::new(BTreeMap::new()),
+        }
     }
 
     pub fn store(&self) -> &LocalStore {
@@ -48,7 +51,11 @@ impl Registry {
             StoreError::NotFound(_) => RegistryError::NotFound(name.to_string()),
             other => other.into(),
         })?;
-        let reg = Registration { name: name.to_string(), url: archive.display().to_string(), archive };
+        let reg = Registration {
+            name: name.to_string(),
+            url: archive.display().to_string(),
+            archive,
+        };
         let mut models = self.models.write().unwrap();
         Ok(models.entry(name.to_string()).or_insert(reg).clone())
     }
@@ -61,7 +68,11 @@ impl Registry {
         if models.contains_key(name) {
             return Err(RegistryError::Exists(name.to_string()));
         }
-        let reg = Registration { name: name.to_string(), archive, url: url.to_string() };
+        let reg = Registration {
+            name: name.to_string(),
+            archive,
+            url: url.to_string(),
+        };
         models.insert(name.to_string(), reg.clone());
         Ok(reg)
     }
@@ -78,11 +89,19 @@ impl Registry {
     pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<Registration>, Option<String>) {
         let models = self.models.read().unwrap();
         let mut iter: Box<dyn Iterator<Item = &Registration>> = match after {
-            Some(a) => Box::new(models.range::<str, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)).map(|(_, r)| r)),
+            Some(a) => Box::new(
+                models
+                    .range::<str, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                    .map(|(_, r)| r),
+            ),
             None => Box::new(models.values()),
         };
         let page: Vec<Registration> = iter.by_ref().take(limit).cloned().collect();
-        let next = if iter.next().is_some() { page.last().map(|r| r.name.clone()) } else { None };
+        let next = if iter.next().is_some() {
+            page.last().map(|r| r.name.clone())
+        } else {
+            None
+        };
         (page, next)
     }
 }

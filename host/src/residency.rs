@@ -69,7 +69,8 @@ impl LoadedModel {
     /// Marks the model busy for the guard's lifetime (it will not be chosen for eviction).
     pub fn begin(self: &Arc<Self>, clock: &Instant) -> InUse {
         self.in_use.fetch_add(1, Ordering::SeqCst);
-        self.last_used.store(clock.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_used
+            .store(clock.elapsed().as_millis() as u64, Ordering::Relaxed);
         InUse(self.clone())
     }
     pub fn in_use(&self) -> usize {
@@ -106,27 +107,53 @@ pub struct Residency {
 }
 
 impl Residency {
-    pub fn new(budget: u64, sandbox: Arc<Sandbox>, config: LoaderConfig, metrics: Arc<Metrics>) -> Residency {
+    pub fn new(
+        budget: u64,
+        sandbox: Arc<Sandbox>,
+        config: LoaderConfig,
+        metrics: Arc<Metrics>,
+    ) -> Residency {
         let m = metrics.clone();
         let cache = Cache::builder()
             .max_capacity(budget / KIB)
-            .weigher(|_k: &String, v: &Arc<LoadedModel>| (v.weight / KIB).clamp(1, u32::MAX as u64) as u32)
-            .eviction_policy(EvictionPolicy::lru())
-            .eviction_listener(move |name: Arc<String>, model: Arc<LoadedModel>, cause: RemovalCause| {
-                let cause = match cause {
-                    RemovalCause::Size => "size",
-                    RemovalCause::Explicit => "explicit",
-                    RemovalCause::Replaced => return,
-                    RemovalCause::Expired => "expired",
-                };
-                m.evictions.with_label_values(&[name.as_str(), cause]).inc();
-                m.resident_bytes.with_label_values(&[name.as_str()]).set(0);
-                m.resident_models.dec();
-                tracing::info!(model = name.as_str(), cause, bytes = model.weight, in_use = model.in_use(),
-                    "model evicted{}", if model.in_use() > 0 { " (freed when its requests finish)" } else { "" });
+            .weigher(|_k: &String, v: &Arc<LoadedModel>| {
+                (v.weight / KIB).clamp(1, u32::MAX as u64) as u32
             })
+            .eviction_policy(EvictionPolicy::lru())
+            .eviction_listener(
+                move |name: Arc<String>, model: Arc<LoadedModel>, cause: RemovalCause| {
+                    let cause = match cause {
+                        RemovalCause::Size => "size",
+                        RemovalCause::Explicit => "explicit",
+                        RemovalCause::Replaced => return,
+                        RemovalCause::Expired => "expired",
+                    };
+                    m.evictions.with_label_values(&[name.as_str(), cause]).inc();
+                    m.resident_bytes.with_label_values(&[name.as_str()]).set(0);
+                    m.resident_models.dec();
+                    tracing::info!(
+                        model = name.as_str(),
+                        cause,
+                        bytes = model.weight,
+                        in_use = model.in_use(),
+                        "model evicted{}",
+                        if model.in_use() > 0 {
+                            " (freed when its requests finish)"
+                        } else {
+                            ""
+                        }
+                    );
+                },
+            )
             .build();
-        Residency { cache, budget, sandbox, config, metrics, clock: Instant::now() }
+        Residency {
+            cache,
+            budget,
+            sandbox,
+            config,
+            metrics,
+            clock: Instant::now(),
+        }
     }
 
     pub fn budget(&self) -> u64 {
@@ -149,7 +176,10 @@ impl Residency {
     }
 
     /// The model for `reg`, loading it if needed. Returns whether this call did the load.
-    pub async fn get(&self, reg: &Registration) -> Result<(Arc<LoadedModel>, bool), Arc<ResidencyError>> {
+    pub async fn get(
+        &self,
+        reg: &Registration,
+    ) -> Result<(Arc<LoadedModel>, bool), Arc<ResidencyError>> {
         let loaded_here = std::sync::atomic::AtomicBool::new(false);
         let model = self
             .cache
@@ -160,7 +190,10 @@ impl Residency {
             .await?;
         if loaded_here.load(Ordering::Relaxed) {
             self.metrics.resident_models.inc();
-            self.metrics.resident_bytes.with_label_values(&[reg.name.as_str()]).set(model.weight as i64);
+            self.metrics
+                .resident_bytes
+                .with_label_values(&[reg.name.as_str()])
+                .set(model.weight as i64);
             // Apply the size bound now rather than lazily, so the budget holds after each load.
             self.cache.run_pending_tasks().await;
         }
@@ -197,12 +230,22 @@ impl Residency {
         let started = Instant::now();
         let result = self.load_inner(reg).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.metrics.loads.with_label_values(&[reg.name.as_str(), outcome]).inc();
+        self.metrics
+            .loads
+            .with_label_values(&[reg.name.as_str(), outcome])
+            .inc();
         match &result {
             Ok(m) => {
-                self.metrics.load_seconds.observe(started.elapsed().as_secs_f64());
-                tracing::info!(model = reg.name, device = runtime::device_name(m.torch.device), bytes = m.weight,
-                    ms = started.elapsed().as_millis() as u64, "model loaded");
+                self.metrics
+                    .load_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::info!(
+                    model = reg.name,
+                    device = runtime::device_name(m.torch.device),
+                    bytes = m.weight,
+                    ms = started.elapsed().as_millis() as u64,
+                    "model loaded"
+                );
             }
             Err(e) => tracing::warn!(model = reg.name, error = %e, "model load failed"),
         }
@@ -219,6 +262,14 @@ impl Residency {
             (Some("cpu"), _) => Device::Cpu,
             (_, d) => d,
         };
+        if unpacked.model_bytes > self.budget {
+            return Err(ResidencyError::InsufficientMemory(format!(
+                "model '{}' has {} MiB of TorchScript, more than the whole residency budget of {} MiB",
+                reg.name,
+                unpacked.model_bytes >> 20,
+                self.budget >> 20
+            )));
+        }
         // Make room for at least the archive's tensors before touching the device.
         while self.used().await + unpacked.model_bytes > self.budget {
             if !self.evict_one_idle(&reg.name, "budget before load").await {
@@ -230,7 +281,10 @@ impl Residency {
             match blocking(move || TorchModel::load(&path, device)).await? {
                 Ok(t) => break t,
                 Err(RuntimeError::OutOfMemory { message, .. }) => {
-                    if !self.evict_one_idle(&reg.name, "out of memory at load").await {
+                    if !self
+                        .evict_one_idle(&reg.name, "out of memory at load")
+                        .await
+                    {
                         return Err(ResidencyError::InsufficientMemory(format!(
                             "model '{}' does not fit on {} even with every idle model evicted: {}",
                             reg.name,
@@ -268,7 +322,11 @@ impl Residency {
             max_response_bytes: self.config.max_response_bytes,
         };
         let handler = {
-            let (sandbox, path, hash) = (self.sandbox.clone(), unpacked.handler.clone(), unpacked.handler_hash.clone());
+            let (sandbox, path, hash) = (
+                self.sandbox.clone(),
+                unpacked.handler.clone(),
+                unpacked.handler_hash.clone(),
+            );
             blocking(move || sandbox.prepare(&path, &hash, env)).await??
         };
         let workers = unpacked.config.max_workers as usize;
@@ -294,15 +352,29 @@ impl Residency {
 }
 
 /// Runs blocking work off the async runtime.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ResidencyError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ResidencyError::Internal(format!("worker thread failed: {e}")))
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ResidencyError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ResidencyError::Internal(format!("worker thread failed: {e}")))
 }
 
 /// The unpacked directory for an archive, unpacking on first sight. Keyed by path, size and
 /// mtime, so a replaced archive is unpacked afresh.
-fn unpack_cached(archive: &std::path::Path, config: &LoaderConfig) -> Result<Unpacked, ArchiveError> {
-    let meta = std::fs::metadata(archive).map_err(|source| ArchiveError::Io { path: archive.into(), source })?;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).unwrap_or_default();
+fn unpack_cached(
+    archive: &std::path::Path,
+    config: &LoaderConfig,
+) -> Result<Unpacked, ArchiveError> {
+    let meta = std::fs::metadata(archive).map_err(|source| ArchiveError::Io {
+        path: archive.into(),
+        source,
+    })?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .unwrap_or_default();
     let mut h = Sha256::new();
     h.update(archive.to_string_lossy().as_bytes());
     h.update(meta.len().to_le_bytes());

@@ -155,7 +155,10 @@ struct State {
 
 impl WasiView for State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -165,19 +168,27 @@ impl bindings::tessera::handler::host::Host for State {
     fn read_asset(&mut self, path: String) -> Result<Vec<u8>, String> {
         let rel = Path::new(&path);
         let safe = !path.is_empty()
-            && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+            && rel
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
         if !safe {
-            return Err(format!("asset path '{path}' must be relative and stay inside assets/"));
+            return Err(format!(
+                "asset path '{path}' must be relative and stay inside assets/"
+            ));
         }
         let full = self.env.assets.join(rel);
         // Assets are unpacked by us and contain no links; still, refuse anything that is not
         // a regular file inside the assets folder.
-        let meta = std::fs::symlink_metadata(&full).map_err(|_| format!("no asset named '{path}'"))?;
+        let meta =
+            std::fs::symlink_metadata(&full).map_err(|_| format!("no asset named '{path}'"))?;
         if !meta.is_file() {
             return Err(format!("asset '{path}' is not a regular file"));
         }
         if meta.len() > MAX_ASSET_BYTES {
-            return Err(format!("asset '{path}' is {} bytes, over the {MAX_ASSET_BYTES} limit", meta.len()));
+            return Err(format!(
+                "asset '{path}' is {} bytes, over the {MAX_ASSET_BYTES} limit",
+                meta.len()
+            ));
         }
         std::fs::read(&full).map_err(|e| format!("reading asset '{path}': {e}"))
     }
@@ -203,10 +214,18 @@ impl bindings::tessera::handler::host::Host for State {
         }
         let (model, rid) = (&self.env.model, &self.request_id);
         match level {
-            wit::LogLevel::Debug => tracing::debug!(target: "handler", model, request_id = rid, "{msg}"),
-            wit::LogLevel::Info => tracing::info!(target: "handler", model, request_id = rid, "{msg}"),
-            wit::LogLevel::Warn => tracing::warn!(target: "handler", model, request_id = rid, "{msg}"),
-            wit::LogLevel::Error => tracing::error!(target: "handler", model, request_id = rid, "{msg}"),
+            wit::LogLevel::Debug => {
+                tracing::debug!(target: "handler", model, request_id = rid, "{msg}")
+            }
+            wit::LogLevel::Info => {
+                tracing::info!(target: "handler", model, request_id = rid, "{msg}")
+            }
+            wit::LogLevel::Warn => {
+                tracing::warn!(target: "handler", model, request_id = rid, "{msg}")
+            }
+            wit::LogLevel::Error => {
+                tracing::error!(target: "handler", model, request_id = rid, "{msg}")
+            }
         }
     }
 }
@@ -222,30 +241,55 @@ impl Sandbox {
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         HandlerBindings::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
-        let sandbox = Arc::new(Sandbox { engine, linker, compiled: Mutex::new(HashMap::new()) });
+        let sandbox = Arc::new(Sandbox {
+            engine,
+            linker,
+            compiled: Mutex::new(HashMap::new()),
+        });
         let weak = Arc::downgrade(&sandbox);
-        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
-            while let Some(s) = weak.upgrade() {
-                s.engine.increment_epoch();
-                drop(s);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(s) = weak.upgrade() {
+                    s.engine.increment_epoch();
+                    drop(s);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
         Ok(sandbox)
     }
 
     /// Compiles (or fetches from the cache) the component at `path`, whose sha256 is `hash`, and
     /// checks that it implements the handler world. Slow on first sight of a hash: call it from
     /// a blocking thread.
-    pub fn prepare(&self, path: &Path, hash: &str, env: HandlerEnv) -> Result<Handler, SandboxError> {
+    pub fn prepare(
+        &self,
+        path: &Path,
+        hash: &str,
+        env: HandlerEnv,
+    ) -> Result<Handler, SandboxError> {
         if let Some(pre) = self.compiled.lock().unwrap().get(hash) {
-            return Ok(Handler { pre: pre.clone(), env: Arc::new(env) });
+            return Ok(Handler {
+                pre: pre.clone(),
+                env: Arc::new(env),
+            });
         }
-        let bytes = std::fs::read(path).map_err(|e| SandboxError::InvalidComponent(e.to_string()))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| SandboxError::InvalidComponent(e.to_string()))?;
         let pre = self.link(&bytes)?;
-        self.compiled.lock().unwrap().insert(hash.to_string(), pre.clone());
-        tracing::info!(model = env.model, handler = &hash[..12], "compiled handler component");
-        Ok(Handler { pre, env: Arc::new(env) })
+        self.compiled
+            .lock()
+            .unwrap()
+            .insert(hash.to_string(), pre.clone());
+        tracing::info!(
+            model = env.model,
+            handler = &hash[..12],
+            "compiled handler component"
+        );
+        Ok(Handler {
+            pre,
+            env: Arc::new(env),
+        })
     }
 
     /// Validates handler bytes without caching (used by `tessera pack`).
@@ -261,19 +305,30 @@ impl Sandbox {
         }
         let component = WasmComponent::from_binary(&self.engine, bytes)
             .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| SandboxError::InvalidComponent(format!("imports outside the tessera:handler world: {e:#}")))?;
-        bindings::HandlerPre::new(pre)
-            .map_err(|e| SandboxError::InvalidComponent(format!("does not export the tessera:handler world: {e:#}")))
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            SandboxError::InvalidComponent(format!(
+                "imports outside the tessera:handler world: {e:#}"
+            ))
+        })?;
+        bindings::HandlerPre::new(pre).map_err(|e| {
+            SandboxError::InvalidComponent(format!(
+                "does not export the tessera:handler world: {e:#}"
+            ))
+        })
     }
 
-    fn store(&self, handler: &Handler, request_id: &str, deadline: Instant) -> (Store<State>, MemoryOutputPipe) {
+    fn store(
+        &self,
+        handler: &Handler,
+        request_id: &str,
+        deadline: Instant,
+    ) -> (Store<State>, MemoryOutputPipe) {
         let stdout = MemoryOutputPipe::new(STDIO_CAPTURE);
         let mut wasi = WasiCtx::builder();
         // Deterministic bytes for both random interfaces: handlers get no entropy source.
-        let pattern: Vec<u8> = (0u8..=255).map(|i| i.wrapping_mul(167).wrapping_add(13)).collect();
+        let pattern: Vec<u8> = (0u8..=255)
+            .map(|i| i.wrapping_mul(167).wrapping_add(13))
+            .collect();
         wasi.secure_random(wasmtime_wasi::random::Deterministic::new(pattern.clone()))
             .insecure_random(wasmtime_wasi::random::Deterministic::new(pattern))
             .insecure_random_seed(0)
@@ -314,15 +369,30 @@ impl Sandbox {
     ) -> Result<Preprocessed, SandboxError> {
         let started = Instant::now();
         let (mut store, stdout) = self.store(handler, request_id, deadline);
-        let req = wit::Request { body: request.body, content_type: request.content_type, headers: request.headers };
+        let req = wit::Request {
+            body: request.body,
+            content_type: request.content_type,
+            headers: request.headers,
+        };
         let result = handler
             .pre
             .instantiate(&mut store)
             .and_then(|h| h.call_preprocess(&mut store, &req));
         finish_call(&store, &stdout, "preprocess");
-        let out = self.classify(result, &handler.env, deadline.saturating_duration_since(started))?;
-        let inputs = out.inputs.into_iter().map(to_host).collect::<Result<Vec<_>, _>>()?;
-        Ok(Preprocessed { inputs, context: out.context })
+        let out = self.classify(
+            result,
+            &handler.env,
+            deadline.saturating_duration_since(started),
+        )?;
+        let inputs = out
+            .inputs
+            .into_iter()
+            .map(to_host)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Preprocessed {
+            inputs,
+            context: out.context,
+        })
     }
 
     /// Runs `postprocess` in a fresh instance.
@@ -342,9 +412,16 @@ impl Sandbox {
             .instantiate(&mut store)
             .and_then(|h| h.call_postprocess(&mut store, &outputs, &context));
         finish_call(&store, &stdout, "postprocess");
-        let resp = self.classify(result, &handler.env, deadline.saturating_duration_since(started))?;
+        let resp = self.classify(
+            result,
+            &handler.env,
+            deadline.saturating_duration_since(started),
+        )?;
         if resp.body.len() > handler.env.max_response_bytes {
-            return Err(SandboxError::ResponseTooLarge(resp.body.len(), handler.env.max_response_bytes));
+            return Err(SandboxError::ResponseTooLarge(
+                resp.body.len(),
+                handler.env.max_response_bytes,
+            ));
         }
         if !(100..=599).contains(&resp.status) {
             return Err(SandboxError::Handler(HandlerFailure::Internal(format!(
@@ -352,7 +429,11 @@ impl Sandbox {
                 resp.status
             ))));
         }
-        Ok(HandlerResponse { status: resp.status, content_type: resp.content_type, body: resp.body })
+        Ok(HandlerResponse {
+            status: resp.status,
+            content_type: resp.content_type,
+            body: resp.body,
+        })
     }
 
     fn classify<T>(
@@ -368,10 +449,11 @@ impl Sandbox {
                 let text = format!("{err:#}");
                 match err.downcast_ref::<Trap>() {
                     Some(Trap::Interrupt) => Err(SandboxError::Timeout(budget)),
-                    Some(Trap::StackOverflow) => Err(SandboxError::Trap("call stack exhausted".into())),
-                    _ if text.contains("forcing a memory growth failure")
-                        || text.contains("memory allocation")
-                        || text.contains("grow") && text.contains("limit") =>
+                    Some(Trap::StackOverflow) => {
+                        Err(SandboxError::Trap("call stack exhausted".into()))
+                    }
+                    _ if text.contains("growing memory")
+                        || text.contains("memory growth failure") =>
                     {
                         Err(SandboxError::MemoryLimit(env.memory_bytes >> 20))
                     }

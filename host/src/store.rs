@@ -25,11 +25,15 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && !name.starts_with(['.', '-'])
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if ok {
         Ok(())
     } else {
-        Err(StoreError::BadName(name.chars().take(MAX_NAME + 8).collect()))
+        Err(StoreError::BadName(
+            name.chars().take(MAX_NAME + 8).collect(),
+        ))
     }
 }
 
@@ -78,9 +82,15 @@ impl LocalStore {
             self.root.join(raw.trim_start_matches('/'))
         };
         // A directory url (SageMaker passes a prefix) holding exactly the archive also works.
-        let candidate = if candidate.is_dir() { single_archive_in(&candidate)? } else { candidate };
+        let candidate = if candidate.is_dir() {
+            single_archive_in(&candidate)?
+        } else {
+            candidate
+        };
         let root = self.root.canonicalize()?;
-        let real = candidate.canonicalize().map_err(|_| StoreError::NotFound(url.to_string()))?;
+        let real = candidate
+            .canonicalize()
+            .map_err(|_| StoreError::NotFound(url.to_string()))?;
         if !real.starts_with(&root) || !real.is_file() {
             return Err(StoreError::BadUrl(url.to_string()));
         }
@@ -127,7 +137,16 @@ mod tests {
     #[test]
     fn names() {
         assert!(validate_name("sam_vit-h.2").is_ok());
-        for bad in ["", "../x", "a/b", ".hidden", "-x", "a b", "é", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            ".hidden",
+            "-x",
+            "a b",
+            "é",
+            &"x".repeat(129),
+        ] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
         assert_eq!(name_from_target("/sam.tar.gz").unwrap(), "sam");
@@ -141,7 +160,9 @@ mod tests {
         let store = LocalStore::new(dir.path().to_path_buf());
         std::fs::write(dir.path().join("a.tar.gz"), b"x").unwrap();
         assert!(store.resolve_url("a.tar.gz").is_ok());
-        assert!(store.resolve_url(&format!("file://{}/a.tar.gz", dir.path().display())).is_ok());
+        assert!(store
+            .resolve_url(&format!("file://{}/a.tar.gz", dir.path().display()))
+            .is_ok());
         assert!(store.resolve_url("/etc/passwd").is_err());
         assert!(store.resolve_url("../../etc/passwd").is_err());
         assert_eq!(store.list().unwrap(), vec!["a".to_string()]);

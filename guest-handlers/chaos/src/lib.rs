@@ -10,6 +10,7 @@ use tessera_sdk::{json, HandlerError, LogLevel, ModelInput, Request, Response, T
 struct Chaos;
 
 #[inline(never)]
+#[allow(unconditional_recursion)]
 fn recurse(depth: u64, buf: &mut [u8; 256]) -> u64 {
     buf[(depth % 256) as usize] = depth as u8;
     let mut local = [0u8; 256];
@@ -47,12 +48,18 @@ impl tessera_sdk::Handler for Chaos {
                 }
             }
             "asset" | "escape" => {
-                let path = if mode == "escape" { "../model-config.yaml" } else { json::str_field(&body, "path")? };
+                let path = if mode == "escape" {
+                    "../model-config.yaml"
+                } else {
+                    json::str_field(&body, "path")?
+                };
                 let bytes = tessera_sdk::asset(path).map_err(|e| match e {
                     HandlerError::Internal(m) => HandlerError::bad(m),
                     other => other,
                 })?;
-                return Err(HandlerError::Unprocessable(String::from_utf8_lossy(&bytes).into_owned()));
+                return Err(HandlerError::Unprocessable(
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                ));
             }
             _ => {}
         }
@@ -60,16 +67,25 @@ impl tessera_sdk::Handler for Chaos {
             Tensor::from_u8("image", &[2, 2, 3], vec![7u8; 12])?,
             Tensor::from_f32("strength", &[1], &[0.0])?,
         ];
-        Ok(ModelInput { inputs, context: mode.into_bytes() })
+        Ok(ModelInput {
+            inputs,
+            context: mode.into_bytes(),
+        })
     }
 
     fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {
         if context == b"big" {
-            let body = vec![b'x'; 200 << 20];
-            return Ok(Response { status: 200, content_type: "text/plain".into(), body });
+            let body = vec![b'x'; 32 << 20];
+            return Ok(Response {
+                status: 200,
+                content_type: "text/plain".into(),
+                body,
+            });
         }
         let n = outputs.first().map(|t| t.data.len()).unwrap_or(0);
-        Response::json(&serde_json::json!({ "mode": String::from_utf8_lossy(&context), "bytes": n }))
+        Response::json(
+            &serde_json::json!({ "mode": String::from_utf8_lossy(&context), "bytes": n }),
+        )
     }
 }
 

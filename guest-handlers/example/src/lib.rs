@@ -29,13 +29,17 @@ impl tessera_sdk::Handler for Example {
         let args: GenArgs = json::nested(&body, "gen_args")?;
         let strength = args.strength.unwrap_or(1.0);
         if !(0.0..=1.0).contains(&strength) {
-            return Err(HandlerError::bad(format!("gen_args.strength must be in [0, 1], got {strength}")));
+            return Err(HandlerError::bad(format!(
+                "gen_args.strength must be in [0, 1], got {strength}"
+            )));
         }
         let jpeg = match args.output_format.as_deref() {
             None | Some("png") => false,
             Some("jpeg" | "jpg") => true,
             Some(other) => {
-                return Err(HandlerError::bad(format!("gen_args.output_format '{other}' is not png or jpeg")))
+                return Err(HandlerError::bad(format!(
+                    "gen_args.output_format '{other}' is not png or jpeg"
+                )))
             }
         };
         let (w, h) = image.dimensions();
@@ -43,28 +47,37 @@ impl tessera_sdk::Handler for Example {
             Tensor::from_u8("image", &[h as u64, w as u64, 3], image.into_raw())?,
             Tensor::from_f32("strength", &[1], &[strength])?,
         ];
-        let context = serde_json::to_vec(&Context { jpeg }).map_err(|e| HandlerError::Internal(e.to_string()))?;
+        let context = serde_json::to_vec(&Context { jpeg })
+            .map_err(|e| HandlerError::Internal(e.to_string()))?;
         Ok(ModelInput { inputs, context })
     }
 
     fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {
-        let ctx: Context = serde_json::from_slice(&context).map_err(|e| HandlerError::Internal(e.to_string()))?;
+        let ctx: Context =
+            serde_json::from_slice(&context).map_err(|e| HandlerError::Internal(e.to_string()))?;
         let out = outputs
             .first()
             .ok_or_else(|| HandlerError::Internal("model returned no output".into()))?;
         let [h, w, 3] = out.shape[..] else {
-            return Err(HandlerError::Internal(format!("expected output [H, W, 3], got {:?}", out.shape)));
+            return Err(HandlerError::Internal(format!(
+                "expected output [H, W, 3], got {:?}",
+                out.shape
+            )));
         };
         let pixels = out.view().u8()?.to_vec();
         let rgb = img::Rgb::from_raw(w as u32, h as u32, pixels)
             .ok_or_else(|| HandlerError::Internal("output size mismatch".into()))?;
         let image = image_of(rgb);
-        let encoded = if ctx.jpeg { img::encode_jpeg(&image, 95)? } else { img::encode_png(&image)? };
+        let encoded = if ctx.jpeg {
+            img::encode_jpeg(&image, 95)?
+        } else {
+            img::encode_png(&image)?
+        };
         Response::json(&serde_json::json!({ "generated_image": b64::encode(&encoded) }))
     }
 }
 
-fn image_of(rgb: img::Rgb) -> tessera_sdk::img::DynamicImage {
+fn image_of(rgb: img::Rgb) -> img::DynamicImage {
     rgb.into()
 }
 

@@ -1,6 +1,6 @@
 //! Image decoding, encoding and resizing (PNG and JPEG), with a pixel limit.
 use crate::HandlerError;
-use image::{DynamicImage, ImageFormat, RgbImage};
+use image::{ImageFormat, RgbImage};
 use std::io::Cursor;
 
 pub use image::imageops::FilterType;
@@ -19,7 +19,9 @@ fn detect(field: &str, bytes: &[u8]) -> Result<ImageFormat, HandlerError> {
         Ok(other) => Err(HandlerError::UnsupportedMediaType(format!(
             "field '{field}': {other:?} images are not supported; send PNG or JPEG"
         ))),
-        Err(_) => Err(HandlerError::bad(format!("field '{field}' is not a PNG or JPEG image"))),
+        Err(_) => Err(HandlerError::bad(format!(
+            "field '{field}' is not a PNG or JPEG image"
+        ))),
     }
 }
 
@@ -38,7 +40,9 @@ pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, HandlerError> {
         )));
     }
     if w == 0 || h == 0 {
-        return Err(HandlerError::bad(format!("field '{field}': image is empty")));
+        return Err(HandlerError::bad(format!(
+            "field '{field}': image is empty"
+        )));
     }
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
     reader.no_limits();

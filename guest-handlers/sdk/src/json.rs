@@ -8,12 +8,17 @@ pub fn body(req: &Request) -> Result<serde_json::Map<String, Value>, HandlerErro
     match serde_json::from_slice::<Value>(&req.body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(HandlerError::bad("request body must be a JSON object")),
-        Err(e) => Err(HandlerError::bad(format!("request body is not valid JSON: {e}"))),
+        Err(e) => Err(HandlerError::bad(format!(
+            "request body is not valid JSON: {e}"
+        ))),
     }
 }
 
 /// A required string field.
-pub fn str_field<'a>(map: &'a serde_json::Map<String, Value>, key: &str) -> Result<&'a str, HandlerError> {
+pub fn str_field<'a>(
+    map: &'a serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<&'a str, HandlerError> {
     match map.get(key) {
         Some(Value::String(s)) => Ok(s),
         Some(_) => Err(HandlerError::bad(format!("field '{key}' must be a string"))),

@@ -31,11 +31,11 @@ pub mod bindings {
     });
 }
 
+pub use bindings::export_handler;
 pub use bindings::tessera::handler::types::{
     Dtype, HandlerError, LogLevel, ModelInput, Request, Response, Tensor,
 };
 pub use bindings::Guest as Handler;
-pub use bindings::export_handler;
 pub use tensor::TensorView;
 
 use bindings::tessera::handler::host;
@@ -67,6 +67,10 @@ impl Response {
     pub fn json<T: serde::Serialize>(value: &T) -> Result<Response, HandlerError> {
         let body = serde_json::to_vec(value)
             .map_err(|e| HandlerError::Internal(format!("serialising response: {e}")))?;
-        Ok(Response { status: 200, content_type: "application/json".into(), body })
+        Ok(Response {
+            status: 200,
+            content_type: "application/json".into(),
+            body,
+        })
     }
 }

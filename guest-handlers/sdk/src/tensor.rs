@@ -22,7 +22,12 @@ macro_rules! constructor {
             for v in values {
                 data.extend_from_slice(&v.to_le_bytes());
             }
-            Ok(Tensor { name: name.into(), dtype: $dtype, shape: shape.to_vec(), data })
+            Ok(Tensor {
+                name: name.into(),
+                dtype: $dtype,
+                shape: shape.to_vec(),
+                data,
+            })
         }
     };
 }
@@ -46,7 +51,12 @@ impl Tensor {
     /// A `u8` tensor, taking ownership of the bytes (no copy).
     pub fn from_u8(name: &str, shape: &[u64], values: Vec<u8>) -> Result<Tensor, HandlerError> {
         check_len(name, shape, values.len())?;
-        Ok(Tensor { name: name.into(), dtype: Dtype::U8, shape: shape.to_vec(), data: values })
+        Ok(Tensor {
+            name: name.into(),
+            dtype: Dtype::U8,
+            shape: shape.to_vec(),
+            data: values,
+        })
     }
 
     /// Number of elements.
@@ -70,11 +80,17 @@ macro_rules! reader {
             let t = self.0;
             if !matches!(t.dtype, $dtype) {
                 return Err(HandlerError::Internal(format!(
-                    "tensor '{}' is {:?}, expected {}", t.name, t.dtype, stringify!($t)
+                    "tensor '{}' is {:?}, expected {}",
+                    t.name,
+                    t.dtype,
+                    stringify!($t)
                 )));
             }
             const N: usize = std::mem::size_of::<$t>();
-            Ok(t.data.chunks_exact(N).map(|c| <$t>::from_le_bytes(c.try_into().unwrap())).collect())
+            Ok(t.data
+                .chunks_exact(N)
+                .map(|c| <$t>::from_le_bytes(c.try_into().unwrap()))
+                .collect())
         }
     };
 }
@@ -90,7 +106,8 @@ impl TensorView<'_> {
         match self.0.dtype {
             Dtype::U8 | Dtype::Boolean => Ok(&self.0.data),
             other => Err(HandlerError::Internal(format!(
-                "tensor '{}' is {other:?}, expected u8", self.0.name
+                "tensor '{}' is {other:?}, expected u8",
+                self.0.name
             ))),
         }
     }

@@ -34,7 +34,10 @@ pub fn cuda_memory(device: usize) -> Option<(u64, u64)> {
     }
     // SAFETY: the shim catches every C++ exception and answers -1 when CUDA is not initialised.
     let (a, r) = unsafe {
-        (cuda::tessera_cuda_allocated_bytes(device as i32), cuda::tessera_cuda_reserved_bytes(device as i32))
+        (
+            cuda::tessera_cuda_allocated_bytes(device as i32),
+            cuda::tessera_cuda_reserved_bytes(device as i32),
+        )
     };
     (a >= 0 && r >= 0).then_some((a as u64, r as u64))
 }
@@ -63,7 +66,9 @@ pub enum RuntimeError {
 
 fn is_oom(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
-    m.contains("out of memory") || m.contains("cuda_error_out_of_memory") || m.contains("can't allocate memory")
+    m.contains("out of memory")
+        || m.contains("cuda_error_out_of_memory")
+        || m.contains("can't allocate memory")
 }
 
 /// Element types that cross the handler boundary.
@@ -135,9 +140,17 @@ const MAX_DIMS: usize = 8;
 
 impl HostTensor {
     /// Checks that `data` matches `shape` and `dtype`.
-    pub fn new(name: String, dtype: DType, shape: Vec<u64>, data: Vec<u8>) -> Result<HostTensor, String> {
+    pub fn new(
+        name: String,
+        dtype: DType,
+        shape: Vec<u64>,
+        data: Vec<u8>,
+    ) -> Result<HostTensor, String> {
         if shape.len() > MAX_DIMS {
-            return Err(format!("tensor '{name}' has {} dimensions (max {MAX_DIMS})", shape.len()));
+            return Err(format!(
+                "tensor '{name}' has {} dimensions (max {MAX_DIMS})",
+                shape.len()
+            ));
         }
         let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let want = numel.and_then(|n| n.checked_mul(dtype.size() as u64));
@@ -151,7 +164,12 @@ impl HostTensor {
             .into_iter()
             .map(|d| i64::try_from(d).map_err(|_| format!("tensor '{name}': dimension too large")))
             .collect::<Result<_, _>>()?;
-        Ok(HostTensor { name, dtype, shape, data })
+        Ok(HostTensor {
+            name,
+            dtype,
+            shape,
+            data,
+        })
     }
 
     fn to_tch(&self, device: Device) -> Tensor {
@@ -159,13 +177,23 @@ impl HostTensor {
     }
 
     fn from_tch(name: String, t: &Tensor) -> Result<HostTensor, RuntimeError> {
-        let dtype = DType::from_kind(t.kind())
-            .ok_or_else(|| RuntimeError::Output(format!("output '{name}' has unsupported dtype {:?}", t.kind())))?;
+        let dtype = DType::from_kind(t.kind()).ok_or_else(|| {
+            RuntimeError::Output(format!(
+                "output '{name}' has unsupported dtype {:?}",
+                t.kind()
+            ))
+        })?;
         let t = t.to_device(Device::Cpu).contiguous();
         let numel = t.numel();
         let mut data = vec![0u8; numel * dtype.size()];
-        t.f_copy_data_u8(&mut data, numel).map_err(|e| RuntimeError::Output(e.to_string()))?;
-        Ok(HostTensor { name, dtype, shape: t.size(), data })
+        t.f_copy_data_u8(&mut data, numel)
+            .map_err(|e| RuntimeError::Output(e.to_string()))?;
+        Ok(HostTensor {
+            name,
+            dtype,
+            shape: t.size(),
+            data,
+        })
     }
 }
 
@@ -175,9 +203,14 @@ pub fn parse_device(spec: &str) -> Result<Device, String> {
         "auto" => Ok(Device::cuda_if_available()),
         "cpu" => Ok(Device::Cpu),
         "cuda" | "gpu" => Ok(Device::Cuda(0)),
-        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        s => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => Ok(Device::Cuda(n)),
-            None => Err(format!("unknown device '{s}': use auto, cpu, cuda or cuda:N")),
+            None => Err(format!(
+                "unknown device '{s}': use auto, cpu, cuda or cuda:N"
+            )),
         },
     }
 }
@@ -222,7 +255,10 @@ impl TorchModel {
         let mut module = CModule::load_on_device(path, device).map_err(|e| {
             let m = e.to_string();
             if is_oom(&m) {
-                RuntimeError::OutOfMemory { device: device_name(device), message: m }
+                RuntimeError::OutOfMemory {
+                    device: device_name(device),
+                    message: m,
+                }
             } else {
                 RuntimeError::Load(m)
             }
@@ -230,7 +266,11 @@ impl TorchModel {
         module.set_eval();
         let param_bytes: u64 = module
             .named_parameters()
-            .map(|ps| ps.iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum())
+            .map(|ps| {
+                ps.iter()
+                    .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                    .sum()
+            })
             .unwrap_or(0);
         let after = cuda_index.and_then(cuda_memory).map(|(a, _)| a);
         let held_bytes = match (before, after) {
@@ -240,7 +280,11 @@ impl TorchModel {
                 param_bytes.max(file)
             }
         };
-        Ok(TorchModel { module: Some(module), device, held_bytes })
+        Ok(TorchModel {
+            module: Some(module),
+            device,
+            held_bytes,
+        })
     }
 
     /// Runs `forward` with the inputs as positional arguments and returns the outputs as
@@ -248,12 +292,18 @@ impl TorchModel {
     /// `Dict[str, Tensor]` keeps its keys.
     pub fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, RuntimeError> {
         let _guard = tch::no_grad_guard();
-        let args: Vec<IValue> = inputs.iter().map(|t| IValue::Tensor(t.to_tch(self.device))).collect();
+        let args: Vec<IValue> = inputs
+            .iter()
+            .map(|t| IValue::Tensor(t.to_tch(self.device)))
+            .collect();
         let module = self.module.as_ref().expect("module present until drop");
         let out = module.forward_is(&args).map_err(|e| {
             let m = e.to_string();
             if is_oom(&m) {
-                RuntimeError::OutOfMemory { device: device_name(self.device), message: m }
+                RuntimeError::OutOfMemory {
+                    device: device_name(self.device),
+                    message: m,
+                }
             } else {
                 RuntimeError::Forward(first_line(&m))
             }
@@ -271,17 +321,29 @@ impl Drop for TorchModel {
             // The caching allocator keeps freed blocks; hand them back so the memory is free
             // for the driver and visible as such (nvidia-smi).
             cuda_empty_cache();
-            tracing::debug!(device = device_name(self.device), bytes = self.held_bytes, "freed model");
+            tracing::debug!(
+                device = device_name(self.device),
+                bytes = self.held_bytes,
+                "freed model"
+            );
         }
     }
 }
 
 fn first_line(m: &str) -> String {
     // libtorch errors carry a long C++/TorchScript traceback; the first lines say what failed.
-    m.lines().filter(|l| !l.trim().is_empty()).take(6).collect::<Vec<_>>().join("\n")
+    m.lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(6)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
-fn collect_outputs(value: IValue, name: Option<String>, out: &mut Vec<HostTensor>) -> Result<(), RuntimeError> {
+fn collect_outputs(
+    value: IValue,
+    name: Option<String>,
+    out: &mut Vec<HostTensor>,
+) -> Result<(), RuntimeError> {
     let next_name = |out: &Vec<HostTensor>| format!("output{}", out.len());
     match value {
         IValue::Tensor(t) => {
@@ -303,22 +365,41 @@ fn collect_outputs(value: IValue, name: Option<String>, out: &mut Vec<HostTensor
             for (k, v) in pairs {
                 let key = match k {
                     IValue::String(s) => s,
-                    other => return Err(RuntimeError::Output(format!("dict key {other:?} is not a string"))),
+                    other => {
+                        return Err(RuntimeError::Output(format!(
+                            "dict key {other:?} is not a string"
+                        )))
+                    }
                 };
                 collect_outputs(v, Some(key), out)?;
             }
         }
         IValue::Double(x) => {
             let n = name.unwrap_or_else(|| next_name(out));
-            out.push(HostTensor { name: n, dtype: DType::F64, shape: vec![], data: x.to_le_bytes().to_vec() });
+            out.push(HostTensor {
+                name: n,
+                dtype: DType::F64,
+                shape: vec![],
+                data: x.to_le_bytes().to_vec(),
+            });
         }
         IValue::Int(x) => {
             let n = name.unwrap_or_else(|| next_name(out));
-            out.push(HostTensor { name: n, dtype: DType::I64, shape: vec![], data: x.to_le_bytes().to_vec() });
+            out.push(HostTensor {
+                name: n,
+                dtype: DType::I64,
+                shape: vec![],
+                data: x.to_le_bytes().to_vec(),
+            });
         }
         IValue::Bool(x) => {
             let n = name.unwrap_or_else(|| next_name(out));
-            out.push(HostTensor { name: n, dtype: DType::Bool, shape: vec![], data: vec![x as u8] });
+            out.push(HostTensor {
+                name: n,
+                dtype: DType::Bool,
+                shape: vec![],
+                data: vec![x as u8],
+            });
         }
         other => return Err(RuntimeError::Output(format!("{other:?}"))),
     }
@@ -338,7 +419,16 @@ mod tests {
 
     #[test]
     fn round_trip_through_tch() {
-        let t = HostTensor::new("x".into(), DType::F32, vec![2], [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect()).unwrap();
+        let t = HostTensor::new(
+            "x".into(),
+            DType::F32,
+            vec![2],
+            [1.5f32, -2.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        )
+        .unwrap();
         let back = HostTensor::from_tch("x".into(), &t.to_tch(Device::Cpu)).unwrap();
         assert_eq!(back, t);
     }

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds what archives are made of: the handler components (wasm32-wasip2) and the exported
+# TorchScript models, under $TESSERA_ARTIFACTS.
+source "$(dirname "$0")/env.sh"
+A="$TESSERA_ARTIFACTS"
+mkdir -p "$A/handlers" "$A/example"
+
+echo "==> building handler components"
+cargo build -q --profile guest --target wasm32-wasip2 \
+  -p tessera-handler-example -p tessera-handler-chaos
+for h in example chaos; do
+  cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_handler_$h.wasm" "$A/handlers/$h.wasm"
+done
+
+echo "==> exporting the example model"
+[ -f "$A/example/model.pt" ] || python models/example/export.py --out "$A/example/model.pt"
+[ -f "$A/example/model-large.pt" ] || python models/example/export.py --width 128 --depth 6 --seed 1 --out "$A/example/model-large.pt"

@@ -1,0 +1,24 @@
+# Sourced by the other scripts: a project-local Python venv with torch 2.11.0 (libtorch for tch)
+# and the build environment pointing at it. Override locations with TESSERA_VENV and
+# CARGO_TARGET_DIR (CI keeps both in a cache outside the checkout).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${TESSERA_VENV:-$ROOT/.venv}"
+PY_BOOT="${PYTHON:-python3}"
+
+stamp="$VENV/.tessera-requirements"
+if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$ROOT/requirements.txt" "$stamp"; then
+  echo "==> setting up Python venv at $VENV (torch 2.11.0; first time takes a while)"
+  "$PY_BOOT" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
+  cp "$ROOT/requirements.txt" "$stamp"
+fi
+
+export PATH="$VENV/bin:$PATH"
+export LIBTORCH_USE_PYTORCH=1
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+export TESSERA_ARTIFACTS="${TESSERA_ARTIFACTS:-$CARGO_TARGET_DIR/artifacts}"
+export TESSERA_PYTHON="$VENV/bin/python"
+# rustup reads rust-toolchain.toml and installs Rust 1.95 + wasm32-wasip2 on first use.
+cd "$ROOT"

@@ -1,0 +1,288 @@
+//! Shared pieces of the end-to-end tests: locating build artifacts, packing archives with the
+//! real `tessera pack`, and running a real server on an ephemeral loopback port.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Where `scripts/test.sh` puts handler components and exported models.
+pub fn artifacts() -> PathBuf {
+    std::env::var_os("TESSERA_ARTIFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/artifacts"))
+}
+
+pub fn artifact(name: &str) -> PathBuf {
+    let p = artifacts().join(name);
+    assert!(
+        p.exists(),
+        "missing test artifact {} — run scripts/test.sh (it builds them)",
+        p.display()
+    );
+    p
+}
+
+pub fn python() -> PathBuf {
+    std::env::var_os("TESSERA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(".venv/bin/python"))
+}
+
+/// Packs an archive named `<name>.tar.gz` into `store` with `tessera pack`.
+pub fn pack(store: &Path, name: &str, config_yaml: &str, model: &Path, handler: &Path) -> PathBuf {
+    std::fs::create_dir_all(store).unwrap();
+    let cfg = store.join(format!(".{name}-config.yaml"));
+    std::fs::write(&cfg, config_yaml).unwrap();
+    let out = store.join(format!("{name}.tar.gz"));
+    // Archives name their TorchScript file model.pt; stage differently named files as that.
+    let staged = tempfile::tempdir().unwrap();
+    let model = if model.file_name().unwrap() == "model.pt" {
+        model.to_path_buf()
+    } else {
+        let p = staged.path().join("model.pt");
+        std::fs::copy(model, &p).unwrap();
+        p
+    };
+    let status = Command::new(BIN)
+        .args(["pack", "--config"])
+        .arg(&cfg)
+        .arg("--model")
+        .arg(&model)
+        .arg("--handler")
+        .arg(handler)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "tessera pack failed for {name}: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    std::fs::remove_file(cfg).unwrap();
+    out
+}
+
+/// A running `tessera serve`, killed on drop. Its stderr (the log) is collected.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    log: Arc<Mutex<String>>,
+    _work: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start(store: &Path, extra: &[&str]) -> Server {
+        let work = tempfile::tempdir().unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--port", "0", "--device", "cpu", "--model-store"])
+            .arg(store)
+            .arg("--work-dir")
+            .arg(work.path())
+            .args(extra)
+            .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tessera");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("tessera listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(b) => b,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Server {
+            child,
+            base,
+            log,
+            _work: work,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`, up to `within`.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> bool {
+        wait_until(within, || self.log().contains(needle))
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` until it holds or the deadline passes.
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// A minimal HTTP response.
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .new_agent()
+}
+
+fn finish(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+    let mut resp = resp.expect("HTTP request failed at the transport level");
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()
+        .unwrap_or_default();
+    Reply {
+        status,
+        body,
+        headers,
+    }
+}
+
+pub fn get(url: &str) -> Reply {
+    finish(agent().get(url).call())
+}
+
+pub fn delete(url: &str) -> Reply {
+    finish(agent().delete(url).call())
+}
+
+pub fn post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let mut req = agent().post(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    finish(req.send(body))
+}
+
+pub fn post_json(url: &str, value: &serde_json::Value) -> Reply {
+    post(
+        url,
+        &[("content-type", "application/json")],
+        &serde_json::to_vec(value).unwrap(),
+    )
+}
+
+/// Encodes RGB pixels as PNG.
+pub fn png_rgb(w: u32, h: u32, pixels: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header()
+            .unwrap()
+            .write_image_data(pixels)
+            .unwrap();
+    }
+    out
+}
+
+/// Decodes a PNG to (width, height, RGB pixels).
+pub fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb, "expected RGB PNG");
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for test images.
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
