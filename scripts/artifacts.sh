@@ -13,5 +13,5 @@ for h in example chaos; do
 done
 
 echo "==> exporting the example model"
-[ -f "$A/example/model.pt" ] || python models/example/export.py --out "$A/example/model.pt"
-[ -f "$A/example/model-large.pt" ] || python models/example/export.py --width 128 --depth 6 --seed 1 --out "$A/example/model-large.pt"
+python models/example/export.py --out "$A/example/model.pt"
+python models/example/export.py --width 128 --depth 6 --seed 1 --out "$A/example/model-large.pt"

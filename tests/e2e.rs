@@ -547,3 +547,31 @@ fn pack_rejects_what_it_cannot_serve() {
     assert!(!bad_name.status.success());
     assert!(!dir.path().join("x.tar.gz").exists() && !dir.path().join("y.tar.gz").exists());
 }
+
+#[test]
+fn concurrent_first_requests_share_one_load() {
+    let store = tempfile::tempdir().unwrap();
+    pack(store.path(), "shared", EXAMPLE_CONFIG, &artifact("example/model-large.pt"), &artifact("handlers/example.wasm"));
+    let server = Server::start(store.path(), &[]);
+    let request = example_request(16, 16, 4, json!({}));
+    let url = server.url("/predictions/shared");
+    let replies: Vec<Reply> = (0..4)
+        .map(|_| {
+            let (url, request) = (url.clone(), request.clone());
+            std::thread::spawn(move || post_json(&url, &request))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let metrics = get(&server.url("/metrics")).text();
+    let loads = metrics
+        .lines()
+        .find(|l| l.starts_with("tessera_model_loads_total{") && l.contains("model=\"shared\"") && l.contains("outcome=\"ok\""))
+        .expect("load counter");
+    assert!(loads.ends_with(" 1"), "expected one load: {loads}");
+    assert_eq!(server.log().matches("model loaded").count(), 1);
+}
