@@ -26,7 +26,8 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
+import urllib.parse
+import http.client
 
 import numpy as np
 import torch
@@ -44,15 +45,20 @@ def smi_used_mib():
         return None
 
 
-def http(method, url, body=None, headers=None):
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+_conns = {}
+
+
+def request(method, url, body=None, headers=None):
+    """One request on a kept-alive connection (as a real client would hold one)."""
+    u = urllib.parse.urlsplit(url)
+    conn = _conns.get(u.netloc)
+    if conn is None:
+        conn = _conns[u.netloc] = http.client.HTTPConnection(u.netloc, timeout=300)
     t = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            data, status, hdrs = r.read(), r.status, dict(r.headers)
-    except urllib.error.HTTPError as e:
-        data, status, hdrs = e.read(), e.code, dict(e.headers)
-    return status, data, hdrs, time.perf_counter() - t
+    conn.request(method, u.path + (("?" + u.query) if u.query else ""), body=body, headers=headers or {})
+    r = conn.getresponse()
+    data = r.read()
+    return r.status, data, {k.lower(): v for k, v in r.getheaders()}, time.perf_counter() - t
 
 
 def pct(xs, p):
@@ -121,32 +127,38 @@ def main():
     hdr = {"content-type": "application/json"}
 
     def models():
-        return json.loads(http("GET", base + "/models")[1])["models"]
+        return json.loads(request("GET", base + "/models")[1])["models"]
 
-    status, data, h, first = http("POST", base + "/predictions/m1", body, hdr)
+    status, data, h, first = request("POST", base + "/predictions/m1", body, hdr)
     assert status == 200, data
     results["first_request_ms"] = first * 1e3
     results["server_load_ms"] = float(h.get("x-model-load-time", "nan"))
     served = np.array(Image.open(io.BytesIO(base64.b64decode(json.loads(data)["generated_image"]))))
     mem("m1 loaded")
-    lat, inf = [], []
+    for _ in range(5):
+        request("POST", base + "/predictions/m1", body, hdr)
+    lat, inf, pre, post = [], [], [], []
     for _ in range(args.n):
-        status, data, h, t = http("POST", base + "/predictions/m1", body, hdr)
+        status, data, h, t = request("POST", base + "/predictions/m1", body, hdr)
         assert status == 200
         lat.append(t)
         inf.append(float(h["x-inference-time"]) / 1e3)
+        pre.append(float(h["x-preprocess-time"]) / 1e3)
+        post.append(float(h["x-postprocess-time"]) / 1e3)
     results["warm_http"] = summary(lat)
     results["warm_server_forward"] = summary(inf)
+    results["warm_handler_preprocess"] = summary(pre)
+    results["warm_handler_postprocess"] = summary(post)
     results["resident_bytes_m1"] = [m for m in models() if m["modelName"] == "m1"][0]["residentBytes"]
 
     for name in ["m2", "m3"]:
-        status, data, h, t = http("POST", base + f"/predictions/{name}", body, hdr)
+        status, data, h, t = request("POST", base + f"/predictions/{name}", body, hdr)
         assert status == 200, data
         mem(f"{name} loaded")
     results["models_after_m3"] = [{k: m.get(k) for k in ("modelName", "state", "residentBytes", "evictions")}
                                   for m in models()]
     for name in ["m1", "m2", "m3"]:
-        http("DELETE", base + f"/models/{name}")
+        request("DELETE", base + f"/models/{name}")
     time.sleep(0.5)
     mem("all unloaded")
     srv.terminate()
@@ -173,6 +185,19 @@ def main():
             t = time.perf_counter()
             out = m(x.cuda(), s.cuda()).cpu()
             e2e.append(time.perf_counter() - t)
+        # What a Python serving handler does around the same forward: base64 + PNG decode,
+        # tensor, forward, PNG encode + base64 (TorchServe-style, in-process, no HTTP).
+        py = []
+        for _ in range(args.n):
+            t = time.perf_counter()
+            req = json.loads(body)
+            arr = np.array(Image.open(io.BytesIO(base64.b64decode(req["image"]))).convert("RGB"))
+            o = m(torch.from_numpy(arr).cuda(), torch.tensor([0.8]).cuda()).cpu().numpy()
+            b = io.BytesIO()
+            Image.fromarray(o).save(b, format="PNG")
+            json.dumps({"generated_image": base64.b64encode(b.getvalue()).decode()})
+            py.append(time.perf_counter() - t)
+    results["python_handler_pipeline"] = summary(py)
     results["bare_forward_device"] = summary(dev)
     results["bare_forward_with_copies"] = summary(e2e)
     ref = out.numpy()
@@ -185,7 +210,8 @@ def main():
     lines = [f"GPU: {results['gpu']}; model {model_mib:.0f} MiB (width {args.width}, depth {args.depth}), "
              f"image {args.size}², budget {budget} MiB", "",
              "| measure | median ms | p99 ms |", "|---|---|---|"]
-    for k in ["warm_http", "warm_server_forward", "bare_forward_with_copies", "bare_forward_device"]:
+    for k in ["warm_http", "warm_handler_preprocess", "warm_server_forward", "warm_handler_postprocess",
+              "python_handler_pipeline", "bare_forward_with_copies", "bare_forward_device"]:
         lines.append(f"| {k} | {results[k]['median_ms']:.2f} | {results[k]['p99_ms']:.2f} |")
     lines += ["", f"first request {results['first_request_ms']:.0f} ms (server load {results['server_load_ms']:.0f} ms)",
               f"overhead over bare forward (median): {results['overhead_ms_http_vs_bare_with_copies']:.2f} ms",
