@@ -551,7 +551,13 @@ fn pack_rejects_what_it_cannot_serve() {
 #[test]
 fn concurrent_first_requests_share_one_load() {
     let store = tempfile::tempdir().unwrap();
-    pack(store.path(), "shared", EXAMPLE_CONFIG, &artifact("example/model-large.pt"), &artifact("handlers/example.wasm"));
+    pack(
+        store.path(),
+        "shared",
+        EXAMPLE_CONFIG,
+        &artifact("example/model-large.pt"),
+        &artifact("handlers/example.wasm"),
+    );
     let server = Server::start(store.path(), &[]);
     let request = example_request(16, 16, 4, json!({}));
     let url = server.url("/predictions/shared");
@@ -570,7 +576,11 @@ fn concurrent_first_requests_share_one_load() {
     let metrics = get(&server.url("/metrics")).text();
     let loads = metrics
         .lines()
-        .find(|l| l.starts_with("tessera_model_loads_total{") && l.contains("model=\"shared\"") && l.contains("outcome=\"ok\""))
+        .find(|l| {
+            l.starts_with("tessera_model_loads_total{")
+                && l.contains("model=\"shared\"")
+                && l.contains("outcome=\"ok\"")
+        })
         .expect("load counter");
     assert!(loads.ends_with(" 1"), "expected one load: {loads}");
     assert_eq!(server.log().matches("model loaded").count(), 1);

@@ -439,4 +439,39 @@ mod tests {
         assert_eq!(parse_device("cuda:1").unwrap(), Device::Cuda(1));
         assert!(parse_device("tpu").is_err());
     }
+
+    /// Runs only where CUDA is present (the GPU machine); elsewhere it says so and passes.
+    #[test]
+    fn cuda_load_is_measured_and_freed() {
+        if !tch::Cuda::is_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("tessera-cuda-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lin.pt");
+        // A traced module holding 4 MiB of weights.
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let lin = tch::nn::linear(vs.root() / "l", 1024, 1024, Default::default());
+        let module = tch::CModule::create_by_tracing(
+            "Lin",
+            "forward",
+            &[Tensor::zeros([1, 1024], (Kind::Float, Device::Cpu))],
+            &mut |xs| vec![xs[0].apply(&lin)],
+        )
+        .unwrap();
+        module.save(&path).unwrap();
+        let before = cuda_memory(0).map(|m| m.0).unwrap_or(0);
+        let model = TorchModel::load(&path, Device::Cuda(0)).unwrap();
+        assert!(model.held_bytes >= 4 << 20, "held {}", model.held_bytes);
+        let x = HostTensor::new("x".into(), DType::F32, vec![1, 1024], vec![0; 4096]).unwrap();
+        assert_eq!(model.forward(&[x]).unwrap()[0].shape, vec![1, 1024]);
+        drop(model);
+        let after = cuda_memory(0).map(|m| m.0).unwrap_or(u64::MAX);
+        assert!(
+            after <= before + (1 << 20),
+            "allocated {before} -> {after} after drop"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
