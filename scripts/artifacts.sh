@@ -7,11 +7,15 @@ mkdir -p "$A/handlers" "$A/example"
 
 echo "==> building handler components"
 cargo build -q --profile guest --target wasm32-wasip2 \
-  -p tessera-handler-example -p tessera-handler-chaos
-for h in example chaos; do
+  -p tessera-handler-example -p tessera-handler-chaos -p tessera-handler-lama
+for h in example chaos lama; do
   cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_handler_$h.wasm" "$A/handlers/$h.wasm"
 done
 
 echo "==> exporting the example model"
 python models/example/export.py --out "$A/example/model.pt"
 python models/example/export.py --width 128 --depth 6 --seed 1 --out "$A/example/model-large.pt"
+
+echo "==> exporting tiny LaMa"
+mkdir -p "$A/lama"
+python models/lama/export.py --tiny --out "$A/lama/model.pt" --save-state-dict "$A/lama/generator.pth"

@@ -2,5 +2,7 @@
 # Sets up everything a fresh machine needs and runs the whole test suite.
 source "$(dirname "$0")/env.sh"
 bash scripts/artifacts.sh
+echo "==> python tests (export scripts, checkpoint layouts)"
+python -m pytest -q models
 echo "==> cargo test"
-cargo test --workspace --exclude tessera-sdk --exclude tessera-handler-example --exclude tessera-handler-chaos -- --test-threads 2
+cargo test -p tessera -p tessera-sdk -- --test-threads 2

@@ -1,10 +1,11 @@
 //! Image decoding, encoding and resizing (PNG and JPEG), with a pixel limit.
 use crate::HandlerError;
+pub use image::DynamicImage;
 use image::{ImageFormat, RgbImage};
 use std::io::Cursor;
 
 pub use image::imageops::FilterType;
-pub use image::{DynamicImage, GrayImage, RgbImage as Rgb};
+pub use image::{GrayImage, RgbImage as Rgb};
 
 /// Default cap on decoded pixels, overridable per model with the `max_pixels` handler param.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
@@ -77,4 +78,69 @@ pub fn encode_jpeg(img: &DynamicImage, quality: u8) -> Result<Vec<u8>, HandlerEr
 /// Resizes to exactly `w`x`h` with the given filter.
 pub fn resize(img: &DynamicImage, w: u32, h: u32, filter: FilterType) -> DynamicImage {
     img.resize_exact(w, h, filter)
+}
+
+/// Decodes to one 8-bit channel the way PIL's `convert("L")` does (ITU-R 601-2 luma,
+/// `L = R * 299/1000 + G * 587/1000 + B * 114/1000`, in PIL's fixed-point rounding), so masks
+/// match Python pipelines bit for bit.
+pub fn decode_luma_pil(field: &str, bytes: &[u8]) -> Result<GrayImage, HandlerError> {
+    let img = decode(field, bytes)?;
+    if let DynamicImage::ImageLuma8(g) = img {
+        return Ok(g);
+    }
+    let rgb = img.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    let luma = rgb
+        .pixels()
+        .map(|p| {
+            let [r, g, b] = p.0;
+            ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
+        })
+        .collect();
+    Ok(GrayImage::from_raw(w, h, luma).expect("size matches"))
+}
+
+/// Source index for position `i` of an axis of length `n` extended with numpy's `symmetric`
+/// padding (mirror including the edge sample, repeated as often as needed).
+pub fn symmetric_index(i: usize, n: usize) -> usize {
+    let period = 2 * n;
+    let j = i % period;
+    if j < n {
+        j
+    } else {
+        period - 1 - j
+    }
+}
+
+/// Pads an interleaved `h`x`w` image with `c` channels at the bottom and right to
+/// `ph`x`pw` using symmetric padding (numpy `np.pad(..., mode="symmetric")`).
+pub fn pad_symmetric(data: &[u8], w: usize, h: usize, c: usize, pw: usize, ph: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(pw * ph * c);
+    for y in 0..ph {
+        let sy = symmetric_index(y, h);
+        let row = &data[sy * w * c..(sy + 1) * w * c];
+        out.extend_from_slice(row);
+        for x in w..pw {
+            let sx = symmetric_index(x, w);
+            out.extend_from_slice(&row[sx * c..(sx + 1) * c]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symmetric_padding_matches_numpy() {
+        // np.pad([1, 2, 3], (0, 5), mode="symmetric") == [1, 2, 3, 3, 2, 1, 1, 2]
+        let got: Vec<usize> = (0..8).map(|i| symmetric_index(i, 3) + 1).collect();
+        assert_eq!(got, vec![1, 2, 3, 3, 2, 1, 1, 2]);
+        let img = [1u8, 2, 3, 4]; // 2x2, one channel
+        assert_eq!(
+            pad_symmetric(&img, 2, 2, 1, 3, 3),
+            vec![1, 2, 2, 3, 4, 4, 3, 4, 4]
+        );
+    }
 }

@@ -95,14 +95,14 @@ macro_rules! reader {
     };
 }
 
-impl TensorView<'_> {
+impl<'a> TensorView<'a> {
     reader!(f32, f32, Dtype::F32);
     reader!(f64, f64, Dtype::F64);
     reader!(i64, i64, Dtype::I64);
     reader!(i32, i32, Dtype::I32);
 
     /// The raw bytes of a `u8` (or bool) tensor.
-    pub fn u8(&self) -> Result<&[u8], HandlerError> {
+    pub fn u8(&self) -> Result<&'a [u8], HandlerError> {
         match self.0.dtype {
             Dtype::U8 | Dtype::Boolean => Ok(&self.0.data),
             other => Err(HandlerError::Internal(format!(

@@ -1,0 +1,115 @@
+//! LaMa handler: erase the masked object.
+//!
+//! Request (the seed's): JSON `{"image": <base64 PNG/JPEG>, "mask_image": <base64 PNG/JPEG>}`;
+//! other fields (a prompt, say) are ignored as the seed ignores them, except `output_format`
+//! (`"png"`, the default, or `"jpeg"`). The mask becomes one channel as PIL's `convert("L")`
+//! does and a pixel is a hole where it is > 0. Image and mask are padded at the bottom/right
+//! to a multiple of 8 with symmetric padding, as LaMa's reference does; the model (see
+//! `models/lama`) returns the composite and we crop it back to the original size.
+//! Response: `{"generated_image": <base64 PNG or JPEG>}`.
+use serde::{Deserialize, Serialize};
+use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
+
+const MODULO: usize = 8;
+/// Three stride-2 downsamplings and reflection padding in the bottleneck need at least 2
+/// pixels there: 16 at the input.
+const MIN_SIDE: usize = 16;
+
+struct Lama;
+
+#[derive(Serialize, Deserialize)]
+struct Context {
+    width: u32,
+    height: u32,
+    jpeg: bool,
+}
+
+fn round_up(n: usize) -> usize {
+    n.div_ceil(MODULO) * MODULO
+}
+
+impl tessera_sdk::Handler for Lama {
+    fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
+        let body = json::body(&req)?;
+        let jpeg = match body.get("output_format").and_then(|v| v.as_str()) {
+            None | Some("png") => false,
+            Some("jpeg" | "jpg") => true,
+            Some(other) => {
+                return Err(HandlerError::bad(format!(
+                    "output_format '{other}' is not png or jpeg"
+                )))
+            }
+        };
+        let image = img::decode_rgb(
+            "image",
+            &b64::decode("image", json::str_field(&body, "image")?)?,
+        )?;
+        let mask = img::decode_luma_pil(
+            "mask_image",
+            &b64::decode("mask_image", json::str_field(&body, "mask_image")?)?,
+        )?;
+        if image.dimensions() != mask.dimensions() {
+            let (iw, ih) = image.dimensions();
+            let (mw, mh) = mask.dimensions();
+            return Err(HandlerError::bad(format!(
+                "mask_image is {mw}x{mh} but image is {iw}x{ih}; they must be the same size"
+            )));
+        }
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        if w < MIN_SIDE || h < MIN_SIDE {
+            return Err(HandlerError::bad(format!(
+                "image is {w}x{h}; LaMa needs at least {MIN_SIDE}x{MIN_SIDE} pixels"
+            )));
+        }
+        let (pw, ph) = (round_up(w), round_up(h));
+        let image = img::pad_symmetric(image.as_raw(), w, h, 3, pw, ph);
+        let mask = img::pad_symmetric(mask.as_raw(), w, h, 1, pw, ph);
+        let inputs = vec![
+            Tensor::from_u8("image", &[ph as u64, pw as u64, 3], image)?,
+            Tensor::from_u8("mask", &[ph as u64, pw as u64], mask)?,
+        ];
+        let context = serde_json::to_vec(&Context {
+            width: w as u32,
+            height: h as u32,
+            jpeg,
+        })
+        .map_err(|e| HandlerError::Internal(e.to_string()))?;
+        Ok(ModelInput { inputs, context })
+    }
+
+    fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {
+        let ctx: Context =
+            serde_json::from_slice(&context).map_err(|e| HandlerError::Internal(e.to_string()))?;
+        let out = outputs
+            .first()
+            .ok_or_else(|| HandlerError::Internal("model returned no output".into()))?;
+        let [ph, pw, 3] = out.shape[..] else {
+            return Err(HandlerError::Internal(format!(
+                "expected output [H, W, 3], got {:?}",
+                out.shape
+            )));
+        };
+        let (w, h) = (ctx.width as usize, ctx.height as usize);
+        if (ph as usize) < h || (pw as usize) < w {
+            return Err(HandlerError::Internal(format!(
+                "output {pw}x{ph} smaller than the input {w}x{h}"
+            )));
+        }
+        let data = out.view().u8()?;
+        let row = pw as usize * 3;
+        let mut pixels = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            pixels.extend_from_slice(&data[y * row..y * row + w * 3]);
+        }
+        let rgb = img::Rgb::from_raw(ctx.width, ctx.height, pixels).expect("size matches");
+        let image = img::DynamicImage::from(rgb);
+        let encoded = if ctx.jpeg {
+            img::encode_jpeg(&image, 95)?
+        } else {
+            img::encode_png(&image)?
+        };
+        Response::json(&serde_json::json!({ "generated_image": b64::encode(&encoded) }))
+    }
+}
+
+tessera_sdk::export_handler!(Lama);

@@ -1,0 +1,108 @@
+"""LaMa export checks: official checkpoint layout loads strictly, TorchScript equals eager,
+the ready-TorchScript adapter works, compositing keeps unmasked pixels exact."""
+import os
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import export  # noqa: E402
+import lama  # noqa: E402
+import official_keys  # noqa: E402
+
+
+def official_checkpoint(path, ngf=64, n_blocks=18):
+    """A Lightning-style checkpoint with the official big-lama key names and shapes, plus the
+    discriminator/loss entries a real best.ckpt also carries."""
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for name, shape in official_keys.generator_keys(ngf, n_blocks).items():
+        if name.endswith("num_batches_tracked"):
+            state["generator." + name] = torch.tensor(7)
+        elif name.endswith("running_var"):
+            state["generator." + name] = torch.rand(shape, generator=g) + 0.5
+        else:
+            state["generator." + name] = torch.randn(shape, generator=g) * 0.05
+    state["discriminator.model0.0.ffc.convl2l.weight"] = torch.zeros(1)
+    state["loss_resnet_pl.impl.conv1.weight"] = torch.zeros(1)
+    torch.save({"state_dict": state, "epoch": 0, "pytorch-lightning_version": "1.2.9"}, path)
+    return state
+
+
+def test_official_layout_loads_strictly(tmp_path):
+    ckpt = tmp_path / "best.ckpt"
+    state = official_checkpoint(ckpt)
+    generator = lama.FFCResNetGenerator()
+    export.load_checkpoint(generator, str(ckpt))  # strict=True inside
+    ours = generator.state_dict()
+    assert len(ours) == len([k for k in state if k.startswith("generator.")])
+    for k, v in ours.items():
+        assert torch.equal(v, state["generator." + k]), k
+
+
+def test_missing_or_extra_keys_are_refused(tmp_path):
+    ckpt = tmp_path / "bad.ckpt"
+    state = official_checkpoint(ckpt, ngf=8, n_blocks=2)
+    state.pop("generator.model.5.conv1.ffc.convg2g.fu.conv_layer.weight")
+    torch.save({"state_dict": state}, ckpt)
+    try:
+        export.load_checkpoint(lama.tiny_generator(), str(ckpt))
+    except RuntimeError as e:
+        assert "fu.conv_layer.weight" in str(e)
+    else:
+        raise AssertionError("a checkpoint missing a key loaded")
+
+
+def sample(h=37, w=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g)
+    mask = torch.zeros(h, w, dtype=torch.uint8)
+    mask[h // 4: 3 * h // 4, w // 3: 2 * w // 3] = 255
+    pad = lambda a: torch.from_numpy(__import__("numpy").pad(a.numpy(), ((0, (-h) % 8), (0, (-w) % 8)) + ((0, 0),) * (a.dim() - 2), mode="symmetric"))
+    return pad(img), pad(mask)
+
+
+def test_scripted_equals_eager_and_keeps_unmasked_pixels(tmp_path):
+    out = tmp_path / "lama.pt"
+    sd = tmp_path / "g.pth"
+    subprocess.check_call([sys.executable, os.path.join(HERE, "export.py"), "--tiny", "--out", str(out),
+                           "--save-state-dict", str(sd)])
+    generator = lama.tiny_generator()
+    generator.load_state_dict(torch.load(sd))
+    eager = lama.LamaInpaint(generator.eval())
+    scripted = torch.jit.load(str(out))
+    for seed, (h, w) in enumerate([(37, 50), (64, 64), (9, 130)]):
+        img, mask = sample(h, w, seed)
+        with torch.no_grad():
+            a, b = eager(img, mask), scripted(img, mask)
+        assert (a.int() - b.int()).abs().max() <= 1
+        keep = mask == 0
+        assert torch.equal(b[keep], img[keep])
+        assert not torch.equal(b[~keep], img[~keep]), "the hole was not filled"
+
+
+class _FloatLama(torch.nn.Module):
+    """Stands in for a shared big-lama.pt: float image/mask in, inpainted float image out."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = lama.tiny_generator().eval()
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pred = self.g(torch.cat([image * (1 - mask), mask], dim=1))
+        return mask * pred + (1 - mask) * image
+
+
+def test_ready_torchscript_is_adapted(tmp_path):
+    src = tmp_path / "big-lama.pt"
+    torch.jit.script(_FloatLama()).save(str(src))
+    out = tmp_path / "adapted.pt"
+    subprocess.check_call([sys.executable, os.path.join(HERE, "export.py"), "--torchscript", str(src),
+                           "--out", str(out)])
+    img, mask = sample()
+    with torch.no_grad():
+        got = torch.jit.load(str(out))(img, mask)
+    assert got.shape == img.shape and got.dtype == torch.uint8
+    assert torch.equal(got[mask == 0], img[mask == 0])
