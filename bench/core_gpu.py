@@ -20,54 +20,19 @@ import io
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.parse
-import http.client
 
 import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import request, smi_used_mib, start_server, summary  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def smi_used_mib():
-    try:
-        out = subprocess.check_output(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"], text=True)
-        return int(out.strip().splitlines()[0])
-    except Exception:
-        return None
-
-
-_conns = {}
-
-
-def request(method, url, body=None, headers=None):
-    """One request on a kept-alive connection (as a real client would hold one)."""
-    u = urllib.parse.urlsplit(url)
-    conn = _conns.get(u.netloc)
-    if conn is None:
-        conn = _conns[u.netloc] = http.client.HTTPConnection(u.netloc, timeout=300)
-    t = time.perf_counter()
-    conn.request(method, u.path + (("?" + u.query) if u.query else ""), body=body, headers=headers or {})
-    r = conn.getresponse()
-    data = r.read()
-    return r.status, data, {k.lower(): v for k, v in r.getheaders()}, time.perf_counter() - t
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def summary(xs):
-    return {"median_ms": statistics.median(xs) * 1e3, "p99_ms": pct(xs, 99) * 1e3, "n": len(xs)}
 
 
 def main():
@@ -103,19 +68,8 @@ def main():
         results["memory"].append({"when": label, "nvidia_smi_used_mib": smi_used_mib()})
 
     mem("before server")
-    log = open(os.path.join(args.out, "server.log"), "w")
-    srv = subprocess.Popen([args.bin, "serve", "--port", "0", "--device", "cuda", "--model-store", store,
-                            "--memory-budget-mib", str(budget), "--work-dir", os.path.join(work, "w")],
-                           stdout=subprocess.PIPE, stderr=log, text=True)
-    base = None
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = srv.stdout.readline()
-        if line.startswith("tessera listening on "):
-            base = line.split()[-1]
-            break
-    assert base, "server did not start"
-    threading.Thread(target=lambda: [None for _ in srv.stdout], daemon=True).start()
+    srv, base, log = start_server(args.bin, store, work, os.path.join(args.out, "server.log"),
+                                  "--device", "cuda", "--memory-budget-mib", str(budget))
     mem("server started, no model")
 
     rng = np.random.default_rng(0)

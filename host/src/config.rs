@@ -28,6 +28,11 @@ pub struct Config {
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
     pub device: String,
 
+    /// Let cuDNN benchmark convolution algorithms per input shape (faster steady state for
+    /// fixed shapes; results may differ in the last bits from the default algorithms).
+    #[arg(long, env = "TESSERA_CUDNN_BENCHMARK", default_value_t = false)]
+    pub cudnn_benchmark: bool,
+
     /// Residency budget on the device, in MiB: the sum of what loaded models hold.
     /// 0 means 90% of the GPU's memory on CUDA, 8 GiB on CPU.
     #[arg(long, env = "TESSERA_MEMORY_BUDGET_MIB", default_value_t = 0)]

@@ -96,6 +96,10 @@ impl Tessera {
             max_response_bytes: config.max_response_bytes(),
             max_queue: config.max_queue,
         };
+        tracing::info!(
+            backend = runtime::configure(config.cudnn_benchmark),
+            "libtorch"
+        );
         tracing::info!(device = runtime::device_name(device), budget_mib = budget >> 20,
             store = %config.model_store.display(), "tessera starting");
         Ok(Arc::new(Tessera {
@@ -177,24 +181,10 @@ impl Tessera {
 
         let t = Instant::now();
         let inputs = Arc::new(pre.inputs);
-        let mut queued = None;
+        let mut queued = Duration::ZERO;
         let outputs = loop {
-            let permit = model
-                .workers
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| InferenceError::Overloaded(model.name.clone()))?;
-            queued.get_or_insert(t.elapsed());
-            let (m, inputs) = (model.clone(), inputs.clone());
-            // The permit travels with the forward: if the request times out first, the worker
-            // stays taken until libtorch actually returns.
-            let result = blocking(move || {
-                let out = m.torch.forward(&inputs);
-                drop(permit);
-                out
-            })
-            .await?;
+            let (result, waited) = model.workers.forward(inputs.clone()).await?;
+            queued += waited;
             match result {
                 Ok(o) => break o,
                 Err(RuntimeError::OutOfMemory { message, .. }) => {
@@ -214,7 +204,7 @@ impl Tessera {
                 Err(e) => return Err(e.into()),
             }
         };
-        timings.queue = queued.unwrap_or_default();
+        timings.queue = queued;
         timings.inference = t.elapsed() - timings.queue;
         self.metrics
             .inference_seconds

@@ -17,7 +17,7 @@
 use crate::archive::{self, ArchiveError, Limits, Unpacked};
 use crate::metrics::Metrics;
 use crate::registry::Registration;
-use crate::runtime::{self, RuntimeError, TorchModel};
+use crate::runtime::{self, ForwardWorkers, RuntimeError, TorchModel};
 use crate::sandbox::{Handler, HandlerEnv, Sandbox, SandboxError};
 use moka::future::Cache;
 use moka::notification::RemovalCause;
@@ -51,14 +51,14 @@ pub struct LoadedModel {
     pub name: String,
     pub url: String,
     pub unpacked: Unpacked,
-    pub torch: TorchModel,
+    pub torch: Arc<TorchModel>,
+    /// The threads that run this model's forwards (maxWorkers of them).
+    pub workers: ForwardWorkers,
     pub handler: Handler,
     /// Bytes held on the device (the cache weight).
     pub weight: u64,
     pub loaded_at: SystemTime,
     pub load_time: Duration,
-    /// Permits for concurrent forwards (maxWorkers).
-    pub workers: Arc<Semaphore>,
     /// Permits for requests admitted at all (maxWorkers + queue); none left means 429.
     pub admission: Semaphore,
     in_use: AtomicUsize,
@@ -330,6 +330,9 @@ impl Residency {
             blocking(move || sandbox.prepare(&path, &hash, env)).await??
         };
         let workers = unpacked.config.max_workers as usize;
+        let torch = Arc::new(torch);
+        let forward = ForwardWorkers::spawn(torch.clone(), workers, &reg.name)
+            .map_err(|e| ResidencyError::Internal(format!("starting forward workers: {e}")))?;
         if unpacked.config.batch_size > 1 {
             tracing::warn!(model = reg.name, batch_size = unpacked.config.batch_size,
                 "batchSize > 1: cross-request batching is not implemented yet; requests run one by one");
@@ -342,7 +345,7 @@ impl Residency {
             handler,
             loaded_at: SystemTime::now(),
             load_time: started.elapsed(),
-            workers: Arc::new(Semaphore::new(workers)),
+            workers: forward,
             admission: Semaphore::new(workers + self.config.max_queue),
             in_use: AtomicUsize::new(0),
             last_used: AtomicU64::new(self.clock.elapsed().as_millis() as u64),

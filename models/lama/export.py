@@ -7,7 +7,8 @@ Weights, one of:
                            mask [1,1,H,W] in {0,1}) and returning the inpainted image
   --random                 full-size random weights (benchmarks)
   --tiny                   the same architecture at CI size (ngf 8, 2 blocks), random weights
-Options: --fp16 (GPU), --seed, --save-state-dict FILE (the generator weights, for parity tests).
+Options: --fp16 (GPU), --seed, --save-state-dict FILE (the generator weights, for parity tests),
+--optimize (freeze and fold batch norm into the convolutions, for the --device it runs on).
 
     python models/lama/export.py --tiny --out lama.pt --save-state-dict lama.pth
 """
@@ -92,9 +93,15 @@ def main() -> None:
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-state-dict")
+    ap.add_argument("--optimize", action="store_true")
+    ap.add_argument("--device", default="cpu", help="device the export is optimised on (with --optimize)")
     args = ap.parse_args()
-    model = build(args).eval()
+    model = build(args).eval().to(args.device)
     scripted = torch.jit.script(model)
+    if args.optimize:
+        # Freezing inlines the weights and lets TorchScript fold each BatchNorm into the
+        # convolution before it; the result is specialised for --device.
+        scripted = torch.jit.optimize_for_inference(torch.jit.freeze(scripted))
     scripted.save(args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {n / 1e6:.2f} M parameters, {'fp16' if args.fp16 else 'fp32'}")

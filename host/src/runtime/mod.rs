@@ -7,6 +7,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
+mod workers;
+pub use workers::ForwardWorkers;
+
 mod cuda {
     extern "C" {
         pub fn tessera_cuda_allocated_bytes(device: i32) -> i64;
@@ -195,6 +198,24 @@ impl HostTensor {
             data,
         })
     }
+}
+
+/// Process-wide libtorch settings, applied once at start-up, and a line describing the backend
+/// for the log (CUDA, cuDNN and TorchScript fuser state: a slow forward usually shows here).
+pub fn configure(cudnn_benchmark: bool) -> String {
+    if tch::Cuda::is_available() {
+        tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
+    }
+    format!(
+        "cuda={} devices={} cudnn={} cudnn_benchmark={} jit_profiling={} texpr_fuser={} threads={}",
+        tch::Cuda::is_available(),
+        tch::Cuda::device_count(),
+        tch::Cuda::cudnn_is_available(),
+        cudnn_benchmark,
+        tch::jit::get_profiling_mode(),
+        tch::jit::get_tensor_expr_fuser_enabled(),
+        tch::get_num_threads(),
+    )
 }
 
 /// Parses `auto`, `cpu`, `cuda`, `cuda:N`.

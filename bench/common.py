@@ -1,0 +1,59 @@
+"""Helpers shared by the GPU benchmarks: a kept-alive HTTP client, percentile summaries,
+nvidia-smi readings, and starting `tessera serve` on a free port."""
+import http.client
+import os
+import statistics
+import subprocess
+import threading
+import time
+import urllib.parse
+
+_conns = {}
+
+
+def request(method, url, body=None, headers=None):
+    """One request on a kept-alive connection; returns (status, body, headers, seconds)."""
+    u = urllib.parse.urlsplit(url)
+    conn = _conns.get(u.netloc)
+    if conn is None:
+        conn = _conns[u.netloc] = http.client.HTTPConnection(u.netloc, timeout=300)
+    t = time.perf_counter()
+    conn.request(method, u.path + (("?" + u.query) if u.query else ""), body=body, headers=headers or {})
+    r = conn.getresponse()
+    data = r.read()
+    return r.status, data, {k.lower(): v for k, v in r.getheaders()}, time.perf_counter() - t
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def summary(xs):
+    return {"median_ms": statistics.median(xs) * 1e3, "p99_ms": pct(xs, 99) * 1e3, "n": len(xs)}
+
+
+def smi_used_mib():
+    try:
+        out = subprocess.check_output(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"], text=True)
+        return int(out.strip().splitlines()[0])
+    except Exception:
+        return None
+
+
+def start_server(binary, store, work, log_path, *extra):
+    """Starts `tessera serve` on a free loopback port; returns (process, base url, log file)."""
+    log = open(log_path, "w")
+    srv = subprocess.Popen([binary, "serve", "--port", "0", "--model-store", store,
+                            "--work-dir", os.path.join(work, "w"), *extra],
+                           stdout=subprocess.PIPE, stderr=log, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = srv.stdout.readline()
+        if line.startswith("tessera listening on "):
+            threading.Thread(target=lambda: [None for _ in srv.stdout], daemon=True).start()
+            return srv, line.split()[-1], log
+        if not line and srv.poll() is not None:
+            break
+    raise RuntimeError(f"server did not start; see {log_path}")
