@@ -578,7 +578,7 @@ fn concurrent_first_requests_share_one_load() {
         .lines()
         .find(|l| {
             l.starts_with("tessera_model_loads_total{")
-                && l.contains("model=\"shared\"")
+                && l.contains("model=\"default/shared@1\"")
                 && l.contains("outcome=\"ok\"")
         })
         .expect("load counter");

@@ -28,6 +28,15 @@ pub struct Config {
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
     pub device: String,
 
+    /// Tenants and their API tokens (YAML; see SECURITY.md). Without it the server is
+    /// single-tenant and refuses to bind a non-loopback address.
+    #[arg(long, env = "TESSERA_TENANTS")]
+    pub tenants: Option<PathBuf>,
+
+    /// Largest model archive a tenant may upload, in MiB.
+    #[arg(long, env = "TESSERA_MAX_UPLOAD_MIB", default_value_t = 4096)]
+    pub max_upload_mib: u64,
+
     /// Let cuDNN benchmark convolution algorithms per input shape (faster steady state for
     /// fixed shapes; results may differ in the last bits from the default algorithms).
     #[arg(long, env = "TESSERA_CUDNN_BENCHMARK", default_value_t = false)]

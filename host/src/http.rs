@@ -3,7 +3,12 @@
 //! - SageMaker multi-model container contract: `GET /ping`, `GET/POST /models`,
 //!   `GET/DELETE /models/{name}`, `POST /models/{name}/invoke`, `POST /invocations` with
 //!   `X-Amzn-SageMaker-Target-Model`.
-//! - TorchServe inference API: `POST /predictions/{name}`.
+//! - TorchServe inference API: `POST /predictions/{name}[/{version}]`.
+//! - Tenant management: `POST /models/{name}/versions/{version}` (upload an archive),
+//!   `DELETE /models/{name}/versions/{version}`, `PUT /models/{name}/{version}/set-default`.
+//!
+//! Every route but `/ping` authenticates its caller ([`Caller`]) and sees only that tenant's
+//! models; another tenant's model is indistinguishable from a missing one (404).
 //! - Prometheus: `GET /metrics`.
 //!
 //! This layer only translates: it never loads, evicts or runs anything itself.
@@ -13,11 +18,14 @@ use crate::residency::ResidencyError;
 use crate::runtime::RuntimeError;
 use crate::sandbox::{HandlerFailure, HandlerRequest, SandboxError};
 use crate::store::{self, StoreError};
+use crate::tenancy::{TenancyError, Tenant};
+use crate::upload::{self, UploadError};
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -33,13 +41,40 @@ pub fn router(app: App) -> Router {
         .route("/models", get(list_models).post(load_model))
         .route("/models/{name}", get(describe_model).delete(unload_model))
         .route("/models/{name}/invoke", post(invoke_model))
+        .route(
+            "/models/{name}/versions/{version}",
+            post(upload_version).delete(delete_version),
+        )
+        .route("/models/{name}/{version}/set-default", put(set_default))
         .route("/invocations", post(invocations))
         .route("/predictions/{name}", post(predictions))
+        .route("/predictions/{name}/{version}", post(predictions_version))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route".into()) })
         // We read bodies ourselves with the configured limit (and a JSON 413).
         .layer(DefaultBodyLimit::disable())
         .with_state(app)
+}
+
+/// The authenticated tenant of a request (every route but `/ping` takes one).
+pub struct Caller(pub Arc<Tenant>);
+
+impl FromRequestParts<App> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Caller, ApiError> {
+        let header = parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        app.tenants.authenticate(header).map(Caller).map_err(|e| {
+            let status = match e {
+                TenancyError::NotAdmin => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            ApiError::new(status, e.to_string())
+        })
+    }
 }
 
 /// An error as the client sees it: `{"error": message, "code": status}`.
@@ -58,7 +93,31 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": self.message, "code": self.status.as_u16() });
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> ApiError {
+        let status = match &e {
+            UploadError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadError::Interrupted(_) => StatusCode::BAD_REQUEST,
+            UploadError::Archive(_) | UploadError::Handler(_) | UploadError::Model(..) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            UploadError::Quota(_) => StatusCode::FORBIDDEN,
+            UploadError::Store(StoreError::VersionExists(..)) => StatusCode::CONFLICT,
+            UploadError::Store(StoreError::BadName(_) | StoreError::BadVersion(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            UploadError::Store(_) | UploadError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
     }
 }
 
@@ -101,10 +160,12 @@ fn registry_status(e: &RegistryError) -> StatusCode {
         RegistryError::NotFound(_) | RegistryError::Store(StoreError::NotFound(_)) => {
             StatusCode::NOT_FOUND
         }
-        RegistryError::Exists(_) => StatusCode::CONFLICT,
-        RegistryError::Store(StoreError::BadName(_) | StoreError::BadUrl(_)) => {
-            StatusCode::BAD_REQUEST
+        RegistryError::Exists(_) | RegistryError::Store(StoreError::VersionExists(..)) => {
+            StatusCode::CONFLICT
         }
+        RegistryError::Store(
+            StoreError::BadName(_) | StoreError::BadUrl(_) | StoreError::BadVersion(_),
+        ) => StatusCode::BAD_REQUEST,
         RegistryError::Store(StoreError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -131,11 +192,21 @@ async fn ping() -> Json<serde_json::Value> {
     Json(json!({ "status": "Healthy" }))
 }
 
-async fn metrics(State(app): State<App>) -> impl IntoResponse {
-    (
+/// Prometheus metrics name every tenant's models: admins only when tenants are configured.
+async fn metrics(
+    State(app): State<App>,
+    Caller(tenant): Caller,
+) -> Result<impl IntoResponse, ApiError> {
+    if !tenant.admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            TenancyError::NotAdmin.to_string(),
+        ));
+    }
+    Ok((
         [("content-type", "text/plain; version=0.0.4")],
         app.metrics.render(),
-    )
+    ))
 }
 
 #[derive(Deserialize)]
@@ -144,19 +215,44 @@ struct ListQuery {
     max_results: Option<usize>,
 }
 
-async fn model_json(app: &Tessera, name: &str, url: &str) -> serde_json::Value {
-    let resident = app.residency.peek(name).await;
-    let evictions: u64 = ["size", "explicit"]
+/// One model of `tenant` as `GET /models` shows it: the default version's state, plus every
+/// version stored and resident.
+async fn model_json(app: &Tessera, tenant: &str, name: &str) -> serde_json::Value {
+    let store = app.registry.store();
+    let default = app.registry.resolve(tenant, name, None).ok();
+    let resident = app
+        .residency
+        .resident_with_prefix(&format!("{tenant}/{name}@"));
+    let default_resident = default
+        .as_ref()
+        .and_then(|d| resident.iter().find(|m| m.version == d.version).cloned());
+    let evictions: u64 = ["budget", "out-of-memory"]
         .iter()
-        .map(|c| app.metrics.evictions.with_label_values(&[name, c]).get())
+        .flat_map(|c| resident.iter().map(move |m| (m.key.clone(), *c)))
+        .chain(
+            default
+                .iter()
+                .flat_map(|d| ["budget", "out-of-memory"].map(|c| (d.key(), c))),
+        )
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|(k, c)| {
+            app.metrics
+                .evictions
+                .with_label_values(&[k.as_str(), c])
+                .get()
+        })
         .sum();
     let mut v = json!({
         "modelName": name,
-        "modelUrl": url,
-        "state": if resident.is_some() { "Loaded" } else { "Unloaded" },
+        "modelUrl": default.as_ref().map(|d| d.url.clone()),
+        "defaultVersion": default.as_ref().map(|d| d.version.clone()),
+        "versions": store.versions(tenant, name),
+        "residentVersions": resident.iter().map(|m| m.version.clone()).collect::<Vec<_>>(),
+        "state": if default_resident.is_some() { "Loaded" } else { "Unloaded" },
         "evictions": evictions,
     });
-    if let Some(m) = resident {
+    if let Some(m) = default_resident {
         let c = &m.unpacked.config;
         v["device"] = json!(crate::runtime::device_name(m.torch.device));
         v["residentBytes"] = json!(m.weight);
@@ -169,16 +265,19 @@ async fn model_json(app: &Tessera, name: &str, url: &str) -> serde_json::Value {
     v
 }
 
-/// SageMaker ListModels: registered models, paginated by name.
+/// SageMaker ListModels: the caller's models, paginated by name.
 async fn list_models(
     State(app): State<App>,
+    Caller(tenant): Caller,
     Query(q): Query<ListQuery>,
 ) -> Json<serde_json::Value> {
     let limit = q.max_results.unwrap_or(app.config.page_size).clamp(1, 1000);
-    let (page, next) = app.registry.page(q.next_page_token.as_deref(), limit);
+    let (page, next) = app
+        .registry
+        .page(&tenant.name, q.next_page_token.as_deref(), limit);
     let mut models = Vec::with_capacity(page.len());
-    for r in &page {
-        models.push(model_json(&app, &r.name, &r.url).await);
+    for name in &page {
+        models.push(model_json(&app, &tenant.name, name).await);
     }
     let mut body = json!({ "models": models });
     if let Some(n) = next {
@@ -194,7 +293,11 @@ struct LoadRequest {
 }
 
 /// SageMaker LoadModel: register and load now; 409 if already there, 507 if it can't fit.
-async fn load_model(State(app): State<App>, body: Body) -> Result<Response, ApiError> {
+async fn load_model(
+    State(app): State<App>,
+    Caller(tenant): Caller,
+    body: Body,
+) -> Result<Response, ApiError> {
     let bytes = read_body(&app, body).await?;
     let req: LoadRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
@@ -202,73 +305,175 @@ async fn load_model(State(app): State<App>, body: Body) -> Result<Response, ApiE
             format!("expected {{\"model_name\", \"url\"}}: {e}"),
         )
     })?;
-    let reg = app.registry.register(&req.model_name, &req.url)?;
-    match app.residency.get(&reg).await {
+    if app.tenants.multi_tenant() {
+        // Tenants bring models by upload; urls would reach into the shared store.
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "loading by url is for single-tenant servers; upload the archive to /models/{name}/versions/{version}"
+                .into(),
+        ));
+    }
+    let reg = app
+        .registry
+        .register(&tenant.name, &req.model_name, &req.url)?;
+    match app.residency.get(&reg, &tenant).await {
         Ok(_) => Ok((
             StatusCode::OK,
             Json(json!({ "status": format!("Model \"{}\" loaded", reg.name) })),
         )
             .into_response()),
         Err(e) => {
-            app.registry.remove(&reg.name);
+            app.registry.forget(&tenant.name, &reg.name);
             Err(InferenceError::Residency(e).into())
         }
     }
 }
 
-async fn describe_model(
-    State(app): State<App>,
-    Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    store::validate_name(&name).map_err(RegistryError::from)?;
-    let reg = app
-        .registry
-        .get(&name)
-        .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
-    Ok(Json(model_json(&app, &reg.name, &reg.url).await))
+fn known(app: &Tessera, tenant: &Tenant, name: &str) -> Result<(), ApiError> {
+    store::validate_name(name).map_err(RegistryError::from)?;
+    if app.registry.knows(&tenant.name, name) {
+        Ok(())
+    } else {
+        Err(RegistryError::NotFound(name.to_string()).into())
+    }
 }
 
-async fn unload_model(
+async fn describe_model(
     State(app): State<App>,
+    Caller(tenant): Caller,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    store::validate_name(&name).map_err(RegistryError::from)?;
-    let reg = app
-        .registry
-        .remove(&name)
-        .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
-    app.residency.remove(&reg.name).await;
+    known(&app, &tenant, &name)?;
+    Ok(Json(model_json(&app, &tenant.name, &name).await))
+}
+
+/// SageMaker UnloadModel: forget the registration and unload every resident version (uploaded
+/// versions stay stored; a later request loads the default again).
+async fn unload_model(
+    State(app): State<App>,
+    Caller(tenant): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    known(&app, &tenant, &name)?;
+    app.registry.forget(&tenant.name, &name);
+    let unloaded = app.residency.remove_model(&tenant.name, &name).await;
     Ok(Json(
-        json!({ "status": format!("Model \"{}\" unloaded", reg.name) }),
+        json!({ "status": format!("Model \"{name}\" unloaded"), "unloadedVersions": unloaded }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    #[serde(default)]
+    default: bool,
+}
+
+/// Upload a model archive as a new version (body: the .tar.gz).
+async fn upload_version(
+    State(app): State<App>,
+    Caller(tenant): Caller,
+    Path((name, version)): Path<(String, String)>,
+    Query(q): Query<UploadQuery>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let done = upload::accept(&app, &tenant, &name, &version, body, q.default).await?;
+    let body = json!({ "modelName": name, "version": done.version, "default": done.is_default, "bytes": done.bytes });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Delete one uploaded version (unloading it first).
+async fn delete_version(
+    State(app): State<App>,
+    Caller(tenant): Caller,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    store::validate_name(&name).map_err(RegistryError::from)?;
+    let store = app.registry.store();
+    store
+        .version_archive(&tenant.name, &name, &version)
+        .map_err(|_| RegistryError::NotFound(name.clone()))?;
+    let key = crate::registry::key(&tenant.name, &name, &version);
+    if let Some(m) = app.residency.peek(&key).await {
+        if m.in_use() > 0 {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("version '{version}' of '{name}' is serving requests"),
+            ));
+        }
+    }
+    app.residency.remove_key(&key).await;
+    store
+        .remove_version(&tenant.name, &name, &version)
+        .map_err(RegistryError::from)?;
+    Ok(Json(
+        json!({ "status": format!("version \"{version}\" of \"{name}\" deleted") }),
+    ))
+}
+
+/// TorchServe's set-default.
+async fn set_default(
+    State(app): State<App>,
+    Caller(tenant): Caller,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    store::validate_name(&name).map_err(RegistryError::from)?;
+    app.registry
+        .store()
+        .set_default(&tenant.name, &name, &version)
+        .map_err(|e| match e {
+            StoreError::NotFound(_) => {
+                ApiError::from(RegistryError::NotFound(format!("{name} version {version}")))
+            }
+            other => RegistryError::from(other).into(),
+        })?;
+    Ok(Json(
+        json!({ "status": format!("default version of \"{name}\" is now \"{version}\"") }),
     ))
 }
 
 async fn invoke_model(
     State(app): State<App>,
+    Caller(tenant): Caller,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve(app, name, headers, body).await
+    serve(app, tenant, name, None, headers, body).await
 }
 
 async fn predictions(
     State(app): State<App>,
+    Caller(tenant): Caller,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve(app, name, headers, body).await
+    serve(app, tenant, name, None, headers, body).await
 }
 
-async fn invocations(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+async fn predictions_version(
+    State(app): State<App>,
+    Caller(tenant): Caller,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    serve(app, tenant, name, Some(version), headers, body).await
+}
+
+async fn invocations(
+    State(app): State<App>,
+    Caller(tenant): Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let target = headers
         .get("x-amzn-sagemaker-target-model")
         .and_then(|v| v.to_str().ok())
         .map(|s| s.to_string());
     match target {
         Some(t) => match store::name_from_target(&t) {
-            Ok(name) => serve(app, name, headers, body).await,
+            Ok(name) => serve(app, tenant, name, None, headers, body).await,
             Err(e) => ApiError::from(RegistryError::from(e)).into_response(),
         },
         None => ApiError::new(
@@ -318,7 +523,14 @@ async fn read_body(app: &Tessera, body: Body) -> Result<Vec<u8>, ApiError> {
 }
 
 /// Runs one inference and turns the result into a response with timing headers.
-async fn serve(app: App, name: String, headers: HeaderMap, body: Body) -> Response {
+async fn serve(
+    app: App,
+    tenant: Arc<Tenant>,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let request_id = app.request_id();
     let result = async {
@@ -333,7 +545,7 @@ async fn serve(app: App, name: String, headers: HeaderMap, body: Body) -> Respon
                 .to_string(),
             headers: forwarded_headers(&headers),
         };
-        app.invoke(&name, request, &request_id)
+        app.invoke(&tenant, &name, version.as_deref(), request, &request_id)
             .await
             .map_err(ApiError::from)
     }
@@ -372,14 +584,16 @@ async fn serve(app: App, name: String, headers: HeaderMap, body: Body) -> Respon
         }
     };
     let code = response.status().as_u16().to_string();
-    if store::validate_name(&name).is_ok() {
+    // Label only models that exist, so junk names cannot grow the metric set without bound.
+    if app.registry.knows(&tenant.name, &name) {
+        let label = format!("{}/{name}", tenant.name);
         app.metrics
             .requests
-            .with_label_values(&[name.as_str(), code.as_str()])
+            .with_label_values(&[label.as_str(), code.as_str()])
             .inc();
         app.metrics
             .request_seconds
-            .with_label_values(&[name.as_str()])
+            .with_label_values(&[label.as_str()])
             .observe(elapsed.as_secs_f64());
     }
     tracing::debug!(

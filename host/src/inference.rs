@@ -10,6 +10,7 @@ use crate::residency::{blocking, LoadedModel, LoaderConfig, Residency, Residency
 use crate::runtime::{self, RuntimeError};
 use crate::sandbox::{HandlerRequest, HandlerResponse, Sandbox, SandboxError};
 use crate::store::LocalStore;
+use crate::tenancy::{Tenant, Tenants};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,7 @@ pub struct Timings {
 /// The server's shared state.
 pub struct Tessera {
     pub config: Config,
+    pub tenants: Arc<Tenants>,
     pub registry: Registry,
     pub residency: Residency,
     pub sandbox: Arc<Sandbox>,
@@ -65,6 +67,11 @@ pub struct Tessera {
 impl Tessera {
     /// Builds the server state from its config.
     pub fn new(config: Config) -> anyhow::Result<Arc<Tessera>> {
+        let tenants = Arc::new(match &config.tenants {
+            Some(path) => Tenants::from_file(path)?,
+            None => Tenants::single(),
+        });
+        crate::tenancy::check_bind(config.bind, &tenants).map_err(anyhow::Error::msg)?;
         let device = runtime::parse_device(&config.device).map_err(anyhow::Error::msg)?;
         let device = match device {
             tch::Device::Cuda(_) if !tch::Cuda::is_available() => {
@@ -103,8 +110,18 @@ impl Tessera {
         tracing::info!(device = runtime::device_name(device), budget_mib = budget >> 20,
             store = %config.model_store.display(), "tessera starting");
         Ok(Arc::new(Tessera {
-            registry: Registry::new(LocalStore::new(config.model_store.clone())),
-            residency: Residency::new(budget, sandbox.clone(), loader, metrics.clone()),
+            registry: Registry::new(
+                LocalStore::new(config.model_store.clone()),
+                !tenants.multi_tenant(),
+            ),
+            residency: Residency::new(
+                budget,
+                tenants.clone(),
+                sandbox.clone(),
+                loader,
+                metrics.clone(),
+            ),
+            tenants,
             sandbox,
             metrics,
             device,
@@ -121,33 +138,46 @@ impl Tessera {
         format!("{:x}-{n}", std::process::id())
     }
 
-    /// Makes `name` resident, registering it from the store on first use.
+    /// Makes `tenant`'s model `name` (at `version`, or its default) resident.
     pub async fn ensure_loaded(
         &self,
+        tenant: &Tenant,
         name: &str,
+        version: Option<&str>,
     ) -> Result<(Arc<LoadedModel>, bool), InferenceError> {
-        let reg = self.registry.resolve(name)?;
-        Ok(self.residency.get(&reg).await?)
+        let reg = self.registry.resolve(&tenant.name, name, version)?;
+        Ok(self.residency.get(&reg, tenant).await?)
     }
 
-    /// Serves one request for model `name`.
+    /// Serves one request for `tenant`'s model `name` (at `version`, or its default).
     pub async fn invoke(
         &self,
+        tenant: &Tenant,
         name: &str,
+        version: Option<&str>,
         request: HandlerRequest,
         request_id: &str,
     ) -> Result<(HandlerResponse, Timings), InferenceError> {
         let mut timings = Timings::default();
         let load_started = Instant::now();
-        let (model, loaded_now) = self.ensure_loaded(name).await?;
+        let (model, loaded_now) = self.ensure_loaded(tenant, name, version).await?;
         if loaded_now {
             timings.load = Some(load_started.elapsed());
         }
         let _busy = model.begin(self.residency.clock());
-        let timeout = Duration::from_secs(model.unpacked.config.response_timeout);
+        let seconds = model.unpacked.config.response_timeout;
+        let timeout = Duration::from_secs(
+            tenant
+                .limits
+                .handler_timeout_seconds
+                .map_or(seconds, |t| t.min(seconds)),
+        );
         let deadline = Instant::now() + timeout;
         let _admitted = model.admission.try_acquire().map_err(|_| {
-            self.metrics.rejected.with_label_values(&[name]).inc();
+            self.metrics
+                .rejected
+                .with_label_values(&[model.key.as_str()])
+                .inc();
             InferenceError::Overloaded(name.to_string())
         })?;
         // The sandbox enforces `deadline` itself and says which handler call overran; the outer
@@ -190,7 +220,7 @@ impl Tessera {
                 Err(RuntimeError::OutOfMemory { message, .. }) => {
                     if !self
                         .residency
-                        .evict_one_idle(&model.name, "out of memory at forward")
+                        .evict_one(&model.tenant, &model.key, "out-of-memory")
                         .await
                     {
                         return Err(ResidencyError::InsufficientMemory(format!(
@@ -208,7 +238,7 @@ impl Tessera {
         timings.inference = t.elapsed() - timings.queue;
         self.metrics
             .inference_seconds
-            .with_label_values(&[model.name.as_str()])
+            .with_label_values(&[model.key.as_str()])
             .observe(timings.inference.as_secs_f64());
 
         let t = Instant::now();

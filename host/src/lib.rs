@@ -4,7 +4,8 @@
 //! names → archives) → [`residency`] (load once, keep hot within a budget, evict LRU) →
 //! [`sandbox`] (the model owner's Wasm handler) → [`runtime`] (TorchScript forward on the
 //! device), with [`store`] supplying archives and [`archive`] packing and unpacking them.
-//! [`inference`] strings one request through those layers.
+//! [`inference`] strings one request through those layers; [`tenancy`] says who is calling and
+//! [`upload`] takes new models in.
 
 pub mod archive;
 pub mod config;
@@ -16,5 +17,7 @@ pub mod residency;
 pub mod runtime;
 pub mod sandbox;
 pub mod store;
+pub mod tenancy;
+pub mod upload;
 
 pub use config::Config;

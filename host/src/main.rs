@@ -69,12 +69,22 @@ fn serve(config: Config) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let app = Tessera::new(config)?;
         let addr = std::net::SocketAddr::new(app.config.bind, app.config.port);
+        app.registry.store().clean_staging();
+        app.tenants.watch(std::time::Duration::from_secs(2));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         let local = listener.local_addr()?;
         for name in app.config.preload.clone() {
-            match app.ensure_loaded(&name).await {
+            let tenant = app.tenants.authenticate(None).ok();
+            let Some(tenant) = tenant else {
+                tracing::warn!(
+                    model = name,
+                    "--preload applies to single-tenant servers only"
+                );
+                continue;
+            };
+            match app.ensure_loaded(&tenant, &name, None).await {
                 Ok(_) => tracing::info!(model = name, "preloaded"),
                 Err(e) => tracing::error!(model = name, error = %e, "preload failed"),
             }

@@ -1,18 +1,38 @@
-//! Model names → archives. A model is registered explicitly (`POST /models`) or implicitly the
-//! first time a request names an archive present in the store. Registration says where a
-//! model comes from; whether it is loaded is the residency layer's business.
+//! Model names → archives, per tenant. A tenant's model is found, in order: an explicit
+//! registration (`POST /models`), the tenant's uploaded versions (the default one unless a
+//! version is named), and — single-tenant mode only — an operator archive `<name>.tar.gz` at
+//! the store's root. Names are scoped by tenant: another tenant's model simply does not exist
+//! here. Whether a model is loaded is the residency layer's business.
 use crate::store::{self, LocalStore, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::RwLock;
 
+/// One resolved model version.
 #[derive(Debug, Clone)]
 pub struct Registration {
+    pub tenant: String,
     pub name: String,
+    pub version: String,
     pub archive: PathBuf,
     /// What the client gave (`POST /models` url) or the store path.
     pub url: String,
 }
+
+impl Registration {
+    /// The residency key: `tenant/name@version`.
+    pub fn key(&self) -> String {
+        key(&self.tenant, &self.name, &self.version)
+    }
+}
+
+/// `tenant/name@version`.
+pub fn key(tenant: &str, name: &str, version: &str) -> String {
+    format!("{tenant}/{name}@{version}")
+}
+
+/// Version label of archives that are not uploaded versions (store root, `POST /models`).
+pub const UNVERSIONED: &str = "1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -26,13 +46,16 @@ pub enum RegistryError {
 
 pub struct Registry {
     store: LocalStore,
-    models: RwLock<BTreeMap<String, Registration>>,
+    single_tenant: bool,
+    /// (tenant, name) → explicit registration, or an implicit one remembered from a request.
+    models: RwLock<BTreeMap<(String, String), Option<Registration>>>,
 }
 
 impl Registry {
-    pub fn new(store: LocalStore) -> Registry {
+    pub fn new(store: LocalStore, single_tenant: bool) -> Registry {
         Registry {
             store,
+            single_tenant,
             models: RwLock::new(BTreeMap::new()),
         }
     }
@@ -41,67 +64,125 @@ impl Registry {
         &self.store
     }
 
-    /// The registration for `name`, registering it from the store on first use.
-    pub fn resolve(&self, name: &str) -> Result<Registration, RegistryError> {
+    /// Resolves `name` (and `version`, or the default) for `tenant`, remembering it.
+    pub fn resolve(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Registration, RegistryError> {
         store::validate_name(name)?;
-        if let Some(r) = self.models.read().unwrap().get(name) {
-            return Ok(r.clone());
+        if let Some(v) = version {
+            store::validate_version(v)?;
         }
-        let archive = self.store.archive(name).map_err(|e| match e {
-            StoreError::NotFound(_) => RegistryError::NotFound(name.to_string()),
-            other => other.into(),
-        })?;
-        let reg = Registration {
-            name: name.to_string(),
-            url: archive.display().to_string(),
-            archive,
+        let id = (tenant.to_string(), name.to_string());
+        let explicit = self.models.read().unwrap().get(&id).cloned().flatten();
+        let found = match (explicit, version) {
+            (Some(r), None) => Some(r),
+            (Some(r), Some(v)) if v == r.version => Some(r),
+            _ => self.from_store(tenant, name, version),
         };
-        let mut models = self.models.write().unwrap();
-        Ok(models.entry(name.to_string()).or_insert(reg).clone())
-    }
-
-    /// Registers `name` from a url (`POST /models`).
-    pub fn register(&self, name: &str, url: &str) -> Result<Registration, RegistryError> {
-        store::validate_name(name)?;
-        let archive = self.store.resolve_url(url)?;
-        let mut models = self.models.write().unwrap();
-        if models.contains_key(name) {
-            return Err(RegistryError::Exists(name.to_string()));
-        }
-        let reg = Registration {
-            name: name.to_string(),
-            archive,
-            url: url.to_string(),
-        };
-        models.insert(name.to_string(), reg.clone());
+        let reg = found.ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
+        self.models.write().unwrap().entry(id).or_insert(None);
         Ok(reg)
     }
 
-    pub fn get(&self, name: &str) -> Option<Registration> {
-        self.models.read().unwrap().get(name).cloned()
+    fn from_store(&self, tenant: &str, name: &str, version: Option<&str>) -> Option<Registration> {
+        let uploaded = version
+            .map(str::to_string)
+            .or_else(|| self.store.default_version(tenant, name));
+        if let Some(v) = uploaded {
+            if let Ok(archive) = self.store.version_archive(tenant, name, &v) {
+                let url = archive.display().to_string();
+                return Some(Registration {
+                    tenant: tenant.into(),
+                    name: name.into(),
+                    version: v,
+                    archive,
+                    url,
+                });
+            }
+        }
+        if self.single_tenant && version.is_none_or(|v| v == UNVERSIONED) {
+            if let Ok(archive) = self.store.archive(name) {
+                let url = archive.display().to_string();
+                return Some(Registration {
+                    tenant: tenant.into(),
+                    name: name.into(),
+                    version: UNVERSIONED.into(),
+                    archive,
+                    url,
+                });
+            }
+        }
+        None
     }
 
-    pub fn remove(&self, name: &str) -> Option<Registration> {
-        self.models.write().unwrap().remove(name)
+    /// Registers `name` from a url inside the store (`POST /models`).
+    pub fn register(
+        &self,
+        tenant: &str,
+        name: &str,
+        url: &str,
+    ) -> Result<Registration, RegistryError> {
+        store::validate_name(name)?;
+        let archive = self.store.resolve_url(url)?;
+        let mut models = self.models.write().unwrap();
+        let id = (tenant.to_string(), name.to_string());
+        if matches!(models.get(&id), Some(Some(_))) || !self.store.versions(tenant, name).is_empty()
+        {
+            return Err(RegistryError::Exists(name.to_string()));
+        }
+        let reg = Registration {
+            tenant: tenant.into(),
+            name: name.into(),
+            version: UNVERSIONED.into(),
+            archive,
+            url: url.to_string(),
+        };
+        models.insert(id, Some(reg.clone()));
+        Ok(reg)
     }
 
-    /// Registered models in name order, starting after `after`.
-    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<Registration>, Option<String>) {
-        let models = self.models.read().unwrap();
-        let mut iter: Box<dyn Iterator<Item = &Registration>> = match after {
-            Some(a) => Box::new(
-                models
-                    .range::<str, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
-                    .map(|(_, r)| r),
-            ),
-            None => Box::new(models.values()),
-        };
-        let page: Vec<Registration> = iter.by_ref().take(limit).cloned().collect();
-        let next = if iter.next().is_some() {
-            page.last().map(|r| r.name.clone())
-        } else {
-            None
-        };
-        (page, next)
+    /// Whether `tenant` knows a model called `name` (registered, seen or uploaded).
+    pub fn knows(&self, tenant: &str, name: &str) -> bool {
+        self.models
+            .read()
+            .unwrap()
+            .contains_key(&(tenant.to_string(), name.to_string()))
+            || !self.store.versions(tenant, name).is_empty()
+    }
+
+    /// Forgets a model's registration (its uploaded versions stay in the store).
+    pub fn forget(&self, tenant: &str, name: &str) -> bool {
+        self.models
+            .write()
+            .unwrap()
+            .remove(&(tenant.to_string(), name.to_string()))
+            .is_some()
+    }
+
+    /// A tenant's models (registered, seen or uploaded) in name order, starting after `after`.
+    pub fn page(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<String>, Option<String>) {
+        let mut names: Vec<String> = self
+            .models
+            .read()
+            .unwrap()
+            .keys()
+            .filter(|(t, _)| t == tenant)
+            .map(|(_, n)| n.clone())
+            .chain(self.store.tenant_models(tenant))
+            .filter(|n| after.is_none_or(|a| n.as_str() > a))
+            .collect();
+        names.sort();
+        names.dedup();
+        let next = (names.len() > limit).then(|| names[limit - 1].clone());
+        names.truncate(limit);
+        (names, next)
     }
 }

@@ -1,13 +1,20 @@
 //! Residency: which models are loaded on the device, within a memory budget.
 //!
-//! A moka cache maps model name → [`LoadedModel`], weighed by the bytes each model holds on its
-//! device (measured after load by the runtime), bounded by the device budget, evicting least
-//! recently used first. Concurrent first requests for one model share one load (moka's
-//! `try_get_with`). Requests hold an `Arc` to the model, so eviction only drops the cache's
-//! reference: a model in use is freed when its last request finishes, never under it.
-//! Before a load we make room for the archive's size by evicting idle models, oldest first; a
-//! load or forward that still runs out of memory evicts one more idle model and retries, and
-//! when nothing idle is left the answer is 507.
+//! A moka cache maps `tenant/name@version` → [`LoadedModel`]; concurrent first requests for
+//! one model share one load (moka's `try_get_with`). Each model is weighed by the bytes it
+//! holds on its device (measured after load by the runtime) and the sum is kept within the
+//! device budget by our own eviction policy, not moka's:
+//!
+//! - a victim is always idle (no request in flight) and never the model being loaded;
+//! - fair share: every tenant is guaranteed a share of the budget (tenancy config). Victims
+//!   are taken first from tenants holding more than their share, least recently used first,
+//!   and otherwise only from the loading tenant's own models — so one tenant's churn can never
+//!   evict another tenant that stays within its share. With one tenant this is plain LRU.
+//!
+//! Before a load we make room for the archive's size; after it, for what it really holds. A
+//! load or forward that still runs out of memory evicts one more victim and retries; when no
+//! victim is left the answer is 507. Requests hold an `Arc` to the model, so eviction only
+//! drops the cache's reference: a model in use is freed when its last request finishes.
 //!
 //! Unpacked archives stay on local disk (the disk tier), keyed by the archive's identity, so a
 //! reload after eviction skips the unpack.
@@ -19,18 +26,17 @@ use crate::metrics::Metrics;
 use crate::registry::Registration;
 use crate::runtime::{self, ForwardWorkers, RuntimeError, TorchModel};
 use crate::sandbox::{Handler, HandlerEnv, Sandbox, SandboxError};
+use crate::tenancy::{Tenant, Tenants};
 use moka::future::Cache;
 use moka::notification::RemovalCause;
-use moka::policy::EvictionPolicy;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tch::Device;
 use tokio::sync::Semaphore;
-
-const KIB: u64 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResidencyError {
@@ -48,7 +54,11 @@ pub enum ResidencyError {
 
 /// A model ready to serve: TorchScript on its device, handler compiled, limits in place.
 pub struct LoadedModel {
+    /// `tenant/name@version`.
+    pub key: String,
+    pub tenant: String,
     pub name: String,
+    pub version: String,
     pub url: String,
     pub unpacked: Unpacked,
     pub torch: Arc<TorchModel>,
@@ -100,6 +110,7 @@ pub struct LoaderConfig {
 pub struct Residency {
     cache: Cache<String, Arc<LoadedModel>>,
     budget: u64,
+    tenants: Arc<Tenants>,
     sandbox: Arc<Sandbox>,
     config: LoaderConfig,
     metrics: Arc<Metrics>,
@@ -109,31 +120,22 @@ pub struct Residency {
 impl Residency {
     pub fn new(
         budget: u64,
+        tenants: Arc<Tenants>,
         sandbox: Arc<Sandbox>,
         config: LoaderConfig,
         metrics: Arc<Metrics>,
     ) -> Residency {
         let m = metrics.clone();
         let cache = Cache::builder()
-            .max_capacity(budget / KIB)
-            .weigher(|_k: &String, v: &Arc<LoadedModel>| {
-                (v.weight / KIB).clamp(1, u32::MAX as u64) as u32
-            })
-            .eviction_policy(EvictionPolicy::lru())
             .eviction_listener(
-                move |name: Arc<String>, model: Arc<LoadedModel>, cause: RemovalCause| {
-                    let cause = match cause {
-                        RemovalCause::Size => "size",
-                        RemovalCause::Explicit => "explicit",
-                        RemovalCause::Replaced => return,
-                        RemovalCause::Expired => "expired",
-                    };
-                    m.evictions.with_label_values(&[name.as_str(), cause]).inc();
-                    m.resident_bytes.with_label_values(&[name.as_str()]).set(0);
+                move |key: Arc<String>, model: Arc<LoadedModel>, cause: RemovalCause| {
+                    if cause == RemovalCause::Replaced {
+                        return;
+                    }
+                    m.resident_bytes.with_label_values(&[key.as_str()]).set(0);
                     m.resident_models.dec();
                     tracing::info!(
-                        model = name.as_str(),
-                        cause,
+                        model = key.as_str(),
                         bytes = model.weight,
                         in_use = model.in_use(),
                         "model evicted{}",
@@ -149,6 +151,7 @@ impl Residency {
         Residency {
             cache,
             budget,
+            tenants,
             sandbox,
             config,
             metrics,
@@ -170,69 +173,134 @@ impl Residency {
         self.cache.iter().map(|(_, m)| m.weight).sum()
     }
 
-    /// The resident model, if loaded.
-    pub async fn peek(&self, name: &str) -> Option<Arc<LoadedModel>> {
-        self.cache.get(name).await
+    /// The resident model under `key`, if loaded.
+    pub async fn peek(&self, key: &str) -> Option<Arc<LoadedModel>> {
+        self.cache.get(key).await
+    }
+
+    /// Resident models whose key starts with `prefix`.
+    pub fn resident_with_prefix(&self, prefix: &str) -> Vec<Arc<LoadedModel>> {
+        self.cache
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, m)| m)
+            .collect()
     }
 
     /// The model for `reg`, loading it if needed. Returns whether this call did the load.
     pub async fn get(
         &self,
         reg: &Registration,
+        tenant: &Tenant,
     ) -> Result<(Arc<LoadedModel>, bool), Arc<ResidencyError>> {
+        let key = reg.key();
         let loaded_here = std::sync::atomic::AtomicBool::new(false);
         let model = self
             .cache
-            .try_get_with(reg.name.clone(), async {
+            .try_get_with(key.clone(), async {
                 loaded_here.store(true, Ordering::Relaxed);
-                self.load(reg).await.map(Arc::new)
+                self.load(reg, tenant).await.map(Arc::new)
             })
             .await?;
-        if loaded_here.load(Ordering::Relaxed) {
+        let loaded_here = loaded_here.load(Ordering::Relaxed);
+        if loaded_here {
             self.metrics.resident_models.inc();
             self.metrics
                 .resident_bytes
-                .with_label_values(&[reg.name.as_str()])
+                .with_label_values(&[key.as_str()])
                 .set(model.weight as i64);
-            // Apply the size bound now rather than lazily, so the budget holds after each load.
+            // Now that the real size is known, bring the total back within the budget.
+            while self.used().await > self.budget {
+                if !self.evict_one(&reg.tenant, &key, "budget").await {
+                    tracing::warn!(model = key, budget = self.budget,
+                        "over the residency budget: every other model is busy or within its tenant's share");
+                    break;
+                }
+            }
+        }
+        Ok((model, loaded_here))
+    }
+
+    /// Unloads one model version.
+    pub async fn remove_key(&self, key: &str) {
+        if self.cache.contains_key(key) {
+            self.metrics
+                .evictions
+                .with_label_values(&[key, "unload"])
+                .inc();
+            self.cache.invalidate(key).await;
             self.cache.run_pending_tasks().await;
         }
-        Ok((model, loaded_here.load(Ordering::Relaxed)))
     }
 
-    /// Drops `name` from residency (unload). Returns whether it was resident.
-    pub async fn remove(&self, name: &str) -> bool {
-        let was = self.cache.remove(name).await.is_some();
+    /// Drops every resident version of `tenant/name` (unload). Returns how many were resident.
+    pub async fn remove_model(&self, tenant: &str, name: &str) -> usize {
+        let victims = self.resident_with_prefix(&format!("{tenant}/{name}@"));
+        for m in &victims {
+            self.metrics
+                .evictions
+                .with_label_values(&[m.key.as_str(), "unload"])
+                .inc();
+            self.cache.invalidate(&m.key).await;
+        }
         self.cache.run_pending_tasks().await;
-        was
+        victims.len()
     }
 
-    /// Evicts the least recently used idle model other than `except`; false if there is none.
-    pub async fn evict_one_idle(&self, except: &str, cause: &str) -> bool {
-        let victim = self
+    /// Evicts one idle model chosen by the fair-share policy (see the module docs) on behalf of
+    /// `tenant`, never `except`. False if there is no eligible victim.
+    pub async fn evict_one(&self, tenant: &str, except: &str, reason: &str) -> bool {
+        self.cache.run_pending_tasks().await;
+        let resident: Vec<(String, Arc<LoadedModel>)> = self
             .cache
             .iter()
-            .filter(|(k, m)| k.as_str() != except && m.in_use() == 0)
-            .min_by_key(|(_, m)| m.last_used.load(Ordering::Relaxed))
-            .map(|(k, _)| k.as_str().to_string());
-        match victim {
-            Some(name) => {
-                tracing::info!(model = name, reason = cause, "evicting to make room");
-                self.cache.invalidate(&name).await;
-                self.cache.run_pending_tasks().await;
-                true
-            }
-            None => false,
+            .map(|(k, m)| (k.as_str().to_string(), m))
+            .collect();
+        let mut usage: HashMap<&str, u64> = HashMap::new();
+        for (_, m) in &resident {
+            *usage.entry(m.tenant.as_str()).or_default() += m.weight;
         }
+        let shares = self.tenants.shares();
+        let over_share = |t: &str| {
+            let share = shares.get(t).copied().unwrap_or(0.0);
+            usage.get(t).copied().unwrap_or(0) as f64 > share * self.budget as f64
+        };
+        let least_recent = |pick: &dyn Fn(&LoadedModel) -> bool| {
+            resident
+                .iter()
+                .filter(|(k, m)| k != except && m.in_use() == 0 && pick(m))
+                .min_by_key(|(_, m)| m.last_used.load(Ordering::Relaxed))
+                .map(|(k, _)| k.clone())
+        };
+        let victim = least_recent(&|m| over_share(&m.tenant))
+            .or_else(|| least_recent(&|m| m.tenant == tenant));
+        let Some(key) = victim else { return false };
+        tracing::info!(
+            model = key,
+            reason,
+            for_tenant = tenant,
+            "evicting to make room"
+        );
+        self.metrics
+            .evictions
+            .with_label_values(&[key.as_str(), reason])
+            .inc();
+        self.cache.invalidate(&key).await;
+        self.cache.run_pending_tasks().await;
+        true
     }
 
-    async fn load(&self, reg: &Registration) -> Result<LoadedModel, ResidencyError> {
+    async fn load(
+        &self,
+        reg: &Registration,
+        tenant: &Tenant,
+    ) -> Result<LoadedModel, ResidencyError> {
         let started = Instant::now();
-        let result = self.load_inner(reg).await;
+        let result = self.load_inner(reg, tenant).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics
             .loads
-            .with_label_values(&[reg.name.as_str(), outcome])
+            .with_label_values(&[reg.key().as_str(), outcome])
             .inc();
         match &result {
             Ok(m) => {
@@ -240,20 +308,25 @@ impl Residency {
                     .load_seconds
                     .observe(started.elapsed().as_secs_f64());
                 tracing::info!(
-                    model = reg.name,
+                    model = m.key,
                     device = runtime::device_name(m.torch.device),
                     bytes = m.weight,
                     ms = started.elapsed().as_millis() as u64,
                     "model loaded"
                 );
             }
-            Err(e) => tracing::warn!(model = reg.name, error = %e, "model load failed"),
+            Err(e) => tracing::warn!(model = reg.key(), error = %e, "model load failed"),
         }
         result
     }
 
-    async fn load_inner(&self, reg: &Registration) -> Result<LoadedModel, ResidencyError> {
+    async fn load_inner(
+        &self,
+        reg: &Registration,
+        tenant: &Tenant,
+    ) -> Result<LoadedModel, ResidencyError> {
         let started = Instant::now();
+        let key = reg.key();
         let unpacked = {
             let (archive, config) = (reg.archive.clone(), self.config.clone());
             blocking(move || unpack_cached(&archive, &config)).await??
@@ -262,17 +335,20 @@ impl Residency {
             (Some("cpu"), _) => Device::Cpu,
             (_, d) => d,
         };
-        if unpacked.model_bytes > self.budget {
-            return Err(ResidencyError::InsufficientMemory(format!(
-                "model '{}' has {} MiB of TorchScript, more than the whole residency budget of {} MiB",
+        let too_big = |what: &str, bytes: u64| {
+            ResidencyError::InsufficientMemory(format!(
+                "model '{}' {what} {} MiB, more than the whole residency budget of {} MiB",
                 reg.name,
-                unpacked.model_bytes >> 20,
+                bytes >> 20,
                 self.budget >> 20
-            )));
+            ))
+        };
+        if unpacked.model_bytes > self.budget {
+            return Err(too_big("has TorchScript of", unpacked.model_bytes));
         }
         // Make room for at least the archive's tensors before touching the device.
         while self.used().await + unpacked.model_bytes > self.budget {
-            if !self.evict_one_idle(&reg.name, "budget before load").await {
+            if !self.evict_one(&reg.tenant, &key, "budget").await {
                 break;
             }
         }
@@ -281,12 +357,9 @@ impl Residency {
             match blocking(move || TorchModel::load(&path, device)).await? {
                 Ok(t) => break t,
                 Err(RuntimeError::OutOfMemory { message, .. }) => {
-                    if !self
-                        .evict_one_idle(&reg.name, "out of memory at load")
-                        .await
-                    {
+                    if !self.evict_one(&reg.tenant, &key, "out-of-memory").await {
                         return Err(ResidencyError::InsufficientMemory(format!(
-                            "model '{}' does not fit on {} even with every idle model evicted: {}",
+                            "model '{}' does not fit on {} with every model it may evict evicted: {}",
                             reg.name,
                             runtime::device_name(device),
                             message.lines().next().unwrap_or_default()
@@ -297,15 +370,16 @@ impl Residency {
             }
         };
         if torch.held_bytes > self.budget {
-            return Err(ResidencyError::InsufficientMemory(format!(
-                "model '{}' holds {} MiB, more than the whole residency budget of {} MiB",
-                reg.name,
-                torch.held_bytes >> 20,
-                self.budget >> 20
-            )));
+            return Err(too_big("holds", torch.held_bytes));
         }
+        let cap = tenant
+            .limits
+            .handler_memory_mib
+            .map(|m| m << 20)
+            .unwrap_or(u64::MAX)
+            .min(self.config.handler_memory_bytes);
         let env = HandlerEnv {
-            model: reg.name.clone(),
+            model: key.clone(),
             assets: unpacked.dir.join(archive::ASSETS_DIR),
             params: unpacked
                 .config
@@ -317,8 +391,8 @@ impl Residency {
                 .config
                 .tessera
                 .handler_memory_mib
-                .map(|m| (m << 20).min(self.config.handler_memory_bytes))
-                .unwrap_or(self.config.handler_memory_bytes),
+                .map(|m| (m << 20).min(cap))
+                .unwrap_or(cap),
             max_response_bytes: self.config.max_response_bytes,
         };
         let handler = {
@@ -334,18 +408,21 @@ impl Residency {
         let forward = ForwardWorkers::spawn(torch.clone(), workers, &reg.name)
             .map_err(|e| ResidencyError::Internal(format!("starting forward workers: {e}")))?;
         if unpacked.config.batch_size > 1 {
-            tracing::warn!(model = reg.name, batch_size = unpacked.config.batch_size,
+            tracing::warn!(model = key, batch_size = unpacked.config.batch_size,
                 "batchSize > 1: cross-request batching is not implemented yet; requests run one by one");
         }
         Ok(LoadedModel {
+            key,
+            tenant: reg.tenant.clone(),
             name: reg.name.clone(),
+            version: reg.version.clone(),
             url: reg.url.clone(),
             weight: torch.held_bytes,
             torch,
+            workers: forward,
             handler,
             loaded_at: SystemTime::now(),
             load_time: started.elapsed(),
-            workers: forward,
             admission: Semaphore::new(workers + self.config.max_queue),
             in_use: AtomicUsize::new(0),
             last_used: AtomicU64::new(self.clock.elapsed().as_millis() as u64),

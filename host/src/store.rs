@@ -1,7 +1,15 @@
-//! Where archives come from: a local model-store directory of `<name>.tar.gz` files.
+//! Where archives come from: a local model-store directory.
 //!
-//! The store only resolves names and URLs to archive files; it never unpacks or loads. Names
-//! and URLs are validated here before they touch a path, and a URL must point inside the store.
+//! Two layouts live side by side:
+//! - `<root>/<name>.tar.gz` — operator-provided archives, served in single-tenant mode;
+//! - `<root>/tenants/<tenant>/<name>/<version>.tar.gz` with the default version named in
+//!   `<root>/tenants/<tenant>/<name>/default` — what tenants upload.
+//!
+//! Uploads arrive in `<root>/.staging/` and are moved into place with one `rename` once they
+//! have been validated, so a model directory never holds a half-written archive; anything left
+//! in staging by a crash is deleted at start-up. The store only resolves names to files; it
+//! never unpacks or loads. Names, versions and URLs are validated here before they touch a
+//! path, and a URL must point inside the store.
 use std::path::{Path, PathBuf};
 
 /// Archive suffix in the store.
@@ -16,6 +24,10 @@ pub enum StoreError {
     NotFound(String),
     #[error("model url '{0}' is not an archive inside the model store")]
     BadUrl(String),
+    #[error("invalid version '{0}': use 1-32 characters from A-Z a-z 0-9 . _ - (not starting with . or -)")]
+    BadVersion(String),
+    #[error("version '{1}' of model '{0}' already exists; versions are immutable")]
+    VersionExists(String, String),
     #[error("model store I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -34,6 +46,21 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
         Err(StoreError::BadName(
             name.chars().take(MAX_NAME + 8).collect(),
         ))
+    }
+}
+
+/// Checks a version label (same character set as names, at most 32 characters).
+pub fn validate_version(version: &str) -> Result<(), StoreError> {
+    let ok = !version.is_empty()
+        && version.len() <= 32
+        && !version.starts_with(['.', '-'])
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::BadVersion(version.chars().take(40).collect()))
     }
 }
 
@@ -95,6 +122,163 @@ impl LocalStore {
             return Err(StoreError::BadUrl(url.to_string()));
         }
         Ok(real)
+    }
+
+    fn tenant_dir(&self, tenant: &str) -> PathBuf {
+        self.root.join("tenants").join(tenant)
+    }
+
+    fn model_dir(&self, tenant: &str, name: &str) -> Result<PathBuf, StoreError> {
+        validate_name(tenant)?;
+        validate_name(name)?;
+        Ok(self.tenant_dir(tenant).join(name))
+    }
+
+    /// The uploaded archive of `version`.
+    pub fn version_archive(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: &str,
+    ) -> Result<PathBuf, StoreError> {
+        validate_version(version)?;
+        let path = self
+            .model_dir(tenant, name)?
+            .join(format!("{version}{ARCHIVE_SUFFIX}"));
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(StoreError::NotFound(format!("{name} version {version}")))
+        }
+    }
+
+    /// The default version of an uploaded model, if it has one.
+    pub fn default_version(&self, tenant: &str, name: &str) -> Option<String> {
+        let text =
+            std::fs::read_to_string(self.model_dir(tenant, name).ok()?.join("default")).ok()?;
+        let v = text.trim().to_string();
+        validate_version(&v).ok().map(|_| v)
+    }
+
+    /// Points the default at `version` (which must exist), atomically.
+    pub fn set_default(&self, tenant: &str, name: &str, version: &str) -> Result<(), StoreError> {
+        self.version_archive(tenant, name, version)?;
+        let dir = self.model_dir(tenant, name)?;
+        let tmp = dir.join(".default.tmp");
+        std::fs::write(&tmp, version)?;
+        std::fs::rename(tmp, dir.join("default"))?;
+        Ok(())
+    }
+
+    /// Uploaded versions of a model, sorted.
+    pub fn versions(&self, tenant: &str, name: &str) -> Vec<String> {
+        let Ok(dir) = self.model_dir(tenant, name) else {
+            return vec![];
+        };
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(ARCHIVE_SUFFIX)
+                    .map(str::to_string)
+            })
+            .filter(|v| validate_version(v).is_ok())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Names of a tenant's uploaded models, sorted.
+    pub fn tenant_models(&self, tenant: &str) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.tenant_dir(tenant))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| validate_name(n).is_ok())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// (models, bytes of archives) a tenant has uploaded.
+    pub fn tenant_usage(&self, tenant: &str) -> (usize, u64) {
+        let models = self.tenant_models(tenant);
+        let mut bytes = 0;
+        for m in &models {
+            for v in self.versions(tenant, m) {
+                if let Ok(p) = self.version_archive(tenant, m, &v) {
+                    bytes += std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+        (models.len(), bytes)
+    }
+
+    /// Where uploads are written before validation.
+    pub fn staging(&self) -> Result<PathBuf, StoreError> {
+        let dir = self.root.join(".staging");
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// Deletes whatever a crash left in staging.
+    pub fn clean_staging(&self) {
+        let dir = self.root.join(".staging");
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                tracing::warn!(file = %e.path().display(), "removing an unfinished upload");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Moves a validated archive from staging into place as `version` (one rename).
+    pub fn install(
+        &self,
+        staged: &Path,
+        tenant: &str,
+        name: &str,
+        version: &str,
+    ) -> Result<PathBuf, StoreError> {
+        validate_version(version)?;
+        let dir = self.model_dir(tenant, name)?;
+        std::fs::create_dir_all(&dir)?;
+        let dest = dir.join(format!("{version}{ARCHIVE_SUFFIX}"));
+        // hard_link fails if dest exists, which makes "create if absent" atomic.
+        match std::fs::hard_link(staged, &dest) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(staged);
+                Ok(dest)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(
+                StoreError::VersionExists(name.to_string(), version.to_string()),
+            ),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes one uploaded version (and the default pointer if it named it).
+    pub fn remove_version(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: &str,
+    ) -> Result<(), StoreError> {
+        let path = self.version_archive(tenant, name, version)?;
+        std::fs::remove_file(path)?;
+        let dir = self.model_dir(tenant, name)?;
+        if self.default_version(tenant, name).as_deref() == Some(version) {
+            let _ = std::fs::remove_file(dir.join("default"));
+        }
+        if self.versions(tenant, name).is_empty() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(())
     }
 
     /// Archive names available in the store, sorted.

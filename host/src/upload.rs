@@ -1,0 +1,185 @@
+//! Taking new models in: a tenant uploads an archive over HTTP as a new version of one of its
+//! models.
+//!
+//! The body is streamed to a file in the store's staging folder (never into memory, never next
+//! to served models), bounded by the upload limit. The archive is then checked completely
+//! before anything is installed: it unpacks safely within the size limits, its config parses,
+//! its handler is a component implementing our WIT world, every TorchScript file loads, and
+//! the tenant stays within its quotas. Only then is it moved into the tenant's model folder
+//! with a single link, and the default pointer updated with a rename. A rejected or
+//! interrupted upload leaves nothing behind but a staging file, which is deleted at once or,
+//! after a crash, at the next start.
+use crate::archive::{self, ArchiveError, Limits};
+use crate::inference::Tessera;
+use crate::runtime::{RuntimeError, TorchModel};
+use crate::sandbox::SandboxError;
+use crate::store::{self, StoreError};
+use crate::tenancy::Tenant;
+use axum::body::Body;
+use http_body_util::BodyExt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("upload exceeds the limit of {0} MiB")]
+    TooLarge(u64),
+    #[error("upload was interrupted: {0}")]
+    Interrupted(String),
+    #[error("archive rejected: {0}")]
+    Archive(#[from] ArchiveError),
+    #[error("archive rejected: {0}")]
+    Handler(SandboxError),
+    #[error("archive rejected: TorchScript file {0} does not load: {1}")]
+    Model(String, RuntimeError),
+    #[error("quota exceeded: {0}")]
+    Quota(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What an accepted upload became.
+#[derive(Debug)]
+pub struct Installed {
+    pub version: String,
+    pub is_default: bool,
+    pub bytes: u64,
+}
+
+/// Removes a staged file or folder unless disarmed.
+struct Staged(PathBuf);
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = if self.0.is_dir() {
+            std::fs::remove_dir_all(&self.0)
+        } else {
+            std::fs::remove_file(&self.0)
+        };
+    }
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Receives, validates and installs `tenant`'s archive as `name`/`version`.
+pub async fn accept(
+    app: &Tessera,
+    tenant: &Tenant,
+    name: &str,
+    version: &str,
+    body: Body,
+    make_default: bool,
+) -> Result<Installed, UploadError> {
+    store::validate_name(name)?;
+    store::validate_version(version)?;
+    let store = app.registry.store();
+    if store.version_archive(&tenant.name, name, version).is_ok() {
+        return Err(StoreError::VersionExists(name.into(), version.into()).into());
+    }
+    let staging = store.staging()?;
+    let id = format!(
+        "{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let file = Staged(staging.join(format!("{id}.tar.gz")));
+    let limit = app.config.max_upload_mib << 20;
+    let bytes = receive(body, &file.0, limit, app.config.max_upload_mib).await?;
+
+    // Everything below reads the staged file only.
+    let (path, dir) = (file.0.clone(), staging.join(format!("{id}.d")));
+    let limits = Limits {
+        max_archive_bytes: app.config.max_archive_bytes().min(limit),
+        max_unpacked_bytes: app.config.max_unpacked_bytes(),
+    };
+    let sandbox = app.sandbox.clone();
+    tokio::task::spawn_blocking(move || validate(&path, &dir, limits, &sandbox))
+        .await
+        .map_err(|e| UploadError::Internal(e.to_string()))??;
+
+    let (models, used) = store.tenant_usage(&tenant.name);
+    let new_model = store.versions(&tenant.name, name).is_empty();
+    if let Some(max) = tenant.limits.max_models {
+        if new_model && models + 1 > max {
+            return Err(UploadError::Quota(format!(
+                "tenant '{}' may store at most {max} models",
+                tenant.name
+            )));
+        }
+    }
+    if let Some(max_mib) = tenant.limits.max_total_mib {
+        if used + bytes > max_mib << 20 {
+            return Err(UploadError::Quota(format!(
+                "tenant '{}' may store at most {max_mib} MiB of archives ({} MiB used, this one is {} MiB)",
+                tenant.name,
+                used >> 20,
+                bytes.div_ceil(1 << 20)
+            )));
+        }
+    }
+    store.install(&file.0, &tenant.name, name, version)?;
+    let is_default =
+        make_default || new_model || store.default_version(&tenant.name, name).is_none();
+    if is_default {
+        store.set_default(&tenant.name, name, version)?;
+    }
+    tracing::info!(
+        tenant = tenant.name,
+        model = name,
+        version,
+        bytes,
+        is_default,
+        "model uploaded"
+    );
+    Ok(Installed {
+        version: version.to_string(),
+        is_default,
+        bytes,
+    })
+}
+
+/// Streams the body into `path` (created new), at most `limit` bytes; synced to disk.
+async fn receive(body: Body, path: &Path, limit: u64, limit_mib: u64) -> Result<u64, UploadError> {
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(StoreError::from)?;
+    let mut body = body;
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| UploadError::Interrupted(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len() as u64;
+            if total > limit {
+                return Err(UploadError::TooLarge(limit_mib));
+            }
+            out.write_all(&data).map_err(StoreError::from)?;
+        }
+    }
+    out.sync_all().map_err(StoreError::from)?;
+    Ok(total)
+}
+
+/// Unpacks into `dir` (removed afterwards) and checks handler and TorchScript files.
+fn validate(
+    archive_path: &Path,
+    dir: &Path,
+    limits: Limits,
+    sandbox: &crate::sandbox::Sandbox,
+) -> Result<(), UploadError> {
+    let _cleanup = Staged(dir.to_path_buf());
+    let unpacked = archive::unpack(archive_path, dir, limits)?;
+    let wasm = std::fs::read(&unpacked.handler).map_err(StoreError::from)?;
+    sandbox.validate(&wasm).map_err(UploadError::Handler)?;
+    for m in &unpacked.model_files {
+        let file = m
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        TorchModel::load(m, tch::Device::Cpu).map_err(|e| UploadError::Model(file, e))?;
+    }
+    Ok(())
+}
