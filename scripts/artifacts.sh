@@ -7,10 +7,12 @@ mkdir -p "$A/handlers" "$A/example"
 
 echo "==> building handler components"
 cargo build -q --profile guest --target wasm32-wasip2 \
-  -p tessera-handler-example -p tessera-handler-chaos -p tessera-handler-lama
+  -p tessera-handler-example -p tessera-handler-chaos -p tessera-handler-lama \
+  -p tessera-test-other-world
 for h in example chaos lama; do
   cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_handler_$h.wasm" "$A/handlers/$h.wasm"
 done
+cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_test_other_world.wasm" "$A/handlers/other-world.wasm"
 
 echo "==> exporting the example model"
 python models/example/export.py --out "$A/example/model.pt"

@@ -246,32 +246,6 @@ fn bad_requests_get_clear_4xx() {
     );
 }
 
-/// A raw tar entry: (name, type, data, link target).
-type RawEntry<'a> = (&'a str, tar::EntryType, &'a [u8], &'a str);
-
-/// Writes a .tar.gz with raw, unvalidated entries.
-fn raw_archive(path: &Path, entries: &[RawEntry]) {
-    let file = std::fs::File::create(path).unwrap();
-    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
-        file,
-        flate2::Compression::fast(),
-    ));
-    for (name, kind, data, link) in entries {
-        let mut h = tar::Header::new_old();
-        let raw = &mut h.as_old_mut().name;
-        raw[..name.len()].copy_from_slice(name.as_bytes());
-        if !link.is_empty() {
-            h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
-        }
-        h.set_entry_type(*kind);
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        builder.append(&h, *data).unwrap();
-    }
-    builder.into_inner().unwrap().finish().unwrap();
-}
-
 #[test]
 fn malicious_archives_are_rejected_and_nothing_escapes() {
     let store = tempfile::tempdir().unwrap();

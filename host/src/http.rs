@@ -371,11 +371,18 @@ struct UploadQuery {
 /// Upload a model archive as a new version (body: the .tar.gz).
 async fn upload_version(
     State(app): State<App>,
-    Caller(tenant): Caller,
+    caller: Result<Caller, ApiError>,
     Path((name, version)): Path<(String, String)>,
     Query(q): Query<UploadQuery>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let tenant = match caller {
+        Ok(Caller(t)) => t,
+        Err(e) => {
+            upload::drain(body, app.config.max_upload_mib << 20).await;
+            return Err(e);
+        }
+    };
     let done = upload::accept(&app, &tenant, &name, &version, body, q.default).await?;
     let body = json!({ "modelName": name, "version": done.version, "default": done.is_default, "bytes": done.bytes });
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -560,6 +567,9 @@ async fn serve(
                 resp.headers_mut().insert("content-type", ct);
             }
             add_timings(resp.headers_mut(), &timings);
+            if let Ok(v) = HeaderValue::from_str(&timings.version) {
+                resp.headers_mut().insert("x-model-version", v);
+            }
             resp
         }
         Err(e) => {

@@ -45,6 +45,8 @@ impl From<ResidencyError> for InferenceError {
 /// Timings of one request, returned to the client as headers.
 #[derive(Debug, Default, Clone)]
 pub struct Timings {
+    /// The model version that served the request.
+    pub version: String,
     pub load: Option<Duration>,
     pub queue: Duration,
     pub preprocess: Duration,
@@ -164,6 +166,7 @@ impl Tessera {
         if loaded_now {
             timings.load = Some(load_started.elapsed());
         }
+        timings.version = model.version.clone();
         let _busy = model.begin(self.residency.clock());
         let seconds = model.unpacked.config.response_timeout;
         let timeout = Duration::from_secs(

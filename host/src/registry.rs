@@ -80,14 +80,14 @@ impl Registry {
         let found = match (explicit, version) {
             (Some(r), None) => Some(r),
             (Some(r), Some(v)) if v == r.version => Some(r),
-            _ => self.from_store(tenant, name, version),
+            _ => self.lookup_store(tenant, name, version),
         };
         let reg = found.ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
         self.models.write().unwrap().entry(id).or_insert(None);
         Ok(reg)
     }
 
-    fn from_store(&self, tenant: &str, name: &str, version: Option<&str>) -> Option<Registration> {
+    fn lookup_store(&self, tenant: &str, name: &str, version: Option<&str>) -> Option<Registration> {
         let uploaded = version
             .map(str::to_string)
             .or_else(|| self.store.default_version(tenant, name));

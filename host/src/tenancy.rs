@@ -36,6 +36,7 @@ pub struct TenantLimits {
     /// Most models (names) the tenant may store.
     pub max_models: Option<usize>,
     /// Most bytes of archives the tenant may store, in MiB.
+    #[serde(rename = "maxTotalMiB")]
     pub max_total_mib: Option<u64>,
     /// Cap on a handler instance's memory, in MiB.
     #[serde(rename = "handlerMemoryMiB")]

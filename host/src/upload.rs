@@ -72,11 +72,18 @@ pub async fn accept(
     body: Body,
     make_default: bool,
 ) -> Result<Installed, UploadError> {
-    store::validate_name(name)?;
-    store::validate_version(version)?;
     let store = app.registry.store();
-    if store.version_archive(&tenant.name, name, version).is_ok() {
-        return Err(StoreError::VersionExists(name.into(), version.into()).into());
+    let early = store::validate_name(name)
+        .and_then(|()| store::validate_version(version))
+        .and_then(
+            |()| match store.version_archive(&tenant.name, name, version) {
+                Ok(_) => Err(StoreError::VersionExists(name.into(), version.into())),
+                Err(_) => Ok(()),
+            },
+        );
+    if let Err(e) = early {
+        drain(body, app.config.max_upload_mib << 20).await;
+        return Err(e.into());
     }
     let staging = store.staging()?;
     let id = format!(
@@ -138,6 +145,21 @@ pub async fn accept(
         is_default,
         bytes,
     })
+}
+
+/// Reads and discards up to `limit` bytes of a body we are refusing, so that a client still
+/// sending gets our answer instead of a reset connection.
+pub async fn drain(body: Body, limit: u64) {
+    let mut body = body;
+    let mut total = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            total += data.len() as u64;
+            if total > limit {
+                break;
+            }
+        }
+    }
 }
 
 /// Streams the body into `path` (created new), at most `limit` bytes; synced to disk.

@@ -155,6 +155,18 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: String = log
+                .chars()
+                .rev()
+                .take(6000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            eprintln!("---- server log (tail) ----\n{tail}");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -224,6 +236,18 @@ fn finish(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply 
     }
 }
 
+/// Any method, with headers and an optional body.
+pub fn call(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
+    let mut builder = ureq::http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let req = builder
+        .body(body.map(|b| b.to_vec()).unwrap_or_default())
+        .unwrap();
+    finish(agent().run(req))
+}
+
 pub fn get(url: &str) -> Reply {
     finish(agent().get(url).call())
 }
@@ -285,4 +309,30 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// A raw tar entry: (name, type, data, link target).
+pub type RawEntry<'a> = (&'a str, tar::EntryType, &'a [u8], &'a str);
+
+/// Writes a .tar.gz with raw, unvalidated entries.
+pub fn raw_archive(path: &Path, entries: &[RawEntry]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
+    for (name, kind, data, link) in entries {
+        let mut h = tar::Header::new_old();
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        if !link.is_empty() {
+            h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        h.set_entry_type(*kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        builder.append(&h, *data).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap();
 }
