@@ -17,6 +17,7 @@ cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_test_other_world.wasm" "$A/han
 echo "==> exporting the example model"
 python models/example/export.py --out "$A/example/model.pt"
 python models/example/export.py --width 128 --depth 6 --seed 1 --out "$A/example/model-large.pt"
+python models/example/export.py --oom --out "$A/example/model-oom.pt"
 
 echo "==> exporting tiny LaMa"
 mkdir -p "$A/lama"

@@ -559,3 +559,52 @@ fn concurrent_first_requests_share_one_load() {
     assert!(loads.ends_with(" 1"), "expected one load: {loads}");
     assert_eq!(server.log().matches("model loaded").count(), 1);
 }
+
+#[test]
+fn out_of_memory_evicts_idle_models_then_answers_507() {
+    let store = tempfile::tempdir().unwrap();
+    example_store(store.path());
+    pack(
+        store.path(),
+        "oom",
+        "maxWorkers: 1\n",
+        &artifact("example/model-oom.pt"),
+        &artifact("handlers/chaos.wasm"),
+    );
+    let server = Server::start(store.path(), &[]);
+    assert_eq!(
+        post_json(
+            &server.url("/predictions/example"),
+            &example_request(8, 8, 1, json!({}))
+        )
+        .status,
+        200
+    );
+    let reply = post_json(&server.url("/predictions/oom"), &json!({"mode": "ok"}));
+    assert_eq!(reply.status, 507, "{}", reply.text());
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient memory"),
+        "{}",
+        reply.text()
+    );
+    // The idle model was evicted first, to try to make room.
+    assert!(
+        server.log().contains("reason=\"out-of-memory\""),
+        "{}",
+        server.log()
+    );
+    let example = get(&server.url("/models/example")).json();
+    assert_eq!(example["state"], "Unloaded");
+    // Everything still works afterwards.
+    assert_eq!(
+        post_json(
+            &server.url("/predictions/example"),
+            &example_request(8, 8, 1, json!({}))
+        )
+        .status,
+        200
+    );
+}

@@ -87,7 +87,12 @@ impl Registry {
         Ok(reg)
     }
 
-    fn lookup_store(&self, tenant: &str, name: &str, version: Option<&str>) -> Option<Registration> {
+    fn lookup_store(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Option<Registration> {
         let uploaded = version
             .map(str::to_string)
             .or_else(|| self.store.default_version(tenant, name));

@@ -32,13 +32,26 @@ class Restyle(nn.Module):
         return (mixed[0].permute(1, 2, 0) * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
+class OutOfMemory(nn.Module):
+    """Test-only: a forward that asks for 4 TiB, to exercise the server's out-of-memory path."""
+
+    def forward(self, image: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+        big = torch.empty([1 << 40], dtype=torch.float32, device=image.device)
+        return big[:1] + strength
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--oom", action="store_true", help="test-only model whose forward runs out of memory")
     args = ap.parse_args()
+    if args.oom:
+        torch.jit.script(OutOfMemory()).save(args.out)
+        print(f"wrote {args.out}: out-of-memory test model")
+        return
     torch.manual_seed(args.seed)
     model = Restyle(args.width, args.depth).eval()
     scripted = torch.jit.script(model)
