@@ -11,17 +11,7 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 const CONFIG: &str = "maxWorkers: 1\nresponseTimeout: 60\ntessera:\n  model: model.pt\nhandler:\n  max_pixels: 250000\n";
 
 fn png_gray(w: u32, h: u32, pixels: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut out, w, h);
-        enc.set_color(png::ColorType::Grayscale);
-        enc.set_depth(png::BitDepth::Eight);
-        enc.write_header()
-            .unwrap()
-            .write_image_data(pixels)
-            .unwrap();
-    }
-    out
+    png_encode(w, h, png::ColorType::Grayscale, pixels)
 }
 
 /// A photo-like image (smooth gradients + noise) and a 0/255 mask with an object-shaped blob.

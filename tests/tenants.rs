@@ -398,89 +398,24 @@ fn hostile_names_and_archives_are_refused() {
         400
     );
 
-    let cfg = CONFIG.as_bytes();
-    let wasm = std::fs::read(artifact("handlers/example.wasm")).unwrap();
-    let other_world = std::fs::read(artifact("handlers/other-world.wasm")).unwrap();
-    let model = std::fs::read(artifact("example/model.pt")).unwrap();
-    let file = tar::EntryType::Regular;
-    let with = |extra: RawEntry<'static>| -> Vec<(&str, tar::EntryType, &[u8], &str)> {
-        vec![
-            ("model-config.yaml", file, cfg, ""),
-            ("handler.wasm", file, &wasm[..], ""),
-            ("model.pt", file, &model[..], ""),
-            extra,
-        ]
-    };
-    let zeros = vec![0u8; 64 << 20];
-    let mut bomb = with(("assets/a", file, b"", ""));
-    bomb[3] = ("assets/zeros", file, &zeros[..], "");
-    let cases: Vec<(&str, Vec<RawEntry>)> = vec![
-        ("traversal", with(("../../escaped.txt", file, b"pwned", ""))),
-        (
-            "absolute",
-            with(("/tmp/tessera-tenant-escape.txt", file, b"pwned", "")),
-        ),
-        (
-            "symlink",
-            with(("assets/link", tar::EntryType::Symlink, b"", "/etc/passwd")),
-        ),
-        (
-            "hardlink",
-            with(("assets/hard", tar::EntryType::Link, b"", "/etc/passwd")),
-        ),
-        (
-            "chardev",
-            with(("assets/dev", tar::EntryType::Char, b"", "")),
-        ),
-        ("fifo", with(("assets/fifo", tar::EntryType::Fifo, b"", ""))),
-        ("bomb", bomb),
-        (
-            "corewasm",
-            vec![
-                ("model-config.yaml", file, cfg, ""),
-                ("handler.wasm", file, b"\0asm\x01\0\0\0", ""),
-                ("model.pt", file, &model[..], ""),
-            ],
-        ),
-        (
-            "otherworld",
-            vec![
-                ("model-config.yaml", file, cfg, ""),
-                ("handler.wasm", file, &other_world[..], ""),
-                ("model.pt", file, &model[..], ""),
-            ],
-        ),
-        (
-            "badmodel",
-            vec![
-                ("model-config.yaml", file, cfg, ""),
-                ("handler.wasm", file, &wasm[..], ""),
-                ("model.pt", file, b"PK not torchscript", ""),
-            ],
-        ),
-    ];
-    for (name, entries) in &cases {
-        let path = s.packs.path().join(format!("{name}.raw.tar.gz"));
-        raw_archive(&path, entries);
-        let r = upload(server, ALICE, name, "1", &std::fs::read(&path).unwrap());
+    let escape = "/tmp/tessera-tenant-escape.txt";
+    for name in hostile_archives(s.packs.path(), CONFIG.as_bytes(), escape) {
+        let bytes = std::fs::read(s.packs.path().join(format!("{name}.tar.gz"))).unwrap();
+        let r = upload(server, ALICE, name, "1", &bytes);
         assert_eq!(r.status, 422, "{name}: {}", r.text());
-        assert_eq!(
-            invoke(
-                server,
-                ALICE,
-                &format!("/predictions/{name}"),
-                &image_request()
-            )
-            .status,
-            404,
-            "{name} was installed"
+        let installed = invoke(
+            server,
+            ALICE,
+            &format!("/predictions/{name}"),
+            &image_request(),
         );
+        assert_eq!(installed.status, 404, "{name} was installed");
     }
     assert!(
         !s.store.path().join("escaped.txt").exists()
             && !s.store.path().join("tenants/escaped.txt").exists()
     );
-    assert!(!Path::new("/tmp/tessera-tenant-escape.txt").exists());
+    assert!(!Path::new(escape).exists());
     // Over the upload limit (6 MiB) → 413; not gzip at all → 422.
     assert_eq!(
         upload(server, ALICE, "huge", "1", &noise(7 << 20, 3)).status,

@@ -40,7 +40,7 @@ pub fn router(app: App) -> Router {
         .route("/ping", get(ping))
         .route("/models", get(list_models).post(load_model))
         .route("/models/{name}", get(describe_model).delete(unload_model))
-        .route("/models/{name}/invoke", post(invoke_model))
+        .route("/models/{name}/invoke", post(predictions))
         .route(
             "/models/{name}/versions/{version}",
             post(upload_version).delete(delete_version),
@@ -438,16 +438,7 @@ async fn set_default(
     ))
 }
 
-async fn invoke_model(
-    State(app): State<App>,
-    Caller(tenant): Caller,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    serve(app, tenant, name, None, headers, body).await
-}
-
+/// TorchServe's `/predictions/{name}` and SageMaker's `/models/{name}/invoke`.
 async fn predictions(
     State(app): State<App>,
     Caller(tenant): Caller,

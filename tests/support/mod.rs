@@ -272,12 +272,12 @@ pub fn post_json(url: &str, value: &serde_json::Value) -> Reply {
     )
 }
 
-/// Encodes RGB pixels as PNG.
-pub fn png_rgb(w: u32, h: u32, pixels: &[u8]) -> Vec<u8> {
+/// Encodes 8-bit pixels of the given color type as PNG.
+pub fn png_encode(w: u32, h: u32, color: png::ColorType, pixels: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut out, w, h);
-        enc.set_color(png::ColorType::Rgb);
+        enc.set_color(color);
         enc.set_depth(png::BitDepth::Eight);
         enc.write_header()
             .unwrap()
@@ -285,6 +285,11 @@ pub fn png_rgb(w: u32, h: u32, pixels: &[u8]) -> Vec<u8> {
             .unwrap();
     }
     out
+}
+
+/// Encodes RGB pixels as PNG.
+pub fn png_rgb(w: u32, h: u32, pixels: &[u8]) -> Vec<u8> {
+    png_encode(w, h, png::ColorType::Rgb, pixels)
 }
 
 /// Decodes a PNG to (width, height, RGB pixels).
@@ -335,4 +340,58 @@ pub fn raw_archive(path: &Path, entries: &[RawEntry]) {
         builder.append(&h, *data).unwrap();
     }
     builder.into_inner().unwrap().finish().unwrap();
+}
+
+/// Writes, as `<dir>/<case>.tar.gz`, archives a server must refuse, built around a valid
+/// config, handler and model: escapes by `..` and by an absolute path (`escape`), symlink,
+/// hard link, device and FIFO entries, a gzip bomb (64 MiB of zeros), a core module instead of
+/// a component, a component of another world, TorchScript that does not load, and a missing
+/// handler. Returns the case names.
+pub fn hostile_archives(dir: &Path, config: &[u8], escape: &str) -> Vec<&'static str> {
+    let wasm = std::fs::read(artifact("handlers/example.wasm")).unwrap();
+    let other_world = std::fs::read(artifact("handlers/other-world.wasm")).unwrap();
+    let model = std::fs::read(artifact("example/model.pt")).unwrap();
+    let zeros = vec![0u8; 64 << 20];
+    let file = tar::EntryType::Regular;
+    let archive = |handler: Option<&[u8]>, model: &[u8], extra: Option<RawEntry>| -> Vec<u8> {
+        let mut entries: Vec<RawEntry> = vec![
+            ("model-config.yaml", file, config, ""),
+            ("model.pt", file, model, ""),
+        ];
+        entries.extend(handler.map(|h| ("handler.wasm", file, h, "")));
+        entries.extend(extra);
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        raw_archive(tmp.path(), &entries);
+        std::fs::read(tmp.path()).unwrap()
+    };
+    let good = |extra: RawEntry| archive(Some(&wasm), &model, Some(extra));
+    let cases: Vec<(&'static str, Vec<u8>)> = vec![
+        ("traversal", good(("../../escaped.txt", file, b"pwned", ""))),
+        ("absolute", good((escape, file, b"pwned", ""))),
+        (
+            "symlink",
+            good(("assets/link", tar::EntryType::Symlink, b"", "/etc/passwd")),
+        ),
+        (
+            "hardlink",
+            good(("assets/hard", tar::EntryType::Link, b"", "/etc/passwd")),
+        ),
+        (
+            "chardev",
+            good(("assets/dev", tar::EntryType::Char, b"", "")),
+        ),
+        ("fifo", good(("assets/fifo", tar::EntryType::Fifo, b"", ""))),
+        ("bomb", good(("assets/zeros", file, &zeros, ""))),
+        ("corewasm", archive(Some(b"\0asm\x01\0\0\0"), &model, None)),
+        ("otherworld", archive(Some(&other_world), &model, None)),
+        (
+            "badmodel",
+            archive(Some(&wasm), b"PK not torchscript", None),
+        ),
+        ("nohandler", archive(None, &model, None)),
+    ];
+    for (name, bytes) in &cases {
+        std::fs::write(dir.join(format!("{name}.tar.gz")), bytes).unwrap();
+    }
+    cases.into_iter().map(|(n, _)| n).collect()
 }

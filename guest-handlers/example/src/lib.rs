@@ -58,27 +58,9 @@ impl tessera_sdk::Handler for Example {
         let out = outputs
             .first()
             .ok_or_else(|| HandlerError::Internal("model returned no output".into()))?;
-        let [h, w, 3] = out.shape[..] else {
-            return Err(HandlerError::Internal(format!(
-                "expected output [H, W, 3], got {:?}",
-                out.shape
-            )));
-        };
-        let pixels = out.view().u8()?.to_vec();
-        let rgb = img::Rgb::from_raw(w as u32, h as u32, pixels)
-            .ok_or_else(|| HandlerError::Internal("output size mismatch".into()))?;
-        let image = image_of(rgb);
-        let encoded = if ctx.jpeg {
-            img::encode_jpeg(&image, 95)?
-        } else {
-            img::encode_png(&image)?
-        };
+        let encoded = img::encode(&img::rgb_from_tensor(out, None)?, ctx.jpeg)?;
         Response::json(&serde_json::json!({ "generated_image": b64::encode(&encoded) }))
     }
-}
-
-fn image_of(rgb: img::Rgb) -> img::DynamicImage {
-    rgb.into()
 }
 
 tessera_sdk::export_handler!(Example);

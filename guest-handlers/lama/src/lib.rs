@@ -83,31 +83,8 @@ impl tessera_sdk::Handler for Lama {
         let out = outputs
             .first()
             .ok_or_else(|| HandlerError::Internal("model returned no output".into()))?;
-        let [ph, pw, 3] = out.shape[..] else {
-            return Err(HandlerError::Internal(format!(
-                "expected output [H, W, 3], got {:?}",
-                out.shape
-            )));
-        };
-        let (w, h) = (ctx.width as usize, ctx.height as usize);
-        if (ph as usize) < h || (pw as usize) < w {
-            return Err(HandlerError::Internal(format!(
-                "output {pw}x{ph} smaller than the input {w}x{h}"
-            )));
-        }
-        let data = out.view().u8()?;
-        let row = pw as usize * 3;
-        let mut pixels = Vec::with_capacity(w * h * 3);
-        for y in 0..h {
-            pixels.extend_from_slice(&data[y * row..y * row + w * 3]);
-        }
-        let rgb = img::Rgb::from_raw(ctx.width, ctx.height, pixels).expect("size matches");
-        let image = img::DynamicImage::from(rgb);
-        let encoded = if ctx.jpeg {
-            img::encode_jpeg(&image, 95)?
-        } else {
-            img::encode_png(&image)?
-        };
+        let image = img::rgb_from_tensor(out, Some((ctx.width, ctx.height)))?;
+        let encoded = img::encode(&image, ctx.jpeg)?;
         Response::json(&serde_json::json!({ "generated_image": b64::encode(&encoded) }))
     }
 }

@@ -75,6 +75,43 @@ pub fn encode_jpeg(img: &DynamicImage, quality: u8) -> Result<Vec<u8>, HandlerEr
     Ok(out)
 }
 
+/// Encodes as PNG, or as JPEG (quality 95) when `jpeg`.
+pub fn encode(img: &DynamicImage, jpeg: bool) -> Result<Vec<u8>, HandlerError> {
+    if jpeg {
+        encode_jpeg(img, 95)
+    } else {
+        encode_png(img)
+    }
+}
+
+/// The `[H, W, 3]` u8 tensor a model returned as an RGB image, optionally cropped to its
+/// top-left `width`x`height` (undoing padding added before the forward).
+pub fn rgb_from_tensor(
+    t: &crate::Tensor,
+    crop: Option<(u32, u32)>,
+) -> Result<DynamicImage, HandlerError> {
+    let [h, w, 3] = t.shape[..] else {
+        return Err(HandlerError::Internal(format!(
+            "expected an [H, W, 3] image, got {:?}",
+            t.shape
+        )));
+    };
+    let (w, h) = (w as usize, h as usize);
+    let (cw, ch) = crop.map_or((w, h), |(cw, ch)| (cw as usize, ch as usize));
+    if cw > w || ch > h {
+        return Err(HandlerError::Internal(format!(
+            "cannot crop {w}x{h} to {cw}x{ch}"
+        )));
+    }
+    let data = t.view().u8()?;
+    let mut pixels = Vec::with_capacity(cw * ch * 3);
+    for row in data.chunks_exact(w * 3).take(ch) {
+        pixels.extend_from_slice(&row[..cw * 3]);
+    }
+    let rgb = RgbImage::from_raw(cw as u32, ch as u32, pixels).expect("size matches");
+    Ok(DynamicImage::from(rgb))
+}
+
 /// Resizes to exactly `w`x`h` with the given filter.
 pub fn resize(img: &DynamicImage, w: u32, h: u32, filter: FilterType) -> DynamicImage {
     img.resize_exact(w, h, filter)
