@@ -87,6 +87,29 @@ pub struct TesseraConfig {
     /// Cap on the handler's linear memory, in MiB (at most the server's cap).
     #[serde(default, rename = "handlerMemoryMiB")]
     pub handler_memory_mib: Option<u64>,
+    /// An expensive first stage (an image encoder, say) whose outputs are kept per handler
+    /// cache key, so later requests with the same key run only `model`.
+    #[serde(default)]
+    pub cached_stage: Option<CachedStage>,
+}
+
+/// The first stage of a two-stage model. Its `inputs` (handler tensors, by name) are consumed
+/// by it; its outputs come first in the arguments of `model`, followed by the handler's other
+/// tensors in their order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CachedStage {
+    /// The stage's TorchScript file.
+    pub model: String,
+    /// Names of the handler tensors the stage takes, in its `forward`'s order.
+    pub inputs: Vec<String>,
+    /// Bytes of stage outputs kept, in MiB (reserved in the residency budget).
+    #[serde(default = "default_stage_cache_mib", rename = "cacheMiB")]
+    pub cache_mib: u64,
+}
+
+fn default_stage_cache_mib() -> u64 {
+    256
 }
 
 fn one() -> u32 {
@@ -138,6 +161,15 @@ impl ModelConfig {
         if let Some(m) = &self.tessera.model {
             check_model_file_name(m)?;
         }
+        if let Some(stage) = &self.tessera.cached_stage {
+            check_model_file_name(&stage.model)?;
+            if self.tessera.model.is_none() || self.tessera.model.as_ref() == Some(&stage.model) {
+                return bad("a cachedStage needs tessera.model to name a different file".into());
+            }
+            if stage.inputs.is_empty() || stage.cache_mib > 1 << 20 {
+                return bad("cachedStage needs inputs and a cacheMiB under 1 TiB".into());
+            }
+        }
         Ok(())
     }
 
@@ -184,6 +216,8 @@ pub struct Unpacked {
     pub config: ModelConfig,
     /// The TorchScript file to run.
     pub model_file: PathBuf,
+    /// The cached first stage's TorchScript file, if the config declares one.
+    pub stage_file: Option<PathBuf>,
     /// All TorchScript files at the top level.
     pub model_files: Vec<PathBuf>,
     pub handler: PathBuf,
@@ -401,6 +435,19 @@ pub fn inspect(dir: &Path) -> Result<Unpacked, ArchiveError> {
             }
         },
     };
+    let stage_file = match &config.tessera.cached_stage {
+        Some(stage) => {
+            let p = dir.join(&stage.model);
+            if !p.is_file() {
+                return Err(ArchiveError::Invalid(format!(
+                    "cachedStage.model names '{}', which is not in the archive",
+                    stage.model
+                )));
+            }
+            Some(p)
+        }
+        None => None,
+    };
     let mut model_bytes = 0;
     for f in &model_files {
         model_bytes += fs::metadata(f).map_err(io_err(f))?.len();
@@ -410,6 +457,7 @@ pub fn inspect(dir: &Path) -> Result<Unpacked, ArchiveError> {
         dir: dir.to_path_buf(),
         config,
         model_file,
+        stage_file,
         model_files,
         handler,
         handler_hash,

@@ -254,7 +254,7 @@ async fn model_json(app: &Tessera, tenant: &str, name: &str) -> serde_json::Valu
     });
     if let Some(m) = default_resident {
         let c = &m.unpacked.config;
-        v["device"] = json!(crate::runtime::device_name(m.torch.device));
+        v["device"] = json!(crate::runtime::device_name(m.pipeline.device()));
         v["residentBytes"] = json!(m.weight);
         v["loadTimeMs"] = json!(m.load_time.as_millis() as u64);
         v["inFlight"] = json!(m.in_use());
@@ -558,6 +558,11 @@ async fn serve(
                 resp.headers_mut().insert("content-type", ct);
             }
             add_timings(resp.headers_mut(), &timings);
+            if let Some(hit) = timings.stage_cache {
+                let v = if hit { "hit" } else { "miss" };
+                resp.headers_mut()
+                    .insert("x-stage-cache", HeaderValue::from_static(v));
+            }
             if let Ok(v) = HeaderValue::from_str(&timings.version) {
                 resp.headers_mut().insert("x-model-version", v);
             }

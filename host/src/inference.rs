@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError};
 use crate::residency::{blocking, LoadedModel, LoaderConfig, Residency, ResidencyError};
-use crate::runtime::{self, RuntimeError};
+use crate::runtime::{self, PipelineInput, RuntimeError};
 use crate::sandbox::{HandlerRequest, HandlerResponse, Sandbox, SandboxError};
 use crate::store::LocalStore;
 use crate::tenancy::{Tenant, Tenants};
@@ -47,6 +47,8 @@ impl From<ResidencyError> for InferenceError {
 pub struct Timings {
     /// The model version that served the request.
     pub version: String,
+    /// For models with a cached stage: whether its outputs came from the cache.
+    pub stage_cache: Option<bool>,
     pub load: Option<Duration>,
     pub queue: Duration,
     pub preprocess: Duration,
@@ -213,13 +215,27 @@ impl Tessera {
         timings.preprocess = t.elapsed();
 
         let t = Instant::now();
-        let inputs = Arc::new(pre.inputs);
+        let input = Arc::new(PipelineInput {
+            tensors: pre.inputs,
+            cache_key: pre.cache_key,
+            pinned: pre.pinned,
+        });
         let mut queued = Duration::ZERO;
         let outputs = loop {
-            let (result, waited) = model.workers.forward(inputs.clone()).await?;
+            let (result, waited) = model.workers.forward(input.clone()).await?;
             queued += waited;
             match result {
-                Ok(o) => break o,
+                Ok((o, hit)) => {
+                    timings.stage_cache = hit;
+                    if let Some(hit) = hit {
+                        let result = if hit { "hit" } else { "miss" };
+                        self.metrics
+                            .stage_cache
+                            .with_label_values(&[model.key.as_str(), result])
+                            .inc();
+                    }
+                    break o;
+                }
                 Err(RuntimeError::OutOfMemory { message, .. }) => {
                     if !self
                         .residency

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub resident_models: IntGauge,
     /// Requests turned away because a model's queue was full.
     pub rejected: IntCounterVec,
+    /// Cached-stage lookups by model and result (hit, miss).
+    pub stage_cache: IntCounterVec,
 }
 
 impl Metrics {
@@ -96,8 +98,17 @@ impl Metrics {
             &["model"],
         )
         .unwrap();
+        let stage_cache = IntCounterVec::new(
+            Opts::new(
+                "tessera_stage_cache_total",
+                "Cached-stage lookups (e.g. image embeddings) by result",
+            ),
+            &["model", "result"],
+        )
+        .unwrap();
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(stage_cache.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(request_seconds.clone()),
             Box::new(inference_seconds.clone()),
             Box::new(loads.clone()),
@@ -120,6 +131,7 @@ impl Metrics {
             resident_bytes,
             resident_models,
             rejected,
+            stage_cache,
         }
     }
 

@@ -61,7 +61,8 @@ pub struct LoadedModel {
     pub version: String,
     pub url: String,
     pub unpacked: Unpacked,
-    pub torch: Arc<TorchModel>,
+    /// The TorchScript (entry model, and the cached stage if any) on its device.
+    pub pipeline: Arc<runtime::Pipeline>,
     /// The threads that run this model's forwards (maxWorkers of them).
     pub workers: ForwardWorkers,
     pub handler: Handler,
@@ -290,6 +291,35 @@ impl Residency {
         true
     }
 
+    /// Loads one TorchScript file onto `device`; on out-of-memory evicts per policy and retries.
+    async fn load_torch(
+        &self,
+        file: &std::path::Path,
+        device: Device,
+        reg: &Registration,
+    ) -> Result<TorchModel, ResidencyError> {
+        loop {
+            let path = file.to_path_buf();
+            match blocking(move || TorchModel::load(&path, device)).await? {
+                Ok(t) => return Ok(t),
+                Err(RuntimeError::OutOfMemory { message, .. }) => {
+                    if !self
+                        .evict_one(&reg.tenant, &reg.key(), "out-of-memory")
+                        .await
+                    {
+                        return Err(ResidencyError::InsufficientMemory(format!(
+                            "model '{}' does not fit on {} with every model it may evict evicted: {}",
+                            reg.name,
+                            runtime::device_name(device),
+                            message.lines().next().unwrap_or_default()
+                        )));
+                    }
+                }
+                Err(e) => return Err(ResidencyError::Runtime(e)),
+            }
+        }
+    }
+
     async fn load(
         &self,
         reg: &Registration,
@@ -309,7 +339,7 @@ impl Residency {
                     .observe(started.elapsed().as_secs_f64());
                 tracing::info!(
                     model = m.key,
-                    device = runtime::device_name(m.torch.device),
+                    device = runtime::device_name(m.pipeline.device()),
                     bytes = m.weight,
                     ms = started.elapsed().as_millis() as u64,
                     "model loaded"
@@ -352,25 +382,21 @@ impl Residency {
                 break;
             }
         }
-        let torch = loop {
-            let path = unpacked.model_file.clone();
-            match blocking(move || TorchModel::load(&path, device)).await? {
-                Ok(t) => break t,
-                Err(RuntimeError::OutOfMemory { message, .. }) => {
-                    if !self.evict_one(&reg.tenant, &key, "out-of-memory").await {
-                        return Err(ResidencyError::InsufficientMemory(format!(
-                            "model '{}' does not fit on {} with every model it may evict evicted: {}",
-                            reg.name,
-                            runtime::device_name(device),
-                            message.lines().next().unwrap_or_default()
-                        )));
-                    }
-                }
-                Err(e) => return Err(ResidencyError::Runtime(e)),
-            }
+        let stage = match (&unpacked.stage_file, &unpacked.config.tessera.cached_stage) {
+            (Some(file), Some(spec)) => Some(runtime::Stage {
+                model: self.load_torch(file, device, reg).await?,
+                inputs: spec.inputs.clone(),
+                cache: Arc::new(runtime::StageCache::new(spec.cache_mib << 20)),
+            }),
+            _ => None,
         };
-        if torch.held_bytes > self.budget {
-            return Err(too_big("holds", torch.held_bytes));
+        let entry = self.load_torch(&unpacked.model_file, device, reg).await?;
+        let pipeline = runtime::Pipeline { stage, entry };
+        if pipeline.held_bytes() > self.budget {
+            return Err(too_big(
+                "holds (with its stage cache)",
+                pipeline.held_bytes(),
+            ));
         }
         let cap = tenant
             .limits
@@ -394,6 +420,7 @@ impl Residency {
                 .map(|m| (m << 20).min(cap))
                 .unwrap_or(cap),
             max_response_bytes: self.config.max_response_bytes,
+            stage_cache: pipeline.stage.as_ref().map(|s| s.cache.clone()),
         };
         let handler = {
             let (sandbox, path, hash) = (
@@ -404,8 +431,8 @@ impl Residency {
             blocking(move || sandbox.prepare(&path, &hash, env)).await??
         };
         let workers = unpacked.config.max_workers as usize;
-        let torch = Arc::new(torch);
-        let forward = ForwardWorkers::spawn(torch.clone(), workers, &reg.name)
+        let pipeline = Arc::new(pipeline);
+        let forward = ForwardWorkers::spawn(pipeline.clone(), workers, &reg.name)
             .map_err(|e| ResidencyError::Internal(format!("starting forward workers: {e}")))?;
         if unpacked.config.batch_size > 1 {
             tracing::warn!(model = key, batch_size = unpacked.config.batch_size,
@@ -417,8 +444,8 @@ impl Residency {
             name: reg.name.clone(),
             version: reg.version.clone(),
             url: reg.url.clone(),
-            weight: torch.held_bytes,
-            torch,
+            weight: pipeline.held_bytes(),
+            pipeline,
             workers: forward,
             handler,
             loaded_at: SystemTime::now(),

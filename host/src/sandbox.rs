@@ -12,7 +12,7 @@
 //!
 //! Calls here are synchronous and may run for the whole deadline: callers run them on blocking
 //! threads, never on the async runtime.
-use crate::runtime::{DType, HostTensor};
+use crate::runtime::{CachedOutputs, DType, HostTensor, StageCache};
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -114,6 +114,10 @@ pub struct HandlerResponse {
 pub struct Preprocessed {
     pub inputs: Vec<HostTensor>,
     pub context: Vec<u8>,
+    /// The handler's key for the cached stage's outputs.
+    pub cache_key: Option<String>,
+    /// Stage outputs promised to the handler by `is-cached` for `cache_key`.
+    pub pinned: Option<Arc<CachedOutputs>>,
 }
 
 /// Per-model facts a handler instance may see, and its limits.
@@ -127,6 +131,8 @@ pub struct HandlerEnv {
     pub params: HashMap<String, String>,
     pub memory_bytes: u64,
     pub max_response_bytes: usize,
+    /// The model's stage cache, for `is-cached`.
+    pub stage_cache: Option<Arc<StageCache>>,
 }
 
 /// A compiled, pre-linked handler ready to instantiate.
@@ -151,6 +157,8 @@ struct State {
     request_id: String,
     logged: usize,
     dropped: usize,
+    /// Stage outputs `is-cached` answered true for, held until the forward.
+    pinned: Option<(String, Arc<CachedOutputs>)>,
 }
 
 impl WasiView for State {
@@ -191,6 +199,19 @@ impl bindings::tessera::handler::host::Host for State {
             ));
         }
         std::fs::read(&full).map_err(|e| format!("reading asset '{path}': {e}"))
+    }
+
+    fn is_cached(&mut self, key: String) -> bool {
+        let Some(cache) = &self.env.stage_cache else {
+            return false;
+        };
+        match cache.get(&key) {
+            Some(outputs) => {
+                self.pinned = Some((key, outputs));
+                true
+            }
+            None => false,
+        }
     }
 
     fn config_param(&mut self, key: String) -> Option<String> {
@@ -350,6 +371,7 @@ impl Sandbox {
             request_id: request_id.to_string(),
             logged: 0,
             dropped: 0,
+            pinned: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -389,9 +411,15 @@ impl Sandbox {
             .into_iter()
             .map(to_host)
             .collect::<Result<Vec<_>, _>>()?;
+        let pinned = match (store.data_mut().pinned.take(), &out.cache_key) {
+            (Some((key, outputs)), Some(wanted)) if &key == wanted => Some(outputs),
+            _ => None,
+        };
         Ok(Preprocessed {
             inputs,
             context: out.context,
+            cache_key: out.cache_key,
+            pinned,
         })
     }
 

@@ -70,6 +70,7 @@ impl tessera_sdk::Handler for Chaos {
         Ok(ModelInput {
             inputs,
             context: mode.into_bytes(),
+            cache_key: None,
         })
     }
 

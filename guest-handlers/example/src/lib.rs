@@ -49,7 +49,11 @@ impl tessera_sdk::Handler for Example {
         ];
         let context = serde_json::to_vec(&Context { jpeg })
             .map_err(|e| HandlerError::Internal(e.to_string()))?;
-        Ok(ModelInput { inputs, context })
+        Ok(ModelInput {
+            inputs,
+            context,
+            cache_key: None,
+        })
     }
 
     fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {

@@ -74,7 +74,11 @@ impl tessera_sdk::Handler for Lama {
             jpeg,
         })
         .map_err(|e| HandlerError::Internal(e.to_string()))?;
-        Ok(ModelInput { inputs, context })
+        Ok(ModelInput {
+            inputs,
+            context,
+            cache_key: None,
+        })
     }
 
     fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {

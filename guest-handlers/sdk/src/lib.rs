@@ -50,6 +50,12 @@ pub fn param<T: std::str::FromStr>(key: &str) -> Option<T> {
     host::config_param(key).and_then(|v| v.parse().ok())
 }
 
+/// Whether the host holds the cached stage's outputs for `key` (see `model-input.cache-key`);
+/// when true, the stage's inputs may be omitted from this request.
+pub fn is_cached(key: &str) -> bool {
+    host::is_cached(key)
+}
+
 /// Logs one line to the server log (rate-limited by the host).
 pub fn log(level: LogLevel, message: &str) {
     host::log(level, message)

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
+mod pipeline;
 mod workers;
+pub use pipeline::{CachedOutputs, Pipeline, PipelineInput, Stage, StageCache};
 pub use workers::ForwardWorkers;
 
 mod cuda {
@@ -313,12 +315,19 @@ impl TorchModel {
     /// `Dict[str, Tensor]` keeps its keys.
     pub fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, RuntimeError> {
         let _guard = tch::no_grad_guard();
-        let args: Vec<IValue> = inputs
+        let args = inputs
             .iter()
             .map(|t| IValue::Tensor(t.to_tch(self.device)))
             .collect();
+        let mut outputs = Vec::new();
+        collect_outputs(self.forward_values(args)?, None, &mut outputs)?;
+        Ok(outputs)
+    }
+
+    /// `forward` on values already on the device; the caller holds a no-grad guard.
+    fn forward_values(&self, args: Vec<IValue>) -> Result<IValue, RuntimeError> {
         let module = self.module.as_ref().expect("module present until drop");
-        let out = module.forward_is(&args).map_err(|e| {
+        module.forward_is(&args).map_err(|e| {
             let m = e.to_string();
             if is_oom(&m) {
                 RuntimeError::OutOfMemory {
@@ -328,10 +337,7 @@ impl TorchModel {
             } else {
                 RuntimeError::Forward(first_line(&m))
             }
-        })?;
-        let mut outputs = Vec::new();
-        collect_outputs(out, None, &mut outputs)?;
-        Ok(outputs)
+        })
     }
 }
 

@@ -6,16 +6,20 @@
 //! channel; each thread takes the next job, runs it and answers on a oneshot. Dropping the
 //! [`ForwardWorkers`] closes the channel: the threads finish their current job, exit, and the
 //! last one frees the model.
-use super::{HostTensor, RuntimeError, TorchModel};
+use super::{HostTensor, Pipeline, PipelineInput, RuntimeError};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-type Reply = (Result<Vec<HostTensor>, RuntimeError>, Duration);
+/// The outputs (and whether the stage cache answered), and the time the job queued.
+type Reply = (
+    Result<(Vec<HostTensor>, Option<bool>), RuntimeError>,
+    Duration,
+);
 
 struct Job {
-    inputs: Arc<Vec<HostTensor>>,
+    input: Arc<PipelineInput>,
     queued: Instant,
     reply: oneshot::Sender<Reply>,
 }
@@ -28,7 +32,7 @@ pub struct ForwardWorkers {
 impl ForwardWorkers {
     /// Starts `threads` workers sharing `model`.
     pub fn spawn(
-        model: Arc<TorchModel>,
+        model: Arc<Pipeline>,
         threads: usize,
         name: &str,
     ) -> std::io::Result<ForwardWorkers> {
@@ -52,7 +56,7 @@ impl ForwardWorkers {
                     let Ok(job) = job else { break };
                     let queue = job.queued.elapsed();
                     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        model.forward(&job.inputs)
+                        model.forward(&job.input)
                     }))
                     .unwrap_or_else(|_| Err(RuntimeError::Forward("forward panicked".into())));
                     let _ = job.reply.send((out, queue));
@@ -62,11 +66,11 @@ impl ForwardWorkers {
     }
 
     /// Runs one forward on the next free worker; returns its result and the time it queued.
-    pub async fn forward(&self, inputs: Arc<Vec<HostTensor>>) -> Result<Reply, RuntimeError> {
+    pub async fn forward(&self, input: Arc<PipelineInput>) -> Result<Reply, RuntimeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job {
-                inputs,
+                input,
                 queued: Instant::now(),
                 reply,
             })

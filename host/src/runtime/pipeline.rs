@@ -1,0 +1,239 @@
+//! A model's full forward: an optional cached first stage, then the entry model.
+//!
+//! The first stage (SAM's image encoder, say) is the expensive part that many requests share.
+//! Its outputs stay on the device in a [`StageCache`] keyed by the handler's cache key,
+//! bounded in bytes (LRU), so a later request with the same key runs only the entry model.
+//! The cache belongs to one loaded model version, so it is scoped to its tenant and model,
+//! and its capacity is reserved in the residency budget by the caller.
+use super::{collect_outputs, HostTensor, RuntimeError, TorchModel};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tch::{Device, IValue, Tensor};
+
+/// Stage outputs kept on the device.
+pub struct CachedOutputs {
+    tensors: Vec<Tensor>,
+    bytes: u64,
+}
+
+// SAFETY: cached tensors are never mutated after insertion; readers only take
+// `shallow_clone`s, which bump c10's atomic reference count.
+unsafe impl Sync for CachedOutputs {}
+
+impl CachedOutputs {
+    fn new(tensors: Vec<Tensor>) -> CachedOutputs {
+        let bytes = tensors
+            .iter()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum();
+        CachedOutputs { tensors, bytes }
+    }
+}
+
+/// LRU cache of stage outputs, bounded in bytes.
+pub struct StageCache {
+    capacity: u64,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    entries: HashMap<String, (Arc<CachedOutputs>, u64)>,
+    bytes: u64,
+    tick: u64,
+}
+
+impl std::fmt::Debug for StageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.lock().unwrap();
+        write!(
+            f,
+            "StageCache({} entries, {}/{} bytes)",
+            inner.entries.len(),
+            inner.bytes,
+            self.capacity
+        )
+    }
+}
+
+impl StageCache {
+    pub fn new(capacity: u64) -> StageCache {
+        StageCache {
+            capacity,
+            inner: Mutex::new(CacheInner::default()),
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The outputs under `key`, marked recently used.
+    pub fn get(&self, key: &str) -> Option<Arc<CachedOutputs>> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.tick += 1;
+        let tick = inner.tick;
+        let entry = inner.entries.get_mut(key)?;
+        entry.1 = tick;
+        Some(entry.0.clone())
+    }
+
+    /// Keeps `outputs` under `key`, evicting least recently used entries to fit. Outputs
+    /// larger than the whole cache are not kept.
+    fn insert(&self, key: &str, outputs: Arc<CachedOutputs>) {
+        if outputs.bytes > self.capacity {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap();
+        if let Some((old, _)) = inner.entries.remove(key) {
+            inner.bytes -= old.bytes;
+        }
+        while inner.bytes + outputs.bytes > self.capacity {
+            let Some(oldest) = inner
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            let (gone, _) = inner.entries.remove(&oldest).expect("present");
+            inner.bytes -= gone.bytes;
+        }
+        inner.tick += 1;
+        let tick = inner.tick;
+        inner.bytes += outputs.bytes;
+        inner.entries.insert(key.to_string(), (outputs, tick));
+    }
+}
+
+/// The cached first stage.
+pub struct Stage {
+    pub model: TorchModel,
+    /// Handler tensor names the stage consumes, in order.
+    pub inputs: Vec<String>,
+    pub cache: Arc<StageCache>,
+}
+
+/// Everything a forward needs from the handler.
+pub struct PipelineInput {
+    pub tensors: Vec<HostTensor>,
+    pub cache_key: Option<String>,
+    /// Stage outputs the handler was promised by `is-cached` (held so they cannot vanish).
+    pub pinned: Option<Arc<CachedOutputs>>,
+}
+
+/// A loaded model: optional cached stage + entry model.
+pub struct Pipeline {
+    pub stage: Option<Stage>,
+    pub entry: TorchModel,
+}
+
+impl Pipeline {
+    pub fn device(&self) -> Device {
+        self.entry.device
+    }
+
+    /// Bytes held on the device, with the stage cache's full capacity reserved.
+    pub fn held_bytes(&self) -> u64 {
+        self.entry.held_bytes
+            + self
+                .stage
+                .as_ref()
+                .map_or(0, |s| s.model.held_bytes + s.cache.capacity())
+    }
+
+    /// Runs the stage (unless its outputs are cached) and the entry model. Returns the
+    /// outputs and, for a model with a stage, whether the cache answered.
+    pub fn forward(
+        &self,
+        input: &PipelineInput,
+    ) -> Result<(Vec<HostTensor>, Option<bool>), RuntimeError> {
+        let Some(stage) = &self.stage else {
+            return Ok((self.entry.forward(&input.tensors)?, None));
+        };
+        let _guard = tch::no_grad_guard();
+        let cached = input
+            .pinned
+            .clone()
+            .or_else(|| input.cache_key.as_deref().and_then(|k| stage.cache.get(k)));
+        let hit = cached.is_some();
+        let outputs = match cached {
+            Some(c) => c,
+            None => {
+                let args = stage
+                    .inputs
+                    .iter()
+                    .map(|name| {
+                        input.tensors.iter().find(|t| &t.name == name).map(|t| IValue::Tensor(t.to_tch(self.device()))).ok_or_else(
+                            || RuntimeError::Input(format!("the cached stage needs input '{name}', which the handler did not send")),
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let tensors = match stage.model.forward_values(args)? {
+                    IValue::Tensor(t) => vec![t],
+                    IValue::Tuple(items) | IValue::GenericList(items) => items
+                        .into_iter()
+                        .map(|v| match v {
+                            IValue::Tensor(t) => Ok(t),
+                            other => Err(RuntimeError::Output(format!(
+                                "cached stage returned {other:?}"
+                            ))),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    other => {
+                        return Err(RuntimeError::Output(format!(
+                            "cached stage returned {other:?}"
+                        )))
+                    }
+                };
+                let outputs = Arc::new(CachedOutputs::new(tensors));
+                if let Some(key) = &input.cache_key {
+                    stage.cache.insert(key, outputs.clone());
+                }
+                outputs
+            }
+        };
+        let mut args: Vec<IValue> = outputs
+            .tensors
+            .iter()
+            .map(|t| IValue::Tensor(t.shallow_clone()))
+            .collect();
+        args.extend(
+            input
+                .tensors
+                .iter()
+                .filter(|t| !stage.inputs.contains(&t.name))
+                .map(|t| IValue::Tensor(t.to_tch(self.device()))),
+        );
+        let mut out = Vec::new();
+        collect_outputs(self.entry.forward_values(args)?, None, &mut out)?;
+        Ok((out, Some(hit)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outputs(n: i64) -> Arc<CachedOutputs> {
+        Arc::new(CachedOutputs::new(vec![Tensor::zeros(
+            [n],
+            (tch::Kind::Uint8, Device::Cpu),
+        )]))
+    }
+
+    #[test]
+    fn stage_cache_is_lru_and_bounded() {
+        let cache = StageCache::new(100);
+        cache.insert("a", outputs(40));
+        cache.insert("b", outputs(40));
+        assert!(cache.get("a").is_some()); // a is now the most recent
+        cache.insert("c", outputs(40)); // evicts b
+        assert!(cache.get("b").is_none());
+        assert!(cache.get("a").is_some() && cache.get("c").is_some());
+        cache.insert("huge", outputs(101)); // bigger than the cache: not kept
+        assert!(cache.get("huge").is_none());
+        assert!(cache.get("a").is_some());
+    }
+}
