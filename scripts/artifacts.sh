@@ -7,9 +7,9 @@ mkdir -p "$A/handlers" "$A/example"
 
 echo "==> building handler components"
 cargo build -q --profile guest --target wasm32-wasip2 \
-  -p tessera-handler-example -p tessera-handler-chaos -p tessera-handler-lama \
+  -p tessera-handler-example -p tessera-handler-chaos -p tessera-handler-lama -p tessera-handler-sam \
   -p tessera-test-other-world
-for h in example chaos lama; do
+for h in example chaos lama sam; do
   cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_handler_$h.wasm" "$A/handlers/$h.wasm"
 done
 cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_test_other_world.wasm" "$A/handlers/other-world.wasm"
@@ -22,3 +22,7 @@ python models/example/export.py --oom --out "$A/example/model-oom.pt"
 echo "==> exporting tiny LaMa"
 mkdir -p "$A/lama"
 python models/lama/export.py --tiny --out "$A/lama/model.pt" --save-state-dict "$A/lama/generator.pth"
+
+echo "==> exporting tiny SAM"
+mkdir -p "$A/sam"
+python models/sam/export.py --tiny --seed 7 --out-dir "$A/sam" --save-state-dict "$A/sam/sam.pth"

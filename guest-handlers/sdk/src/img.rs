@@ -26,8 +26,9 @@ fn detect(field: &str, bytes: &[u8]) -> Result<ImageFormat, HandlerError> {
     }
 }
 
-/// Decodes PNG or JPEG bytes, checking the pixel count against the limit *before* decoding.
-pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, HandlerError> {
+/// Width and height from the image header alone (no pixel decoding), checked against the
+/// pixel limit.
+pub fn dimensions(field: &str, bytes: &[u8]) -> Result<(u32, u32), HandlerError> {
     let format = detect(field, bytes)?;
     let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
     let (w, h) = reader
@@ -45,7 +46,13 @@ pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, HandlerError> {
             "field '{field}': image is empty"
         )));
     }
-    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+    Ok((w, h))
+}
+
+/// Decodes PNG or JPEG bytes, checking the pixel count against the limit *before* decoding.
+pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, HandlerError> {
+    dimensions(field, bytes)?;
+    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), detect(field, bytes)?);
     reader.no_limits();
     reader
         .decode()
@@ -55,6 +62,33 @@ pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, HandlerError> {
 /// Decodes to 8-bit RGB.
 pub fn decode_rgb(field: &str, bytes: &[u8]) -> Result<RgbImage, HandlerError> {
     Ok(decode(field, bytes)?.to_rgb8())
+}
+
+/// Dilates a binary `w`x`h` mask once with a `k`x`k` square of ones, as OpenCV's
+/// `cv2.dilate(mask, np.ones((k, k)))` does: anchor at the kernel's centre (`k / 2`), pixels
+/// outside the image ignored. Separable: a running max along rows, then along columns.
+pub fn dilate_square(mask: &[u8], w: usize, h: usize, k: usize) -> Vec<u8> {
+    if k <= 1 || w == 0 || h == 0 {
+        return mask.to_vec();
+    }
+    let (before, after) = (k / 2, k - 1 - k / 2);
+    let window_max = |get: &dyn Fn(usize) -> u8, n: usize, out: &mut dyn FnMut(usize, u8)| {
+        for i in 0..n {
+            let lo = i.saturating_sub(before);
+            let hi = (i + after).min(n - 1);
+            out(i, (lo..=hi).map(get).max().unwrap_or(0));
+        }
+    };
+    let mut rows = vec![0u8; w * h];
+    for y in 0..h {
+        let row = &mask[y * w..(y + 1) * w];
+        window_max(&|x| row[x], w, &mut |x, v| rows[y * w + x] = v);
+    }
+    let mut out = vec![0u8; w * h];
+    for x in 0..w {
+        window_max(&|y| rows[y * w + x], h, &mut |y, v| out[y * w + x] = v);
+    }
+    out
 }
 
 /// Encodes as PNG (lossless).
@@ -110,6 +144,26 @@ pub fn rgb_from_tensor(
     }
     let rgb = RgbImage::from_raw(cw as u32, ch as u32, pixels).expect("size matches");
     Ok(DynamicImage::from(rgb))
+}
+
+/// The size SAM's `ResizeLongestSide(target)` gives an `w`x`h` image: the longest side becomes
+/// `target`, the other is scaled and rounded half up.
+pub fn longest_side_shape(w: u32, h: u32, target: u32) -> (u32, u32) {
+    let scale = target as f64 / w.max(h) as f64;
+    (
+        (w as f64 * scale + 0.5) as u32,
+        (h as f64 * scale + 0.5) as u32,
+    )
+}
+
+/// Resizes so the longest side is `target`, with a triangle (bilinear, antialiased when
+/// shrinking) filter — what PIL's `Image.resize(..., BILINEAR)` does for SAM's predictor.
+pub fn resize_longest_side(img: &RgbImage, target: u32) -> RgbImage {
+    let (w, h) = longest_side_shape(img.width(), img.height(), target);
+    if (w, h) == img.dimensions() {
+        return img.clone();
+    }
+    image::imageops::resize(img, w, h, FilterType::Triangle)
 }
 
 /// Resizes to exactly `w`x`h` with the given filter.
@@ -168,6 +222,25 @@ pub fn pad_symmetric(data: &[u8], w: usize, h: usize, c: usize, pw: usize, ph: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dilation_matches_opencv_anchor() {
+        // cv2: dst(x) = max src(x + i - anchor), i in 0..k, anchor = k / 2. For k = 4 a pixel at
+        // 3 lights x in 2..=5; for k = 3, x in 2..=4.
+        let mut m = vec![0u8; 7];
+        m[3] = 1;
+        assert_eq!(dilate_square(&m, 7, 1, 4), vec![0, 0, 1, 1, 1, 1, 0]);
+        assert_eq!(dilate_square(&m, 7, 1, 3), vec![0, 0, 1, 1, 1, 0, 0]);
+        let mut sq = vec![0u8; 25];
+        sq[12] = 1; // centre of 5x5
+        assert_eq!(
+            dilate_square(&sq, 5, 5, 3)
+                .iter()
+                .filter(|v| **v == 1)
+                .count(),
+            9
+        );
+    }
 
     #[test]
     fn symmetric_padding_matches_numpy() {

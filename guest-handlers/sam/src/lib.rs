@@ -1,0 +1,200 @@
+//! Segment Anything handler: a click on a photo -> the object's mask.
+//!
+//! Request (the seed's): JSON `{"image": <base64 PNG/JPEG>, "gen_args": <JSON string or object>}`
+//! with `gen_args` = `{"point_coords": [x, y] | [[x, y], ...], "point_labels": 1 | [1, 0, ...],
+//! "dilate_kernel_size": 15, "mask_index": 1 | 0 | 2 | "best"}`. Coordinates are pixels of the
+//! original image; labels 1 (foreground) / 0 (background).
+//! Response: `{"generated_image": <base64 PNG, 0/255 mask at the original size>, "scores": [3
+//! predicted IoUs], "mask_index": i}`. The seed took SAM's second mask (index 1) and sent JPEG;
+//! index 1 stays the default, PNG keeps the mask exact.
+//!
+//! The image encoder is the archive's cached stage: the request's image (its base64 text,
+//! hashed) is the cache key, so a second click on the same photo skips decoding, resizing and
+//! the encoder, and runs only the prompt decoder.
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
+
+const MAX_POINTS: usize = 64;
+const DEFAULT_MASK: usize = 1;
+
+struct Sam;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GenArgs {
+    point_coords: Option<Value>,
+    point_labels: Option<Value>,
+    dilate_kernel_size: Option<u32>,
+    mask_index: Option<Value>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Context {
+    /// `None` picks the highest predicted IoU.
+    mask_index: Option<usize>,
+    dilate: u32,
+}
+
+fn points(v: Option<&Value>) -> Result<Vec<[f32; 2]>, HandlerError> {
+    let bad = || HandlerError::bad("gen_args.point_coords must be [x, y] or [[x, y], ...]");
+    let pair = |v: &Value| -> Result<[f32; 2], HandlerError> {
+        match v.as_array().map(|a| a.as_slice()) {
+            Some([x, y]) => Ok([
+                x.as_f64().ok_or_else(bad)? as f32,
+                y.as_f64().ok_or_else(bad)? as f32,
+            ]),
+            _ => Err(bad()),
+        }
+    };
+    let v = v.ok_or_else(|| HandlerError::bad("missing gen_args.point_coords"))?;
+    let list = v.as_array().ok_or_else(bad)?;
+    if list.first().is_some_and(Value::is_number) {
+        return Ok(vec![pair(v)?]);
+    }
+    if list.is_empty() || list.len() > MAX_POINTS {
+        return Err(HandlerError::bad(format!(
+            "gen_args.point_coords needs 1 to {MAX_POINTS} points"
+        )));
+    }
+    list.iter().map(pair).collect()
+}
+
+fn labels(v: Option<&Value>, n: usize) -> Result<Vec<f32>, HandlerError> {
+    let one = |v: &Value| match v.as_i64() {
+        Some(l @ (0 | 1)) => Ok(l as f32),
+        _ => Err(HandlerError::bad(
+            "gen_args.point_labels must be 1 (foreground) or 0 (background)",
+        )),
+    };
+    match v {
+        None => Ok(vec![1.0; n]),
+        Some(Value::Array(list)) if list.len() == n => list.iter().map(one).collect(),
+        Some(Value::Array(list)) => Err(HandlerError::bad(format!(
+            "gen_args.point_labels has {} labels for {n} points",
+            list.len()
+        ))),
+        Some(v) => Ok(vec![one(v)?; n]),
+    }
+}
+
+fn mask_index(v: Option<&Value>) -> Result<Option<usize>, HandlerError> {
+    match v {
+        None => Ok(Some(DEFAULT_MASK)),
+        Some(Value::String(s)) if s == "best" => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(i @ 0..=2) => Ok(Some(i as usize)),
+            _ => Err(HandlerError::bad(
+                "gen_args.mask_index must be 0, 1, 2 or \"best\"",
+            )),
+        },
+    }
+}
+
+impl tessera_sdk::Handler for Sam {
+    fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
+        let body = json::body(&req)?;
+        let encoded = json::str_field(&body, "image")?;
+        let args: GenArgs = json::nested(&body, "gen_args")?;
+        let points = points(args.point_coords.as_ref())?;
+        let labels = labels(args.point_labels.as_ref(), points.len())?;
+        let max_dilate = tessera_sdk::param::<u32>("max_dilate_kernel_size").unwrap_or(101);
+        let dilate = args.dilate_kernel_size.unwrap_or(0);
+        if dilate > max_dilate {
+            return Err(HandlerError::bad(format!(
+                "gen_args.dilate_kernel_size must be at most {max_dilate}"
+            )));
+        }
+        let context = Context {
+            mask_index: mask_index(args.mask_index.as_ref())?,
+            dilate,
+        };
+
+        let bytes = b64::decode("image", encoded)?;
+        let (w, h) = img::dimensions("image", &bytes)?;
+        for (i, [x, y]) in points.iter().enumerate() {
+            if !(0.0..w as f32).contains(x) || !(0.0..h as f32).contains(y) {
+                return Err(HandlerError::bad(format!(
+                    "point {i} ({x}, {y}) is outside the {w}x{h} image"
+                )));
+            }
+        }
+        let key = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(encoded.as_bytes()));
+        let mut inputs = Vec::with_capacity(4);
+        if !tessera_sdk::is_cached(&key) {
+            let rgb = img::decode_rgb("image", &bytes)?;
+            let resized = img::resize_longest_side(&rgb, 1024);
+            let (rw, rh) = resized.dimensions();
+            inputs.push(Tensor::from_u8(
+                "image",
+                &[rh as u64, rw as u64, 3],
+                resized.into_raw(),
+            )?);
+        }
+        let flat: Vec<f32> = points.iter().flatten().copied().collect();
+        inputs.push(Tensor::from_f32(
+            "point_coords",
+            &[points.len() as u64, 2],
+            &flat,
+        )?);
+        inputs.push(Tensor::from_f32(
+            "point_labels",
+            &[points.len() as u64],
+            &labels,
+        )?);
+        inputs.push(Tensor::from_i64("orig_hw", &[2], &[h as i64, w as i64])?);
+        let context =
+            serde_json::to_vec(&context).map_err(|e| HandlerError::Internal(e.to_string()))?;
+        Ok(ModelInput {
+            inputs,
+            context,
+            cache_key: Some(key),
+        })
+    }
+
+    fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {
+        let ctx: Context =
+            serde_json::from_slice(&context).map_err(|e| HandlerError::Internal(e.to_string()))?;
+        let [masks, iou] = &outputs[..] else {
+            return Err(HandlerError::Internal(format!(
+                "expected (masks, iou), got {} outputs",
+                outputs.len()
+            )));
+        };
+        let [n, h, w] = masks.shape[..] else {
+            return Err(HandlerError::Internal(format!(
+                "expected masks [3, H, W], got {:?}",
+                masks.shape
+            )));
+        };
+        let scores = iou.view().f32()?;
+        let idx = match ctx.mask_index {
+            Some(i) => i,
+            None => scores
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i)
+                .unwrap_or(0),
+        };
+        if idx as u64 >= n {
+            return Err(HandlerError::Internal(format!("mask {idx} of {n}")));
+        }
+        let (w, h) = (w as usize, h as usize);
+        let plane = &masks.view().u8()?[idx * w * h..(idx + 1) * w * h];
+        let dilated = img::dilate_square(plane, w, h, ctx.dilate as usize);
+        let mask: Vec<u8> = dilated
+            .iter()
+            .map(|&v| if v > 0 { 255 } else { 0 })
+            .collect();
+        let gray = img::GrayImage::from_raw(w as u32, h as u32, mask).expect("size matches");
+        let png = img::encode_png(&img::DynamicImage::from(gray))?;
+        Response::json(&serde_json::json!({
+            "generated_image": b64::encode(&png),
+            "scores": scores,
+            "mask_index": idx,
+        }))
+    }
+}
+
+tessera_sdk::export_handler!(Sam);

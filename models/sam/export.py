@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Export Segment Anything (reference code: PyPI `segment-anything-py`) to TorchScript for
+Tessera, split in two so the expensive part is reused:
+
+  encoder.pt  image (uint8 [h, w, 3], longest side already resized to 1024 by the handler)
+              -> image embeddings [1, 256, 64, 64]. Normalisation and padding to 1024² are
+              done here, as SamPredictor does them.
+  decoder.pt  (image embeddings, point_coords f32 [N, 2] in original pixels, point_labels
+              f32 [N], orig_hw i64 [2]) -> (masks uint8 [3, H, W] in {0, 1} at the original
+              size, iou_predictions f32 [3]). Coordinate scaling, the padding point SAM adds
+              without a box, mask upscaling, crop and threshold are done here.
+
+Weights: --checkpoint sam_vit_h_4b8939.pth (official), --random (full size), or --tiny (the same
+architecture, CI-sized). --variant vit_b | vit_l | vit_h.
+
+    python models/sam/export.py --variant vit_b --random --out-dir build/sam_vit_b
+"""
+import argparse
+import os
+from functools import partial
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+IMG = 1024
+
+
+def tiny_sam() -> Sam:
+    """SAM's architecture at CI size: a 2-block ViT (one windowed, one global), 32-dim prompts."""
+    dim = 32
+    return Sam(
+        image_encoder=ImageEncoderViT(depth=2, embed_dim=48, img_size=IMG, mlp_ratio=2,
+                                      norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16,
+                                      qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=14,
+                                      out_chans=dim),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(IMG // 16, IMG // 16),
+                                     input_image_size=(IMG, IMG), mask_in_chans=4),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+                                 transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def randomize(sam: Sam, seed: int) -> None:
+    """Random weights that keep activations in range (the defaults leave some layers at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def build(variant: str, checkpoint, tiny: bool, seed: int) -> Sam:
+    # Buffers (the prompt encoder's random Fourier features) come from the global generator.
+    torch.manual_seed(seed)
+    if tiny:
+        sam = tiny_sam()
+        randomize(sam, seed)
+    else:
+        sam = sam_model_registry[variant](checkpoint=None)
+        if checkpoint:
+            state = torch.load(checkpoint, map_location="cpu")
+            sam.load_state_dict(state, strict=True)
+        else:
+            randomize(sam, seed)
+    return sam.eval()
+
+
+# TorchScript cannot read module globals: the scripted wrappers spell 1024 (SAM's input
+# size) out.
+class Encoder(nn.Module):
+    """uint8 [h, w, 3] (longest side 1024) -> embeddings; wraps the traced ViT."""
+
+    def __init__(self, vit: nn.Module, mean: Tensor, std: Tensor):
+        super().__init__()
+        self.vit = vit
+        self.register_buffer("mean", mean.reshape(1, 3, 1, 1))
+        self.register_buffer("std", std.reshape(1, 3, 1, 1))
+
+    def forward(self, image: Tensor) -> Tensor:
+        x = image.permute(2, 0, 1).unsqueeze(0).to(self.mean.dtype)
+        x = (x - self.mean) / self.std
+        h, w = x.shape[-2], x.shape[-1]
+        x = F.pad(x, [0, 1024 - w, 0, 1024 - h])
+        return self.vit(x)
+
+
+class PromptCore(nn.Module):
+    """Prompt encoder (points only, plus SAM's padding point) and mask decoder, written with
+    trace-friendly tensor ops so the traced graph takes any number of points."""
+
+    def __init__(self, sam: Sam):
+        super().__init__()
+        self.prompt = sam.prompt_encoder
+        self.decoder = sam.mask_decoder
+
+    def forward(self, emb: Tensor, coords: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        # coords [1, N, 2] in the 1024-frame, labels [1, N]; SAM appends a "not a point".
+        pad_c = torch.zeros_like(coords[:, :1])
+        pad_l = -torch.ones_like(labels[:, :1])
+        coords = torch.cat([coords, pad_c], dim=1) + 0.5
+        labels = torch.cat([labels, pad_l], dim=1)
+        pe = self.prompt.pe_layer.forward_with_coords(coords, (IMG, IMG))
+        lab = labels.unsqueeze(-1)
+        pe = pe * (lab != -1)
+        pe = pe + self.prompt.not_a_point_embed.weight * (lab == -1)
+        pe = pe + self.prompt.point_embeddings[0].weight * (lab == 0)
+        pe = pe + self.prompt.point_embeddings[1].weight * (lab == 1)
+        dense = self.prompt.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            1, -1, emb.shape[-2], emb.shape[-1])
+        masks, iou = self.decoder(image_embeddings=emb, image_pe=self.prompt.get_dense_pe(),
+                                  sparse_prompt_embeddings=pe, dense_prompt_embeddings=dense,
+                                  multimask_output=True)
+        return masks, iou
+
+
+class Decoder(nn.Module):
+    """Embeddings + points in original pixels -> 3 masks at the original size + IoU scores."""
+
+    def __init__(self, core: nn.Module, threshold: float = 0.0):
+        super().__init__()
+        self.core = core
+        self.threshold = threshold
+
+    def forward(self, emb: Tensor, point_coords: Tensor, point_labels: Tensor, orig_hw: Tensor) -> Tuple[Tensor, Tensor]:
+        h = int(orig_hw[0])
+        w = int(orig_hw[1])
+        scale = 1024.0 / float(max(h, w))
+        newh = int(h * scale + 0.5)
+        neww = int(w * scale + 0.5)
+        coords = point_coords.to(emb.dtype).clone()
+        coords[:, 0] = coords[:, 0] * (float(neww) / float(w))
+        coords[:, 1] = coords[:, 1] * (float(newh) / float(h))
+        low_res, iou = self.core(emb, coords.unsqueeze(0), point_labels.to(emb.dtype).unsqueeze(0))
+        masks = F.interpolate(low_res.float(), [1024, 1024], mode="bilinear", align_corners=False)
+        masks = masks[..., :newh, :neww]
+        masks = F.interpolate(masks, [h, w], mode="bilinear", align_corners=False)
+        return (masks[0] > self.threshold).to(torch.uint8), iou[0].float()
+
+
+def export(sam: Sam, out_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    sam = sam.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        vit = torch.jit.trace(sam.image_encoder, torch.zeros(1, 3, IMG, IMG, device=device, dtype=dtype))
+        enc = torch.jit.script(Encoder(vit, sam.pixel_mean.reshape(3).to(dtype), sam.pixel_std.reshape(3).to(dtype)))
+        enc.save(os.path.join(out_dir, "encoder.pt"))
+        emb = torch.zeros(1, sam.prompt_encoder.embed_dim, IMG // 16, IMG // 16, device=device, dtype=dtype)
+        core = torch.jit.trace(PromptCore(sam), (emb, torch.zeros(1, 2, 2, device=device, dtype=dtype),
+                                                torch.ones(1, 2, device=device, dtype=dtype)))
+        torch.jit.script(Decoder(core)).save(os.path.join(out_dir, "decoder.pt"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint")
+    src.add_argument("--random", action="store_true")
+    src.add_argument("--tiny", action="store_true")
+    ap.add_argument("--variant", default="vit_h", choices=["vit_b", "vit_l", "vit_h"])
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--save-state-dict", help="also save the weights (for parity tests)")
+    args = ap.parse_args()
+    sam = build(args.variant, args.checkpoint, args.tiny, args.seed)
+    if args.save_state_dict:
+        torch.save(sam.state_dict(), args.save_state_dict)
+    export(sam, args.out_dir, args.device)
+    n = sum(p.numel() for p in sam.parameters())
+    print(f"wrote {args.out_dir}/encoder.pt, decoder.pt: {'tiny' if args.tiny else args.variant}, {n / 1e6:.1f} M parameters")
+
+
+if __name__ == "__main__":
+    main()
