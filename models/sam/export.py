@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--save-state-dict", help="also save the weights (for parity tests)")
     args = ap.parse_args()
     sam = build(args.variant, args.checkpoint, args.tiny, args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
     if args.save_state_dict:
         torch.save(sam.state_dict(), args.save_state_dict)
     export(sam, args.out_dir, args.device)
