@@ -120,10 +120,26 @@ class PromptCore(nn.Module):
         pe = pe + self.prompt.point_embeddings[1].weight * (lab == 1)
         dense = self.prompt.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
             1, -1, emb.shape[-2], emb.shape[-1])
-        masks, iou = self.decoder(image_embeddings=emb, image_pe=self.prompt.get_dense_pe(),
-                                  sparse_prompt_embeddings=pe, dense_prompt_embeddings=dense,
-                                  multimask_output=True)
-        return masks, iou
+        return self.decode(emb, pe, dense)
+
+    def decode(self, emb: Tensor, sparse: Tensor, dense: Tensor) -> Tuple[Tensor, Tensor]:
+        """MaskDecoder.predict_masks for a batch of one, with the three multimask outputs.
+        Written out because its `repeat_interleave(..., tokens.shape[0])` traces into a
+        CPU-side count that breaks the graph on CUDA; with one image it is the identity."""
+        d = self.decoder
+        tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0).unsqueeze(0)
+        tokens = torch.cat((tokens, sparse), dim=1)
+        src = emb + dense
+        b, c, h, w = src.shape
+        hs, src = d.transformer(src, self.prompt.get_dense_pe(), tokens)
+        iou_out = hs[:, 0, :]
+        mask_out = hs[:, 1: 1 + d.num_mask_tokens, :]
+        up = d.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1)
+        b, c, h, w = up.shape
+        masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        iou = d.iou_prediction_head(iou_out)
+        return masks[:, 1:], iou[:, 1:]
 
 
 class Decoder(nn.Module):
