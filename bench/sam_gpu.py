@@ -88,21 +88,25 @@ def main():
         load_s = time.perf_counter() - t0
         for b in bodies[-3:-1]:  # warm-up (new photos)
             request("POST", url, b, hdr)
-        first, first_fwd, repeat, repeat_fwd = [], [], [], []
+        first, first_fwd, repeat, repeat_fwd, handler_first, handler_repeat = [], [], [], [], [], []
         for b in bodies[: args.n]:
             status, data, hd, t = request("POST", url, b, hdr)
             assert status == 200 and hd.get("x-stage-cache") == "miss", (status, hd)
             first.append(t)
             first_fwd.append(float(hd["x-inference-time"]) / 1e3)
+            handler_first.append((float(hd["x-preprocess-time"]) + float(hd["x-postprocess-time"])) / 1e3)
             status, data, hd, t = request("POST", url, b, hdr)
             assert status == 200 and hd.get("x-stage-cache") == "hit", (status, hd)
             repeat.append(t)
             repeat_fwd.append(float(hd["x-inference-time"]) / 1e3)
+            handler_repeat.append((float(hd["x-preprocess-time"]) + float(hd["x-postprocess-time"])) / 1e3)
         models = json.loads(request("GET", f"{base}/models")[1])["models"]
         held = [m for m in models if m["modelName"] == f"sam-{v}"][0].get("residentBytes")
         results["runs"][v] = {"first_request_with_load_s": load_s, "first_click_http": summary(first),
                               "first_click_forward": summary(first_fwd), "repeat_click_http": summary(repeat),
-                              "repeat_click_forward": summary(repeat_fwd), "resident_bytes": held}
+                              "repeat_click_forward": summary(repeat_fwd), "resident_bytes": held,
+                              "first_click_handler": summary(handler_first),
+                              "repeat_click_handler": summary(handler_repeat)}
     results["nvidia_smi_before_mib"] = smi0
     results["nvidia_smi_with_models_mib"] = smi_used_mib()
     srv.terminate()
@@ -150,7 +154,10 @@ def main():
             f"| {r['repeat_over_first']:.1%} | {(r['resident_bytes'] or 0) / 2**20:.0f} |")
     lines += ["", f"nvidia-smi: {results['nvidia_smi_before_mib']} MiB before the server, "
                   f"{results['nvidia_smi_with_models_mib']} MiB with both models resident (incl. CUDA context)",
-              "first request incl. load: " + ", ".join(f"{v} {r['first_request_with_load_s']:.1f} s" for v, r in results["runs"].items())]
+              "first request incl. load: " + ", ".join(f"{v} {r['first_request_with_load_s']:.1f} s" for v, r in results["runs"].items()),
+              "handler pre+post median (first / repeated click): " + ", ".join(
+                  f"{v} {r['first_click_handler']['median_ms']:.1f} / {r['repeat_click_handler']['median_ms']:.1f} ms"
+                  for v, r in results["runs"].items())]
     text = "\n".join(lines)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")

@@ -13,12 +13,25 @@
 //! the encoder, and runs only the prompt decoder.
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
+use std::borrow::Cow;
+use tessera_sdk::{b64, img, HandlerError, ModelInput, Request, Response, Tensor};
 
 const MAX_POINTS: usize = 64;
 const DEFAULT_MASK: usize = 1;
 
 struct Sam;
+
+/// The request body, borrowing the (large) base64 image from the request bytes.
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow)]
+    image: Option<Cow<'a, str>>,
+    #[serde(default)]
+    gen_args: Value,
+}
+
+/// Base64 characters enough to hold a PNG or baseline JPEG header (the image's size).
+const HEADER_PREFIX: usize = 4096;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -93,25 +106,41 @@ fn mask_index(v: Option<&Value>) -> Result<Option<usize>, HandlerError> {
 
 impl tessera_sdk::Handler for Sam {
     fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
-        let body = json::body(&req)?;
-        let encoded = json::str_field(&body, "image")?;
-        let args: GenArgs = json::nested(&body, "gen_args")?;
+        let body: Body = serde_json::from_slice(&req.body)
+            .map_err(|e| HandlerError::bad(format!("request body is not the expected JSON: {e}")))?;
+        let encoded = body.image.ok_or_else(|| HandlerError::bad("missing field 'image'"))?;
+        let args: GenArgs = match body.gen_args {
+            Value::Null => Ok(GenArgs::default()),
+            Value::String(s) => serde_json::from_str(&s),
+            v => serde_json::from_value(v),
+        }
+        .map_err(|e| HandlerError::bad(format!("field 'gen_args' is invalid: {e}")))?;
         let points = points(args.point_coords.as_ref())?;
         let labels = labels(args.point_labels.as_ref(), points.len())?;
         let max_dilate = tessera_sdk::param::<u32>("max_dilate_kernel_size").unwrap_or(101);
         let dilate = args.dilate_kernel_size.unwrap_or(0);
         if dilate > max_dilate {
-            return Err(HandlerError::bad(format!(
-                "gen_args.dilate_kernel_size must be at most {max_dilate}"
-            )));
+            return Err(HandlerError::bad(format!("gen_args.dilate_kernel_size must be at most {max_dilate}")));
         }
-        let context = Context {
-            mask_index: mask_index(args.mask_index.as_ref())?,
-            dilate,
-        };
+        let context = Context { mask_index: mask_index(args.mask_index.as_ref())?, dilate };
 
-        let bytes = b64::decode("image", encoded)?;
-        let (w, h) = img::dimensions("image", &bytes)?;
+        // Same photo, same key: the second click needs neither the pixels nor the encoder,
+        // only the image's size, which its header gives.
+        let key = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(encoded.as_bytes()));
+        let cached = tessera_sdk::is_cached(&key);
+        let header_only = cached
+            .then(|| encoded.get(..HEADER_PREFIX.min(encoded.len()) / 4 * 4))
+            .flatten()
+            .and_then(|prefix| b64::decode("image", prefix).ok())
+            .and_then(|bytes| img::dimensions("image", &bytes).ok());
+        let (w, h, pixels) = match header_only {
+            Some((w, h)) => (w, h, None),
+            None => {
+                let bytes = b64::decode("image", &encoded)?;
+                let (w, h) = img::dimensions("image", &bytes)?;
+                (w, h, (!cached).then_some(bytes))
+            }
+        };
         for (i, [x, y]) in points.iter().enumerate() {
             if !(0.0..w as f32).contains(x) || !(0.0..h as f32).contains(y) {
                 return Err(HandlerError::bad(format!(
@@ -119,9 +148,8 @@ impl tessera_sdk::Handler for Sam {
                 )));
             }
         }
-        let key = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(encoded.as_bytes()));
         let mut inputs = Vec::with_capacity(4);
-        if !tessera_sdk::is_cached(&key) {
+        if let Some(bytes) = pixels {
             let rgb = img::decode_rgb("image", &bytes)?;
             let resized = img::resize_longest_side(&rgb, 1024);
             let (rw, rh) = resized.dimensions();
