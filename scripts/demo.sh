@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Sets up everything, packs the example model into ./model-store and serves it on
-# 127.0.0.1:8080 (override with TESSERA_PORT etc.; see `tessera serve --help`).
+# Sets up everything, packs the demo models into ./model-store and serves them on
+# 127.0.0.1:8080 (override with TESSERA_PORT etc.; see `tessera serve --help`): the example
+# image model, and SAM and LaMa with tiny random weights (export real checkpoints with
+# models/sam/export.py --checkpoint and models/lama/export.py --checkpoint for real results).
 source "$(dirname "$0")/env.sh"
 bash scripts/artifacts.sh
 echo "==> building tessera (release)"
@@ -11,6 +13,12 @@ mkdir -p model-store
   --model "$TESSERA_ARTIFACTS/example/model.pt" \
   --handler "$TESSERA_ARTIFACTS/handlers/example.wasm" \
   --output model-store/example.tar.gz
+"$BIN" pack --config models/sam/model-config.yaml \
+  --model "$TESSERA_ARTIFACTS/sam/encoder.pt" --model "$TESSERA_ARTIFACTS/sam/decoder.pt" \
+  --handler "$TESSERA_ARTIFACTS/handlers/sam.wasm" --output model-store/sam.tar.gz
+"$BIN" pack --config models/lama/model-config.yaml \
+  --model "$TESSERA_ARTIFACTS/lama/model.pt" \
+  --handler "$TESSERA_ARTIFACTS/handlers/lama.wasm" --output model-store/lama.tar.gz
 cat <<TXT
 ==> try it:
   python3 - <<'PY'

@@ -226,23 +226,7 @@ async fn model_json(app: &Tessera, tenant: &str, name: &str) -> serde_json::Valu
     let default_resident = default
         .as_ref()
         .and_then(|d| resident.iter().find(|m| m.version == d.version).cloned());
-    let evictions: u64 = ["budget", "out-of-memory"]
-        .iter()
-        .flat_map(|c| resident.iter().map(move |m| (m.key.clone(), *c)))
-        .chain(
-            default
-                .iter()
-                .flat_map(|d| ["budget", "out-of-memory"].map(|c| (d.key(), c))),
-        )
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .map(|(k, c)| {
-            app.metrics
-                .evictions
-                .with_label_values(&[k.as_str(), c])
-                .get()
-        })
-        .sum();
+    let evictions = app.residency.evictions_of(tenant, name);
     let mut v = json!({
         "modelName": name,
         "modelUrl": default.as_ref().map(|d| d.url.clone()),

@@ -65,6 +65,8 @@ pub struct Tessera {
     pub sandbox: Arc<Sandbox>,
     pub metrics: Arc<Metrics>,
     pub device: tch::Device,
+    /// Where archives are unpacked; removed at shutdown when the server chose it.
+    pub work_dir: std::path::PathBuf,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -97,7 +99,7 @@ impl Tessera {
         let sandbox = Sandbox::new()?;
         let metrics = Arc::new(Metrics::new());
         let loader = LoaderConfig {
-            work_dir,
+            work_dir: work_dir.clone(),
             limits: Limits {
                 max_archive_bytes: config.max_archive_bytes(),
                 max_unpacked_bytes: config.max_unpacked_bytes(),
@@ -129,9 +131,17 @@ impl Tessera {
             sandbox,
             metrics,
             device,
+            work_dir,
             config,
             next_id: Default::default(),
         }))
+    }
+
+    /// Removes the unpacked-archive folder if the server picked it (no `--work-dir`).
+    pub fn cleanup(&self) {
+        if self.config.work_dir.is_none() {
+            let _ = std::fs::remove_dir_all(&self.work_dir);
+        }
     }
 
     /// A short unique request id.

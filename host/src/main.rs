@@ -93,9 +93,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
         // Tests and scripts read this line to find the port.
         println!("tessera listening on http://{local}");
         tracing::info!(%local, "listening");
-        axum::serve(listener, http::router(app))
+        axum::serve(listener, http::router(app.clone()))
             .with_graceful_shutdown(shutdown())
             .await?;
+        app.cleanup();
         Ok(())
     })
 }

@@ -110,6 +110,8 @@ pub struct LoaderConfig {
 
 pub struct Residency {
     cache: Cache<String, Arc<LoadedModel>>,
+    /// Evictions to make room (not unloads), per `tenant/name`, for `GET /models`.
+    evictions: std::sync::Mutex<HashMap<String, u64>>,
     budget: u64,
     tenants: Arc<Tenants>,
     sandbox: Arc<Sandbox>,
@@ -157,6 +159,7 @@ impl Residency {
             config,
             metrics,
             clock: Instant::now(),
+            evictions: Default::default(),
         }
     }
 
@@ -286,9 +289,23 @@ impl Residency {
             .evictions
             .with_label_values(&[key.as_str(), reason])
             .inc();
+        let model = key
+            .split_once('@')
+            .map_or(key.as_str(), |(m, _)| m)
+            .to_string();
+        *self.evictions.lock().unwrap().entry(model).or_default() += 1;
         self.cache.invalidate(&key).await;
         self.cache.run_pending_tasks().await;
         true
+    }
+
+    /// How often `tenant`'s model `name` (any version) was evicted to make room.
+    pub fn evictions_of(&self, tenant: &str, name: &str) -> u64 {
+        let evictions = self.evictions.lock().unwrap();
+        evictions
+            .get(&format!("{tenant}/{name}"))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Loads one TorchScript file onto `device`; on out-of-memory evicts per policy and retries.

@@ -106,9 +106,12 @@ fn mask_index(v: Option<&Value>) -> Result<Option<usize>, HandlerError> {
 
 impl tessera_sdk::Handler for Sam {
     fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
-        let body: Body = serde_json::from_slice(&req.body)
-            .map_err(|e| HandlerError::bad(format!("request body is not the expected JSON: {e}")))?;
-        let encoded = body.image.ok_or_else(|| HandlerError::bad("missing field 'image'"))?;
+        let body: Body = serde_json::from_slice(&req.body).map_err(|e| {
+            HandlerError::bad(format!("request body is not the expected JSON: {e}"))
+        })?;
+        let encoded = body
+            .image
+            .ok_or_else(|| HandlerError::bad("missing field 'image'"))?;
         let args: GenArgs = match body.gen_args {
             Value::Null => Ok(GenArgs::default()),
             Value::String(s) => serde_json::from_str(&s),
@@ -120,9 +123,14 @@ impl tessera_sdk::Handler for Sam {
         let max_dilate = tessera_sdk::param::<u32>("max_dilate_kernel_size").unwrap_or(101);
         let dilate = args.dilate_kernel_size.unwrap_or(0);
         if dilate > max_dilate {
-            return Err(HandlerError::bad(format!("gen_args.dilate_kernel_size must be at most {max_dilate}")));
+            return Err(HandlerError::bad(format!(
+                "gen_args.dilate_kernel_size must be at most {max_dilate}"
+            )));
         }
-        let context = Context { mask_index: mask_index(args.mask_index.as_ref())?, dilate };
+        let context = Context {
+            mask_index: mask_index(args.mask_index.as_ref())?,
+            dilate,
+        };
 
         // Same photo, same key: the second click needs neither the pixels nor the encoder,
         // only the image's size, which its header gives.
