@@ -42,6 +42,17 @@ def smi_used_mib():
         return None
 
 
+def write_results(out_dir, results, lines):
+    """Writes results.json and results.md under `out_dir` and prints the table."""
+    import json
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    text = "\n".join(lines)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
 def start_server(binary, store, work, log_path, *extra):
     """Starts `tessera serve` on a free loopback port; returns (process, base url, log file)."""
     log = open(log_path, "w")

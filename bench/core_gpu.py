@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import request, smi_used_mib, start_server, summary  # noqa: E402
+from common import request, smi_used_mib, start_server, summary, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,8 +159,6 @@ def main():
     results["overhead_ms_http_vs_bare_with_copies"] = (
         results["warm_http"]["median_ms"] - results["bare_forward_with_copies"]["median_ms"])
 
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
     lines = [f"GPU: {results['gpu']}; model {model_mib:.0f} MiB (width {args.width}, depth {args.depth}), "
              f"image {args.size}², budget {budget} MiB", "",
              "| measure | median ms | p99 ms |", "|---|---|---|"]
@@ -173,10 +171,7 @@ def main():
               f"residentBytes m1 = {results['resident_bytes_m1']}", "", "| when | nvidia-smi used MiB |", "|---|---|"]
     lines += [f"| {m['when']} | {m['nvidia_smi_used_mib']} |" for m in results["memory"]]
     lines += ["", "models after m3: " + json.dumps(results["models_after_m3"])]
-    text = "\n".join(lines)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    write_results(args.out, results, lines)
     shutil.rmtree(work, ignore_errors=True)
 
 

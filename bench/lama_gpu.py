@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "models/lama"))
-from common import request, smi_used_mib, start_server, summary  # noqa: E402
+from common import request, smi_used_mib, start_server, summary, write_results  # noqa: E402
 import lama  # noqa: E402
 import export  # noqa: E402
 
@@ -157,8 +157,6 @@ def main():
         del eager, scripted, g
         torch.cuda.empty_cache()
 
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
     lines = [f"GPU: {results['gpu']}; big-lama generator {results['params_m']:.1f} M params, random weights", "",
              "| precision | size | Tessera HTTP median / p99 ms | handler pre / post ms | server forward ms "
              "| bare eager PyTorch median / p99 ms | TorchScript from Python ms | ratio HTTP / eager "
@@ -173,10 +171,7 @@ def main():
             f"| {(r['resident_bytes'] or 0) / 2**20:.0f} | {r['parity_max_diff_vs_eager']} ({r['parity_pixels_over_1']}) |")
     lines += ["", f"nvidia-smi: {results['nvidia_smi_before_mib']} MiB before the server, "
                   f"{results['nvidia_smi_two_models_mib']} MiB with both models resident (incl. CUDA context)"]
-    text = "\n".join(lines)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    write_results(args.out, results, lines)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import request, smi_used_mib, start_server, summary  # noqa: E402
+from common import request, smi_used_mib, start_server, summary, write_results  # noqa: E402
 
 
 def photo(w, h, seed):
@@ -139,8 +139,6 @@ def main():
         del predictor, sam
         torch.cuda.empty_cache()
 
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
     lines = [f"GPU: {results['gpu']}; photo {w}x{h} PNG; random weights, fp32; n = {args.n}", "",
              "| variant | bare SamPredictor click median / p99 ms | Tessera first click median / p99 ms (forward) "
              "| ratio first / bare | Tessera repeated click median / p99 ms (forward) | repeated / first "
@@ -158,10 +156,7 @@ def main():
               "handler pre+post median (first / repeated click): " + ", ".join(
                   f"{v} {r['first_click_handler']['median_ms']:.1f} / {r['repeat_click_handler']['median_ms']:.1f} ms"
                   for v, r in results["runs"].items())]
-    text = "\n".join(lines)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    write_results(args.out, results, lines)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,7 @@ impl tessera_sdk::Handler for Example {
             Tensor::from_u8("image", &[h as u64, w as u64, 3], image.into_raw())?,
             Tensor::from_f32("strength", &[1], &[strength])?,
         ];
-        let context = serde_json::to_vec(&Context { jpeg })
-            .map_err(|e| HandlerError::Internal(e.to_string()))?;
+        let context = json::to_context(&Context { jpeg })?;
         Ok(ModelInput {
             inputs,
             context,
@@ -57,11 +56,8 @@ impl tessera_sdk::Handler for Example {
     }
 
     fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {
-        let ctx: Context =
-            serde_json::from_slice(&context).map_err(|e| HandlerError::Internal(e.to_string()))?;
-        let out = outputs
-            .first()
-            .ok_or_else(|| HandlerError::Internal("model returned no output".into()))?;
+        let ctx: Context = json::from_context(&context)?;
+        let out = tessera_sdk::first_output(&outputs)?;
         let encoded = img::encode(&img::rgb_from_tensor(out, None)?, ctx.jpeg)?;
         Response::json(&serde_json::json!({ "generated_image": b64::encode(&encoded) }))
     }

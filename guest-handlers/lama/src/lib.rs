@@ -68,12 +68,11 @@ impl tessera_sdk::Handler for Lama {
             Tensor::from_u8("image", &[ph as u64, pw as u64, 3], image)?,
             Tensor::from_u8("mask", &[ph as u64, pw as u64], mask)?,
         ];
-        let context = serde_json::to_vec(&Context {
+        let context = json::to_context(&Context {
             width: w as u32,
             height: h as u32,
             jpeg,
-        })
-        .map_err(|e| HandlerError::Internal(e.to_string()))?;
+        })?;
         Ok(ModelInput {
             inputs,
             context,
@@ -82,11 +81,8 @@ impl tessera_sdk::Handler for Lama {
     }
 
     fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {
-        let ctx: Context =
-            serde_json::from_slice(&context).map_err(|e| HandlerError::Internal(e.to_string()))?;
-        let out = outputs
-            .first()
-            .ok_or_else(|| HandlerError::Internal("model returned no output".into()))?;
+        let ctx: Context = json::from_context(&context)?;
+        let out = tessera_sdk::first_output(&outputs)?;
         let image = img::rgb_from_tensor(out, Some((ctx.width, ctx.height)))?;
         let encoded = img::encode(&image, ctx.jpeg)?;
         Response::json(&serde_json::json!({ "generated_image": b64::encode(&encoded) }))

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::borrow::Cow;
-use tessera_sdk::{b64, img, HandlerError, ModelInput, Request, Response, Tensor};
+use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
 
 const MAX_POINTS: usize = 64;
 const DEFAULT_MASK: usize = 1;
@@ -179,8 +179,7 @@ impl tessera_sdk::Handler for Sam {
             &labels,
         )?);
         inputs.push(Tensor::from_i64("orig_hw", &[2], &[h as i64, w as i64])?);
-        let context =
-            serde_json::to_vec(&context).map_err(|e| HandlerError::Internal(e.to_string()))?;
+        let context = json::to_context(&context)?;
         Ok(ModelInput {
             inputs,
             context,
@@ -189,8 +188,7 @@ impl tessera_sdk::Handler for Sam {
     }
 
     fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {
-        let ctx: Context =
-            serde_json::from_slice(&context).map_err(|e| HandlerError::Internal(e.to_string()))?;
+        let ctx: Context = json::from_context(&context)?;
         let [masks, iou] = &outputs[..] else {
             return Err(HandlerError::Internal(format!(
                 "expected (masks, iou), got {} outputs",

@@ -1,6 +1,7 @@
 //! JSON request bodies.
 use crate::{HandlerError, Request};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 /// Parses the request body as a JSON object.
@@ -39,4 +40,15 @@ pub fn nested<T: DeserializeOwned + Default>(
         Some(v) => serde_json::from_value::<T>(v.clone()),
     };
     parsed.map_err(|e| HandlerError::bad(format!("field '{key}' is invalid: {e}")))
+}
+
+/// Serialises a handler's own context for `postprocess` (the WIT `context` bytes).
+pub fn to_context<T: Serialize>(ctx: &T) -> Result<Vec<u8>, HandlerError> {
+    serde_json::to_vec(ctx).map_err(|e| HandlerError::Internal(format!("serialising context: {e}")))
+}
+
+/// Reads back what [`to_context`] wrote.
+pub fn from_context<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HandlerError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| HandlerError::Internal(format!("reading context: {e}")))
 }

@@ -36,7 +36,7 @@ pub use bindings::tessera::handler::types::{
     Dtype, HandlerError, LogLevel, ModelInput, Request, Response, Tensor,
 };
 pub use bindings::Guest as Handler;
-pub use tensor::TensorView;
+pub use tensor::{first_output, TensorView};
 
 use bindings::tessera::handler::host;
 

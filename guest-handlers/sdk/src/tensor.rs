@@ -42,6 +42,13 @@ fn check_len(name: &str, shape: &[u64], len: usize) -> Result<(), HandlerError> 
     Ok(())
 }
 
+/// The model's first output (most models return one tensor).
+pub fn first_output(outputs: &[Tensor]) -> Result<&Tensor, HandlerError> {
+    outputs
+        .first()
+        .ok_or_else(|| HandlerError::Internal("model returned no output".into()))
+}
+
 impl Tensor {
     constructor!(from_f32, f32, Dtype::F32);
     constructor!(from_f64, f64, Dtype::F64);
