@@ -42,6 +42,16 @@ def smi_used_mib():
         return None
 
 
+def b64png(array):
+    """A uint8 image array as base64 PNG text (the seed's request encoding)."""
+    import base64
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def write_results(out_dir, results, lines):
     """Writes results.json and results.md under `out_dir` and prints the table."""
     import json

@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "models/lama"))
-from common import request, smi_used_mib, start_server, summary, write_results  # noqa: E402
+from common import b64png, request, smi_used_mib, start_server, summary, write_results  # noqa: E402
 import lama  # noqa: E402
 import export  # noqa: E402
 
@@ -45,11 +45,6 @@ def scene(size, seed=0):
     mask = (((x - 0.55) ** 2 + (y - 0.45) ** 2) < 0.2 ** 2).astype(np.uint8) * 255
     return img, mask
 
-
-def b64png(a):
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def time_it(fn, n, warmup=5):
@@ -82,7 +77,10 @@ def main():
         f.write("maxWorkers: 1\nresponseTimeout: 300\ndeviceType: gpu\ntessera:\n  model: model.pt\n"
                 "  handlerMemoryMiB: 2048\nhandler:\n  max_pixels: 4194304\n")
     results = {"gpu": torch.cuda.get_device_name(0), "runs": [], "server_args": args.server_arg,
-               "python_can_fuse_on_gpu": torch._C._jit_can_fuse_on_gpu()}
+               "python_math": {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                               "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                               "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                               "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}}
     torch.manual_seed(0)
     generator = lama.FFCResNetGenerator()
     export.randomize(generator, 0)

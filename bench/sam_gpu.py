@@ -31,7 +31,7 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import request, smi_used_mib, start_server, summary, write_results  # noqa: E402
+from common import b64png, request, smi_used_mib, start_server, summary, write_results  # noqa: E402
 
 
 def photo(w, h, seed):
@@ -42,11 +42,6 @@ def photo(w, h, seed):
     img[blob] = [220, 40, 40]
     return np.clip(img, 0, 255).astype(np.uint8)
 
-
-def b64png(a):
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def main():

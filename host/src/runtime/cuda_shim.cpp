@@ -51,3 +51,17 @@ extern "C" int tessera_cuda_mem_info(int device, uint64_t* free_bytes, uint64_t*
     return -1;
   }
 }
+
+// libtorch's global math settings, as bits, for the start-up log: 1 cuDNN may use TF32,
+// 2 cuDNN benchmark mode, 4 cuDNN deterministic, 8 cuDNN enabled, 16 cuBLAS may use TF32.
+#include <ATen/Context.h>
+extern "C" int tessera_math_flags() {
+  try {
+    auto& ctx = at::globalContext();
+    return (ctx.allowTF32CuDNN() ? 1 : 0) | (ctx.benchmarkCuDNN() ? 2 : 0) |
+           (ctx.deterministicCuDNN() ? 4 : 0) | (ctx.userEnabledCuDNN() ? 8 : 0) |
+           (ctx.allowTF32CuBLAS() ? 16 : 0);
+  } catch (...) {
+    return -1;
+  }
+}

@@ -18,6 +18,7 @@ mod cuda {
         pub fn tessera_cuda_reserved_bytes(device: i32) -> i64;
         pub fn tessera_cuda_empty_cache() -> i32;
         pub fn tessera_cuda_mem_info(device: i32, free: *mut u64, total: *mut u64) -> i32;
+        pub fn tessera_math_flags() -> i32;
     }
 }
 
@@ -208,8 +209,11 @@ pub fn configure(cudnn_benchmark: bool) -> String {
     if tch::Cuda::is_available() {
         tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
     }
+    // SAFETY: the shim only reads process-wide settings and catches C++ exceptions.
+    let flags = unsafe { cuda::tessera_math_flags() };
     format!(
-        "cuda={} devices={} cudnn={} cudnn_benchmark={} jit_profiling={} texpr_fuser={} threads={}",
+        "cuda={} devices={} cudnn={} cudnn_benchmark={} jit_profiling={} texpr_fuser={} threads={} \
+         math_flags={flags:#x} (1 tf32 cudnn, 2 benchmark, 4 deterministic, 8 cudnn on, 16 tf32 cublas)",
         tch::Cuda::is_available(),
         tch::Cuda::device_count(),
         tch::Cuda::cudnn_is_available(),
