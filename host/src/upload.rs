@@ -176,6 +176,8 @@ async fn receive(body: Body, path: &Path, limit: u64, limit_mib: u64) -> Result<
         if let Ok(data) = frame.into_data() {
             total += data.len() as u64;
             if total > limit {
+                // Read (and drop) what the client is still sending, so it gets the 413.
+                drain(body, limit).await;
                 return Err(UploadError::TooLarge(limit_mib));
             }
             out.write_all(&data).map_err(StoreError::from)?;
