@@ -6,9 +6,10 @@ Tessera, split in two so the expensive part is reused:
               -> image embeddings [1, 256, 64, 64]. Normalisation and padding to 1024² are
               done here, as SamPredictor does them.
   decoder.pt  (image embeddings, point_coords f32 [N, 2] in original pixels, point_labels
-              f32 [N], orig_hw i64 [2]) -> (masks uint8 [3, H, W] in {0, 1} at the original
-              size, iou_predictions f32 [3]). Coordinate scaling, the padding point SAM adds
-              without a box, mask upscaling, crop and threshold are done here.
+              f32 [N], orig_hw i64 [2], mask_index i64 [1], -1 = best) -> (mask uint8 [H, W]
+              in {0, 1} at the original size, iou_predictions f32 [3], chosen index i64 [1]).
+              Coordinate scaling, the padding point SAM adds without a box, mask choice,
+              upscaling, crop and threshold are done here.
 
 Weights: --checkpoint sam_vit_h_4b8939.pth (official), --random (full size), or --tiny (the same
 architecture, CI-sized). --variant vit_b | vit_l | vit_h.
@@ -143,14 +144,17 @@ class PromptCore(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Embeddings + points in original pixels -> 3 masks at the original size + IoU scores."""
+    """Embeddings + points in original pixels + which mask (0-2, or -1 for the highest predicted
+    IoU) -> that mask at the original size, the three IoU scores, and the chosen index. Only the
+    chosen mask is upscaled and copied back."""
 
     def __init__(self, core: nn.Module, threshold: float = 0.0):
         super().__init__()
         self.core = core
         self.threshold = threshold
 
-    def forward(self, emb: Tensor, point_coords: Tensor, point_labels: Tensor, orig_hw: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, emb: Tensor, point_coords: Tensor, point_labels: Tensor, orig_hw: Tensor,
+                mask_index: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         h = int(orig_hw[0])
         w = int(orig_hw[1])
         scale = 1024.0 / float(max(h, w))
@@ -160,10 +164,15 @@ class Decoder(nn.Module):
         coords[:, 0] = coords[:, 0] * (float(neww) / float(w))
         coords[:, 1] = coords[:, 1] * (float(newh) / float(h))
         low_res, iou = self.core(emb, coords.unsqueeze(0), point_labels.to(emb.dtype).unsqueeze(0))
-        masks = F.interpolate(low_res.float(), [1024, 1024], mode="bilinear", align_corners=False)
-        masks = masks[..., :newh, :neww]
-        masks = F.interpolate(masks, [h, w], mode="bilinear", align_corners=False)
-        return (masks[0] > self.threshold).to(torch.uint8), iou[0].float()
+        idx = int(mask_index.reshape(-1)[0])
+        if idx < 0:
+            idx = int(torch.argmax(iou[0]))
+        chosen = low_res[:, idx: idx + 1].float()
+        mask = F.interpolate(chosen, [1024, 1024], mode="bilinear", align_corners=False)
+        mask = mask[..., :newh, :neww]
+        mask = F.interpolate(mask, [h, w], mode="bilinear", align_corners=False)
+        chosen_index = torch.full([1], idx, dtype=torch.int64)
+        return (mask[0, 0] > self.threshold).to(torch.uint8), iou[0].float(), chosen_index
 
 
 def export(sam: Sam, out_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:

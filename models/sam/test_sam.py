@@ -36,8 +36,13 @@ def test_torchscript_matches_reference_predictor(tmp_path):
         with torch.no_grad():
             emb = enc(torch.from_numpy(resized))
             assert torch.allclose(emb, predictor.features, atol=1e-4, rtol=1e-4)
-            masks, iou = dec(emb, torch.tensor(points, dtype=torch.float32), torch.tensor(labels, dtype=torch.float32),
-                             torch.tensor([h, w]))
+            args = (emb, torch.tensor(points, dtype=torch.float32), torch.tensor(labels, dtype=torch.float32),
+                    torch.tensor([h, w]))
+            outs = [dec(*args, torch.tensor([i])) for i in range(3)]
+            masks = torch.stack([m for m, _, _ in outs])
+            iou = outs[0][1]
+            best_mask, _, best = dec(*args, torch.tensor([-1]))
+            assert int(best) == int(torch.argmax(iou)) and torch.equal(best_mask, masks[int(best)])
         ref_masks, ref_iou, _ = predictor.predict(point_coords=np.array(points, dtype=np.float32),
                                                   point_labels=np.array(labels, dtype=np.float32), multimask_output=True)
         assert masks.shape == (3, h, w) and masks.dtype == torch.uint8

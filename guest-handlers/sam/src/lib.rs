@@ -179,6 +179,8 @@ impl tessera_sdk::Handler for Sam {
             &labels,
         )?);
         inputs.push(Tensor::from_i64("orig_hw", &[2], &[h as i64, w as i64])?);
+        let wanted = context.mask_index.map_or(-1, |i| i as i64);
+        inputs.push(Tensor::from_i64("mask_index", &[1], &[wanted])?);
         let context = json::to_context(&context)?;
         Ok(ModelInput {
             inputs,
@@ -189,33 +191,29 @@ impl tessera_sdk::Handler for Sam {
 
     fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {
         let ctx: Context = json::from_context(&context)?;
-        let [masks, iou] = &outputs[..] else {
+        let [mask, iou, chosen] = &outputs[..] else {
             return Err(HandlerError::Internal(format!(
-                "expected (masks, iou), got {} outputs",
+                "expected (mask, iou, index), got {} outputs",
                 outputs.len()
             )));
         };
-        let [n, h, w] = masks.shape[..] else {
+        let [h, w] = mask.shape[..] else {
             return Err(HandlerError::Internal(format!(
-                "expected masks [3, H, W], got {:?}",
-                masks.shape
+                "expected a mask [H, W], got {:?}",
+                mask.shape
             )));
         };
         let scores = iou.view().f32()?;
-        let idx = match ctx.mask_index {
-            Some(i) => i,
-            None => scores
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i)
-                .unwrap_or(0),
-        };
-        if idx as u64 >= n {
-            return Err(HandlerError::Internal(format!("mask {idx} of {n}")));
+        let idx = chosen.view().i64()?.first().copied().unwrap_or(-1);
+        if !(0..scores.len() as i64).contains(&idx)
+            || ctx.mask_index.is_some_and(|i| i as i64 != idx)
+        {
+            return Err(HandlerError::Internal(format!(
+                "the model chose mask {idx}"
+            )));
         }
         let (w, h) = (w as usize, h as usize);
-        let plane = &masks.view().u8()?[idx * w * h..(idx + 1) * w * h];
+        let plane = mask.view().u8()?;
         let dilated = img::dilate_square(plane, w, h, ctx.dilate as usize);
         let mask: Vec<u8> = dilated
             .iter()
