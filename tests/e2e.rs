@@ -98,12 +98,7 @@ fn output_matches_python_reference_through_every_api() {
     for (api, reply) in &replies {
         let (w, h, got) = response_pixels(reply);
         assert_eq!((w, h), (37, 23), "{api}");
-        let max_diff = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let max_diff = max_abs_diff(&got, &want);
         assert_eq!(
             max_diff, 0,
             "{api}: output differs from the Python reference by up to {max_diff}"

@@ -98,12 +98,7 @@ fn erases_like_the_reference_and_keeps_unmasked_pixels() {
             .unwrap();
         let (gw, gh, got) = decode_png(&png);
         assert_eq!((gw, gh), (w, h));
-        let max = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let max = max_abs_diff(&got, &want);
         assert!(
             max <= 1,
             "{w}x{h}: differs from the eager reference by {max} grey levels"

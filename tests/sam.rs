@@ -225,13 +225,7 @@ fn resize_and_dilation_match_the_python_references() {
             "{w}x{h}"
         );
         let want = B64.decode(want["pixels"].as_str().unwrap()).unwrap();
-        let max = got
-            .as_raw()
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let max = max_abs_diff(got.as_raw(), &want);
         assert!(
             max <= 1,
             "{w}x{h}: resized input differs from SAM's by {max} grey levels"

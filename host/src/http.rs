@@ -467,15 +467,13 @@ async fn invocations(
 }
 
 /// Reads the body up to the configured limit. Past the limit the rest is drained (up to a
-/// bound) before answering 413, so that clients still sending receive the answer instead of a
-/// reset connection.
+/// bound, see [`upload::drain`]) before answering 413, so that clients still sending receive
+/// the answer instead of a reset connection.
 async fn read_body(app: &Tessera, body: Body) -> Result<Vec<u8>, ApiError> {
     use http_body_util::BodyExt;
     let limit = app.config.max_request_bytes();
-    let drain_cap = limit.saturating_mul(4).max(64 << 20);
     let mut body = body;
     let mut buf = Vec::new();
-    let mut total = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             ApiError::new(
@@ -484,22 +482,18 @@ async fn read_body(app: &Tessera, body: Body) -> Result<Vec<u8>, ApiError> {
             )
         })?;
         if let Ok(data) = frame.into_data() {
-            total = total.saturating_add(data.len());
-            if total <= limit {
-                buf.extend_from_slice(&data);
-            } else if total > drain_cap {
-                break;
+            if buf.len() + data.len() > limit {
+                upload::drain(body, (limit as u64).saturating_mul(4).max(64 << 20)).await;
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "request body exceeds the limit of {} MiB",
+                        app.config.max_request_mib
+                    ),
+                ));
             }
+            buf.extend_from_slice(&data);
         }
-    }
-    if total > limit {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "request body exceeds the limit of {} MiB",
-                app.config.max_request_mib
-            ),
-        ));
     }
     Ok(buf)
 }

@@ -68,7 +68,6 @@ pub struct LoadedModel {
     pub handler: Handler,
     /// Bytes held on the device (the cache weight).
     pub weight: u64,
-    pub loaded_at: SystemTime,
     pub load_time: Duration,
     /// Permits for requests admitted at all (maxWorkers + queue); none left means 429.
     pub admission: Semaphore,
@@ -161,10 +160,6 @@ impl Residency {
             clock: Instant::now(),
             evictions: Default::default(),
         }
-    }
-
-    pub fn budget(&self) -> u64 {
-        self.budget
     }
 
     pub fn clock(&self) -> &Instant {
@@ -465,7 +460,6 @@ impl Residency {
             pipeline,
             workers: forward,
             handler,
-            loaded_at: SystemTime::now(),
             load_time: started.elapsed(),
             admission: Semaphore::new(workers + self.config.max_queue),
             in_use: AtomicUsize::new(0),

@@ -84,10 +84,6 @@ impl LocalStore {
         LocalStore { root }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The archive for model `name`.
     pub fn archive(&self, name: &str) -> Result<PathBuf, StoreError> {
         validate_name(name)?;

@@ -395,3 +395,13 @@ pub fn hostile_archives(dir: &Path, config: &[u8], escape: &str) -> Vec<&'static
     }
     cases.into_iter().map(|(n, _)| n).collect()
 }
+
+/// The largest per-byte difference between two images of the same size.
+pub fn max_abs_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len(), "images differ in size");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
