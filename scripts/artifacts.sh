@@ -8,8 +8,9 @@ mkdir -p "$A/handlers" "$A/example"
 echo "==> building handler components"
 cargo build -q --profile guest --target wasm32-wasip2 \
   -p tessera-handler-example -p tessera-handler-chaos -p tessera-handler-lama -p tessera-handler-sam \
+  -p tessera-handler-sd \
   -p tessera-test-other-world
-for h in example chaos lama sam; do
+for h in example chaos lama sam sd; do
   cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_handler_$h.wasm" "$A/handlers/$h.wasm"
 done
 cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_test_other_world.wasm" "$A/handlers/other-world.wasm"
@@ -26,3 +27,8 @@ python models/lama/export.py --tiny --out "$A/lama/model.pt" --save-state-dict "
 echo "==> exporting tiny SAM"
 mkdir -p "$A/sam"
 python models/sam/export.py --tiny --seed 7 --out-dir "$A/sam" --save-state-dict "$A/sam/sam.pth"
+
+echo "==> exporting tiny SD2 inpainting (+ the diffusers pipeline folder, tokenizer and SDK fixtures)"
+mkdir -p "$A/sd"
+python models/sd/export.py --tiny --max-steps 20 --out-dir "$A/sd" --save-pretrained "$A/sd/pipeline"
+python models/sd/fixtures.py --tokenizer "$A/sd/tokenizer" --out-dir "$A/sd"

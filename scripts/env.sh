@@ -7,12 +7,14 @@ VENV="${TESSERA_VENV:-$ROOT/.venv}"
 PY_BOOT="${PYTHON:-python3}"
 
 stamp="$VENV/.tessera-requirements"
-if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$ROOT/requirements.txt" "$stamp"; then
+wanted="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-nodeps.txt")"
+if [ ! -x "$VENV/bin/python" ] || [ "$wanted" != "$(cat "$stamp" 2>/dev/null)" ]; then
   echo "==> setting up Python venv at $VENV (torch 2.11.0; first time takes a while)"
   "$PY_BOOT" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
-  cp "$ROOT/requirements.txt" "$stamp"
+  "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements-nodeps.txt"
+  printf '%s' "$wanted" > "$stamp"
 fi
 
 export PATH="$VENV/bin:$PATH"

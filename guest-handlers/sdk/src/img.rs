@@ -235,6 +235,50 @@ pub fn pad_symmetric(data: &[u8], w: usize, h: usize, c: usize, pw: usize, ph: u
 mod tests {
     use super::*;
 
+    /// cv2.resize results written by `models/sd/fixtures.py` (scripts/artifacts.sh).
+    #[test]
+    fn linear_resize_matches_opencv() {
+        use base64::Engine;
+        let dir = std::env::var("TESSERA_ARTIFACTS")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/artifacts")
+            });
+        let path = dir.join("sd/resize_cases.json");
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/artifacts.sh first)", path.display()));
+        let cases: Vec<serde_json::Value> = serde_json::from_slice(&bytes).unwrap();
+        assert!(cases.len() >= 10);
+        let b64 = |v: &serde_json::Value| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap())
+                .unwrap()
+        };
+        let n = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
+        for c in &cases {
+            let (w, h, cn) = (n(&c["w"]), n(&c["h"]), n(&c["cn"]));
+            let (ow, oh) = (n(&c["out_w"]), n(&c["out_h"]));
+            let scale = c["f"].as_f64();
+            if let Some(f) = scale {
+                assert_eq!(
+                    cv2_scaled_size(w, h, f),
+                    (ow, oh),
+                    "size of {w}x{h} scaled by {f}"
+                );
+            }
+            let got =
+                resize_cv2_linear(&b64(&c["src"]), (w, h), cn, (ow, oh), scale.map(|f| (f, f)));
+            let want = b64(&c["out"]);
+            let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differ,
+                0,
+                "{w}x{h}x{cn} -> {ow}x{oh} (f {scale:?}): {differ} of {} values differ from cv2",
+                want.len()
+            );
+        }
+    }
+
     #[test]
     fn dilation_matches_opencv_anchor() {
         // cv2: dst(x) = max src(x + i - anchor), i in 0..k, anchor = k / 2. For k = 4 a pixel at
@@ -265,4 +309,125 @@ mod tests {
             vec![1, 2, 2, 3, 4, 4, 3, 4, 4]
         );
     }
+}
+
+/// The size `cv2.resize(src, (0, 0), fx=f, fy=f)` produces: each side times `f`, rounded to
+/// nearest (ties to even, as `cvRound`).
+pub fn cv2_scaled_size(w: usize, h: usize, f: f64) -> (usize, usize) {
+    (
+        (w as f64 * f).round_ties_even() as usize,
+        (h as f64 * f).round_ties_even() as usize,
+    )
+}
+
+const COEF_BITS: i32 = 11;
+const COEF_SCALE: f32 = (1 << COEF_BITS) as f32;
+
+/// The two source indices and fixed-point weights per destination index, as OpenCV computes
+/// them for INTER_LINEAR (float maths, weights rounded to 1/2048). Columns past a border are
+/// clamped with their weight moved onto the edge pixel; rows keep their weights and read the
+/// edge row twice (OpenCV treats the two directions differently, and it shows in the rounding).
+fn cv2_linear_taps(
+    src: usize,
+    dst: usize,
+    scale: f64,
+    columns: bool,
+) -> Vec<(usize, usize, i32, i32)> {
+    (0..dst)
+        .map(|d| {
+            let mut f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+            let mut s = f.floor() as i64;
+            f -= s as f32;
+            if columns && s < 0 {
+                f = 0.0;
+                s = 0;
+            }
+            if columns && s >= src as i64 - 1 {
+                f = 0.0;
+                s = src as i64 - 1;
+            }
+            let a0 = ((1.0 - f) * COEF_SCALE).round_ties_even() as i32;
+            let a1 = (f * COEF_SCALE).round_ties_even() as i32;
+            let clamp = |i: i64| i.clamp(0, src as i64 - 1) as usize;
+            (clamp(s), clamp(s + 1), a0, a1)
+        })
+        .collect()
+}
+
+/// `cv2.resize(..., interpolation=cv2.INTER_LINEAR)` on 8-bit interleaved pixels (`cn`
+/// channels), bit for bit as opencv-python computes it on x86: fixed-point horizontal pass,
+/// vertical pass with the SIMD build's rounding, and the 2x2
+/// averaging OpenCV switches to for an exact halving. `inv_scale` is `(fx, fy)` when the caller
+/// gave scale factors (`dsize=(0, 0)`); otherwise the ratio of the sizes is used.
+pub fn resize_cv2_linear(
+    src: &[u8],
+    (sw, sh): (usize, usize),
+    cn: usize,
+    (dw, dh): (usize, usize),
+    inv_scale: Option<(f64, f64)>,
+) -> Vec<u8> {
+    assert_eq!(
+        src.len(),
+        sw * sh * cn,
+        "pixel buffer does not match its size"
+    );
+    let (fx, fy) = inv_scale.unwrap_or((dw as f64 / sw as f64, dh as f64 / sh as f64));
+    let (scale_x, scale_y) = (1.0 / fx, 1.0 / fy);
+    if (dw, dh) == (sw, sh) {
+        return src.to_vec();
+    }
+    if scale_x == 2.0 && scale_y == 2.0 && sw == 2 * dw && sh == 2 * dh {
+        let mut out = Vec::with_capacity(dw * dh * cn);
+        for y in 0..dh {
+            for x in 0..dw {
+                for c in 0..cn {
+                    let at = |yy: usize, xx: usize| src[(yy * sw + xx) * cn + c] as u32;
+                    let s = at(2 * y, 2 * x)
+                        + at(2 * y, 2 * x + 1)
+                        + at(2 * y + 1, 2 * x)
+                        + at(2 * y + 1, 2 * x + 1);
+                    out.push(((s + 2) >> 2) as u8);
+                }
+            }
+        }
+        return out;
+    }
+    let xt = cv2_linear_taps(sw, dw, scale_x, true);
+    let yt = cv2_linear_taps(sh, dh, scale_y, false);
+    let width = dw * cn;
+    let hrow = |y: usize| -> Vec<i32> {
+        let row = &src[y * sw * cn..(y + 1) * sw * cn];
+        let mut out = Vec::with_capacity(width);
+        for &(sx, sx1, a0, a1) in &xt {
+            for c in 0..cn {
+                out.push(row[sx * cn + c] as i32 * a0 + row[sx1 * cn + c] as i32 * a1);
+            }
+        }
+        out
+    };
+    let mut out = vec![0u8; dh * width];
+    let mut cache: Option<(usize, Vec<i32>)> = None;
+    let mut cache2: Option<(usize, Vec<i32>)> = None;
+    for (dy, &(sy, sy1, b0, b1)) in yt.iter().enumerate() {
+        let mut get = |y: usize| -> Vec<i32> {
+            for c in [&cache, &cache2].into_iter().flatten() {
+                if c.0 == y {
+                    return c.1.clone();
+                }
+            }
+            let r = hrow(y);
+            cache2 = cache.take();
+            cache = Some((y, r.clone()));
+            r
+        };
+        let r0 = get(sy);
+        let r1 = get(sy1);
+        let dst = &mut out[dy * width..(dy + 1) * width];
+        for x in 0..width {
+            // OpenCV's SIMD rounding (VResizeLinearVec_32s8u), which covers whole rows there.
+            let m = |s: i32, b: i32| ((s >> 4) * b) >> 16;
+            dst[x] = ((m(r0[x], b0) + m(r1[x], b1) + 2) >> 2).clamp(0, 255) as u8;
+        }
+    }
+    out
 }

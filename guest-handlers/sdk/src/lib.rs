@@ -16,6 +16,7 @@
 //! inside the sandbox; the only host calls are [`asset`], [`param`] and [`log`].
 
 pub mod b64;
+pub mod clip;
 pub mod img;
 pub mod json;
 mod tensor;

@@ -1,0 +1,211 @@
+//! Stable Diffusion 2 inpainting handler: replace the masked region from a text prompt.
+//!
+//! Request (the seed's): JSON `{"image": <base64 PNG/JPEG>, "mask_image": <base64 PNG/JPEG>,
+//! "prompt": "...", "negative_prompt": "...", "gen_args": <JSON string or object>}` with
+//! `gen_args` = `{"num_inference_steps": 50, "guidance_scale": 7.5, "seed": 0}` (defaults shown;
+//! the seed's client sends 50, 10, 1), and `output_format` `"png"` (default) or `"jpeg"`.
+//! The mask becomes one channel as PIL's `convert("L")` does and is binarised at 128 (a 0/255
+//! PNG mask passes unchanged; a JPEG mask keeps its blurred edge pixels instead of losing them).
+//!
+//! The handler tokenises both prompts with CLIP's BPE (the archive's `tokenizer/` assets), cuts
+//! the seed's 512x512 window around the mask (`crop`), and hands the model token ids, the window
+//! and its mask, steps, guidance and seed; the model (see `models/sd`) runs the whole denoising
+//! loop. Postprocess pastes the window back and replaces only masked pixels.
+//! Response: `{"generated_image": <base64 PNG or JPEG>}`. Same request, same seed: same image.
+pub mod crop;
+
+use serde::{Deserialize, Serialize};
+use tessera_sdk::clip::ClipTokenizer;
+use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
+
+const DEFAULT_STEPS: u32 = 50;
+const DEFAULT_GUIDANCE: f64 = 7.5;
+
+struct Sd;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GenArgs {
+    num_inference_steps: Option<serde_json::Value>,
+    guidance_scale: Option<serde_json::Value>,
+    seed: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Context {
+    geom: crop::Geometry,
+    jpeg: bool,
+}
+
+/// Context bytes: JSON header length (u32 LE), the header, then the original RGB pixels and
+/// the binarised mask (postprocess needs both to paste the window back).
+fn pack_context(ctx: &Context, image: &[u8], mask: &[u8]) -> Result<Vec<u8>, HandlerError> {
+    let header = json::to_context(ctx)?;
+    let mut out = Vec::with_capacity(4 + header.len() + image.len() + mask.len());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(image);
+    out.extend_from_slice(mask);
+    Ok(out)
+}
+
+fn unpack_context(bytes: &[u8]) -> Result<(Context, &[u8], &[u8]), HandlerError> {
+    let bad = || HandlerError::Internal("context is truncated".into());
+    let len = u32::from_le_bytes(bytes.get(..4).ok_or_else(bad)?.try_into().unwrap()) as usize;
+    let ctx: Context = json::from_context(bytes.get(4..4 + len).ok_or_else(bad)?)?;
+    let (w, h) = ctx.geom.orig;
+    let rest = &bytes[4 + len..];
+    if rest.len() != w * h * 4 {
+        return Err(bad());
+    }
+    Ok((ctx, &rest[..w * h * 3], &rest[w * h * 3..]))
+}
+
+fn int_arg(
+    name: &str,
+    v: &Option<serde_json::Value>,
+    default: u64,
+    max: u64,
+) -> Result<u64, HandlerError> {
+    let Some(v) = v else { return Ok(default) };
+    match v.as_u64() {
+        Some(n) if n <= max => Ok(n),
+        _ => Err(HandlerError::bad(format!(
+            "gen_args.{name} must be an integer from 0 to {max}, got {v}"
+        ))),
+    }
+}
+
+fn text_field(
+    body: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Result<String, HandlerError> {
+    match body.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(String::new()),
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(HandlerError::bad(format!("field '{key}' must be a string"))),
+    }
+}
+
+fn tokenizer() -> Result<ClipTokenizer, HandlerError> {
+    let vocab = tessera_sdk::asset("tokenizer/vocab.json")?;
+    let merges = tessera_sdk::asset("tokenizer/merges.txt")?;
+    let config = tessera_sdk::asset("tokenizer/tokenizer_config.json").ok();
+    let merges = String::from_utf8(merges)
+        .map_err(|_| HandlerError::Internal("tokenizer/merges.txt is not UTF-8".into()))?;
+    ClipTokenizer::new(&vocab, &merges, config.as_deref())
+        .map_err(|e| HandlerError::Internal(format!("tokenizer: {e}")))
+}
+
+impl tessera_sdk::Handler for Sd {
+    fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
+        let body = json::body(&req)?;
+        let jpeg = match body.get("output_format").and_then(|v| v.as_str()) {
+            None | Some("png") => false,
+            Some("jpeg" | "jpg") => true,
+            Some(other) => {
+                return Err(HandlerError::bad(format!(
+                    "output_format '{other}' is not png or jpeg"
+                )))
+            }
+        };
+        let prompt = text_field(&body, "prompt")?;
+        let negative = text_field(&body, "negative_prompt")?;
+        let args: GenArgs = json::nested(&body, "gen_args")?;
+        let max_steps = tessera_sdk::param::<u64>("max_steps").unwrap_or(100);
+        let steps = int_arg(
+            "num_inference_steps",
+            &args.num_inference_steps,
+            DEFAULT_STEPS as u64,
+            max_steps,
+        )?;
+        if steps == 0 {
+            return Err(HandlerError::bad(
+                "gen_args.num_inference_steps must be at least 1",
+            ));
+        }
+        let max_guidance = tessera_sdk::param::<f64>("max_guidance_scale").unwrap_or(50.0);
+        let guidance = match &args.guidance_scale {
+            None => DEFAULT_GUIDANCE,
+            Some(v) => match v.as_f64() {
+                Some(g) if g.is_finite() && (0.0..=max_guidance).contains(&g) => g,
+                _ => {
+                    return Err(HandlerError::bad(format!(
+                        "gen_args.guidance_scale must be a number from 0 to {max_guidance}, got {v}"
+                    )))
+                }
+            },
+        };
+        let seed = int_arg("seed", &args.seed, 0, i64::MAX as u64)?;
+
+        let image = img::decode_rgb(
+            "image",
+            &b64::decode("image", json::str_field(&body, "image")?)?,
+        )?;
+        let luma = img::decode_luma_pil(
+            "mask_image",
+            &b64::decode("mask_image", json::str_field(&body, "mask_image")?)?,
+        )?;
+        if image.dimensions() != luma.dimensions() {
+            let (iw, ih) = image.dimensions();
+            let (mw, mh) = luma.dimensions();
+            return Err(HandlerError::bad(format!(
+                "mask_image is {mw}x{mh} but image is {iw}x{ih}; they must be the same size"
+            )));
+        }
+        let mask: Vec<u8> = luma
+            .as_raw()
+            .iter()
+            .map(|&v| if v >= 128 { 255 } else { 0 })
+            .collect();
+        if !mask.contains(&255) {
+            return Err(HandlerError::bad(
+                "mask_image has no masked pixels (none >= 128): nothing to inpaint",
+            ));
+        }
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        let window = tessera_sdk::param::<usize>("crop_size").unwrap_or(512);
+
+        let tok = tokenizer()?;
+        let mut ids = tok.encode_padded(&negative);
+        ids.extend(tok.encode_padded(&prompt));
+
+        let (win_image, win_mask, geom) = crop::pre(image.as_raw(), &mask, (w, h), window);
+        let (ws, ml) = (window as u64, tok.max_len as u64);
+        let inputs = vec![
+            Tensor::from_i64("input_ids", &[2, ml], &ids)?,
+            Tensor::from_u8("image", &[ws, ws, 3], win_image)?,
+            Tensor::from_u8("mask", &[ws, ws], win_mask)?,
+            Tensor::from_i64("steps", &[], &[steps as i64])?,
+            Tensor::from_f32("guidance", &[], &[guidance as f32])?,
+            Tensor::from_i64("seed", &[], &[seed as i64])?,
+        ];
+        let context = pack_context(&Context { geom, jpeg }, image.as_raw(), &mask)?;
+        Ok(ModelInput {
+            inputs,
+            context,
+            cache_key: None,
+        })
+    }
+
+    fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {
+        let (ctx, image, mask) = unpack_context(&context)?;
+        let out = tessera_sdk::first_output(&outputs)?;
+        let c = ctx.geom.crop as u64;
+        if out.shape != [c, c, 3] {
+            return Err(HandlerError::Internal(format!(
+                "model returned shape {:?}, expected [{c}, {c}, 3]",
+                out.shape
+            )));
+        }
+        let filled = out.view().u8()?;
+        let pixels = crop::post(image, mask, filled, &ctx.geom);
+        let (w, h) = ctx.geom.orig;
+        let rgb = img::Rgb::from_raw(w as u32, h as u32, pixels)
+            .ok_or_else(|| HandlerError::Internal("result size mismatch".into()))?;
+        let encoded = img::encode(&img::DynamicImage::ImageRgb8(rgb), ctx.jpeg)?;
+        Response::json(&serde_json::json!({ "generated_image": b64::encode(&encoded) }))
+    }
+}
+
+tessera_sdk::export_handler!(Sd);
