@@ -258,6 +258,10 @@ impl Sandbox {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.max_wasm_stack(1 << 20);
+        if std::env::var_os("TESSERA_WASM_PERFMAP").is_some() {
+            // Names handler functions for `perf` (/tmp/perf-<pid>.map); for profiling only.
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;

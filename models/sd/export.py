@@ -84,11 +84,13 @@ class Parts:
         self.text_encoder, self.unet, self.vae, self.scheduler_config = text_encoder, unet, vae, scheduler_config
 
 
-def random_parts(tiny: bool, seed: int, scheduler: str) -> Parts:
+def random_parts(tiny: bool, seed: int, scheduler: str, device: str = "cpu") -> Parts:
+    """Random weights (PyTorch's default initialisation), built on `device` (fast on a GPU)."""
     torch.manual_seed(seed)
-    text = CLIPTextModel(CLIPTextConfig(**(TEXT_TINY if tiny else TEXT_SD2)))
-    unet = UNet2DConditionModel(**(UNET_TINY if tiny else UNET_SD2))
-    vae = AutoencoderKL(**(VAE_TINY if tiny else VAE_SD2))
+    with torch.device(device):
+        text = CLIPTextModel(CLIPTextConfig(**(TEXT_TINY if tiny else TEXT_SD2)))
+        unet = UNet2DConditionModel(**(UNET_TINY if tiny else UNET_SD2))
+        vae = AutoencoderKL(**(VAE_TINY if tiny else VAE_SD2))
     cfg = dict(SCHEDULER_SD2)
     if scheduler != "PNDMScheduler":
         cfg = dict(SCHEDULERS[scheduler].from_config(cfg).config, _class_name=scheduler)
@@ -400,7 +402,8 @@ def main() -> None:
     ap.add_argument("--save-pretrained", help="also save the pipeline folder (for parity tests)")
     args = ap.parse_args()
 
-    parts = pretrained_parts(args.pretrained) if args.pretrained else random_parts(args.tiny, args.seed, args.scheduler)
+    parts = (pretrained_parts(args.pretrained) if args.pretrained
+             else random_parts(args.tiny, args.seed, args.scheduler, args.device))
     if args.save_pretrained:
         save_pretrained(parts, args.save_pretrained)
     tok_out = os.path.join(args.out_dir, "tokenizer")

@@ -67,7 +67,14 @@ fn int_arg(
     default: u64,
     max: u64,
 ) -> Result<u64, HandlerError> {
-    let Some(v) = v else { return Ok(default) };
+    let Some(v) = v else {
+        if default > max {
+            return Err(HandlerError::bad(format!(
+                "gen_args.{name} defaults to {default}, over this model's limit: give one from 0 to {max}"
+            )));
+        }
+        return Ok(default);
+    };
     match v.as_u64() {
         Some(n) if n <= max => Ok(n),
         _ => Err(HandlerError::bad(format!(
