@@ -74,31 +74,49 @@ pub fn dilate_square(mask: &[u8], w: usize, h: usize, k: usize) -> Vec<u8> {
         return set;
     }
     let (before, after) = (k / 2, k - 1 - k / 2);
-    // out[i] = any(src[i - before ..= i + after]) along one line of `n` samples `stride` apart.
-    let pass = |src: &[u8], dst: &mut [u8], start: usize, n: usize, stride: usize| {
-        let mut count = 0usize;
-        // The window of position 0 covers [0, after].
-        for j in 0..after.min(n - 1) + 1 {
-            count += src[start + j * stride] as usize;
-        }
-        for i in 0..n {
-            dst[start + i * stride] = (count > 0) as u8;
-            let enter = i + after + 1;
-            if enter < n {
-                count += src[start + enter * stride] as usize;
-            }
-            if i >= before {
-                count -= src[start + (i - before) * stride] as usize;
-            }
-        }
-    };
+    // Rows: out[x] = any(row[x - before ..= x + after]), a sliding count along the row.
     let mut rows = vec![0u8; w * h];
-    for y in 0..h {
-        pass(&set, &mut rows, y * w, w, 1);
+    for (src, dst) in set.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
+        let mut count: usize = src[..(after + 1).min(w)].iter().map(|&v| v as usize).sum();
+        for x in 0..w {
+            dst[x] = (count > 0) as u8;
+            if x + after + 1 < w {
+                count += src[x + after + 1] as usize;
+            }
+            if x >= before {
+                count -= src[x - before] as usize;
+            }
+        }
+    }
+    // Columns: the same sliding count, kept per column and advanced a whole row at a time
+    // (row-major, so it streams through memory).
+    let mut count = vec![0u32; w];
+    for row in rows.chunks_exact(w).take(after + 1) {
+        for (c, &v) in count.iter_mut().zip(row) {
+            *c += v as u32;
+        }
     }
     let mut out = vec![0u8; w * h];
-    for x in 0..w {
-        pass(&rows, &mut out, x, h, w);
+    for y in 0..h {
+        for (o, &c) in out[y * w..(y + 1) * w].iter_mut().zip(&count) {
+            *o = (c > 0) as u8;
+        }
+        if y + after + 1 < h {
+            for (c, &v) in count
+                .iter_mut()
+                .zip(&rows[(y + after + 1) * w..(y + after + 2) * w])
+            {
+                *c += v as u32;
+            }
+        }
+        if y >= before {
+            for (c, &v) in count
+                .iter_mut()
+                .zip(&rows[(y - before) * w..(y - before + 1) * w])
+            {
+                *c -= v as u32;
+            }
+        }
     }
     out
 }
@@ -280,6 +298,31 @@ mod tests {
                 "{w}x{h}x{cn} -> {ow}x{oh} (f {scale:?}): {differ} of {} values differ from cv2",
                 want.len()
             );
+        }
+    }
+
+    #[test]
+    fn dilation_equals_the_definition() {
+        let (w, h) = (37, 23);
+        let mut seed = 7u32;
+        let mask: Vec<u8> = (0..w * h)
+            .map(|_| {
+                seed = seed.wrapping_mul(1103515245).wrapping_add(12345);
+                ((seed >> 16) % 29 == 0) as u8 * 255
+            })
+            .collect();
+        for k in [1, 2, 3, 4, 15, 40] {
+            let got = dilate_square(&mask, w, h, k);
+            let (before, after) = (k / 2, k - 1 - k / 2);
+            for y in 0..h {
+                for x in 0..w {
+                    let want = (y.saturating_sub(before)..(y + after + 1).min(h)).any(|yy| {
+                        (x.saturating_sub(before)..(x + after + 1).min(w))
+                            .any(|xx| mask[yy * w + xx] != 0)
+                    });
+                    assert_eq!(got[y * w + x], want as u8, "k {k} at ({x}, {y})");
+                }
+            }
         }
     }
 
