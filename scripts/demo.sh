@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up everything, packs the demo models into ./model-store and serves them on
 # 127.0.0.1:8080 (override with TESSERA_PORT etc.; see `tessera serve --help`): the example
-# image model, and SAM and LaMa with tiny random weights (export real checkpoints with
-# models/sam/export.py --checkpoint and models/lama/export.py --checkpoint for real results).
+# image model, and SAM, LaMa and SD2 inpainting with tiny random weights (export real weights
+# with models/sam/export.py --checkpoint, models/lama/export.py --checkpoint and
+# models/sd/export.py --pretrained for real results).
 source "$(dirname "$0")/env.sh"
 bash scripts/artifacts.sh
 echo "==> building tessera (release)"
@@ -19,6 +20,9 @@ mkdir -p model-store
 "$BIN" pack --config models/lama/model-config.yaml \
   --model "$TESSERA_ARTIFACTS/lama/model.pt" \
   --handler "$TESSERA_ARTIFACTS/handlers/lama.wasm" --output model-store/lama.tar.gz
+"$BIN" pack --config models/sd/model-config.yaml \
+  --model "$TESSERA_ARTIFACTS/sd/sd.pt" --asset "$TESSERA_ARTIFACTS/sd/tokenizer" \
+  --handler "$TESSERA_ARTIFACTS/handlers/sd.wasm" --output model-store/sd.tar.gz
 cat <<TXT
 ==> try it:
   python3 - <<'PY'

@@ -59,7 +59,7 @@ impl tessera_sdk::Handler for Example {
         let ctx: Context = json::from_context(&context)?;
         let out = tessera_sdk::first_output(&outputs)?;
         let encoded = img::encode(&img::rgb_from_tensor(out, None)?, ctx.jpeg)?;
-        Response::json(&serde_json::json!({ "generated_image": b64::encode(&encoded) }))
+        Response::base64_field("generated_image", &encoded)
     }
 }
 

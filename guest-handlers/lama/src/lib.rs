@@ -85,7 +85,7 @@ impl tessera_sdk::Handler for Lama {
         let out = tessera_sdk::first_output(&outputs)?;
         let image = img::rgb_from_tensor(out, Some((ctx.width, ctx.height)))?;
         let encoded = img::encode(&image, ctx.jpeg)?;
-        Response::json(&serde_json::json!({ "generated_image": b64::encode(&encoded) }))
+        Response::base64_field("generated_image", &encoded)
     }
 }
 

@@ -211,7 +211,7 @@ impl tessera_sdk::Handler for Sd {
         let rgb = img::Rgb::from_raw(w as u32, h as u32, pixels)
             .ok_or_else(|| HandlerError::Internal("result size mismatch".into()))?;
         let encoded = img::encode(&img::DynamicImage::ImageRgb8(rgb), ctx.jpeg)?;
-        Response::json(&serde_json::json!({ "generated_image": b64::encode(&encoded) }))
+        Response::base64_field("generated_image", &encoded)
     }
 }
 

@@ -121,13 +121,13 @@ pub fn dilate_square(mask: &[u8], w: usize, h: usize, k: usize) -> Vec<u8> {
     out
 }
 
-/// Encodes as PNG (lossless) with fast compression: on photo-like content zlib's default level
-/// costs ~35x the time for ~45% fewer bytes (`examples/codec_bench.rs`), and a response is
-/// latency, not storage.
+/// Encodes as PNG (lossless) with fast compression and the Sub filter: on photo-like content
+/// zlib's default level with adaptive filtering costs ~45x the time for ~45% fewer bytes
+/// (`examples/codec_bench.rs`), and a response is latency, not storage.
 pub fn encode_png(img: &DynamicImage) -> Result<Vec<u8>, HandlerError> {
     use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
     let mut out = Vec::new();
-    let enc = PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Adaptive);
+    let enc = PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Sub);
     img.write_with_encoder(enc)
         .map_err(|e| HandlerError::Internal(format!("encoding PNG: {e}")))?;
     Ok(out)
