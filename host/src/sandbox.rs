@@ -32,6 +32,11 @@ mod bindings {
 use bindings::tessera::handler::types as wit;
 use bindings::Handler as HandlerBindings;
 
+/// Handler instances alive at once (each request holds one during preprocess and one during
+/// postprocess); the blocking thread pool that runs them is smaller.
+const MAX_LIVE_INSTANCES: u32 = 600;
+/// Bytes of each pooled linear memory kept mapped between instances.
+const KEEP_RESIDENT: usize = 64 << 20;
 /// Epoch tick; deadlines are rounded up to it.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Lines a handler may log per call before the rest are counted and dropped.
@@ -258,6 +263,25 @@ impl Sandbox {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.max_wasm_stack(1 << 20);
+        // Instances come from a pool of pre-reserved slots; a freed slot's first
+        // KEEP_RESIDENT bytes are zeroed with memset and stay mapped, so the next request's
+        // handler does not page-fault its way through fresh memory (costly on VMs).
+        let keep = std::env::var("TESSERA_WASM_KEEP_RESIDENT_MIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(KEEP_RESIDENT, |mib| mib << 20);
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_component_instances(MAX_LIVE_INSTANCES)
+            .total_core_instances(MAX_LIVE_INSTANCES * 4)
+            .total_memories(MAX_LIVE_INSTANCES * 2)
+            .total_tables(MAX_LIVE_INSTANCES * 4)
+            .max_memories_per_module(2)
+            .max_memory_size(4 << 30)
+            .linear_memory_keep_resident(keep)
+            .table_keep_resident(64 << 10);
+        if std::env::var_os("TESSERA_WASM_ON_DEMAND").is_none() {
+            config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
         if std::env::var_os("TESSERA_WASM_PERFMAP").is_some() {
             // Names handler functions for `perf` (/tmp/perf-<pid>.map); for profiling only.
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
