@@ -30,5 +30,5 @@ python models/sam/export.py --tiny --seed 7 --out-dir "$A/sam" --save-state-dict
 
 echo "==> exporting tiny SD2 inpainting (+ the diffusers pipeline folder, tokenizer and SDK fixtures)"
 mkdir -p "$A/sd"
-python models/sd/export.py --tiny --max-steps 20 --out-dir "$A/sd" --save-pretrained "$A/sd/pipeline"
+python models/sd/export.py --tiny --out-dir "$A/sd" --save-pretrained "$A/sd/pipeline"
 python models/sd/fixtures.py --tokenizer "$A/sd/tokenizer" --out-dir "$A/sd"

@@ -22,6 +22,7 @@ mkdir -p model-store
   --handler "$TESSERA_ARTIFACTS/handlers/lama.wasm" --output model-store/lama.tar.gz
 "$BIN" pack --config models/sd/model-config.yaml \
   --model "$TESSERA_ARTIFACTS/sd/sd.pt" --asset "$TESSERA_ARTIFACTS/sd/tokenizer" \
+  --asset "$TESSERA_ARTIFACTS/sd/warmup.json" \
   --handler "$TESSERA_ARTIFACTS/handlers/sd.wasm" --output model-store/sd.tar.gz
 cat <<TXT
 ==> try it:

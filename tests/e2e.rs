@@ -546,3 +546,86 @@ fn out_of_memory_evicts_idle_models_then_answers_507() {
         200
     );
 }
+
+/// Packs the example model with `tessera.warmup` naming `warmup.json`, shipped as an asset with
+/// `body`; returns whether pack succeeded and its stderr.
+fn pack_with_warmup(store: &Path, name: &str, body: Option<&[u8]>, times: u32) -> (bool, String) {
+    let cfg = store.join(format!(".{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!("{EXAMPLE_CONFIG}tessera:\n  model: model.pt\n  warmup:\n    request: warmup.json\n    times: {times}\n")
+            .replace("tessera:\n  model: model.pt\nhandler:\n  max_pixels: 1000000\ntessera:", "handler:\n  max_pixels: 1000000\ntessera:"),
+    )
+    .unwrap();
+    let assets = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["pack", "--config"])
+        .arg(&cfg)
+        .arg("--model")
+        .arg(artifact("example/model.pt"))
+        .arg("--handler")
+        .arg(artifact("handlers/example.wasm"))
+        .arg("--output")
+        .arg(store.join(format!("{name}.tar.gz")));
+    if let Some(body) = body {
+        let f = assets.path().join("warmup.json");
+        std::fs::write(&f, body).unwrap();
+        cmd.arg("--asset").arg(&f);
+    }
+    let out = cmd.output().unwrap();
+    std::fs::remove_file(cfg).unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn warmup_requests_run_after_a_load_before_users() {
+    let store = tempfile::tempdir().unwrap();
+    let good = serde_json::to_vec(&example_request(24, 16, 5, json!({"strength": 0.5}))).unwrap();
+    assert!(pack_with_warmup(store.path(), "warm", Some(&good), 2).0);
+    // A warm-up the handler refuses is logged; the model still serves.
+    assert!(pack_with_warmup(store.path(), "cold", Some(b"{\"not\": \"a request\"}"), 1).0);
+    // An archive whose warm-up file is not packed is refused at pack time.
+    let (ok, err) = pack_with_warmup(store.path(), "missing", None, 1);
+    assert!(
+        !ok && err.contains("warmup.request 'warmup.json' is not among the packed assets"),
+        "{err}"
+    );
+
+    let server = Server::start(store.path(), &[]);
+    let request = example_request(20, 12, 9, json!({"strength": 0.75}));
+    let reply = post_json(&server.url("/predictions/warm"), &request);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // The user's forward came after both warm-up forwards: three by the time it answered.
+    let forwards = || {
+        get(&server.url("/metrics"))
+            .text()
+            .lines()
+            .find(|l| {
+                l.starts_with("tessera_inference_duration_seconds_count")
+                    && l.contains("default/warm@1")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(forwards(), Some(3));
+    assert!(wait_until(Duration::from_secs(5), || server
+        .log()
+        .matches("warm-up request done")
+        .count()
+        == 2));
+    assert_eq!(
+        post_json(&server.url("/predictions/warm"), &request).status,
+        200
+    );
+    assert_eq!(forwards(), Some(4), "warm-up ran again");
+
+    let reply = post_json(&server.url("/predictions/cold"), &request);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(server.wait_log(
+        "warm-up request failed; serving without warm-up",
+        Duration::from_secs(5)
+    ));
+    assert!(server.log().contains("missing field 'image'"));
+}

@@ -91,6 +91,26 @@ pub struct TesseraConfig {
     /// cache key, so later requests with the same key run only `model`.
     #[serde(default)]
     pub cached_stage: Option<CachedStage>,
+    /// Sample requests replayed right after a load, before any request is served: TorchScript's
+    /// profiling executor optimises (and compiles fused kernels) on a model's second call, which
+    /// otherwise lands on a user (seconds for a diffusion loop).
+    #[serde(default)]
+    pub warmup: Option<Warmup>,
+}
+
+/// `tessera.warmup`: a request body under `assets/`, sent through handler and model `times`
+/// times (default 2) after each load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Warmup {
+    /// Path under `assets/` of the body (JSON, as a client would POST it).
+    pub request: String,
+    #[serde(default = "two")]
+    pub times: u32,
+}
+
+fn two() -> u32 {
+    2
 }
 
 /// The first stage of a two-stage model. Its `inputs` (handler tensors, by name) are consumed
@@ -168,6 +188,22 @@ impl ModelConfig {
             }
             if stage.inputs.is_empty() || stage.cache_mib > 1 << 20 {
                 return bad("cachedStage needs inputs and a cacheMiB under 1 TiB".into());
+            }
+        }
+        if let Some(w) = &self.tessera.warmup {
+            let p = std::path::Path::new(&w.request);
+            if w.request.is_empty()
+                || p.is_absolute()
+                || p.components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return bad(format!(
+                    "warmup.request '{}' must be a relative path under assets/",
+                    w.request
+                ));
+            }
+            if w.times == 0 || w.times > 10 {
+                return bad(format!("warmup.times must be 1..=10, got {}", w.times));
             }
         }
         Ok(())
@@ -512,6 +548,30 @@ pub fn pack(spec: &PackSpec, output: &Path) -> Result<(), ArchiveError> {
         }
         _ => {}
     }
+    // Assets as (source, name under assets/).
+    let mut assets = Vec::new();
+    for asset in &spec.assets {
+        let base = asset
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if asset.is_dir() {
+            for (path, rel) in walk(asset)? {
+                assets.push((path, format!("{base}/{rel}")));
+            }
+        } else {
+            assets.push((asset.clone(), base));
+        }
+    }
+    if let Some(w) = &config.tessera.warmup {
+        if !assets.iter().any(|(_, name)| name == &w.request) {
+            return Err(ArchiveError::Invalid(format!(
+                "tessera.warmup.request '{}' is not among the packed assets (--asset)",
+                w.request
+            )));
+        }
+    }
     let tmp = output.with_extension("partial");
     let file = File::create(&tmp).map_err(io_err(&tmp))?;
     let mut tar = tar::Builder::new(GzEncoder::new(
@@ -527,19 +587,8 @@ pub fn pack(spec: &PackSpec, output: &Path) -> Result<(), ArchiveError> {
         add(m, name)?;
     }
     add(&spec.handler, HANDLER_FILE)?;
-    for asset in &spec.assets {
-        let base = asset
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_string();
-        if asset.is_dir() {
-            for (path, rel) in walk(asset)? {
-                add(&path, &format!("{ASSETS_DIR}/{base}/{rel}"))?;
-            }
-        } else {
-            add(asset, &format!("{ASSETS_DIR}/{base}"))?;
-        }
+    for (path, name) in &assets {
+        add(path, &format!("{ASSETS_DIR}/{name}"))?;
     }
     let gz = tar.into_inner().map_err(io_err(output))?;
     let mut writer = gz.finish().map_err(io_err(output))?;

@@ -180,6 +180,8 @@ impl Tessera {
         }
         timings.version = model.version.clone();
         let _busy = model.begin(self.residency.clock());
+        // Requests wait for the warm-up of a fresh load (all of them: it runs once).
+        model.warmed.get_or_init(|| self.warm_up(&model)).await;
         let seconds = model.unpacked.config.response_timeout;
         let timeout = Duration::from_secs(
             tenant
@@ -206,6 +208,60 @@ impl Tessera {
         {
             Ok(result) => result.map(|r| (r, timings)),
             Err(_) => Err(InferenceError::Timeout(timeout)),
+        }
+    }
+
+    /// Replays the archive's warm-up request (`tessera.warmup`) through handler and model. A
+    /// failure is logged and serving goes on: warm-up only moves one-time costs off users.
+    async fn warm_up(&self, model: &Arc<LoadedModel>) {
+        let Some(w) = model.unpacked.config.tessera.warmup.clone() else {
+            return;
+        };
+        let path = model
+            .unpacked
+            .dir
+            .join(crate::archive::ASSETS_DIR)
+            .join(&w.request);
+        let body = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(model = %model.key, "warm-up request {}: {e}", w.request);
+                return;
+            }
+        };
+        let timeout = Duration::from_secs(model.unpacked.config.response_timeout);
+        for i in 0..w.times {
+            let started = Instant::now();
+            let request = HandlerRequest {
+                body: body.clone(),
+                content_type: "application/json".into(),
+                headers: Vec::new(),
+            };
+            let rid = format!("warmup-{}", i + 1);
+            let mut timings = Timings::default();
+            let result = tokio::time::timeout(
+                timeout,
+                self.run(model, request, &rid, Instant::now() + timeout, &mut timings),
+            )
+            .await;
+            let ms = started.elapsed().as_millis() as u64;
+            match result {
+                Ok(Ok(r)) if r.status < 400 => {
+                    tracing::info!(model = %model.key, run = i + 1, ms, "warm-up request done")
+                }
+                Ok(Ok(r)) => {
+                    tracing::warn!(model = %model.key, status = r.status, body = %String::from_utf8_lossy(&r.body[..r.body.len().min(300)]), "warm-up request refused by the handler; serving without warm-up");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(model = %model.key, error = %e, "warm-up request failed; serving without warm-up");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(model = %model.key, "warm-up request timed out; serving without warm-up");
+                    return;
+                }
+            }
         }
     }
 

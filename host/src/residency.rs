@@ -71,6 +71,8 @@ pub struct LoadedModel {
     pub load_time: Duration,
     /// Permits for requests admitted at all (maxWorkers + queue); none left means 429.
     pub admission: Semaphore,
+    /// Set once the archive's warm-up requests (if any) have run after this load.
+    pub warmed: tokio::sync::OnceCell<()>,
     in_use: AtomicUsize,
     last_used: AtomicU64,
 }
@@ -462,6 +464,7 @@ impl Residency {
             handler,
             load_time: started.elapsed(),
             admission: Semaphore::new(workers + self.config.max_queue),
+            warmed: tokio::sync::OnceCell::new(),
             in_use: AtomicUsize::new(0),
             last_used: AtomicU64::new(self.clock.elapsed().as_millis() as u64),
             unpacked,
