@@ -72,3 +72,24 @@ def test_rejects_unsupported_scheduler_options(tmp_path):
     parts.scheduler_config = dict(parts.scheduler_config, _class_name="LMSDiscreteScheduler")
     with pytest.raises(SystemExit, match="not supported"):
         export.export(parts, str(tmp_path), "cpu", False, 4)
+
+
+def test_pretrained_folder_exports_the_same_model(tmp_path):
+    """--pretrained loads a save_pretrained folder (what the seed stores): its export computes
+    what the export of the original weights computes."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--tiny", "--scheduler", "DDIMScheduler",
+                    "--seed", "4", "--max-steps", "4", "--out-dir", str(first), "--save-pretrained",
+                    str(first / "pipeline")], check=True)
+    subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--pretrained", str(first / "pipeline"),
+                    "--max-steps", "4", "--out-dir", str(second)], check=True)
+    assert (second / "tokenizer" / "vocab.json").read_bytes() == (first / "tokenizer" / "vocab.json").read_bytes()
+    image, mask = scene(2)
+    ids = torch.randint(0, 49408, (2, 77))
+    args = (ids, torch.from_numpy(image), torch.from_numpy(mask), torch.tensor(3), torch.tensor(7.5), torch.tensor(1))
+    a = torch.jit.load(str(first / "sd.pt"))(*args)
+    b = torch.jit.load(str(second / "sd.pt"))(*args)
+    assert torch.equal(a, b)
+    with pytest.raises(Exception):  # over the exported schedules
+        torch.jit.load(str(second / "sd.pt"))(ids, torch.from_numpy(image), torch.from_numpy(mask),
+                                               torch.tensor(5), torch.tensor(7.5), torch.tensor(1))
