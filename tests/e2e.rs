@@ -548,35 +548,24 @@ fn out_of_memory_evicts_idle_models_then_answers_507() {
 }
 
 /// Packs the example model with `tessera.warmup` naming `warmup.json`, shipped as an asset with
-/// `body`; returns whether pack succeeded and its stderr.
+/// `body` (not shipped when `None`); returns whether pack succeeded and its stderr.
 fn pack_with_warmup(store: &Path, name: &str, body: Option<&[u8]>, times: u32) -> (bool, String) {
-    let cfg = store.join(format!(".{name}.yaml"));
-    std::fs::write(
-        &cfg,
-        format!("{EXAMPLE_CONFIG}tessera:\n  model: model.pt\n  warmup:\n    request: warmup.json\n    times: {times}\n")
-            .replace("tessera:\n  model: model.pt\nhandler:\n  max_pixels: 1000000\ntessera:", "handler:\n  max_pixels: 1000000\ntessera:"),
-    )
-    .unwrap();
+    let config = format!(
+        "responseTimeout: 30\ntessera:\n  model: model.pt\n  warmup:\n    request: warmup.json\n    times: {times}\n"
+    );
     let assets = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.args(["pack", "--config"])
-        .arg(&cfg)
-        .arg("--model")
-        .arg(artifact("example/model.pt"))
-        .arg("--handler")
-        .arg(artifact("handlers/example.wasm"))
-        .arg("--output")
-        .arg(store.join(format!("{name}.tar.gz")));
+    let mut files = Vec::new();
     if let Some(body) = body {
         let f = assets.path().join("warmup.json");
         std::fs::write(&f, body).unwrap();
-        cmd.arg("--asset").arg(&f);
+        files.push(f);
     }
-    let out = cmd.output().unwrap();
-    std::fs::remove_file(cfg).unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    pack_archive(
+        &store.join(format!("{name}.tar.gz")),
+        &config,
+        &[artifact("example/model.pt")],
+        &artifact("handlers/example.wasm"),
+        &files,
     )
 }
 

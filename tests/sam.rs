@@ -84,27 +84,14 @@ fn reference(req: &serde_json::Value) -> (usize, Vec<Vec<u8>>, Vec<f64>) {
 }
 
 fn sam_server(store: &tempfile::TempDir) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("model-config.yaml");
-    std::fs::write(&cfg, CONFIG).unwrap();
-    let out = Command::new(BIN)
-        .args(["pack", "--config"])
-        .arg(&cfg)
-        .arg("--model")
-        .arg(artifact("sam/encoder.pt"))
-        .arg("--model")
-        .arg(artifact("sam/decoder.pt"))
-        .arg("--handler")
-        .arg(artifact("handlers/sam.wasm"))
-        .arg("--output")
-        .arg(store.path().join("sam.tar.gz"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, err) = pack_archive(
+        &store.path().join("sam.tar.gz"),
+        CONFIG,
+        &[artifact("sam/encoder.pt"), artifact("sam/decoder.pt")],
+        &artifact("handlers/sam.wasm"),
+        &[],
     );
+    assert!(ok, "{err}");
     Server::start(store.path(), &[])
 }
 

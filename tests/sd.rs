@@ -15,27 +15,14 @@ const CONFIG: &str =
 handler:\n  max_pixels: 2000000\n  max_steps: 20\n";
 
 fn sd_server(store: &tempfile::TempDir) -> Server {
-    let cfg = store.path().join(".sd-config.yaml");
-    std::fs::write(&cfg, CONFIG).unwrap();
-    let out = Command::new(BIN)
-        .args(["pack", "--config"])
-        .arg(&cfg)
-        .arg("--model")
-        .arg(artifact("sd/sd.pt"))
-        .arg("--handler")
-        .arg(artifact("handlers/sd.wasm"))
-        .arg("--asset")
-        .arg(artifact("sd/tokenizer"))
-        .arg("--output")
-        .arg(store.path().join("sd.tar.gz"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pack: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, err) = pack_archive(
+        &store.path().join("sd.tar.gz"),
+        CONFIG,
+        &[artifact("sd/sd.pt")],
+        &artifact("handlers/sd.wasm"),
+        &[artifact("sd/tokenizer")],
     );
-    std::fs::remove_file(cfg).unwrap();
+    assert!(ok, "pack: {err}");
     Server::start(store.path(), &[])
 }
 

@@ -75,6 +75,34 @@ pub fn pack(store: &Path, name: &str, config_yaml: &str, model: &Path, handler: 
     out
 }
 
+/// `tessera pack` with any number of model files and assets; the config is written to a
+/// temporary file. Returns whether it succeeded and its stderr (callers assert either way).
+pub fn pack_archive(
+    out: &Path,
+    config_yaml: &str,
+    models: &[PathBuf],
+    handler: &Path,
+    assets: &[PathBuf],
+) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("model-config.yaml");
+    std::fs::write(&cfg, config_yaml).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["pack", "--config"]).arg(&cfg);
+    for m in models {
+        cmd.arg("--model").arg(m);
+    }
+    cmd.arg("--handler").arg(handler);
+    for a in assets {
+        cmd.arg("--asset").arg(a);
+    }
+    let out = cmd.arg("--output").arg(out).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A running `tessera serve`, killed on drop. Its stderr (the log) is collected.
 pub struct Server {
     child: Child,

@@ -31,30 +31,8 @@ fn round_up(n: usize) -> usize {
 impl tessera_sdk::Handler for Lama {
     fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
         let body = json::body(&req)?;
-        let jpeg = match body.get("output_format").and_then(|v| v.as_str()) {
-            None | Some("png") => false,
-            Some("jpeg" | "jpg") => true,
-            Some(other) => {
-                return Err(HandlerError::bad(format!(
-                    "output_format '{other}' is not png or jpeg"
-                )))
-            }
-        };
-        let image = img::decode_rgb(
-            "image",
-            &b64::decode("image", json::str_field(&body, "image")?)?,
-        )?;
-        let mask = img::decode_luma_pil(
-            "mask_image",
-            &b64::decode("mask_image", json::str_field(&body, "mask_image")?)?,
-        )?;
-        if image.dimensions() != mask.dimensions() {
-            let (iw, ih) = image.dimensions();
-            let (mw, mh) = mask.dimensions();
-            return Err(HandlerError::bad(format!(
-                "mask_image is {mw}x{mh} but image is {iw}x{ih}; they must be the same size"
-            )));
-        }
+        let jpeg = img::wants_jpeg(&body)?;
+        let (image, mask) = img::decode_image_and_mask(&body)?;
         let (w, h) = (image.width() as usize, image.height() as usize);
         if w < MIN_SIDE || h < MIN_SIDE {
             return Err(HandlerError::bad(format!(

@@ -107,15 +107,7 @@ fn tokenizer() -> Result<ClipTokenizer, HandlerError> {
 impl tessera_sdk::Handler for Sd {
     fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
         let body = json::body(&req)?;
-        let jpeg = match body.get("output_format").and_then(|v| v.as_str()) {
-            None | Some("png") => false,
-            Some("jpeg" | "jpg") => true,
-            Some(other) => {
-                return Err(HandlerError::bad(format!(
-                    "output_format '{other}' is not png or jpeg"
-                )))
-            }
-        };
+        let jpeg = img::wants_jpeg(&body)?;
         let prompt = text_field(&body, "prompt")?;
         let negative = text_field(&body, "negative_prompt")?;
         let args: GenArgs = json::nested(&body, "gen_args")?;
@@ -145,21 +137,7 @@ impl tessera_sdk::Handler for Sd {
         };
         let seed = int_arg("seed", &args.seed, 0, i64::MAX as u64)?;
 
-        let image = img::decode_rgb(
-            "image",
-            &b64::decode("image", json::str_field(&body, "image")?)?,
-        )?;
-        let luma = img::decode_luma_pil(
-            "mask_image",
-            &b64::decode("mask_image", json::str_field(&body, "mask_image")?)?,
-        )?;
-        if image.dimensions() != luma.dimensions() {
-            let (iw, ih) = image.dimensions();
-            let (mw, mh) = luma.dimensions();
-            return Err(HandlerError::bad(format!(
-                "mask_image is {mw}x{mh} but image is {iw}x{ih}; they must be the same size"
-            )));
-        }
+        let (image, luma) = img::decode_image_and_mask(&body)?;
         let mask: Vec<u8> = luma
             .as_raw()
             .iter()

@@ -121,6 +121,42 @@ pub fn dilate_square(mask: &[u8], w: usize, h: usize, k: usize) -> Vec<u8> {
     out
 }
 
+/// The request's `output_format`: `false` for PNG (absent or `"png"`), `true` for JPEG
+/// (`"jpeg"`/`"jpg"`); anything else is a 400.
+pub fn wants_jpeg(body: &serde_json::Map<String, serde_json::Value>) -> Result<bool, HandlerError> {
+    match body.get("output_format").and_then(|v| v.as_str()) {
+        None | Some("png") => Ok(false),
+        Some("jpeg" | "jpg") => Ok(true),
+        Some(other) => Err(HandlerError::bad(format!(
+            "output_format '{other}' is not png or jpeg"
+        ))),
+    }
+}
+
+/// The seed's inpainting pair: `image` (base64 PNG/JPEG, as RGB) and `mask_image` (one channel
+/// as PIL's `convert("L")`), which must be the same size.
+pub fn decode_image_and_mask(
+    body: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(RgbImage, GrayImage), HandlerError> {
+    use crate::{b64, json};
+    let image = decode_rgb(
+        "image",
+        &b64::decode("image", json::str_field(body, "image")?)?,
+    )?;
+    let mask = decode_luma_pil(
+        "mask_image",
+        &b64::decode("mask_image", json::str_field(body, "mask_image")?)?,
+    )?;
+    if image.dimensions() != mask.dimensions() {
+        let (iw, ih) = image.dimensions();
+        let (mw, mh) = mask.dimensions();
+        return Err(HandlerError::bad(format!(
+            "mask_image is {mw}x{mh} but image is {iw}x{ih}; they must be the same size"
+        )));
+    }
+    Ok((image, mask))
+}
+
 /// Encodes as PNG (lossless) with fast compression and the Sub filter: on photo-like content
 /// zlib's default level with adaptive filtering costs ~45x the time for ~45% fewer bytes
 /// (`examples/codec_bench.rs`), and a response is latency, not storage.
