@@ -216,23 +216,10 @@ mod tests {
     use super::*;
 
     /// Ids from `transformers`' CLIPTokenizer for a few hundred prompts, written by
-    /// `models/sd/tokenizer_cases.py` next to SD2's tokenizer files (scripts/artifacts.sh).
+    /// `models/sd/fixtures.py` next to SD2's tokenizer files (scripts/artifacts.sh).
     #[test]
     fn ids_match_transformers() {
-        let dir = std::env::var("TESSERA_ARTIFACTS")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/artifacts")
-            })
-            .join("sd");
-        let read = |name: &str| {
-            std::fs::read(dir.join(name)).unwrap_or_else(|e| {
-                panic!(
-                    "{}: {e} (run scripts/artifacts.sh first)",
-                    dir.join(name).display()
-                )
-            })
-        };
+        let read = |name: &str| crate::test_fixture(&format!("sd/{name}"));
         let tok = ClipTokenizer::new(
             &read("tokenizer/vocab.json"),
             &String::from_utf8(read("tokenizer/merges.txt")).unwrap(),

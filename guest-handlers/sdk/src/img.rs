@@ -297,14 +297,7 @@ mod tests {
     #[test]
     fn linear_resize_matches_opencv() {
         use base64::Engine;
-        let dir = std::env::var("TESSERA_ARTIFACTS")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/artifacts")
-            });
-        let path = dir.join("sd/resize_cases.json");
-        let bytes = std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/artifacts.sh first)", path.display()));
+        let bytes = crate::test_fixture("sd/resize_cases.json");
         let cases: Vec<serde_json::Value> = serde_json::from_slice(&bytes).unwrap();
         assert!(cases.len() >= 10);
         let b64 = |v: &serde_json::Value| {
