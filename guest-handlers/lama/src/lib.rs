@@ -8,7 +8,7 @@
 //! `models/lama`) returns the composite and we crop it back to the original size.
 //! Response: `{"generated_image": <base64 PNG or JPEG>}`.
 use serde::{Deserialize, Serialize};
-use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
+use tessera_sdk::{img, json, HandlerError, ModelInput, Request, Response, Tensor};
 
 const MODULO: usize = 8;
 /// Three stride-2 downsamplings and reflection padding in the bottleneck need at least 2

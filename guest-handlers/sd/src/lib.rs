@@ -16,7 +16,7 @@ pub mod crop;
 
 use serde::{Deserialize, Serialize};
 use tessera_sdk::clip::ClipTokenizer;
-use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
+use tessera_sdk::{img, json, HandlerError, ModelInput, Request, Response, Tensor};
 
 const DEFAULT_STEPS: u32 = 50;
 const DEFAULT_GUIDANCE: f64 = 7.5;
