@@ -180,8 +180,6 @@ impl Tessera {
         }
         timings.version = model.version.clone();
         let _busy = model.begin(self.residency.clock());
-        // Requests wait for the warm-up of a fresh load (all of them: it runs once).
-        model.warmed.get_or_init(|| self.warm_up(&model)).await;
         let seconds = model.unpacked.config.response_timeout;
         let timeout = Duration::from_secs(
             tenant
@@ -189,6 +187,12 @@ impl Tessera {
                 .handler_timeout_seconds
                 .map_or(seconds, |t| t.min(seconds)),
         );
+        // Requests wait for the warm-up of a fresh load (all of them: it runs once), which
+        // runs under the same time limit as a request of this tenant.
+        model
+            .warmed
+            .get_or_init(|| self.warm_up(&model, timeout))
+            .await;
         let deadline = Instant::now() + timeout;
         let _admitted = model.admission.try_acquire().map_err(|_| {
             self.metrics
@@ -213,7 +217,7 @@ impl Tessera {
 
     /// Replays the archive's warm-up request (`tessera.warmup`) through handler and model. A
     /// failure is logged and serving goes on: warm-up only moves one-time costs off users.
-    async fn warm_up(&self, model: &Arc<LoadedModel>) {
+    async fn warm_up(&self, model: &Arc<LoadedModel>, timeout: Duration) {
         let Some(w) = model.unpacked.config.tessera.warmup.clone() else {
             return;
         };
@@ -229,7 +233,6 @@ impl Tessera {
                 return;
             }
         };
-        let timeout = Duration::from_secs(model.unpacked.config.response_timeout);
         for i in 0..w.times {
             let started = Instant::now();
             let request = HandlerRequest {
