@@ -215,6 +215,8 @@ fn same_seed_same_bytes_and_clear_errors() {
     let small_mask = png_encode(10, 10, png::ColorType::Grayscale, &[255; 100]);
     let empty_mask = png_encode(w, h, png::ColorType::Grayscale, &vec![0; (w * h) as usize]);
     let big = png_rgb(2000, 1001, &vec![0; 2000 * 1001 * 3]);
+    let thin = png_rgb(2000, 3, &vec![90; 2000 * 3 * 3]);
+    let thin_mask = png_encode(2000, 3, png::ColorType::Grayscale, &[255; 2000 * 3]);
     let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, u16, &str)> = vec![
         (
             "missing image",
@@ -299,6 +301,16 @@ fn same_seed_same_bytes_and_clear_errors() {
             Box::new(move |b| b["image"] = json!(B64.encode(&big))),
             413,
             "pixels",
+        ),
+        (
+            "too thin to scale up",
+            Box::new(move |b| {
+                b["image"] = json!(B64.encode(&thin));
+                b["mask_image"] = json!(B64.encode(&thin_mask));
+                b["gen_args"] = json!({"num_inference_steps": 2});
+            }),
+            413,
+            "scaled up to a 512-pixel short side it would be 341333x512",
         ),
     ];
     for (what, edit, status, needle) in cases {

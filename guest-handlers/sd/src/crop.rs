@@ -72,7 +72,8 @@ fn pad_square(px: &[u8], (w, h): (usize, usize), cn: usize, rows: bool, amount: 
     out
 }
 
-fn upscaled_size((w, h): (usize, usize), crop: usize) -> Option<(usize, usize)> {
+/// The size the short side's scale-up gives (`None` when the short side is already `crop`).
+pub fn upscaled_size((w, h): (usize, usize), crop: usize) -> Option<(usize, usize)> {
     if w.min(h) >= crop {
         return None;
     }

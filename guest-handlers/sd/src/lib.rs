@@ -150,6 +150,16 @@ impl tessera_sdk::Handler for Sd {
         }
         let (w, h) = (image.width() as usize, image.height() as usize);
         let window = tessera_sdk::param::<usize>("crop_size").unwrap_or(512);
+        // A thin image is scaled up to a `window`-pixel short side first: bound that too.
+        let max_pixels = tessera_sdk::param::<u64>("max_pixels").unwrap_or(img::DEFAULT_MAX_PIXELS);
+        if let Some((uw, uh)) = crop::upscaled_size((w, h), window) {
+            if (uw as u64) * (uh as u64) > max_pixels {
+                return Err(HandlerError::PayloadTooLarge(format!(
+                    "image is {w}x{h}; scaled up to a {window}-pixel short side it would be {uw}x{uh}, \
+                     over this model's limit of {max_pixels} pixels"
+                )));
+            }
+        }
 
         let tok = tokenizer()?;
         let mut ids = tok.encode_padded(&negative);
