@@ -319,12 +319,23 @@ impl TorchModel {
     /// `Dict[str, Tensor]` keeps its keys.
     pub fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, RuntimeError> {
         let _guard = tch::no_grad_guard();
+        let t0 = std::time::Instant::now();
         let args = inputs
             .iter()
             .map(|t| IValue::Tensor(t.to_tch(self.device)))
             .collect();
+        let t1 = std::time::Instant::now();
+        let values = self.forward_values(args)?;
+        let t2 = std::time::Instant::now();
         let mut outputs = Vec::new();
-        collect_outputs(self.forward_values(args)?, None, &mut outputs)?;
+        collect_outputs(values, None, &mut outputs)?;
+        // The forward call returns once its kernels are queued; the copy back waits for them.
+        tracing::trace!(
+            inputs_ms = (t1 - t0).as_secs_f64() * 1e3,
+            launch_ms = (t2 - t1).as_secs_f64() * 1e3,
+            outputs_ms = t2.elapsed().as_secs_f64() * 1e3,
+            "forward phases"
+        );
         Ok(outputs)
     }
 
