@@ -43,8 +43,6 @@ pub fn python() -> PathBuf {
 /// Packs an archive named `<name>.tar.gz` into `store` with `tessera pack`.
 pub fn pack(store: &Path, name: &str, config_yaml: &str, model: &Path, handler: &Path) -> PathBuf {
     std::fs::create_dir_all(store).unwrap();
-    let cfg = store.join(format!(".{name}-config.yaml"));
-    std::fs::write(&cfg, config_yaml).unwrap();
     let out = store.join(format!("{name}.tar.gz"));
     // Archives name their TorchScript file model.pt; stage differently named files as that.
     let staged = tempfile::tempdir().unwrap();
@@ -55,23 +53,8 @@ pub fn pack(store: &Path, name: &str, config_yaml: &str, model: &Path, handler: 
         std::fs::copy(model, &p).unwrap();
         p
     };
-    let status = Command::new(BIN)
-        .args(["pack", "--config"])
-        .arg(&cfg)
-        .arg("--model")
-        .arg(&model)
-        .arg("--handler")
-        .arg(handler)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "tessera pack failed for {name}: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    std::fs::remove_file(cfg).unwrap();
+    let (ok, err) = pack_archive(&out, config_yaml, &[model], handler, &[]);
+    assert!(ok, "tessera pack failed for {name}: {err}");
     out
 }
 

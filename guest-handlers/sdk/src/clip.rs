@@ -19,9 +19,11 @@ const PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
 
 pub struct ClipTokenizer {
-    vocab: HashMap<String, u32>,
-    ranks: HashMap<(String, String), u32>,
-    byte_chars: [char; 256],
+    /// Merge rank and the merged token's id, by the ids of the pair.
+    ranks: HashMap<(u32, u32), (u32, u32)>,
+    /// Id of each byte's symbol, inside a piece and at its end (with `</w>`).
+    byte_ids: [u32; 256],
+    byte_end_ids: [u32; 256],
     /// Special tokens with their ids, longest first (leftmost-longest matching).
     specials: Vec<(String, u32)>,
     pattern: Regex,
@@ -73,7 +75,12 @@ impl ClipTokenizer {
             let mut parts = line.split(' ');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(a), Some(b), None) => {
-                    ranks.insert((a.to_string(), b.to_string()), rank as u32);
+                    // A merge whose parts or result the vocabulary lacks can never apply.
+                    if let (Some(&ia), Some(&ib), Some(&im)) =
+                        (vocab.get(a), vocab.get(b), vocab.get(&format!("{a}{b}")))
+                    {
+                        ranks.entry((ia, ib)).or_insert((rank as u32, im));
+                    }
                 }
                 _ => {
                     return Err(format!(
@@ -110,10 +117,16 @@ impl ClipTokenizer {
             specials.push((pad_token.clone(), pad));
         }
         specials.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        // Every byte symbol (with and without </w>) is in CLIP's vocab; a vocabulary without
+        // one maps it to <|endoftext|>, the unknown token.
+        let chars = byte_chars();
+        let lookup = |t: String| vocab.get(&t).copied().unwrap_or(eos);
+        let byte_ids = std::array::from_fn(|b| lookup(chars[b].to_string()));
+        let byte_end_ids = std::array::from_fn(|b| lookup(format!("{}</w>", chars[b])));
         Ok(ClipTokenizer {
-            vocab,
             ranks,
-            byte_chars: byte_chars(),
+            byte_ids,
+            byte_end_ids,
             specials,
             pattern: Regex::new(PATTERN).expect("valid pattern"),
             whitespace: Regex::new(r"\s+").expect("valid pattern"),
@@ -152,43 +165,37 @@ impl ClipTokenizer {
 
     fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) {
         for piece in self.pattern.find_iter(text) {
-            let mapped: Vec<String> = piece
-                .as_str()
-                .bytes()
-                .map(|b| self.byte_chars[b as usize].to_string())
-                .collect();
-            for token in self.bpe(mapped) {
-                // Every single byte symbol (with and without </w>) is in CLIP's vocab; a
-                // vocabulary without one maps it to <|endoftext|>, the unknown token.
-                ids.push(self.vocab.get(&token).copied().unwrap_or(self.eos));
+            let bytes = piece.as_str().as_bytes();
+            let mut word: Vec<u32> = bytes.iter().map(|&b| self.byte_ids[b as usize]).collect();
+            if let (Some(last), Some(&b)) = (word.last_mut(), bytes.last()) {
+                *last = self.byte_end_ids[b as usize];
             }
+            ids.extend(self.bpe(word));
         }
     }
 
     /// Byte-pair merges, lowest rank first, all occurrences of the chosen pair left to right.
-    fn bpe(&self, mut word: Vec<String>) -> Vec<String> {
-        if let Some(last) = word.last_mut() {
-            last.push_str("</w>");
-        }
+    fn bpe(&self, mut word: Vec<u32>) -> Vec<u32> {
         while word.len() > 1 {
             let best = word
                 .windows(2)
                 .filter_map(|p| {
                     self.ranks
-                        .get(&(p[0].clone(), p[1].clone()))
-                        .map(|r| (*r, p))
+                        .get(&(p[0], p[1]))
+                        .map(|&(rank, id)| (rank, (p[0], p[1], id)))
                 })
-                .min_by_key(|(r, _)| *r)
-                .map(|(_, p)| (p[0].clone(), p[1].clone()));
-            let Some((a, b)) = best else { break };
+                .min_by_key(|(rank, _)| *rank);
+            let Some((_, (a, b, merged_id))) = best else {
+                break;
+            };
             let mut merged = Vec::with_capacity(word.len());
             let mut i = 0;
             while i < word.len() {
                 if i + 1 < word.len() && word[i] == a && word[i + 1] == b {
-                    merged.push(format!("{a}{b}"));
+                    merged.push(merged_id);
                     i += 2;
                 } else {
-                    merged.push(std::mem::take(&mut word[i]));
+                    merged.push(word[i]);
                     i += 1;
                 }
             }

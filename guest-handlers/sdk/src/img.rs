@@ -482,22 +482,16 @@ pub fn resize_cv2_linear(
         out
     };
     let mut out = vec![0u8; dh * width];
-    let mut cache: Option<(usize, Vec<i32>)> = None;
-    let mut cache2: Option<(usize, Vec<i32>)> = None;
+    // Each source row's horizontal pass, computed on first use (rows are shared by
+    // neighbouring output rows when scaling up, skipped when scaling down).
+    let mut rows: Vec<Option<Vec<i32>>> = vec![None; sh];
     for (dy, &(sy, sy1, b0, b1)) in yt.iter().enumerate() {
-        let mut get = |y: usize| -> Vec<i32> {
-            for c in [&cache, &cache2].into_iter().flatten() {
-                if c.0 == y {
-                    return c.1.clone();
-                }
+        for y in [sy, sy1] {
+            if rows[y].is_none() {
+                rows[y] = Some(hrow(y));
             }
-            let r = hrow(y);
-            cache2 = cache.take();
-            cache = Some((y, r.clone()));
-            r
-        };
-        let r0 = get(sy);
-        let r1 = get(sy1);
+        }
+        let (r0, r1) = (rows[sy].as_deref().unwrap(), rows[sy1].as_deref().unwrap());
         let dst = &mut out[dy * width..(dy + 1) * width];
         for x in 0..width {
             // OpenCV's SIMD rounding (VResizeLinearVec_32s8u), which covers whole rows there.
