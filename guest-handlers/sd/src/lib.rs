@@ -12,6 +12,7 @@
 //! and its mask, steps, guidance and seed; the model (see `models/sd`) runs the whole denoising
 //! loop. Postprocess pastes the window back and replaces only masked pixels.
 //! Response: `{"generated_image": <base64 PNG or JPEG>}`. Same request, same seed: same image.
+//! Each prompt is at most `max_prompt_bytes` UTF-8 bytes (handler param, default 4096): 413 over.
 pub mod crop;
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,9 @@ use tessera_sdk::{img, json, HandlerError, ModelInput, Request, Response, Tensor
 
 const DEFAULT_STEPS: u32 = 50;
 const DEFAULT_GUIDANCE: f64 = 7.5;
+/// Default cap on `prompt` and `negative_prompt` (UTF-8 bytes each), overridable with the
+/// `max_prompt_bytes` handler param: 77 CLIP tokens are rarely more than a few hundred bytes.
+const DEFAULT_MAX_PROMPT_BYTES: usize = 4096;
 
 struct Sd;
 
@@ -83,12 +87,23 @@ fn int_arg(
     }
 }
 
+/// A prompt field (absent or null: empty), at most `max_bytes` long: CLIP reads only 77 tokens,
+/// and the cap bounds the tokeniser's work on hostile input before it starts.
 fn text_field(
     body: &serde_json::Map<String, serde_json::Value>,
     key: &str,
+    max_bytes: usize,
 ) -> Result<String, HandlerError> {
     match body.get(key) {
         None | Some(serde_json::Value::Null) => Ok(String::new()),
+        Some(serde_json::Value::String(s)) if s.len() > max_bytes => {
+            Err(HandlerError::PayloadTooLarge(format!(
+                "field '{key}' is {} bytes, over this model's limit of {max_bytes} \
+                 (handler param max_prompt_bytes); the text encoder reads only the first 77 \
+                 tokens anyway",
+                s.len()
+            )))
+        }
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(HandlerError::bad(format!("field '{key}' must be a string"))),
     }
@@ -108,8 +123,10 @@ impl tessera_sdk::Handler for Sd {
     fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
         let body = json::body(&req)?;
         let jpeg = img::wants_jpeg(&body)?;
-        let prompt = text_field(&body, "prompt")?;
-        let negative = text_field(&body, "negative_prompt")?;
+        let max_prompt =
+            tessera_sdk::param::<usize>("max_prompt_bytes").unwrap_or(DEFAULT_MAX_PROMPT_BYTES);
+        let prompt = text_field(&body, "prompt", max_prompt)?;
+        let negative = text_field(&body, "negative_prompt", max_prompt)?;
         let args: GenArgs = json::nested(&body, "gen_args")?;
         let max_steps = tessera_sdk::param::<u64>("max_steps").unwrap_or(100);
         let steps = int_arg(
@@ -204,3 +221,43 @@ impl tessera_sdk::Handler for Sd {
 }
 
 tessera_sdk::export_handler!(Sd);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn prompts_over_the_cap_are_413() {
+        let b = body(serde_json::json!({
+            "prompt": "a".repeat(4097),
+            "negative_prompt": "é".repeat(2048),
+        }));
+        match text_field(&b, "prompt", DEFAULT_MAX_PROMPT_BYTES) {
+            Err(HandlerError::PayloadTooLarge(m)) => {
+                assert!(
+                    m.contains("'prompt' is 4097 bytes") && m.contains("4096"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected a 413, got {other:?}"),
+        }
+        // Bytes, not characters: 2048 two-byte characters are exactly at the cap.
+        assert_eq!(
+            text_field(&b, "negative_prompt", DEFAULT_MAX_PROMPT_BYTES).unwrap(),
+            "é".repeat(2048)
+        );
+        assert!(matches!(
+            text_field(&b, "negative_prompt", 4095),
+            Err(HandlerError::PayloadTooLarge(_))
+        ));
+        assert_eq!(text_field(&b, "absent", 0).unwrap(), "");
+        assert!(matches!(
+            text_field(&body(serde_json::json!({"prompt": 3})), "prompt", 10),
+            Err(HandlerError::BadRequest(_))
+        ));
+    }
+}

@@ -8,7 +8,8 @@
 //!    of other symbols), map each piece's UTF-8 bytes to the byte-level alphabet, and apply the
 //!    BPE merges with `</w>` marking the end of each piece;
 //! 4. `<|startoftext|>` + the first `max_len - 2` ids + `<|endoftext|>`, padded to `max_len`.
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
@@ -145,42 +146,190 @@ impl ClipTokenizer {
 
     /// The ids of `text`, without BOS/EOS, truncation or padding.
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_at_most(text, usize::MAX)
+    }
+
+    /// The first `limit` ids of `text` (all of them if there are fewer). Tokenising stops once
+    /// `limit` are out: later text never changes earlier ids, since each piece is merged on its
+    /// own and the pieces come left to right.
+    fn encode_at_most(&self, text: &str, limit: usize) -> Vec<u32> {
         let text = self.normalize(text);
         let mut ids = Vec::new();
-        let mut rest = text.as_str();
-        // The earliest special token; the longest where several start at the same place.
-        while let Some((at, len, id)) = self
+        let mut at = 0;
+        // Where each special token next occurs at or after `at`, searched again only once
+        // passed: finding them all is linear in the text, however many there are.
+        let mut next: Vec<Option<usize>> = self
             .specials
             .iter()
-            .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
-            .min_by_key(|(at, len, _)| (*at, std::cmp::Reverse(*len)))
-        {
-            self.encode_plain(&rest[..at], &mut ids);
-            ids.push(id);
-            rest = &rest[at + len..];
+            .map(|(s, _)| text.find(s.as_str()))
+            .collect();
+        while ids.len() < limit {
+            for (found, (s, _)) in next.iter_mut().zip(&self.specials) {
+                if matches!(*found, Some(p) if p < at) {
+                    *found = text[at..].find(s.as_str()).map(|p| at + p);
+                }
+            }
+            // The earliest special token; the longest where several start at the same place
+            // (`specials` is sorted longest first and `min_by_key` keeps the first minimum).
+            let Some((start, (s, id))) = next
+                .iter()
+                .zip(&self.specials)
+                .filter_map(|(found, special)| found.map(|p| (p, special)))
+                .min_by_key(|(p, _)| *p)
+            else {
+                self.encode_plain(&text[at..], &mut ids, limit);
+                break;
+            };
+            self.encode_plain(&text[at..start], &mut ids, limit);
+            ids.push(*id);
+            at = start + s.len();
         }
-        self.encode_plain(rest, &mut ids);
+        ids.truncate(limit);
         ids
     }
 
-    fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) {
+    /// Pre-tokenises `text` and appends each piece's BPE ids, until `ids` holds `limit`.
+    fn encode_plain(&self, text: &str, ids: &mut Vec<u32>, limit: usize) {
         for piece in self.pattern.find_iter(text) {
-            let bytes = piece.as_str().as_bytes();
-            let mut word: Vec<u32> = bytes.iter().map(|&b| self.byte_ids[b as usize]).collect();
-            if let (Some(last), Some(&b)) = (word.last_mut(), bytes.last()) {
-                *last = self.byte_end_ids[b as usize];
+            if ids.len() >= limit {
+                return;
             }
-            ids.extend(self.bpe(word));
+            ids.extend(self.bpe(self.piece_symbols(piece.as_str())));
         }
     }
 
-    /// Byte-pair merges, lowest rank first, all occurrences of the chosen pair left to right.
+    /// A piece's byte symbols, the last one marked as the end of a word (`</w>`).
+    fn piece_symbols(&self, piece: &str) -> Vec<u32> {
+        let bytes = piece.as_bytes();
+        let mut word: Vec<u32> = bytes.iter().map(|&b| self.byte_ids[b as usize]).collect();
+        if let (Some(last), Some(&b)) = (word.last_mut(), bytes.last()) {
+            *last = self.byte_end_ids[b as usize];
+        }
+        word
+    }
+
+    /// Byte-pair merges as transformers applies them: the lowest-ranked pair present, every
+    /// occurrence left to right, then again until no ranked pair is left.
+    ///
+    /// O(n log n) in the word's length: the symbols form a linked list (indexed by the byte
+    /// position each starts at; a merge keeps the left one), and a min-heap holds the candidate
+    /// pairs keyed by (rank, position). Entries are checked when popped rather than removed
+    /// when a merge breaks them. All entries of the lowest rank are merged as one round, in
+    /// position order (left to right); pairs a round creates join the heap after it, so that
+    /// even a merges file whose ranks are out of training order merges as transformers does.
     fn bpe(&self, mut word: Vec<u32>) -> Vec<u32> {
+        const NONE: usize = usize::MAX;
+        let n = word.len();
+        if n < 2 {
+            return word;
+        }
+        let mut next: Vec<usize> = (0..n)
+            .map(|i| if i + 1 < n { i + 1 } else { NONE })
+            .collect();
+        let mut prev: Vec<usize> = (0..n).map(|i| if i > 0 { i - 1 } else { NONE }).collect();
+        let rank_at = |word: &[u32], next: &[usize], i: usize| -> Option<u32> {
+            let j = next[i];
+            if j == NONE {
+                return None;
+            }
+            self.ranks.get(&(word[i], word[j])).map(|&(rank, _)| rank)
+        };
+        let mut heap: BinaryHeap<Reverse<(u32, usize)>> = (0..n - 1)
+            .filter_map(|i| rank_at(&word, &next, i).map(|rank| Reverse((rank, i))))
+            .collect();
+        // Merged-away symbols; `word[i]` is the id of the symbol starting at byte `i`.
+        let mut dead = vec![false; n];
+        let mut created = Vec::new();
+        while let Some(&Reverse((round, _))) = heap.peek() {
+            while let Some(&Reverse((rank, i))) = heap.peek() {
+                if rank != round {
+                    break;
+                }
+                heap.pop();
+                // Still the pair it was when pushed? (A rank names one pair of ids.)
+                if dead[i] || rank_at(&word, &next, i) != Some(rank) {
+                    continue;
+                }
+                let j = next[i];
+                word[i] = self.ranks[&(word[i], word[j])].1;
+                dead[j] = true;
+                next[i] = next[j];
+                if next[j] != NONE {
+                    prev[next[j]] = i;
+                }
+                if prev[i] != NONE {
+                    created.push(prev[i]);
+                }
+                created.push(i);
+            }
+            for i in created.drain(..) {
+                if !dead[i] {
+                    if let Some(rank) = rank_at(&word, &next, i) {
+                        heap.push(Reverse((rank, i)));
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i != NONE {
+            out.push(word[i]);
+            i = next[i];
+        }
+        out
+    }
+
+    /// `<|startoftext|>` + ids (truncated) + `<|endoftext|>`, padded with the pad token to
+    /// `max_len`: what the pipeline feeds the text encoder.
+    pub fn encode_padded(&self, text: &str) -> Vec<i64> {
+        let ids = self.encode_at_most(text, self.max_len - 2);
+        let mut out = Vec::with_capacity(self.max_len);
+        out.push(self.bos as i64);
+        out.extend(ids.iter().map(|&i| i as i64));
+        out.push(self.eos as i64);
+        out.resize(self.max_len, self.pad as i64);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids from `transformers`' CLIPTokenizer for a few hundred prompts, written by
+    /// `models/sd/fixtures.py` next to SD2's tokenizer files (scripts/artifacts.sh).
+    #[test]
+    fn ids_match_transformers() {
+        let read = |name: &str| crate::test_fixture(&format!("sd/{name}"));
+        let tok = sd2_tokenizer();
+        let cases: Vec<(String, Vec<i64>)> =
+            serde_json::from_slice(&read("tokenizer_cases.json")).unwrap();
+        assert!(cases.len() >= 200, "only {} cases", cases.len());
+        let mut bad = Vec::new();
+        for (text, want) in &cases {
+            let got = tok.encode_padded(text);
+            if &got != want {
+                bad.push(format!("{text:?}\n  got  {got:?}\n  want {want:?}"));
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "{} of {} prompts differ:\n{}",
+            bad.len(),
+            cases.len(),
+            bad.join("\n")
+        );
+    }
+
+    /// The BPE as transformers writes it (and as this file did before the heap): find the
+    /// lowest-ranked pair, rebuild the word merging its occurrences left to right, repeat.
+    /// Quadratic in the word's length; the reference the heap version must equal.
+    fn reference_bpe(tok: &ClipTokenizer, mut word: Vec<u32>) -> Vec<u32> {
         while word.len() > 1 {
             let best = word
                 .windows(2)
                 .filter_map(|p| {
-                    self.ranks
+                    tok.ranks
                         .get(&(p[0], p[1]))
                         .map(|&(rank, id)| (rank, (p[0], p[1], id)))
                 })
@@ -204,52 +353,133 @@ impl ClipTokenizer {
         word
     }
 
-    /// `<|startoftext|>` + ids (truncated) + `<|endoftext|>`, padded with the pad token to
-    /// `max_len`: what the pipeline feeds the text encoder.
-    pub fn encode_padded(&self, text: &str) -> Vec<i64> {
-        let mut ids = self.encode(text);
-        ids.truncate(self.max_len - 2);
-        let mut out = Vec::with_capacity(self.max_len);
-        out.push(self.bos as i64);
-        out.extend(ids.iter().map(|&i| i as i64));
-        out.push(self.eos as i64);
-        out.resize(self.max_len, self.pad as i64);
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Ids from `transformers`' CLIPTokenizer for a few hundred prompts, written by
-    /// `models/sd/fixtures.py` next to SD2's tokenizer files (scripts/artifacts.sh).
-    #[test]
-    fn ids_match_transformers() {
+    fn sd2_tokenizer() -> ClipTokenizer {
         let read = |name: &str| crate::test_fixture(&format!("sd/{name}"));
-        let tok = ClipTokenizer::new(
+        ClipTokenizer::new(
             &read("tokenizer/vocab.json"),
             &String::from_utf8(read("tokenizer/merges.txt")).unwrap(),
             Some(&read("tokenizer/tokenizer_config.json")),
         )
-        .unwrap();
-        let cases: Vec<(String, Vec<i64>)> =
-            serde_json::from_slice(&read("tokenizer_cases.json")).unwrap();
-        assert!(cases.len() >= 200, "only {} cases", cases.len());
-        let mut bad = Vec::new();
-        for (text, want) in &cases {
-            let got = tok.encode_padded(text);
-            if &got != want {
-                bad.push(format!("{text:?}\n  got  {got:?}\n  want {want:?}"));
+        .unwrap()
+    }
+
+    /// Words of `len` characters drawn from `alphabet` by a fixed LCG.
+    fn random_word(alphabet: &[char], len: usize, seed: &mut u64) -> String {
+        (0..len)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                alphabet[(*seed >> 33) as usize % alphabet.len()]
+            })
+            .collect()
+    }
+
+    fn assert_bpe_matches_reference(tok: &ClipTokenizer, word: &str) {
+        let symbols = tok.piece_symbols(word);
+        let want = reference_bpe(tok, symbols.clone());
+        let got = tok.bpe(symbols);
+        assert_eq!(
+            got,
+            want,
+            "word of {} bytes: {:?}",
+            word.len(),
+            &word[..word.len().min(80)]
+        );
+    }
+
+    #[test]
+    fn heap_bpe_equals_the_reference_on_sd2_merges() {
+        let tok = sd2_tokenizer();
+        let mut seed = 1;
+        let alphabets: [&[char]; 5] = [
+            &['a'],
+            &['a', 'b'],
+            &['e', 's', 't', 'r', 'n', 'o'],
+            &('a'..='z').collect::<Vec<_>>(),
+            &['é', 'ß', 'ж', '中', '!', '#'],
+        ];
+        for alphabet in alphabets {
+            for len in [1, 2, 3, 5, 8, 13, 40, 100, 333] {
+                for _ in 0..8 {
+                    assert_bpe_matches_reference(&tok, &random_word(alphabet, len, &mut seed));
+                }
             }
         }
-        assert!(
-            bad.is_empty(),
-            "{} of {} prompts differ:\n{}",
-            bad.len(),
-            cases.len(),
-            bad.join("\n")
+        // Long words, up to the SD handler's default prompt cap and beyond.
+        for alphabet in alphabets {
+            assert_bpe_matches_reference(&tok, &random_word(alphabet, 4096, &mut seed));
+        }
+        assert_bpe_matches_reference(&tok, &"ab".repeat(4096));
+        assert_bpe_matches_reference(&tok, &"photograph".repeat(800));
+    }
+
+    /// A merges file whose ranks are out of training order: `ab a`, `c ab` and `ab ab` outrank
+    /// the `a b` that makes `ab`, so pairs a round creates can outrank the round itself (in
+    /// `a b a b`, merging the first `a b` makes `ab a`). transformers still finishes the round
+    /// first (`ab ab`, not `aba b`); so must the heap.
+    #[test]
+    fn heap_bpe_equals_the_reference_on_out_of_order_merges() {
+        let mut vocab: Vec<String> = ["<|startoftext|>", "<|endoftext|>"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let merges =
+            "#version: 0.2\nab a\nc ab\nab ab\nabab c</w>\na b\nc a\nb b</w>\nb a\nc c\nca b\n";
+        for line in merges.lines().skip(1) {
+            let (a, b) = line.split_once(' ').unwrap();
+            vocab.extend([a.to_string(), b.to_string(), format!("{a}{b}")]);
+        }
+        for c in ['a', 'b', 'c'] {
+            vocab.extend([c.to_string(), format!("{c}</w>")]);
+        }
+        vocab.sort();
+        vocab.dedup();
+        let vocab: HashMap<&str, usize> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.as_str(), i))
+            .collect();
+        let tok = ClipTokenizer::new(&serde_json::to_vec(&vocab).unwrap(), merges, None).unwrap();
+        // a b a b c</w> -> ab ab c</w> -> abab c</w> -> ababc</w> (not aba b c</w>).
+        assert_eq!(
+            tok.bpe(tok.piece_symbols("ababc")),
+            [vocab["ababc</w>"] as u32]
         );
+        let mut seed = 7;
+        for len in 1..60 {
+            for _ in 0..20 {
+                assert_bpe_matches_reference(&tok, &random_word(&['a', 'b', 'c'], len, &mut seed));
+            }
+        }
+        assert_bpe_matches_reference(&tok, &random_word(&['a', 'b', 'c'], 5000, &mut seed));
+    }
+
+    /// Tokenising stops at `max_len - 2` ids; the result is what tokenising everything and
+    /// truncating gives.
+    #[test]
+    fn padded_ids_stop_early_without_changing() {
+        let tok = sd2_tokenizer();
+        let mut seed = 3;
+        let words = ['a', 'b', 'c', ' ', ' ', '!', '1', 'é'];
+        let mut texts: Vec<String> = (0..20)
+            .map(|i| random_word(&words, 50 * i + 1, &mut seed))
+            .collect();
+        texts.push("<|endoftext|>".repeat(200));
+        texts.push("a photo of <|startoftext|> a cat! ".repeat(30));
+        texts.push(format!("{} tail", "x".repeat(3000)));
+        for text in &texts {
+            let mut want: Vec<i64> = vec![tok.bos as i64];
+            want.extend(
+                tok.encode(text)
+                    .iter()
+                    .take(tok.max_len - 2)
+                    .map(|&i| i as i64),
+            );
+            want.push(tok.eos as i64);
+            want.resize(tok.max_len, tok.pad as i64);
+            assert_eq!(tok.encode_padded(text), want, "{text:?}");
+        }
     }
 
     #[test]

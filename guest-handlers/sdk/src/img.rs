@@ -1,7 +1,16 @@
 //! Image decoding, encoding and resizing (PNG and JPEG), with a pixel limit.
+//!
+//! Every byte of an image comes from a client, so nothing is materialised before it is bounded:
+//! the size in the header is checked against the pixel limit before any pixel buffer exists (an
+//! oversize image is a 413 whatever a library would have said), the decoded buffer against a
+//! byte budget derived from that limit, and PNG ancillary chunks are never inflated: ICC profiles
+//! and text (iCCP, tEXt, zTXt, iTXt) are skipped unread (nothing here uses them; decoding applies
+//! no colour management), and what the PNG decoder does keep (eXIf, palette, a row) has a small
+//! budget of its own.
 use crate::HandlerError;
+use image::codecs::jpeg::JpegDecoder;
 pub use image::DynamicImage;
-use image::{ImageFormat, RgbImage};
+use image::{ImageBuffer, ImageDecoder, ImageError, ImageFormat, Pixel, RgbImage};
 use std::io::Cursor;
 
 pub use image::imageops::FilterType;
@@ -9,6 +18,14 @@ pub use image::{GrayImage, RgbImage as Rgb};
 
 /// Default cap on decoded pixels, overridable per model with the `max_pixels` handler param.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+/// Decoded bytes allowed per pixel of the limit: an 8-bit RGBA image at the pixel limit. A
+/// 16-bit image (up to 8 bytes a pixel) must be correspondingly smaller.
+const BYTES_PER_LIMIT_PIXEL: u64 = 4;
+
+/// What the PNG decoder may allocate besides the pixels and one row: the chunks it keeps
+/// (eXIf, palette, transparency). Real metadata is a few KiB; more is refused with a 400.
+const PNG_METADATA_BYTES: usize = 1 << 20;
 
 fn max_pixels() -> u64 {
     crate::param::<u64>("max_pixels").unwrap_or(DEFAULT_MAX_PIXELS)
@@ -26,37 +43,221 @@ fn detect(field: &str, bytes: &[u8]) -> Result<ImageFormat, HandlerError> {
     }
 }
 
-/// Width and height from the image header alone (no pixel decoding), checked against the
-/// pixel limit.
-pub fn dimensions(field: &str, bytes: &[u8]) -> Result<(u32, u32), HandlerError> {
-    let format = detect(field, bytes)?;
-    let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| HandlerError::bad(format!("field '{field}': unreadable image: {e}")))?;
-    let limit = max_pixels();
-    if (w as u64) * (h as u64) > limit {
+/// A `w`x`h` image against the pixel limit: 413 over it, 400 when empty. However high the
+/// limit is set, it stops where a decoded buffer (at most 8 bytes a pixel) could no longer be
+/// addressed, since the decoders refuse such images with an error of their own.
+fn check_size(field: &str, (w, h): (u32, u32), max_pixels: u64) -> Result<(), HandlerError> {
+    let max_pixels = max_pixels.min(isize::MAX as u64 / 8);
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
         return Err(HandlerError::PayloadTooLarge(format!(
-            "field '{field}': image is {w}x{h} = {} pixels, over the limit of {limit}",
-            (w as u64) * (h as u64)
+            "field '{field}': image is {w}x{h} = {pixels} pixels, over the limit of {max_pixels}"
         )));
     }
-    if w == 0 || h == 0 {
+    if pixels == 0 {
         return Err(HandlerError::bad(format!(
             "field '{field}': image is empty"
         )));
     }
-    Ok((w, h))
+    Ok(())
 }
 
-/// Decodes PNG or JPEG bytes, checking the pixel count against the limit *before* decoding.
-pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, HandlerError> {
-    dimensions(field, bytes)?;
-    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), detect(field, bytes)?);
-    reader.no_limits();
+/// The decoded pixel buffer (`bytes` for a `w`x`h` image) against the byte budget the pixel
+/// limit implies, before it is allocated.
+fn check_decoded_bytes(
+    field: &str,
+    (w, h): (u32, u32),
+    bytes: u64,
+    max_pixels: u64,
+) -> Result<(), HandlerError> {
+    let budget = max_pixels.saturating_mul(BYTES_PER_LIMIT_PIXEL);
+    if bytes > budget {
+        return Err(HandlerError::PayloadTooLarge(format!(
+            "field '{field}': image is {w}x{h} with {} bytes a pixel ({bytes} bytes decoded), over \
+             the limit of {budget} bytes ({max_pixels} pixels at {BYTES_PER_LIMIT_PIXEL} bytes); \
+             send 8-bit samples or a smaller image",
+            bytes / (w as u64 * h as u64).max(1)
+        )));
+    }
+    Ok(())
+}
+
+/// Width and height from a PNG's IHDR, which must be the first chunk, read by hand so that the
+/// pixel limit is checked before any library (and any library limit) sees the image. `None`
+/// when there is no well-placed IHDR; the PNG decoder then says what is wrong.
+fn png_header_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    let ihdr = bytes.get(8..24)?;
+    if ihdr[..8] != [0, 0, 0, 13, b'I', b'H', b'D', b'R'] {
+        return None;
+    }
+    let be = |b: &[u8]| u32::from_be_bytes(b.try_into().expect("4 bytes"));
+    Some((be(&ihdr[8..12]), be(&ihdr[12..16])))
+}
+
+fn png_error(field: &str, e: png::DecodingError) -> HandlerError {
+    match e {
+        png::DecodingError::LimitsExceeded => HandlerError::bad(format!(
+            "field '{field}': the PNG's metadata chunks (eXIf and the like) take more than \
+             {PNG_METADATA_BYTES} bytes; strip the metadata and send it again"
+        )),
+        png::DecodingError::Parameter(e) => {
+            HandlerError::Internal(format!("field '{field}': decoding PNG: {e}"))
+        }
+        e => HandlerError::bad(format!("field '{field}': corrupt PNG image: {e}")),
+    }
+}
+
+/// A JPEG error: a library limit is a 413 (naming the size where the header gave it), the
+/// rest 400s.
+fn jpeg_error(
+    field: &str,
+    e: ImageError,
+    size: Option<(u32, u32)>,
+    max_pixels: u64,
+) -> HandlerError {
+    match e {
+        ImageError::Limits(e) => HandlerError::PayloadTooLarge(format!(
+            "field '{field}': image{} is over the decoder's limits ({e}); the limit is \
+             {max_pixels} pixels",
+            size.map(|(w, h)| format!(" of {w}x{h}"))
+                .unwrap_or_default()
+        )),
+        e => HandlerError::bad(format!("field '{field}': corrupt JPEG image: {e}")),
+    }
+}
+
+/// A PNG reader positioned at the pixel data, its size checked against the limit. Skips ICC
+/// and text chunks without reading them into memory and caps what it keeps.
+fn png_reader<'a>(
+    field: &str,
+    bytes: &'a [u8],
+    max_pixels: u64,
+) -> Result<png::Reader<Cursor<&'a [u8]>>, HandlerError> {
+    let mut row = 0;
+    if let Some(size) = png_header_size(bytes) {
+        check_size(field, size, max_pixels)?;
+        // The decoder counts one output row (at most 8 bytes a pixel) against its limit.
+        row = (size.0 as usize).saturating_mul(8);
+    }
+    let limits = png::Limits {
+        bytes: PNG_METADATA_BYTES.saturating_add(row),
+    };
+    let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), limits);
+    decoder.set_ignore_iccp_chunk(true);
+    decoder.set_ignore_text_chunk(true);
+    // What the image crate asks for: expand palettes and samples under 8 bits, keep 16 bits.
+    decoder.set_transformations(png::Transformations::EXPAND);
+    let reader = decoder.read_info().map_err(|e| png_error(field, e))?;
+    check_size(field, reader.info().size(), max_pixels)?;
+    Ok(reader)
+}
+
+/// Reads the frame as `P` pixels of `S` samples (PNG stores 16-bit samples big-endian).
+fn png_frame<P: Pixel<Subpixel = S>, S: bytemuck::Pod>(
+    field: &str,
+    reader: &mut png::Reader<Cursor<&[u8]>>,
+    len: usize,
+) -> Result<ImageBuffer<P, Vec<S>>, HandlerError> {
+    let (w, h) = reader.info().size();
+    let mut samples = vec![S::zeroed(); len / std::mem::size_of::<S>()];
     reader
-        .decode()
-        .map_err(|e| HandlerError::bad(format!("field '{field}': corrupt image: {e}")))
+        .next_frame(bytemuck::cast_slice_mut(&mut samples))
+        .map_err(|e| png_error(field, e))?;
+    if std::mem::size_of::<S>() == 2 {
+        for s in bytemuck::cast_slice_mut::<S, u16>(&mut samples) {
+            *s = u16::from_be(*s);
+        }
+    }
+    ImageBuffer::from_raw(w, h, samples)
+        .ok_or_else(|| HandlerError::Internal(format!("field '{field}': PNG frame size mismatch")))
+}
+
+/// Decodes a PNG as the image crate's PNG decoder does (same transformations, same pixel
+/// types), but with the bounds above.
+fn decode_png(field: &str, bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, HandlerError> {
+    use png::{BitDepth::*, ColorType::*};
+    let mut reader = png_reader(field, bytes, max_pixels)?;
+    let size = reader.info().size();
+    let len = reader.output_buffer_size().ok_or_else(|| {
+        HandlerError::PayloadTooLarge(format!(
+            "field '{field}': image is {}x{}, too large to decode here (the limit is \
+             {max_pixels} pixels)",
+            size.0, size.1
+        ))
+    })?;
+    check_decoded_bytes(field, size, len as u64, max_pixels)?;
+    let output = reader.output_color_type();
+    let r = &mut reader;
+    Ok(match output {
+        (Grayscale, Eight) => DynamicImage::ImageLuma8(png_frame(field, r, len)?),
+        (Grayscale, Sixteen) => DynamicImage::ImageLuma16(png_frame(field, r, len)?),
+        (GrayscaleAlpha, Eight) => DynamicImage::ImageLumaA8(png_frame(field, r, len)?),
+        (GrayscaleAlpha, Sixteen) => DynamicImage::ImageLumaA16(png_frame(field, r, len)?),
+        (Rgb, Eight) => DynamicImage::ImageRgb8(png_frame(field, r, len)?),
+        (Rgb, Sixteen) => DynamicImage::ImageRgb16(png_frame(field, r, len)?),
+        (Rgba, Eight) => DynamicImage::ImageRgba8(png_frame(field, r, len)?),
+        (Rgba, Sixteen) => DynamicImage::ImageRgba16(png_frame(field, r, len)?),
+        (color, depth) => {
+            return Err(HandlerError::bad(format!(
+                "field '{field}': PNG {color:?} at {depth:?} bits is not supported"
+            )))
+        }
+    })
+}
+
+/// A JPEG decoder with the headers read (no pixels yet), its size checked against the limit.
+fn jpeg_decoder<'a>(
+    field: &str,
+    bytes: &'a [u8],
+    max_pixels: u64,
+) -> Result<JpegDecoder<Cursor<&'a [u8]>>, HandlerError> {
+    let decoder =
+        JpegDecoder::new(Cursor::new(bytes)).map_err(|e| jpeg_error(field, e, None, max_pixels))?;
+    check_size(field, decoder.dimensions(), max_pixels)?;
+    Ok(decoder)
+}
+
+fn decode_jpeg(field: &str, bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, HandlerError> {
+    let mut decoder = jpeg_decoder(field, bytes, max_pixels)?;
+    let (w, h) = decoder.dimensions();
+    check_decoded_bytes(field, (w, h), decoder.total_bytes(), max_pixels)?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    limits.max_alloc = Some(max_pixels.saturating_mul(BYTES_PER_LIMIT_PIXEL));
+    let error = |e| jpeg_error(field, e, Some((w, h)), max_pixels);
+    decoder.set_limits(limits).map_err(error)?;
+    DynamicImage::from_decoder(decoder).map_err(error)
+}
+
+fn dimensions_within(
+    field: &str,
+    bytes: &[u8],
+    max_pixels: u64,
+) -> Result<(u32, u32), HandlerError> {
+    match detect(field, bytes)? {
+        ImageFormat::Png => Ok(png_reader(field, bytes, max_pixels)?.info().size()),
+        _ => Ok(jpeg_decoder(field, bytes, max_pixels)?.dimensions()),
+    }
+}
+
+fn decode_within(field: &str, bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, HandlerError> {
+    match detect(field, bytes)? {
+        ImageFormat::Png => decode_png(field, bytes, max_pixels),
+        _ => decode_jpeg(field, bytes, max_pixels),
+    }
+}
+
+/// Width and height from the image header alone (no pixel decoding), checked against the
+/// pixel limit (the `max_pixels` handler param): over it is a 413.
+pub fn dimensions(field: &str, bytes: &[u8]) -> Result<(u32, u32), HandlerError> {
+    dimensions_within(field, bytes, max_pixels())
+}
+
+/// Decodes PNG or JPEG bytes, checking the pixel count against the limit *before* decoding
+/// (413 over it) and bounding everything the decoder allocates (see the module docs).
+pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, HandlerError> {
+    decode_within(field, bytes, max_pixels())
 }
 
 /// Decodes to 8-bit RGB.
@@ -292,6 +493,324 @@ pub fn pad_symmetric(data: &[u8], w: usize, h: usize, c: usize, pw: usize, ph: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts this thread's heap bytes, so a test can see the peak a decode reaches (other
+    /// tests run on other threads and do not disturb it).
+    mod heap {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        struct Counting;
+
+        thread_local! {
+            static LIVE: Cell<isize> = const { Cell::new(0) };
+            static PEAK: Cell<isize> = const { Cell::new(0) };
+        }
+
+        fn track(delta: isize) {
+            let _ = LIVE.try_with(|live| {
+                live.set(live.get() + delta);
+                let _ = PEAK.try_with(|peak| peak.set(peak.get().max(live.get())));
+            });
+        }
+
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                let p = unsafe { System.alloc(layout) };
+                if !p.is_null() {
+                    track(layout.size() as isize);
+                }
+                p
+            }
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                let p = unsafe { System.alloc_zeroed(layout) };
+                if !p.is_null() {
+                    track(layout.size() as isize);
+                }
+                p
+            }
+            unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+                unsafe { System.dealloc(p, layout) };
+                track(-(layout.size() as isize));
+            }
+            unsafe fn realloc(&self, p: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+                let q = unsafe { System.realloc(p, layout, size) };
+                if !q.is_null() {
+                    track(size as isize - layout.size() as isize);
+                }
+                q
+            }
+        }
+
+        #[global_allocator]
+        static COUNTING: Counting = Counting;
+
+        /// `f`'s result and the most heap it held at once beyond what was live before.
+        pub fn peak<R>(f: impl FnOnce() -> R) -> (R, usize) {
+            let start = LIVE.with(Cell::get);
+            PEAK.with(|p| p.set(start));
+            let r = f();
+            (r, (PEAK.with(Cell::get) - start).max(0) as usize)
+        }
+    }
+
+    /// A PNG chunk: length, type, data, CRC of type and data.
+    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(kind);
+        crc.update(data);
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.finalize().to_be_bytes());
+        out
+    }
+
+    /// `png` with `chunks` inserted right after its IHDR (where iCCP must be).
+    fn after_ihdr(png: &[u8], chunks: &[Vec<u8>]) -> Vec<u8> {
+        let at = 8 + 8 + 13 + 4;
+        assert_eq!(&png[12..16], b"IHDR");
+        let mut out = png[..at].to_vec();
+        chunks.iter().for_each(|c| out.extend_from_slice(c));
+        out.extend_from_slice(&png[at..]);
+        out
+    }
+
+    /// `png` with its IHDR claiming `w`x`h` (CRC fixed up, pixel data left as it was).
+    fn with_header_size(png: &[u8], w: u32, h: u32) -> Vec<u8> {
+        let mut ihdr = png[16..29].to_vec();
+        ihdr[..4].copy_from_slice(&w.to_be_bytes());
+        ihdr[4..8].copy_from_slice(&h.to_be_bytes());
+        let mut out = png[..8].to_vec();
+        out.extend(chunk(b"IHDR", &ihdr));
+        out.extend_from_slice(&png[33..]);
+        out
+    }
+
+    /// A zlib stream of `n` zero bytes (about a thousandth of `n`).
+    fn zlib_zeros(n: usize) -> Vec<u8> {
+        use std::io::Write;
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        let block = vec![0u8; 1 << 20];
+        for _ in 0..n / block.len() {
+            z.write_all(&block).unwrap();
+        }
+        z.finish().unwrap()
+    }
+
+    fn noise(w: u32, h: u32, seed: u32) -> RgbImage {
+        let mut s = seed;
+        RgbImage::from_fn(w, h, |_, _| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            image::Rgb([(s >> 24) as u8, (s >> 16) as u8, (s >> 8) as u8])
+        })
+    }
+
+    fn png_bytes(img: &DynamicImage) -> Vec<u8> {
+        encode_png(img).unwrap()
+    }
+
+    /// A PNG written with the png crate directly (palettes, low bit depths).
+    fn raw_png(
+        (w, h): (u32, u32),
+        color: png::ColorType,
+        depth: png::BitDepth,
+        palette: Option<(&[u8], &[u8])>,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(color);
+        enc.set_depth(depth);
+        if let Some((plte, trns)) = palette {
+            enc.set_palette(plte.to_vec());
+            enc.set_trns(trns.to_vec());
+        }
+        let mut writer = enc.write_header().unwrap();
+        writer.write_image_data(data).unwrap();
+        writer.finish().unwrap();
+        out
+    }
+
+    #[test]
+    fn decoding_matches_the_image_crate() {
+        let rgb = DynamicImage::ImageRgb8(noise(13, 7, 1));
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("rgb8", png_bytes(&rgb)),
+            (
+                "rgba8",
+                png_bytes(&DynamicImage::ImageRgba8(rgb.to_rgba8())),
+            ),
+            ("l8", png_bytes(&DynamicImage::ImageLuma8(rgb.to_luma8()))),
+            (
+                "la8",
+                png_bytes(&DynamicImage::ImageLumaA8(rgb.to_luma_alpha8())),
+            ),
+            (
+                "rgb16",
+                png_bytes(&DynamicImage::ImageRgb16(rgb.to_rgb16())),
+            ),
+            (
+                "rgba16",
+                png_bytes(&DynamicImage::ImageRgba16(rgb.to_rgba16())),
+            ),
+            (
+                "l16",
+                png_bytes(&DynamicImage::ImageLuma16(rgb.to_luma16())),
+            ),
+            ("jpeg", encode_jpeg(&rgb, 90).unwrap()),
+        ];
+        let indices: Vec<u8> = (0..13 * 7).map(|i| (i * 7 % 4) as u8).collect();
+        cases.push((
+            "indexed+trns",
+            raw_png(
+                (13, 7),
+                png::ColorType::Indexed,
+                png::BitDepth::Eight,
+                Some((&[255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9], &[255, 128, 0])),
+                &indices,
+            ),
+        ));
+        let bits: Vec<u8> = (0..16 * 3).map(|i| (i * 37) as u8).collect();
+        cases.push((
+            "gray1",
+            raw_png(
+                (128, 3),
+                png::ColorType::Grayscale,
+                png::BitDepth::One,
+                None,
+                &bits,
+            ),
+        ));
+        for (name, bytes) in &cases {
+            let want = image::load_from_memory(bytes).unwrap();
+            let got = decode_within("image", bytes, DEFAULT_MAX_PIXELS).unwrap();
+            assert_eq!(got.color(), want.color(), "{name}");
+            assert_eq!(got.as_bytes(), want.as_bytes(), "{name}");
+            assert_eq!(
+                dimensions_within("image", bytes, DEFAULT_MAX_PIXELS).unwrap(),
+                (want.width(), want.height()),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn png_icc_and_text_chunks_are_skipped_not_inflated() {
+        let clean = png_bytes(&DynamicImage::ImageRgb8(noise(8, 8, 2)));
+        // Each inflates to 64 MiB; the attack suite's iCCP inflated to 600 MB.
+        let bomb = zlib_zeros(64 << 20);
+        let with = |head: &[u8]| [head, &bomb[..]].concat();
+        let hostile = after_ihdr(
+            &clean,
+            &[
+                chunk(b"iCCP", &with(b"profile\0\0")),
+                chunk(b"zTXt", &with(b"Comment\0\0")),
+                chunk(b"iTXt", &with(b"Comment\0\x01\0\0\0")),
+                chunk(b"tEXt", &[&b"Comment\0"[..], &vec![b'x'; 2 << 20]].concat()),
+            ],
+        );
+        assert!(hostile.len() < clean.len() + (3 << 20));
+        let want = decode_within("image", &clean, DEFAULT_MAX_PIXELS).unwrap();
+        let (got, peak) = heap::peak(|| decode_within("image", &hostile, DEFAULT_MAX_PIXELS));
+        assert_eq!(got.unwrap().as_bytes(), want.as_bytes());
+        assert!(peak < 1 << 20, "decoding held {peak} bytes at once");
+        let (size, peak) = heap::peak(|| dimensions_within("image", &hostile, DEFAULT_MAX_PIXELS));
+        assert_eq!(size.unwrap(), (8, 8));
+        assert!(
+            peak < 1 << 20,
+            "reading the header held {peak} bytes at once"
+        );
+    }
+
+    #[test]
+    fn oversized_or_malformed_png_chunks_are_400() {
+        let clean = png_bytes(&DynamicImage::ImageRgb8(noise(8, 8, 3)));
+        let exif = after_ihdr(&clean, &[chunk(b"eXIf", &vec![0; 2 << 20])]);
+        let bad = |bytes: &[u8]| match decode_within("image", bytes, DEFAULT_MAX_PIXELS) {
+            Err(HandlerError::BadRequest(m)) => m,
+            other => panic!(
+                "expected a 400, got {:?}",
+                other.map(|i| (i.width(), i.height()))
+            ),
+        };
+        let (msg, peak) = heap::peak(|| bad(&exif));
+        assert!(msg.contains("metadata"), "{msg}");
+        assert!(peak < 2 << 20, "held {peak} bytes at once");
+        // Chunk length past the end of the data.
+        let mut truncated = after_ihdr(&clean, &[chunk(b"eXIf", &[0; 16])]);
+        truncated.truncate(33 + 12);
+        assert!(bad(&truncated).contains("corrupt PNG"));
+        // Corrupt IDAT checksum (critical chunk).
+        let mut crc = clean.clone();
+        let idat = crc.windows(4).position(|w| w == b"IDAT").unwrap();
+        crc[idat + 5] ^= 0xff;
+        assert!(bad(&crc).contains("corrupt PNG"));
+    }
+
+    #[test]
+    fn oversize_images_are_413_before_any_pixel_buffer() {
+        let png = png_bytes(&DynamicImage::ImageRgb8(noise(8, 8, 4)));
+        let huge = with_header_size(&png, 30000, 30000);
+        // So large the PNG decoder's own header checks fail (its output buffer would overflow
+        // isize, as 30000x30000 does on wasm32): a 413 all the same.
+        let max = i32::MAX as u32;
+        let largest = with_header_size(&png, max, max);
+        let mut jpeg = encode_jpeg(&DynamicImage::ImageRgb8(noise(8, 8, 5)), 90).unwrap();
+        let sof = jpeg.windows(2).position(|w| w == [0xff, 0xc0]).unwrap();
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0xea, 0x60, 0xea, 0x60]); // 60000x60000
+        for (name, bytes, size) in [
+            ("png", &huge, "30000x30000"),
+            ("png", &largest, "2147483647x2147483647"),
+            ("jpeg", &jpeg, "60000x60000"),
+        ] {
+            for (what, (r, peak)) in [
+                (
+                    "decode",
+                    heap::peak(|| decode_within("image", bytes, DEFAULT_MAX_PIXELS).map(|_| ())),
+                ),
+                (
+                    "dimensions",
+                    heap::peak(|| {
+                        dimensions_within("image", bytes, DEFAULT_MAX_PIXELS).map(|_| ())
+                    }),
+                ),
+            ] {
+                match r {
+                    Err(HandlerError::PayloadTooLarge(m)) => {
+                        assert!(
+                            m.contains(size) && m.contains("over the limit of 40000000"),
+                            "{m}"
+                        )
+                    }
+                    other => panic!("{name} {what}: expected a 413, got {other:?}"),
+                }
+                assert!(peak < 1 << 20, "{name} {what} held {peak} bytes at once");
+            }
+        }
+        // Whatever the configured limit, one the decoder cannot address is still a 413.
+        assert!(matches!(
+            dimensions_within("image", &largest, u64::MAX),
+            Err(HandlerError::PayloadTooLarge(_))
+        ));
+        // Within the pixel limit but over its byte budget: 8x8 RGBA at 16 bits is 512 bytes,
+        // a 64-pixel limit allows 256.
+        let wide = png_bytes(&DynamicImage::ImageRgba16(
+            DynamicImage::ImageRgb8(noise(8, 8, 6)).to_rgba16(),
+        ));
+        match decode_within("image", &wide, 64) {
+            Err(HandlerError::PayloadTooLarge(m)) => assert!(m.contains("512 bytes"), "{m}"),
+            other => panic!("expected a 413, got {:?}", other.map(|i| i.color())),
+        }
+        assert_eq!(dimensions_within("image", &wide, 64).unwrap(), (8, 8));
+        assert!(decode_within("image", &wide, 128).is_ok());
+        // One pixel under and over the limit.
+        assert!(decode_within("image", &png, 64).is_ok());
+        assert!(matches!(
+            decode_within("image", &png, 63),
+            Err(HandlerError::PayloadTooLarge(_))
+        ));
+    }
 
     /// cv2.resize results written by `models/sd/fixtures.py` (scripts/artifacts.sh).
     #[test]
