@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=src/runtime/cuda_shim.cpp");
+    println!("cargo:rerun-if-changed=src/runtime/torch_shim.cpp");
     let lib = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
         Ok(lib) => PathBuf::from(lib),
         Err(_) => {
@@ -31,6 +32,7 @@ fn main() {
     build
         .cpp(true)
         .file("src/runtime/cuda_shim.cpp")
+        .file("src/runtime/torch_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

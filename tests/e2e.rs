@@ -189,6 +189,20 @@ fn bad_requests_get_clear_4xx() {
     let store = tempfile::tempdir().unwrap();
     example_store(store.path());
     let server = Server::start(store.path(), &["--max-request-mib", "1"]);
+    // The start-up banner says what is served, where and on what.
+    let banner = server.stdout();
+    for needle in [
+        "model store",
+        "1 archive(s): example",
+        "device       cpu",
+        "residency budget",
+        server.base.as_str(),
+    ] {
+        assert!(
+            banner.contains(needle),
+            "banner lacks '{needle}':\n{banner}"
+        );
+    }
     let unknown = post_json(&server.url("/predictions/nope"), &json!({}));
     assert_eq!(unknown.status, 404);
     assert_eq!(unknown.json()["code"], 404);
@@ -201,6 +215,17 @@ fn bad_requests_get_clear_4xx() {
         400,
         "missing target header"
     );
+    // The router's own rejections are JSON too.
+    for (method, path, status) in [
+        ("GET", "/models?max_results=many", 400),
+        ("POST", "/models/m/versions/1?default=maybe", 400),
+        ("PATCH", "/ping", 405),
+        ("POST", "/predictions/%FF", 400),
+    ] {
+        let r = call(method, &server.url(path), &[], None);
+        assert_eq!(r.status, status, "{method} {path}: {}", r.text());
+        assert_eq!(r.json()["code"], status, "{method} {path}: {}", r.text());
+    }
 
     let url = server.url("/predictions/example");
     let not_json = post(&url, &[], b"\x89PNG not json");
@@ -617,4 +642,28 @@ fn warmup_requests_run_after_a_load_before_users() {
         Duration::from_secs(5)
     ));
     assert!(server.log().contains("missing field 'image'"));
+}
+
+/// `tessera.executor: simple` (graphs as exported, no per-shape specialisation) and the server's
+/// `--torchscript-executor` give the same bytes as the default executor, at sizes seen and new.
+#[test]
+fn executor_modes_give_the_same_output() {
+    let store = tempfile::tempdir().unwrap();
+    let model = artifact("example/model.pt");
+    let handler = artifact("handlers/example.wasm");
+    pack(store.path(), "profiled", EXAMPLE_CONFIG, &model, &handler);
+    let simple = EXAMPLE_CONFIG.replace("tessera:\n", "tessera:\n  executor: simple\n");
+    pack(store.path(), "simple", &simple, &model, &handler);
+    let server = Server::start(store.path(), &[]);
+    let other = Server::start(store.path(), &["--torchscript-executor", "simple"]);
+    for (w, h) in [(16, 16), (24, 10), (16, 16), (33, 7)] {
+        let request = example_request(w, h, 5, json!({"strength": 0.7}));
+        let a = post_json(&server.url("/predictions/profiled"), &request);
+        let b = post_json(&server.url("/predictions/simple"), &request);
+        let c = post_json(&other.url("/predictions/profiled"), &request);
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.body, b.body, "{w}x{h}: simple differs");
+        assert_eq!(a.body, c.body, "{w}x{h}: server default simple differs");
+    }
+    assert!(other.log().contains("default_executor=Simple"));
 }

@@ -291,6 +291,18 @@ fn same_seed_same_bytes_and_clear_errors() {
             "'prompt' must be a string",
         ),
         (
+            "a prompt of one 1 MiB word (tokenised before truncation, it took minutes)",
+            Box::new(|b| b["prompt"] = json!("x".repeat(1 << 20))),
+            413,
+            "max_prompt_bytes",
+        ),
+        (
+            "negative prompt over the limit",
+            Box::new(|b| b["negative_prompt"] = json!("a ".repeat(4000))),
+            413,
+            "'negative_prompt'",
+        ),
+        (
             "format",
             Box::new(|b| b["output_format"] = json!("gif")),
             400,

@@ -39,6 +39,19 @@ pub enum ArchiveError {
     Io { path: PathBuf, source: io::Error },
 }
 
+impl ArchiveError {
+    /// Whether this failed on the server's side for lack of disk space: not the archive's
+    /// fault, and worth retrying later.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, ArchiveError::Io { source, .. } if is_out_of_space(source))
+    }
+}
+
+/// ENOSPC or EDQUOT.
+pub fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
     move |source| ArchiveError::Io {
         path: path.to_path_buf(),
@@ -74,7 +87,7 @@ pub struct ModelConfig {
     pub tessera: TesseraConfig,
     /// Free-form parameters the handler reads with `config-param`.
     #[serde(default)]
-    pub handler: BTreeMap<String, serde_yaml::Value>,
+    pub handler: BTreeMap<String, serde_norway::Value>,
 }
 
 /// Tessera's own keys.
@@ -96,6 +109,10 @@ pub struct TesseraConfig {
     /// otherwise lands on a user (seconds for a diffusion loop).
     #[serde(default)]
     pub warmup: Option<Warmup>,
+    /// TorchScript executor for this model's forwards (`profiling` or `simple`); absent means
+    /// the server's `--torchscript-executor`.
+    #[serde(default)]
+    pub executor: Option<crate::runtime::Executor>,
 }
 
 /// `tessera.warmup`: a request body under `assets/`, sent through handler and model `times`
@@ -145,8 +162,8 @@ fn default_timeout() -> u64 {
 impl ModelConfig {
     /// Parses and validates a config.
     pub fn parse(text: &str) -> Result<ModelConfig, ArchiveError> {
-        let config: ModelConfig =
-            serde_yaml::from_str(text).map_err(|e| ArchiveError::BadConfig(e.to_string()))?;
+        let config: ModelConfig = crate::yaml::from_str_bounded(text, crate::yaml::MAX_NODES)
+            .map_err(ArchiveError::BadConfig)?;
         config.validate()?;
         Ok(config)
     }
@@ -212,9 +229,9 @@ impl ModelConfig {
     /// A handler parameter rendered as the string the handler receives.
     pub fn handler_param(&self, key: &str) -> Option<String> {
         match self.handler.get(key)? {
-            serde_yaml::Value::String(s) => Some(s.clone()),
-            serde_yaml::Value::Null => None,
-            other => serde_yaml::to_string(other)
+            serde_norway::Value::String(s) => Some(s.clone()),
+            serde_norway::Value::Null => None,
+            other => serde_norway::to_string(other)
                 .ok()
                 .map(|s| s.trim_end().to_string()),
         }
@@ -271,6 +288,22 @@ pub fn sha256_file(path: &Path) -> Result<String, ArchiveError> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// Prefix of the temporary directories [`unpack`] renames into place.
+const PARTIAL_PREFIX: &str = ".partial-";
+
+/// Removes what unpacks interrupted by a crash left in `dir` (call before any unpack runs).
+pub fn remove_partials(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX) {
+            tracing::warn!(dir = %e.path().display(), "removing an interrupted unpack");
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Unpacks `archive` into `dest` (which must not exist), validating every entry. The work is
 /// done in a sibling temporary directory renamed into place at the end, so `dest` either holds a
 /// complete archive or does not exist.
@@ -288,7 +321,7 @@ pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, A
     fs::create_dir_all(parent).map_err(io_err(parent))?;
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = parent.join(format!(
-        ".partial-{}-{}-{}",
+        "{PARTIAL_PREFIX}{}-{}-{}",
         dest.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
         std::process::id(),
         SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -311,10 +344,14 @@ pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, A
 fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveError> {
     let file = File::open(archive).map_err(io_err(archive))?;
     let mut tar = tar::Archive::new(GzDecoder::new(io::BufReader::new(file)));
+    // Raw entries: the tar crate would read GNU long-name and PAX records whole into memory
+    // before we saw their size; here they are read by us, bounded, and counted.
     let entries = tar
         .entries()
-        .map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
+        .map_err(|e| ArchiveError::Corrupt(e.to_string()))?
+        .raw(true);
     let mut total: u64 = 0;
+    let mut long_name: Option<Vec<u8>> = None;
     for (count, entry) in entries.enumerate() {
         if count >= MAX_ENTRIES {
             return Err(ArchiveError::TooLarge(format!(
@@ -322,10 +359,49 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
             )));
         }
         let mut entry = entry.map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
-        let raw = entry.path_bytes().into_owned();
+        let kind = entry.header().entry_type();
+        let declared = entry
+            .header()
+            .entry_size()
+            .map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
+        // Every entry's bytes count, metadata records included.
+        total = total.saturating_add(declared);
+        if total > limits.max_unpacked_bytes {
+            return Err(ArchiveError::TooLarge(format!(
+                "unpacked size exceeds the limit of {} bytes",
+                limits.max_unpacked_bytes
+            )));
+        }
+        let header_name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if kind.is_gnu_longname()
+            || kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions()
+        {
+            let record = read_record(&mut entry, declared, &header_name)?;
+            if kind.is_pax_global_extensions() {
+                continue; // archive-wide defaults (mtime, charset): nothing we use
+            }
+            if long_name.is_some() {
+                return Err(ArchiveError::Corrupt(format!(
+                    "{header_name}: two long-name records for one entry"
+                )));
+            }
+            long_name = Some(if kind.is_gnu_longname() {
+                let end = record.iter().position(|&b| b == 0).unwrap_or(record.len());
+                record[..end].to_vec()
+            } else {
+                match pax_path(&record, &header_name)? {
+                    Some(path) => path,
+                    None => continue,
+                }
+            });
+            continue;
+        }
+        let raw = long_name
+            .take()
+            .unwrap_or_else(|| entry.path_bytes().into_owned());
         let name = String::from_utf8_lossy(&raw).into_owned();
         let rel = safe_relative(&name)?;
-        let kind = entry.header().entry_type();
         if kind.is_dir() {
             if let Some(rel) = rel {
                 let d = dest.join(rel);
@@ -333,7 +409,7 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
             }
             continue;
         }
-        if kind.is_symlink() || kind.is_hard_link() {
+        if kind.is_symlink() || kind.is_hard_link() || kind.is_gnu_longlink() {
             return Err(ArchiveError::UnsafeEntry(name, "links are not allowed"));
         }
         if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
@@ -342,25 +418,12 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
                 "device and fifo entries are not allowed",
             ));
         }
-        if kind.is_pax_global_extensions()
-            || kind.is_pax_local_extensions()
-            || kind.is_gnu_longname()
-        {
-            continue; // metadata records; the tar crate folds them into the next entry
-        }
         if !kind.is_file() && kind != tar::EntryType::Continuous {
             return Err(ArchiveError::UnsafeEntry(name, "unsupported entry type"));
         }
         let Some(rel) = rel else {
             return Err(ArchiveError::UnsafeEntry(name, "empty path"));
         };
-        let declared = entry.header().size().unwrap_or(u64::MAX);
-        if total.saturating_add(declared) > limits.max_unpacked_bytes {
-            return Err(ArchiveError::TooLarge(format!(
-                "unpacked size exceeds the limit of {} bytes",
-                limits.max_unpacked_bytes
-            )));
-        }
         let out_path = dest.join(&rel);
         if out_path.exists() {
             return Err(ArchiveError::UnsafeEntry(name, "duplicate entry"));
@@ -373,15 +436,85 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
             .create_new(true)
             .open(&out_path)
             .map_err(io_err(&out_path))?;
-        // Copy at most the declared size (+1 to notice a lying header).
-        let copied = io::copy(&mut (&mut entry).take(declared.saturating_add(1)), &mut out)
+        copy_entry(&mut entry, &mut out, declared, &name, &out_path)?;
+    }
+    if long_name.is_some() {
+        return Err(ArchiveError::Corrupt(
+            "a long-name record describes no entry".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Largest GNU long-name or PAX record accepted (paths are at most a few hundred bytes).
+const MAX_RECORD_BYTES: u64 = 64 << 10;
+
+fn read_record(entry: &mut impl Read, declared: u64, name: &str) -> Result<Vec<u8>, ArchiveError> {
+    if declared > MAX_RECORD_BYTES {
+        return Err(ArchiveError::TooLarge(format!(
+            "metadata record '{name}' is {declared} bytes (limit {MAX_RECORD_BYTES})"
+        )));
+    }
+    let mut record = Vec::with_capacity(declared as usize);
+    entry
+        .take(declared)
+        .read_to_end(&mut record)
+        .map_err(|e| ArchiveError::Corrupt(format!("{name}: {e}")))?;
+    if record.len() as u64 != declared {
+        return Err(ArchiveError::Corrupt(format!("{name}: truncated record")));
+    }
+    Ok(record)
+}
+
+/// The `path` of a PAX record. Keys that would change how the stream is read (`size`) or
+/// make a link are refused rather than half-honoured.
+fn pax_path(record: &[u8], name: &str) -> Result<Option<Vec<u8>>, ArchiveError> {
+    let mut path = None;
+    for ext in tar::PaxExtensions::new(record) {
+        let ext = ext.map_err(|e| ArchiveError::Corrupt(format!("{name}: bad PAX record: {e}")))?;
+        match ext.key_bytes() {
+            b"path" => path = Some(ext.value_bytes().to_vec()),
+            b"size" | b"linkpath" => {
+                return Err(ArchiveError::UnsafeEntry(
+                    name.into(),
+                    "PAX size and linkpath records are not supported",
+                ))
+            }
+            key if key.starts_with(b"GNU.sparse") => {
+                return Err(ArchiveError::UnsafeEntry(
+                    name.into(),
+                    "sparse files are not supported",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(path)
+}
+
+/// Copies exactly `declared` bytes of an entry. Reading errors mean a corrupt archive; writing
+/// errors are ours (a full disk, say) and keep their I/O error.
+fn copy_entry(
+    entry: &mut impl Read,
+    out: &mut File,
+    declared: u64,
+    name: &str,
+    out_path: &Path,
+) -> Result<(), ArchiveError> {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut left = declared;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = entry
+            .read(&mut buf[..want])
             .map_err(|e| ArchiveError::Corrupt(format!("{name}: {e}")))?;
-        if copied != declared {
+        if n == 0 {
             return Err(ArchiveError::Corrupt(format!(
                 "{name}: size does not match its header"
             )));
         }
-        total += copied;
+        out.write_all(&buf[..n]).map_err(io_err(out_path))?;
+        left -= n as u64;
     }
     Ok(())
 }
@@ -645,5 +778,8 @@ mod tests {
         assert!(ModelConfig::parse("deviceType: tpu\n").is_err());
         assert!(ModelConfig::parse("bogusKey: 1\n").is_err());
         assert!(ModelConfig::parse("tessera:\n  model: ../x.pt\n").is_err());
+        let c = ModelConfig::parse("tessera:\n  executor: simple\n").unwrap();
+        assert_eq!(c.tessera.executor, Some(crate::runtime::Executor::Simple));
+        assert!(ModelConfig::parse("tessera:\n  executor: turbo\n").is_err());
     }
 }

@@ -42,8 +42,20 @@ pub struct Config {
     #[arg(long, env = "TESSERA_CUDNN_BENCHMARK", default_value_t = false)]
     pub cudnn_benchmark: bool,
 
+    /// TorchScript executor of models whose config names none (`tessera.executor`): `profiling`
+    /// (libtorch's default: specialises and fuses per input shape, compiling on the first calls
+    /// at each new shape) or `simple` (graphs run as exported: no per-shape compilation, no
+    /// fusion).
+    #[arg(
+        long,
+        env = "TESSERA_TORCHSCRIPT_EXECUTOR",
+        value_enum,
+        default_value = "profiling"
+    )]
+    pub torchscript_executor: crate::runtime::Executor,
+
     /// Residency budget on the device, in MiB: the sum of what loaded models hold.
-    /// 0 means 90% of the GPU's memory on CUDA, 8 GiB on CPU.
+    /// 0 means 90% of the GPU's memory on CUDA, half the machine's RAM on CPU.
     #[arg(long, env = "TESSERA_MEMORY_BUDGET_MIB", default_value_t = 0)]
     pub memory_budget_mib: u64,
 
@@ -66,6 +78,28 @@ pub struct Config {
     /// Default cap on a handler instance's linear memory, in MiB (model-config may lower it).
     #[arg(long, env = "TESSERA_HANDLER_MEMORY_MIB", default_value_t = 512)]
     pub handler_memory_mib: u64,
+
+    /// Cap on the linear memory of all live handler instances together, in MiB: past it, a
+    /// handler's growth fails and its request answers 503 (retry later). 0 means a quarter of
+    /// the machine's RAM, at least 2 GiB.
+    #[arg(long, env = "TESSERA_HANDLER_MEMORY_TOTAL_MIB", default_value_t = 0)]
+    pub handler_memory_total_mib: u64,
+
+    /// Cap on CPU tensor memory live at once in the server (model weights on the CPU and every
+    /// forward's CPU tensors), in MiB: an allocation past it fails that forward with 507 instead
+    /// of exhausting the machine. 0 means 80% of the machine's RAM.
+    #[arg(long, env = "TESSERA_MAX_CPU_TENSOR_MIB", default_value_t = 0)]
+    pub max_cpu_tensor_mib: u64,
+
+    /// Seconds the sandboxed check of an archive's TorchScript may take (plus one per 50 MB of
+    /// model files); past it the archive is refused as one that never finishes loading.
+    #[arg(long, env = "TESSERA_MODEL_CHECK_SECONDS", default_value_t = 120)]
+    pub model_check_seconds: u64,
+
+    /// Data memory of the sandboxed TorchScript check process, in MiB. 0 means twice the
+    /// model files' size plus 2 GiB.
+    #[arg(long, env = "TESSERA_MODEL_CHECK_MEMORY_MIB", default_value_t = 0)]
+    pub model_check_memory_mib: u64,
 
     /// Requests allowed to wait for a model's workers before the server answers 429.
     #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
@@ -111,4 +145,36 @@ impl Config {
     pub fn handler_memory_bytes(&self) -> u64 {
         self.handler_memory_mib * MIB
     }
+    pub fn handler_memory_total_bytes(&self) -> u64 {
+        match self.handler_memory_total_mib {
+            0 => (ram_bytes() / 4).max(2 << 30),
+            mib => mib * MIB,
+        }
+    }
+    /// Limits of the sandboxed TorchScript check for `files`.
+    pub fn check_limits(&self, files: &[PathBuf]) -> crate::runtime::verify::CheckLimits {
+        crate::runtime::verify::CheckLimits::for_files(
+            files,
+            self.model_check_seconds,
+            self.model_check_memory_mib,
+        )
+    }
+    pub fn max_cpu_tensor_bytes(&self) -> u64 {
+        match self.max_cpu_tensor_mib {
+            0 => ram_bytes() / 10 * 8,
+            mib => mib * MIB,
+        }
+    }
+}
+
+/// The machine's RAM as /proc/meminfo says (8 GiB when unknown).
+pub fn ram_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kb| kb * 1024)
 }

@@ -12,6 +12,7 @@
 //! - Prometheus: `GET /metrics`.
 //!
 //! This layer only translates: it never loads, evicts or runs anything itself.
+use crate::archive::{self, ArchiveError};
 use crate::inference::{InferenceError, Tessera, Timings};
 use crate::registry::RegistryError;
 use crate::residency::ResidencyError;
@@ -53,6 +54,7 @@ pub fn router(app: App) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route".into()) })
         // We read bodies ourselves with the configured limit (and a JSON 413).
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(app)
 }
 
@@ -75,6 +77,46 @@ impl FromRequestParts<App> for Caller {
             ApiError::new(status, e.to_string())
         })
     }
+}
+
+/// Marks a response whose body the model's handler wrote (left as it is, whatever its status).
+#[derive(Clone, Copy)]
+struct HandlerAnswer;
+
+/// Every error the server itself answers is JSON: axum's own rejections (a malformed query
+/// string or path, a method not allowed) come as plain text and are rewrapped here.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error())
+        || is_json
+        || resp.extensions().get::<HandlerAnswer>().is_some()
+    {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .unwrap_or_default();
+    let message = String::from_utf8_lossy(&text).trim().to_string();
+    let message = if message.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        message
+    };
+    let mut out = ApiError::new(status, message).into_response();
+    for (k, v) in parts
+        .headers
+        .iter()
+        .filter(|(k, _)| *k != "content-type" && *k != "content-length")
+    {
+        out.headers_mut().insert(k.clone(), v.clone());
+    }
+    out
 }
 
 /// An error as the client sees it: `{"error": message, "code": status}`.
@@ -107,6 +149,11 @@ impl From<UploadError> for ApiError {
         let status = match &e {
             UploadError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             UploadError::Interrupted(_) => StatusCode::BAD_REQUEST,
+            UploadError::Archive(a) if a.is_out_of_space() => StatusCode::INSUFFICIENT_STORAGE,
+            UploadError::Archive(ArchiveError::Io { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            UploadError::Store(StoreError::Io(e)) if archive::is_out_of_space(e) => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
             UploadError::Archive(_) | UploadError::Handler(_) | UploadError::Model(..) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -123,10 +170,22 @@ impl From<UploadError> for ApiError {
 
 impl From<InferenceError> for ApiError {
     fn from(e: InferenceError) -> ApiError {
-        let message = e.to_string();
+        let message = match &e {
+            InferenceError::Residency(r) if matches!(r.as_ref(), ResidencyError::Archive(a) if a.is_out_of_space()) =>
+            {
+                format!("the server ran out of disk space unpacking the model; retry later ({r})")
+            }
+            _ => e.to_string(),
+        };
         let status = match &e {
             InferenceError::Registry(r) => registry_status(r),
             InferenceError::Residency(r) => match r.as_ref() {
+                ResidencyError::Archive(a) if a.is_out_of_space() => {
+                    StatusCode::INSUFFICIENT_STORAGE
+                }
+                ResidencyError::Archive(ArchiveError::Io { .. }) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
                 ResidencyError::Archive(_) | ResidencyError::Runtime(_) => {
                     StatusCode::UNPROCESSABLE_ENTITY
                 }
@@ -135,6 +194,7 @@ impl From<InferenceError> for ApiError {
                 }
                 ResidencyError::Handler(s) => sandbox_status(s),
                 ResidencyError::InsufficientMemory(_) => StatusCode::INSUFFICIENT_STORAGE,
+                ResidencyError::Quarantined(_) => StatusCode::SERVICE_UNAVAILABLE,
                 ResidencyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             InferenceError::Sandbox(s) => sandbox_status(s),
@@ -180,6 +240,7 @@ fn sandbox_status(e: &SandboxError) -> StatusCode {
             HandlerFailure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         },
         SandboxError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        SandboxError::ServerMemoryBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
         SandboxError::InvalidComponent(_) => StatusCode::UNPROCESSABLE_ENTITY,
         SandboxError::MemoryLimit(_)
         | SandboxError::Trap(_)
@@ -532,6 +593,7 @@ async fn serve(
             let status =
                 StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut resp = (status, r.body).into_response();
+            resp.extensions_mut().insert(HandlerAnswer);
             if let Ok(ct) = HeaderValue::from_str(&r.content_type) {
                 resp.headers_mut().insert("content-type", ct);
             }

@@ -93,10 +93,15 @@ impl Tessera {
             mib => mib << 20,
         };
         let work_dir = config.work_dir.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("tessera-{}", std::process::id()))
+            remove_dead_work_dirs();
+            std::env::temp_dir().join(format!("{WORK_DIR_PREFIX}{}", std::process::id()))
         });
         std::fs::create_dir_all(&work_dir)?;
-        let sandbox = Sandbox::new()?;
+        crate::archive::remove_partials(&work_dir.join("unpacked"));
+        let sandbox = Sandbox::new(config.handler_memory_total_bytes())?;
+        if !runtime::cap_cpu_tensor_memory(config.max_cpu_tensor_bytes()) {
+            tracing::warn!("could not install the CPU tensor memory cap");
+        }
         let metrics = Arc::new(Metrics::new());
         let loader = LoaderConfig {
             work_dir: work_dir.clone(),
@@ -108,9 +113,12 @@ impl Tessera {
             handler_memory_bytes: config.handler_memory_bytes(),
             max_response_bytes: config.max_response_bytes(),
             max_queue: config.max_queue,
+            check_seconds: config.model_check_seconds,
+            check_memory_mib: config.model_check_memory_mib,
+            executor: config.torchscript_executor,
         };
         tracing::info!(
-            backend = runtime::configure(config.cudnn_benchmark),
+            backend = runtime::configure(config.cudnn_benchmark, config.torchscript_executor),
             "libtorch"
         );
         tracing::info!(device = runtime::device_name(device), budget_mib = budget >> 20,
@@ -179,6 +187,9 @@ impl Tessera {
             timings.load = Some(load_started.elapsed());
         }
         timings.version = model.version.clone();
+        if model.workers.quarantined() {
+            return Err(ResidencyError::Quarantined(format!("{name}@{}", model.version)).into());
+        }
         let _busy = model.begin(self.residency.clock());
         let seconds = model.unpacked.config.response_timeout;
         let timeout = Duration::from_secs(
@@ -226,7 +237,18 @@ impl Tessera {
             .dir
             .join(crate::archive::ASSETS_DIR)
             .join(&w.request);
-        let body = match tokio::fs::read(&path).await {
+        // The body is the tenant's: bounded like any request body before it is read.
+        let limit = self.config.max_request_bytes() as u64;
+        let body = match tokio::fs::metadata(&path).await {
+            Ok(m) if !m.is_file() || m.len() > limit => {
+                tracing::warn!(model = %model.key, bytes = m.len(), limit,
+                    "warm-up request {} is not a file within the request size limit; serving without warm-up", w.request);
+                return;
+            }
+            Ok(_) => tokio::fs::read(&path).await,
+            Err(e) => Err(e),
+        };
+        let body = match body {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(model = %model.key, "warm-up request {}: {e}", w.request);
@@ -291,7 +313,7 @@ impl Tessera {
         });
         let mut queued = Duration::ZERO;
         let outputs = loop {
-            let (result, waited) = model.workers.forward(input.clone()).await?;
+            let (result, waited) = model.workers.forward(input.clone(), deadline).await?;
             queued += waited;
             match result {
                 Ok((o, hit)) => {
@@ -340,24 +362,36 @@ impl Tessera {
     }
 }
 
+/// Server-chosen work dirs are `<tmp>/tessera-<pid>`.
+const WORK_DIR_PREFIX: &str = "tessera-";
+
+/// Removes server-chosen work dirs of tessera processes that are gone (killed before their
+/// shutdown could remove them).
+fn remove_dead_work_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(WORK_DIR_PREFIX)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if pid != std::process::id() && comm.trim() != "tessera" && e.path().is_dir() {
+            tracing::warn!(dir = %e.path().display(), "removing the work dir of a tessera process that is gone");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn default_budget(device: tch::Device) -> u64 {
     if let tch::Device::Cuda(n) = device {
         if let Some((_, total)) = runtime::cuda_mem_info(n) {
             return total / 10 * 9;
         }
     }
-    // Half the machine's memory, as read from /proc/meminfo; 8 GiB when unknown.
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| {
-                    l.split_whitespace()
-                        .nth(1)
-                        .and_then(|kb| kb.parse::<u64>().ok())
-                })
-        })
-        .map(|kb| kb * 1024 / 2)
-        .unwrap_or(8 << 30)
+    crate::config::ram_bytes() / 2
 }

@@ -19,5 +19,6 @@ pub mod sandbox;
 pub mod store;
 pub mod tenancy;
 pub mod upload;
+pub mod yaml;
 
 pub use config::Config;

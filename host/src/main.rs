@@ -24,6 +24,9 @@ enum Command {
     /// Build a model archive (`<name>.tar.gz`) from a config, TorchScript files, a handler
     /// component and assets; checks every piece before writing.
     Pack(PackArgs),
+    /// Internal: the sandboxed child that lists a TorchScript file's operators.
+    #[command(name = runtime::verify::CHILD_COMMAND, hide = true)]
+    CheckTorchscript { files: Vec<PathBuf> },
 }
 
 #[derive(clap::Args)]
@@ -49,6 +52,10 @@ struct PackArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Command::CheckTorchscript { files } = &cli.command {
+        std::process::exit(runtime::verify::run_child(files));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -57,9 +64,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Serve(config) => serve(config),
         Command::Pack(args) => pack(args),
+        Command::CheckTorchscript { .. } => unreachable!("handled above"),
     }
 }
 
@@ -90,6 +98,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
                 Err(e) => tracing::error!(model = name, error = %e, "preload failed"),
             }
         }
+        print_banner(&app, local);
         // Tests and scripts read this line to find the port.
         println!("tessera listening on http://{local}");
         tracing::info!(%local, "listening");
@@ -99,6 +108,34 @@ fn serve(config: Config) -> anyhow::Result<()> {
         app.cleanup();
         Ok(())
     })
+}
+
+/// What a newcomer needs to see at start: what is served, where, on which device.
+fn print_banner(app: &Tessera, local: std::net::SocketAddr) {
+    let store = &app.config.model_store;
+    let shown = store.canonicalize().unwrap_or_else(|_| store.clone());
+    let archives = app.registry.store().list().unwrap_or_default();
+    let listed = match archives.len() {
+        0 => "no archives yet: add <name>.tar.gz files (tessera pack) or upload versions".into(),
+        n if n <= 12 => format!("{n} archive(s): {}", archives.join(", ")),
+        n => format!("{n} archives: {}, ...", archives[..12].join(", ")),
+    };
+    let tenancy = if app.tenants.multi_tenant() {
+        "multi-tenant (Authorization: Bearer <token>)".to_string()
+    } else {
+        "single-tenant, no tokens".to_string()
+    };
+    println!("tessera {}", env!("CARGO_PKG_VERSION"));
+    println!("  model store  {} ({listed})", shown.display());
+    println!(
+        "  device       {}, residency budget {} MiB",
+        runtime::device_name(app.device),
+        app.residency.budget() >> 20
+    );
+    println!("  tenants      {tenancy}");
+    println!(
+        "  try          curl http://{local}/models   |   POST http://{local}/predictions/<model>"
+    );
 }
 
 async fn shutdown() {
@@ -127,14 +164,12 @@ fn pack(args: PackArgs) -> anyhow::Result<()> {
     store::validate_name(name)?;
     let wasm = std::fs::read(&args.handler)
         .with_context(|| format!("reading {}", args.handler.display()))?;
-    sandbox::Sandbox::new()?
+    sandbox::Sandbox::new(tessera::config::ram_bytes() / 4)?
         .validate(&wasm)
         .context("checking the handler")?;
     if !args.skip_model_check {
-        for m in &args.models {
-            runtime::TorchModel::load(m, tch::Device::Cpu)
-                .with_context(|| format!("checking {}", m.display()))?;
-        }
+        let limits = runtime::verify::CheckLimits::for_files(&args.models, 120, 0);
+        runtime::verify::check_files(&args.models, limits).context("checking the TorchScript")?;
     }
     let spec = PackSpec {
         config: args.config,

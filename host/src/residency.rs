@@ -24,7 +24,7 @@
 use crate::archive::{self, ArchiveError, Limits, Unpacked};
 use crate::metrics::Metrics;
 use crate::registry::Registration;
-use crate::runtime::{self, ForwardWorkers, RuntimeError, TorchModel};
+use crate::runtime::{self, verify, ForwardWorkers, RuntimeError, TorchModel};
 use crate::sandbox::{Handler, HandlerEnv, Sandbox, SandboxError};
 use crate::tenancy::{Tenant, Tenants};
 use moka::future::Cache;
@@ -48,6 +48,8 @@ pub enum ResidencyError {
     Handler(#[from] SandboxError),
     #[error("insufficient memory: {0}")]
     InsufficientMemory(String),
+    #[error("model '{0}' is quarantined: one of its forwards ran past its deadline by more than its responseTimeout and could not be stopped; unload it (DELETE /models/{{name}}) or upload a fixed version")]
+    Quarantined(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -107,10 +109,17 @@ pub struct LoaderConfig {
     pub handler_memory_bytes: u64,
     pub max_response_bytes: usize,
     pub max_queue: usize,
+    /// Base deadline and memory of the sandboxed TorchScript check.
+    pub check_seconds: u64,
+    pub check_memory_mib: u64,
+    /// TorchScript executor of models that do not name one.
+    pub executor: runtime::Executor,
 }
 
 pub struct Residency {
     cache: Cache<String, Arc<LoadedModel>>,
+    /// Keys whose forward overran (see `runtime::ForwardWorkers`): refused until unloaded.
+    quarantined: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// Evictions to make room (not unloads), per `tenant/name`, for `GET /models`.
     evictions: std::sync::Mutex<HashMap<String, u64>>,
     budget: u64,
@@ -161,7 +170,13 @@ impl Residency {
             metrics,
             clock: Instant::now(),
             evictions: Default::default(),
+            quarantined: Default::default(),
         }
+    }
+
+    /// The device budget in bytes.
+    pub fn budget(&self) -> u64 {
+        self.budget
     }
 
     pub fn clock(&self) -> &Instant {
@@ -195,6 +210,12 @@ impl Residency {
         tenant: &Tenant,
     ) -> Result<(Arc<LoadedModel>, bool), Arc<ResidencyError>> {
         let key = reg.key();
+        if self.is_quarantined(&key) {
+            return Err(Arc::new(ResidencyError::Quarantined(format!(
+                "{}@{}",
+                reg.name, reg.version
+            ))));
+        }
         let loaded_here = std::sync::atomic::AtomicBool::new(false);
         let model = self
             .cache
@@ -222,8 +243,23 @@ impl Residency {
         Ok((model, loaded_here))
     }
 
+    /// Whether `key` was quarantined (a forward overran and could not be stopped).
+    pub fn is_quarantined(&self, key: &str) -> bool {
+        self.quarantined
+            .lock()
+            .map(|q| q.contains(key))
+            .unwrap_or(false)
+    }
+
+    fn clear_quarantine(&self, prefix: &str) {
+        if let Ok(mut q) = self.quarantined.lock() {
+            q.retain(|k| !k.starts_with(prefix));
+        }
+    }
+
     /// Unloads one model version.
     pub async fn remove_key(&self, key: &str) {
+        self.clear_quarantine(key);
         if self.cache.contains_key(key) {
             self.metrics
                 .evictions
@@ -236,6 +272,7 @@ impl Residency {
 
     /// Drops every resident version of `tenant/name` (unload). Returns how many were resident.
     pub async fn remove_model(&self, tenant: &str, name: &str) -> usize {
+        self.clear_quarantine(&format!("{tenant}/{name}@"));
         let victims = self.resident_with_prefix(&format!("{tenant}/{name}@"));
         for m in &victims {
             self.metrics
@@ -356,6 +393,7 @@ impl Residency {
                     device = runtime::device_name(m.pipeline.device()),
                     bytes = m.weight,
                     ms = started.elapsed().as_millis() as u64,
+                    cpu_tensor_bytes = runtime::cpu_tensor_bytes(),
                     "model loaded"
                 );
             }
@@ -446,8 +484,29 @@ impl Residency {
         };
         let workers = unpacked.config.max_workers as usize;
         let pipeline = Arc::new(pipeline);
-        let forward = ForwardWorkers::spawn(pipeline.clone(), workers, &reg.name)
-            .map_err(|e| ResidencyError::Internal(format!("starting forward workers: {e}")))?;
+        let quarantine = {
+            let (set, key) = (self.quarantined.clone(), key.clone());
+            Box::new(move || {
+                if let Ok(mut q) = set.lock() {
+                    q.insert(key.clone());
+                }
+            })
+        };
+        let grace = Duration::from_secs(unpacked.config.response_timeout);
+        let executor = unpacked
+            .config
+            .tessera
+            .executor
+            .unwrap_or(self.config.executor);
+        let forward = ForwardWorkers::spawn(
+            pipeline.clone(),
+            workers,
+            &reg.name,
+            executor,
+            grace,
+            quarantine,
+        )
+        .map_err(|e| ResidencyError::Internal(format!("starting forward workers: {e}")))?;
         if unpacked.config.batch_size > 1 {
             tracing::warn!(model = key, batch_size = unpacked.config.batch_size,
                 "batchSize > 1: cross-request batching is not implemented yet; requests run one by one");
@@ -481,12 +540,13 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ResidencyError::Internal(format!("worker thread failed: {e}")))
 }
 
-/// The unpacked directory for an archive, unpacking on first sight. Keyed by path, size and
-/// mtime, so a replaced archive is unpacked afresh.
+/// The unpacked directory for an archive, unpacking on first sight, its TorchScript checked
+/// ([`verify`]) before anything loads it. Keyed by path, size and mtime, so a replaced archive
+/// is unpacked and checked afresh.
 fn unpack_cached(
     archive: &std::path::Path,
     config: &LoaderConfig,
-) -> Result<Unpacked, ArchiveError> {
+) -> Result<Unpacked, ResidencyError> {
     let meta = std::fs::metadata(archive).map_err(|source| ArchiveError::Io {
         path: archive.into(),
         source,
@@ -501,16 +561,49 @@ fn unpack_cached(
     h.update(meta.len().to_le_bytes());
     h.update(mtime.as_nanos().to_le_bytes());
     let key = hex::encode(&h.finalize()[..12]);
-    let dest = config.work_dir.join("unpacked").join(key);
-    if dest.is_dir() {
-        if let Ok(u) = archive::inspect(&dest) {
-            return Ok(u);
-        }
-        let _ = std::fs::remove_dir_all(&dest);
+    let dest = config.work_dir.join("unpacked").join(&key);
+    // Written once the unpacked TorchScript passed the sandboxed check; never inside `dest`,
+    // which holds the archive's own files.
+    let checked = config
+        .work_dir
+        .join("unpacked")
+        .join(format!("{key}.checked"));
+    let unpacked = match std::fs::metadata(&dest) {
+        Ok(m) if m.is_dir() => match archive::inspect(&dest) {
+            Ok(u) => u,
+            Err(_) => {
+                let _ = std::fs::remove_dir_all(&dest);
+                let _ = std::fs::remove_file(&checked);
+                unpack_fresh(archive, &dest, config)?
+            }
+        },
+        _ => unpack_fresh(archive, &dest, config)?,
+    };
+    if !checked.is_file() {
+        let limits = verify::CheckLimits::for_files(
+            &unpacked.model_files,
+            config.check_seconds,
+            config.check_memory_mib,
+        );
+        verify::check_files(&unpacked.model_files, limits).map_err(ResidencyError::Runtime)?;
+        std::fs::write(&checked, b"").map_err(|source| {
+            ResidencyError::Archive(ArchiveError::Io {
+                path: checked.clone(),
+                source,
+            })
+        })?;
     }
-    match archive::unpack(archive, &dest, config.limits) {
+    Ok(unpacked)
+}
+
+fn unpack_fresh(
+    archive: &std::path::Path,
+    dest: &std::path::Path,
+    config: &LoaderConfig,
+) -> Result<Unpacked, ArchiveError> {
+    match archive::unpack(archive, dest, config.limits) {
         // Another load of the same archive may have won the rename.
-        Err(ArchiveError::Io { .. }) if dest.is_dir() => archive::inspect(&dest),
+        Err(ArchiveError::Io { .. }) if dest.is_dir() => archive::inspect(dest),
         other => other,
     }
 }

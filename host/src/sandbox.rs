@@ -15,10 +15,11 @@
 use crate::runtime::{CachedOutputs, DType, HostTensor, StageCache};
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component as WasmComponent, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -56,6 +57,11 @@ pub enum SandboxError {
     Timeout(Duration),
     #[error("handler exceeded its memory limit of {0} MiB")]
     MemoryLimit(u64),
+    /// Every live handler instance together holds the server's handler memory budget.
+    #[error(
+        "the server's handler memory ({0} MiB for all requests together) is in use; retry shortly"
+    )]
+    ServerMemoryBusy(u64),
     #[error("handler trapped: {0}")]
     Trap(String),
     #[error("handler response of {0} bytes exceeds the limit of {1} bytes")]
@@ -152,12 +158,82 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<State>,
     compiled: Mutex<HashMap<String, bindings::HandlerPre<State>>>,
+    pool: Arc<MemoryPool>,
+}
+
+/// Linear memory charged to all live handler instances together, bounded.
+struct MemoryPool {
+    used: AtomicU64,
+    cap: u64,
+}
+
+/// Which memory bound a growth hit; the limiter's error, found again by type in the trap.
+#[derive(Debug, thiserror::Error)]
+enum MemoryExceeded {
+    #[error("handler memory limit reached")]
+    Instance,
+    #[error("server-wide handler memory limit reached")]
+    Server,
+}
+
+/// One store's limits: its own memory cap, a share of the server's pool (returned when the
+/// store is dropped), and caps on instances and tables.
+struct Limiter {
+    cap: u64,
+    pool: Arc<MemoryPool>,
+    charged: u64,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let delta = desired.saturating_sub(current) as u64;
+        if self.charged + delta > self.cap {
+            return Err(wasmtime::Error::new(MemoryExceeded::Instance));
+        }
+        let before = self.pool.used.fetch_add(delta, Ordering::SeqCst);
+        if before + delta > self.pool.cap {
+            self.pool.used.fetch_sub(delta, Ordering::SeqCst);
+            return Err(wasmtime::Error::new(MemoryExceeded::Server));
+        }
+        self.charged += delta;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+
+    fn instances(&self) -> usize {
+        16
+    }
+    fn tables(&self) -> usize {
+        16
+    }
+    fn memories(&self) -> usize {
+        4
+    }
+}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        self.pool.used.fetch_sub(self.charged, Ordering::SeqCst);
+    }
 }
 
 struct State {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: Limiter,
     env: Arc<HandlerEnv>,
     request_id: String,
     logged: usize,
@@ -257,8 +333,9 @@ impl bindings::tessera::handler::host::Host for State {
 }
 
 impl Sandbox {
-    /// Builds the engine and starts the epoch ticker thread.
-    pub fn new() -> anyhow::Result<Arc<Sandbox>> {
+    /// Builds the engine and starts the epoch ticker thread. `total_memory_bytes` bounds the
+    /// linear memory of all live instances together.
+    pub fn new(total_memory_bytes: u64) -> anyhow::Result<Arc<Sandbox>> {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -294,6 +371,10 @@ impl Sandbox {
             engine,
             linker,
             compiled: Mutex::new(HashMap::new()),
+            pool: Arc::new(MemoryPool {
+                used: AtomicU64::new(0),
+                cap: total_memory_bytes,
+            }),
         });
         let weak = Arc::downgrade(&sandbox);
         std::thread::Builder::new()
@@ -354,6 +435,18 @@ impl Sandbox {
         }
         let component = WasmComponent::from_binary(&self.engine, bytes)
             .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
+        let refused: Vec<String> = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .filter(|name| !import_allowed(name))
+            .collect();
+        if !refused.is_empty() {
+            return Err(SandboxError::InvalidComponent(format!(
+                "imports interfaces a handler may not use: {}",
+                refused.join(", ")
+            )));
+        }
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             SandboxError::InvalidComponent(format!(
                 "imports outside the tessera:handler world: {e:#}"
@@ -383,14 +476,11 @@ impl Sandbox {
             .insecure_random_seed(0)
             .stdout(stdout.clone())
             .stderr(stdout.clone());
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(handler.env.memory_bytes as usize)
-            .instances(16)
-            .tables(16)
-            .memories(4)
-            .table_elements(100_000)
-            .trap_on_grow_failure(true)
-            .build();
+        let limits = Limiter {
+            cap: handler.env.memory_bytes,
+            pool: self.pool.clone(),
+            charged: 0,
+        };
         let state = State {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -502,18 +592,19 @@ impl Sandbox {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(SandboxError::Handler(e.into())),
             Err(err) => {
-                let text = format!("{err:#}");
-                match err.downcast_ref::<Trap>() {
-                    Some(Trap::Interrupt) => Err(SandboxError::Timeout(budget)),
-                    Some(Trap::StackOverflow) => {
-                        Err(SandboxError::Trap("call stack exhausted".into()))
-                    }
-                    _ if text.contains("growing memory")
-                        || text.contains("memory growth failure") =>
-                    {
+                let memory = err.chain().find_map(|e| e.downcast_ref::<MemoryExceeded>());
+                match (memory, err.downcast_ref::<Trap>()) {
+                    (Some(MemoryExceeded::Instance), _) => {
                         Err(SandboxError::MemoryLimit(env.memory_bytes >> 20))
                     }
-                    _ => Err(SandboxError::Trap(text)),
+                    (Some(MemoryExceeded::Server), _) => {
+                        Err(SandboxError::ServerMemoryBusy(self.pool.cap >> 20))
+                    }
+                    (_, Some(Trap::Interrupt)) => Err(SandboxError::Timeout(budget)),
+                    (_, Some(Trap::StackOverflow)) => {
+                        Err(SandboxError::Trap("call stack exhausted".into()))
+                    }
+                    _ => Err(SandboxError::Trap(format!("{err:#}"))),
                 }
             }
         }
@@ -534,6 +625,24 @@ fn finish_call(store: &Store<State>, stdout: &MemoryOutputPipe, phase: &str) {
                 stream = "stdio", "{}", line.chars().take(LOG_LINE_MAX).collect::<String>());
         }
     }
+}
+
+/// Interfaces a handler component may import: our world's, and the WASI interfaces a language
+/// runtime links by default. Filesystem interfaces are linked but inert (no preopened
+/// directory exists, so no path resolves); sockets, HTTP and anything else are refused.
+const ALLOWED_IMPORTS: &[&str] = &[
+    "tessera:handler/",
+    "wasi:cli/",
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:filesystem/",
+];
+
+fn import_allowed(name: &str) -> bool {
+    ALLOWED_IMPORTS
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
 }
 
 /// Core modules start with `\0asm` version 1; components use a different layer/version.
@@ -582,5 +691,42 @@ fn from_host(t: HostTensor) -> wit::Tensor {
         dtype: dtype_to_wit(t.dtype),
         shape: t.shape.iter().map(|&d| d as u64).collect(),
         data: t.data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_importing_outside_the_allowlist_are_refused() {
+        let sandbox = Sandbox::new(1 << 30).unwrap();
+        for import in [
+            "wasi:sockets/tcp@0.2.0",
+            "wasi:http/outgoing-handler@0.2.0",
+            "evil:thing/x",
+        ] {
+            let text = format!(r#"(component (import "{import}" (instance)))"#);
+            let bytes = wat::parse_str(&text).unwrap();
+            let err = sandbox.validate(&bytes).unwrap_err().to_string();
+            assert!(
+                err.contains("may not use") && err.contains(import),
+                "{import}: {err}"
+            );
+        }
+        // Allowed imports pass this check (and fail later, for not exporting the world).
+        let bytes =
+            wat::parse_str(r#"(component (import "wasi:filesystem/preopens@0.2.0" (instance)))"#)
+                .unwrap();
+        let err = sandbox.validate(&bytes).unwrap_err().to_string();
+        assert!(!err.contains("may not use"), "{err}");
+    }
+
+    #[test]
+    fn imports_are_matched_by_interface_prefix() {
+        assert!(import_allowed("wasi:cli/stdout@0.2.3"));
+        assert!(import_allowed("tessera:handler/host@0.1.0"));
+        assert!(!import_allowed("wasi:sockets/udp@0.2.3"));
+        assert!(!import_allowed("wasi:clis/x"));
     }
 }

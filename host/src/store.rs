@@ -10,7 +10,7 @@
 //! in staging by a crash is deleted at start-up. The store only resolves names to files; it
 //! never unpacks or loads. Names, versions and URLs are validated here before they touch a
 //! path, and a URL must point inside the store.
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 /// Archive suffix in the store.
 pub const ARCHIVE_SUFFIX: &str = ".tar.gz";
@@ -96,26 +96,34 @@ impl LocalStore {
     }
 
     /// Resolves a `POST /models` url: `file:///abs/path.tar.gz`, an absolute path, or a path
-    /// relative to the store; the file must exist inside the store.
+    /// relative to the store; the file must exist inside the store. Whether a url points into
+    /// the store is decided from its text first, so the answer for a path outside the store is
+    /// the same whether or not that path exists (no probing of the server's files).
     pub fn resolve_url(&self, url: &str) -> Result<PathBuf, StoreError> {
         let raw = url.strip_prefix("file://").unwrap_or(url);
+        let bad = || StoreError::BadUrl(url.to_string());
+        let root = std::path::absolute(&self.root)?;
+        let real_root = self.root.canonicalize()?;
         let candidate = if Path::new(raw).is_absolute() {
             PathBuf::from(raw)
         } else {
-            self.root.join(raw.trim_start_matches('/'))
+            root.join(raw.trim_start_matches('/'))
         };
+        let lexical = normalize(&candidate).ok_or_else(bad)?;
+        if !(lexical.starts_with(&root) || lexical.starts_with(&real_root)) {
+            return Err(bad());
+        }
         // A directory url (SageMaker passes a prefix) holding exactly the archive also works.
-        let candidate = if candidate.is_dir() {
-            single_archive_in(&candidate)?
+        let candidate = if lexical.is_dir() {
+            single_archive_in(&lexical)?
         } else {
-            candidate
+            lexical
         };
-        let root = self.root.canonicalize()?;
         let real = candidate
             .canonicalize()
             .map_err(|_| StoreError::NotFound(url.to_string()))?;
-        if !real.starts_with(&root) || !real.is_file() {
-            return Err(StoreError::BadUrl(url.to_string()));
+        if !real.starts_with(&real_root) || !real.is_file() {
+            return Err(bad());
         }
         Ok(real)
     }
@@ -228,7 +236,12 @@ impl LocalStore {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 tracing::warn!(file = %e.path().display(), "removing an unfinished upload");
-                let _ = std::fs::remove_file(e.path());
+                let p = e.path();
+                let _ = if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
             }
         }
     }
@@ -296,6 +309,23 @@ impl LocalStore {
     }
 }
 
+/// `path` with `.` and `..` resolved by text alone; `None` if `..` climbs above the root.
+fn normalize(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                if !out.pop() || out.as_os_str().is_empty() {
+                    return None;
+                }
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    Some(out)
+}
+
 fn single_archive_in(dir: &Path) -> Result<PathBuf, StoreError> {
     let mut found = Vec::new();
     for e in std::fs::read_dir(dir)? {
@@ -343,8 +373,23 @@ mod tests {
         assert!(store
             .resolve_url(&format!("file://{}/a.tar.gz", dir.path().display()))
             .is_ok());
-        assert!(store.resolve_url("/etc/passwd").is_err());
-        assert!(store.resolve_url("../../etc/passwd").is_err());
+        // Outside the store: the same answer whether the path exists or not.
+        for outside in [
+            "/etc/passwd",
+            "/etc/no-such-file",
+            "../../etc/passwd",
+            "../../nope",
+            "a.tar.gz/../../x",
+        ] {
+            assert!(
+                matches!(store.resolve_url(outside), Err(StoreError::BadUrl(_))),
+                "{outside}"
+            );
+        }
+        assert!(matches!(
+            store.resolve_url("missing.tar.gz"),
+            Err(StoreError::NotFound(_))
+        ));
         assert_eq!(store.list().unwrap(), vec!["a".to_string()]);
     }
 }

@@ -98,6 +98,14 @@ fn parse_digest(s: &str) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110 §11.1) and may be followed by any amount of whitespace.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.trim_start().split_once([' ', '\t'])?;
+    let token = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -105,7 +113,8 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 fn load(path: &Path) -> Result<TenantSet, TenancyError> {
     let err = |m: String| TenancyError::Config(path.to_path_buf(), m);
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let file: TenantsFile = serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let file: TenantsFile =
+        crate::yaml::from_str_bounded(&text, crate::yaml::MAX_NODES * 10).map_err(err)?;
     if file.tenants.is_empty() {
         return Err(err("no tenants listed".into()));
     }
@@ -214,11 +223,7 @@ impl Tenants {
             return Ok(set.by_name[DEFAULT_TENANT].clone());
         }
         let header = authorization.ok_or(TenancyError::MissingToken)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or(TenancyError::MissingToken)?
-            .trim();
+        let token = bearer_token(header).ok_or(TenancyError::MissingToken)?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Compare against every digest so the time taken does not depend on which matched.
         let mut found = None;
@@ -324,6 +329,12 @@ mod tests {
             t.authenticate(Some("Basic eA==")),
             Err(TenancyError::MissingToken)
         ));
+        // The scheme is case-insensitive; extra whitespace is fine.
+        for header in ["BEARER tok-a", "bEaReR  tok-a", "bearer\ttok-a "] {
+            assert_eq!(t.authenticate(Some(header)).unwrap().name, "a", "{header}");
+        }
+        assert!(t.authenticate(Some("Bearer")).is_err());
+        assert!(t.authenticate(Some("Bearertok-a")).is_err());
         let shares = t.shares();
         assert!((shares["a"] - 0.75).abs() < 1e-9 && (shares["b"] - 0.25).abs() < 1e-9);
     }

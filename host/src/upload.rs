@@ -4,14 +4,15 @@
 //! The body is streamed to a file in the store's staging folder (never into memory, never next
 //! to served models), bounded by the upload limit. The archive is then checked completely
 //! before anything is installed: it unpacks safely within the size limits, its config parses,
-//! its handler is a component implementing our WIT world, every TorchScript file loads, and
+//! its handler is a component implementing our WIT world, every TorchScript file loads in a sandboxed child process and uses only tensor operators
+//! ([`crate::runtime::verify`]), and
 //! the tenant stays within its quotas. Only then is it moved into the tenant's model folder
 //! with a single link, and the default pointer updated with a rename. A rejected or
 //! interrupted upload leaves nothing behind but a staging file, which is deleted at once or,
 //! after a crash, at the next start.
 use crate::archive::{self, ArchiveError, Limits};
 use crate::inference::Tessera;
-use crate::runtime::{RuntimeError, TorchModel};
+use crate::runtime::{verify, RuntimeError};
 use crate::sandbox::SandboxError;
 use crate::store::{self, StoreError};
 use crate::tenancy::Tenant;
@@ -31,8 +32,8 @@ pub enum UploadError {
     Archive(#[from] ArchiveError),
     #[error("archive rejected: {0}")]
     Handler(SandboxError),
-    #[error("archive rejected: TorchScript file {0} does not load: {1}")]
-    Model(String, RuntimeError),
+    #[error("archive rejected: {0}")]
+    Model(RuntimeError),
     #[error("quota exceeded: {0}")]
     Quota(String),
     #[error(transparent)]
@@ -102,7 +103,8 @@ pub async fn accept(
         max_unpacked_bytes: app.config.max_unpacked_bytes(),
     };
     let sandbox = app.sandbox.clone();
-    tokio::task::spawn_blocking(move || validate(&path, &dir, limits, &sandbox))
+    let config = app.config.clone();
+    tokio::task::spawn_blocking(move || validate(&path, &dir, limits, &sandbox, &config))
         .await
         .map_err(|e| UploadError::Internal(e.to_string()))??;
 
@@ -193,17 +195,13 @@ fn validate(
     dir: &Path,
     limits: Limits,
     sandbox: &crate::sandbox::Sandbox,
+    config: &crate::Config,
 ) -> Result<(), UploadError> {
     let _cleanup = Staged(dir.to_path_buf());
     let unpacked = archive::unpack(archive_path, dir, limits)?;
     let wasm = std::fs::read(&unpacked.handler).map_err(StoreError::from)?;
     sandbox.validate(&wasm).map_err(UploadError::Handler)?;
-    for m in &unpacked.model_files {
-        let file = m
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        TorchModel::load(m, tch::Device::Cpu).map_err(|e| UploadError::Model(file, e))?;
-    }
+    let limits = config.check_limits(&unpacked.model_files);
+    verify::check_files(&unpacked.model_files, limits).map_err(UploadError::Model)?;
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! real `tessera pack`, and running a real server on an ephemeral loopback port.
 #![allow(dead_code)]
 
+pub mod tenancy;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -91,23 +93,44 @@ pub struct Server {
     child: Child,
     pub base: String,
     log: Arc<Mutex<String>>,
+    /// What the server printed on stdout (its start-up banner).
+    stdout: Arc<Mutex<String>>,
+    pub work_dir: PathBuf,
     _work: tempfile::TempDir,
+    _cage: Option<MemoryCage>,
+}
+
+/// How to start a test server, beyond its flags.
+#[derive(Default)]
+pub struct Launch {
+    /// `--work-dir` (default: a fresh temporary folder).
+    pub work_dir: Option<PathBuf>,
+    /// Run the server in a memory cage of this many bytes (see [`MemoryCage`]).
+    pub memory_limit: Option<u64>,
 }
 
 impl Server {
     pub fn start(store: &Path, extra: &[&str]) -> Server {
+        Server::launch(store, extra, Launch::default())
+    }
+
+    pub fn launch(store: &Path, extra: &[&str], how: Launch) -> Server {
         let work = tempfile::tempdir().unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--port", "0", "--device", "cpu", "--model-store"])
+        let work_dir = how.work_dir.unwrap_or_else(|| work.path().to_path_buf());
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--port", "0", "--device", "cpu", "--model-store"])
             .arg(store)
             .arg("--work-dir")
-            .arg(work.path())
+            .arg(&work_dir)
             .args(extra)
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tessera");
+            .stderr(Stdio::piped());
+        let cage = how.memory_limit.map(MemoryCage::new);
+        if let Some(c) = &cage {
+            c.confine(&mut cmd);
+        }
+        let mut child = cmd.spawn().expect("spawn tessera");
         let log = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().unwrap();
         let sink = log.clone();
@@ -124,8 +147,11 @@ impl Server {
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().unwrap();
+        let banner = Arc::new(Mutex::new(String::new()));
+        let lines = banner.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push_str(&format!("{line}\n"));
                 if let Some(addr) = line.strip_prefix("tessera listening on ") {
                     let _ = tx.send(addr.to_string());
                 }
@@ -142,8 +168,19 @@ impl Server {
             child,
             base,
             log,
+            stdout: banner,
+            work_dir,
             _work: work,
+            _cage: cage,
         }
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -180,6 +217,94 @@ impl Drop for Server {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A memory limit for a test server, so that a regression in a memory bound fails the test
+/// (the kernel kills the caged server) instead of exhausting the machine. A memory cgroup
+/// (v1 or v2, when this process may create one: CI runs as root), else RLIMIT_DATA (which
+/// turns an over-allocation into a failed allocation rather than a kill).
+pub struct MemoryCage {
+    dir: Option<PathBuf>,
+    bytes: u64,
+}
+
+impl MemoryCage {
+    pub fn new(bytes: u64) -> MemoryCage {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "tessera-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let v2 = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .map(Path::new)
+            .find(|p| {
+                std::fs::read_to_string(p.join("cgroup.subtree_control"))
+                    .is_ok_and(|c| c.split_whitespace().any(|w| w == "memory"))
+            });
+        let made = if v1.join("memory.limit_in_bytes").exists() {
+            let d = v1.join(&name);
+            (std::fs::create_dir(&d).is_ok()
+                && std::fs::write(d.join("memory.limit_in_bytes"), bytes.to_string()).is_ok())
+            .then_some(d)
+        } else if let Some(root) = v2 {
+            let d = root.join(&name);
+            (std::fs::create_dir(&d).is_ok()
+                && std::fs::write(d.join("memory.max"), bytes.to_string()).is_ok()
+                && std::fs::write(d.join("memory.swap.max"), "0").map_or(true, |_| true))
+            .then_some(d)
+        } else {
+            None
+        };
+        if made.is_none() {
+            eprintln!("no memory cgroup available: caging the server with RLIMIT_DATA instead");
+        }
+        MemoryCage { dir: made, bytes }
+    }
+
+    /// Makes `cmd`'s process enter the cage before it runs the server.
+    pub fn confine(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let bytes = self.bytes;
+        let procs = self.dir.as_ref().map(|d| {
+            std::ffi::CString::new(d.join("cgroup.procs").to_string_lossy().into_owned()).unwrap()
+        });
+        // SAFETY: only async-signal-safe calls (open, write, close, setrlimit) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(p) = &procs {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                } else {
+                    let r = libc::rlimit {
+                        rlim_cur: bytes,
+                        rlim_max: bytes,
+                    };
+                    libc::setrlimit(libc::RLIMIT_DATA, &r);
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Drop for MemoryCage {
+    fn drop(&mut self) {
+        if let Some(d) = &self.dir {
+            // Empty once the server (and its children) have exited.
+            for _ in 0..100 {
+                if std::fs::remove_dir(d).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 }
 

@@ -4,10 +4,10 @@
 //! Everything here blocks (libtorch calls can take seconds): callers run it on blocking
 //! threads. This layer knows nothing of HTTP, handlers or caching.
 use std::path::Path;
-use std::sync::Mutex;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 mod pipeline;
+pub mod verify;
 mod workers;
 pub use pipeline::{CachedOutputs, Pipeline, PipelineInput, Stage, StageCache};
 pub use workers::ForwardWorkers;
@@ -19,7 +19,64 @@ mod cuda {
         pub fn tessera_cuda_empty_cache() -> i32;
         pub fn tessera_cuda_mem_info(device: i32, free: *mut u64, total: *mut u64) -> i32;
         pub fn tessera_math_flags() -> i32;
+        pub fn tessera_torchscript_ops(
+            path: *const std::ffi::c_char,
+            ok: *mut i32,
+        ) -> *mut std::ffi::c_char;
+        pub fn tessera_free(p: *mut std::ffi::c_char);
+        pub fn tessera_module_tensor_bytes(module: *mut std::ffi::c_void) -> i64;
+        pub fn tessera_cap_cpu_memory(bytes: i64) -> i32;
+        pub fn tessera_cpu_tensor_bytes() -> i64;
+        pub fn tessera_jit_set_thread_optimize(optimize: i32) -> i32;
     }
+}
+
+/// Loads a TorchScript file on the CPU and lists every operator its functions and methods use
+/// (`ns::name` or `ns::name.overload`). Runs the file's `__setstate__`: only for the sandboxed
+/// check process ([`verify`]).
+pub fn torchscript_ops(path: &Path) -> Result<Vec<String>, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    let mut ok = 0i32;
+    // SAFETY: a NUL-terminated path and an out-pointer; the shim catches every C++ exception
+    // and returns a malloc'd string we free with tessera_free.
+    let text = unsafe {
+        let p = cuda::tessera_torchscript_ops(c_path.as_ptr(), &mut ok);
+        if p.is_null() {
+            return Err("out of memory listing operators".into());
+        }
+        let text = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        cuda::tessera_free(p);
+        text
+    };
+    if ok == 1 {
+        Ok(text.lines().map(str::to_string).collect())
+    } else {
+        Err(text)
+    }
+}
+
+/// Caps the bytes of CPU tensor memory live at once in this process: an allocation past it
+/// fails with libtorch's out-of-memory error instead of driving the machine out of memory.
+pub fn cap_cpu_tensor_memory(bytes: u64) -> bool {
+    // SAFETY: installs a wrapper allocator in c10's registry; no pointers cross.
+    unsafe { cuda::tessera_cap_cpu_memory(bytes.min(i64::MAX as u64) as i64) == 0 }
+}
+
+/// Bytes of CPU tensor memory live under the cap, if one is installed.
+pub fn cpu_tensor_bytes() -> Option<u64> {
+    // SAFETY: reads an atomic counter.
+    let n = unsafe { cuda::tessera_cpu_tensor_bytes() };
+    (n >= 0).then_some(n as u64)
+}
+
+/// The `torch::jit::Module*` inside a tch `CModule`, which keeps it in its only field.
+fn module_ptr(m: &CModule) -> *mut std::ffi::c_void {
+    const _: () =
+        assert!(std::mem::size_of::<CModule>() == std::mem::size_of::<*mut std::ffi::c_void>());
+    // SAFETY: `CModule` is a struct holding exactly one raw pointer (checked above), so its
+    // bytes are that pointer.
+    unsafe { *(m as *const CModule as *const *mut std::ffi::c_void) }
 }
 
 /// (free, total) bytes of GPU memory as the driver sees them.
@@ -68,6 +125,8 @@ pub enum RuntimeError {
     Output(String),
     #[error("invalid input tensor: {0}")]
     Input(String),
+    #[error("TorchScript refused: {0}")]
+    Refused(String),
 }
 
 fn is_oom(message: &str) -> bool {
@@ -203,16 +262,30 @@ impl HostTensor {
     }
 }
 
+/// How TorchScript's graph executor runs a model's forwards (set per forward thread).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Executor {
+    /// libtorch's default: the profiling executor records shapes on the first calls, then
+    /// specialises and fuses (compiling kernels) per shape signature it meets.
+    Profiling,
+    /// The graph as exported, without profiling, specialisation or fusion: no per-shape
+    /// compilation on a request, at the cost of the fusions.
+    Simple,
+}
+
 /// Process-wide libtorch settings, applied once at start-up, and a line describing the backend
 /// for the log (CUDA, cuDNN and TorchScript fuser state: a slow forward usually shows here).
-pub fn configure(cudnn_benchmark: bool) -> String {
+pub fn configure(cudnn_benchmark: bool, executor: Executor) -> String {
     if tch::Cuda::is_available() {
         tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
     }
     // SAFETY: the shim only reads process-wide settings and catches C++ exceptions.
     let flags = unsafe { cuda::tessera_math_flags() };
     format!(
-        "cuda={} devices={} cudnn={} cudnn_benchmark={} jit_profiling={} texpr_fuser={} threads={} \
+        "cuda={} devices={} cudnn={} cudnn_benchmark={} default_executor={executor:?} jit_profiling={} texpr_fuser={} threads={} \
          math_flags={flags:#x} (1 tf32 cudnn, 2 benchmark, 4 deterministic, 8 cudnn on, 16 tf32 cublas)",
         tch::Cuda::is_available(),
         tch::Cuda::device_count(),
@@ -222,6 +295,16 @@ pub fn configure(cudnn_benchmark: bool) -> String {
         tch::jit::get_tensor_expr_fuser_enabled(),
         tch::get_num_threads(),
     )
+}
+
+/// Makes this thread's TorchScript calls run under `executor` (libtorch keeps the choice per
+/// thread: forward workers set it when they start).
+pub fn set_thread_executor(executor: Executor) {
+    let optimize = (executor == Executor::Profiling) as i32;
+    // SAFETY: sets a thread-local flag; the shim catches C++ exceptions.
+    if unsafe { cuda::tessera_jit_set_thread_optimize(optimize) } != 0 {
+        tracing::warn!("could not set the TorchScript executor for this thread");
+    }
 }
 
 /// Parses `auto`, `cpu`, `cuda`, `cuda:N`.
@@ -250,10 +333,6 @@ pub fn device_name(d: Device) -> String {
     }
 }
 
-/// Loads are serialised per process so that the allocator delta measured around one load is
-/// that load's alone.
-static LOAD_LOCK: Mutex<()> = Mutex::new(());
-
 /// A TorchScript module resident on a device.
 pub struct TorchModel {
     /// Always `Some` until drop, which frees it before emptying the CUDA cache.
@@ -269,16 +348,11 @@ pub struct TorchModel {
 unsafe impl Sync for TorchModel {}
 
 impl TorchModel {
-    /// Loads `path` onto `device` and measures what it holds there: on CUDA, the caching
-    /// allocator's growth across the load; on CPU, the bytes of its parameters and serialized
-    /// tensors (the file's tensor records are exactly the storages it keeps).
+    /// Loads `path` onto `device` and measures what it holds there: the bytes of the distinct
+    /// tensor storages of its parameters, buffers, attributes and graph constants. Loads run in
+    /// parallel (no lock): each weighs only its own module. Only files that passed
+    /// [`verify::check_files`] may be loaded: loading runs the file's `__setstate__`.
     pub fn load(path: &Path, device: Device) -> Result<TorchModel, RuntimeError> {
-        let _serial = LOAD_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let cuda_index = match device {
-            Device::Cuda(n) => Some(n),
-            _ => None,
-        };
-        let before = cuda_index.and_then(cuda_memory).map(|(a, _)| a);
         let mut module = CModule::load_on_device(path, device).map_err(|e| {
             let m = e.to_string();
             if is_oom(&m) {
@@ -287,25 +361,16 @@ impl TorchModel {
                     message: m,
                 }
             } else {
-                RuntimeError::Load(m)
+                RuntimeError::Load(first_line(&m))
             }
         })?;
         module.set_eval();
-        let param_bytes: u64 = module
-            .named_parameters()
-            .map(|ps| {
-                ps.iter()
-                    .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-                    .sum()
-            })
-            .unwrap_or(0);
-        let after = cuda_index.and_then(cuda_memory).map(|(a, _)| a);
-        let held_bytes = match (before, after) {
-            (Some(b), Some(a)) => a.saturating_sub(b).max(param_bytes),
-            _ => {
-                let file = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-                param_bytes.max(file)
-            }
+        // SAFETY: a live module pointer; the shim only reads it and catches C++ exceptions.
+        let held = unsafe { cuda::tessera_module_tensor_bytes(module_ptr(&module)) };
+        let held_bytes = if held >= 0 {
+            held as u64
+        } else {
+            std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
         };
         Ok(TorchModel {
             module: Some(module),

@@ -1,4 +1,5 @@
-//! Dedicated forward threads for one model.
+//! Dedicated forward threads for one model, and the watchdog that quarantines a model whose
+//! forward never ends.
 //!
 //! libtorch keeps per-thread state on the GPU path (cuDNN and cuBLAS handles, cuDNN's
 //! execution-plan cache), so a model's forwards always run on the same `maxWorkers` threads,
@@ -6,9 +7,16 @@
 //! channel; each thread takes the next job, runs it and answers on a oneshot. Dropping the
 //! [`ForwardWorkers`] closes the channel: the threads finish their current job, exit, and the
 //! last one frees the model.
-use super::{HostTensor, Pipeline, PipelineInput, RuntimeError};
+//!
+//! A TorchScript forward cannot be interrupted. When one is still running `grace` after its
+//! request's deadline (which already answered 504), the watchdog quarantines the model: the
+//! `on_quarantine` callback tells residency to answer 503 for it from then on, and the stuck
+//! thread is moved to the idle scheduling class (SCHED_IDLE, nice 19), so it runs only on CPU
+//! time nothing else wants until the process restarts.
+use super::{Executor, HostTensor, Pipeline, PipelineInput, RuntimeError};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -21,61 +29,217 @@ type Reply = (
 struct Job {
     input: Arc<PipelineInput>,
     queued: Instant,
+    deadline: Instant,
     reply: oneshot::Sender<Reply>,
+}
+
+/// What one worker thread is doing, for the watchdog.
+#[derive(Clone, Copy)]
+struct Busy {
+    deadline: Instant,
+    tid: libc::pid_t,
+}
+
+/// State shared by a model's workers and the watchdog.
+struct Shared {
+    name: String,
+    busy: Mutex<Vec<Option<Busy>>>,
+    grace: Duration,
+    quarantined: AtomicBool,
+    on_quarantine: Box<dyn Fn() + Send + Sync>,
 }
 
 /// A model's forward threads.
 pub struct ForwardWorkers {
     tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
 }
 
 impl ForwardWorkers {
-    /// Starts `threads` workers sharing `model`.
+    /// Starts `threads` workers sharing `model`, running its TorchScript under `executor`. A
+    /// forward still running `grace` past its deadline quarantines the model and calls
+    /// `on_quarantine` once.
     pub fn spawn(
         model: Arc<Pipeline>,
         threads: usize,
         name: &str,
+        executor: Executor,
+        grace: Duration,
+        on_quarantine: Box<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<ForwardWorkers> {
+        static MODELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = MODELS.fetch_add(1, Ordering::Relaxed);
+        let threads = threads.max(1);
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        for i in 0..threads.max(1) {
-            let (rx, model) = (rx.clone(), model.clone());
-            let thread_name: String = format!("fwd-{name}")
-                .chars()
-                .take(12)
-                .chain(format!("-{i}").chars())
-                .collect();
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            busy: Mutex::new(vec![None; threads]),
+            grace,
+            quarantined: AtomicBool::new(false),
+            on_quarantine,
+        });
+        for i in 0..threads {
+            let (rx, model, shared) = (rx.clone(), model.clone(), shared.clone());
+            // Unique per model (the watchdog finds a stuck forward's OpenMP workers by it;
+            // they inherit it), readable in top: `f<model#>.<worker#>-<name>`, 15 bytes max.
+            let thread_name: String = format!("f{seq}.{i}-{name}").chars().take(15).collect();
             std::thread::Builder::new()
                 .name(thread_name)
-                .spawn(move || loop {
-                    // Only the waiting thread holds the lock; it is released before the forward.
-                    let job = match rx.lock() {
-                        Ok(guard) => guard.recv(),
-                        Err(_) => break,
-                    };
-                    let Ok(job) = job else { break };
-                    let queue = job.queued.elapsed();
-                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        model.forward(&job.input)
-                    }))
-                    .unwrap_or_else(|_| Err(RuntimeError::Forward("forward panicked".into())));
-                    let _ = job.reply.send((out, queue));
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    super::set_thread_executor(executor);
+                    loop {
+                        // Only the waiting thread holds the lock; it is released before the forward.
+                        let job = match rx.lock() {
+                            Ok(guard) => guard.recv(),
+                            Err(_) => break,
+                        };
+                        let Ok(job) = job else { break };
+                        let queue = job.queued.elapsed();
+                        shared.set_busy(
+                            i,
+                            Some(Busy {
+                                deadline: job.deadline,
+                                tid,
+                            }),
+                        );
+                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            model.forward(&job.input)
+                        }))
+                        .unwrap_or_else(|_| Err(RuntimeError::Forward("forward panicked".into())));
+                        shared.set_busy(i, None);
+                        let _ = job.reply.send((out, queue));
+                    }
                 })?;
         }
-        Ok(ForwardWorkers { tx })
+        watch(&shared);
+        Ok(ForwardWorkers { tx, shared })
+    }
+
+    /// Whether a forward of this model overran its deadline by the grace period.
+    pub fn quarantined(&self) -> bool {
+        self.shared.quarantined.load(Ordering::SeqCst)
     }
 
     /// Runs one forward on the next free worker; returns its result and the time it queued.
-    pub async fn forward(&self, input: Arc<PipelineInput>) -> Result<Reply, RuntimeError> {
+    /// `deadline` is the request's: the watchdog measures overruns from it.
+    pub async fn forward(
+        &self,
+        input: Arc<PipelineInput>,
+        deadline: Instant,
+    ) -> Result<Reply, RuntimeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job {
                 input,
                 queued: Instant::now(),
+                deadline,
                 reply,
             })
             .map_err(|_| RuntimeError::Forward("the model's workers have stopped".into()))?;
         rx.await
             .map_err(|_| RuntimeError::Forward("a forward worker stopped".into()))
+    }
+}
+
+impl Shared {
+    fn set_busy(&self, i: usize, state: Option<Busy>) {
+        if let Ok(mut busy) = self.busy.lock() {
+            busy[i] = state;
+        }
+    }
+
+    /// Quarantines the model if a forward overran; demotes each overrunning thread once.
+    fn check(&self, now: Instant) {
+        let overdue: Vec<(usize, Busy)> = match self.busy.lock() {
+            Ok(busy) => busy
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.filter(|b| now > b.deadline + self.grace).map(|b| (i, b)))
+                .collect(),
+            Err(_) => return,
+        };
+        for (i, b) in overdue {
+            demote(b.tid);
+            // Forget the slot so the thread is demoted once; it stays busy in its forward.
+            self.set_busy(i, None);
+            tracing::error!(
+                model = self.name,
+                thread = b.tid,
+                overrun_s = (now - b.deadline).as_secs(),
+                "a forward ran past its deadline by more than responseTimeout: model quarantined \
+                 (503 until unloaded or replaced), its thread moved to idle priority"
+            );
+            if !self.quarantined.swap(true, Ordering::SeqCst) {
+                (self.on_quarantine)();
+            }
+        }
+    }
+}
+
+/// Moves thread `tid`, and the OpenMP workers it started (they inherit its name), to the idle
+/// scheduling class at the lowest priority.
+fn demote(tid: libc::pid_t) {
+    let comm =
+        |t: &str| std::fs::read_to_string(format!("/proc/self/task/{t}/comm")).unwrap_or_default();
+    let name = comm(&tid.to_string());
+    let mut tids = vec![tid];
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let t = t.file_name().to_string_lossy().into_owned();
+            if let Ok(other) = t.parse::<libc::pid_t>() {
+                if other != tid && !name.is_empty() && comm(&t) == name {
+                    tids.push(other);
+                }
+            }
+        }
+    }
+    for t in tids {
+        // SAFETY: plain syscalls on one of this process's threads, with a zeroed param struct.
+        unsafe {
+            let param = libc::sched_param { sched_priority: 0 };
+            if libc::sched_setscheduler(t, libc::SCHED_IDLE, &param) != 0 {
+                tracing::warn!(
+                    thread = t,
+                    "could not move a stuck forward to SCHED_IDLE: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            libc::setpriority(libc::PRIO_PROCESS, t as libc::id_t, 19);
+        }
+    }
+}
+
+/// Registers a model's workers with the process-wide watchdog thread (started on first use).
+fn watch(shared: &Arc<Shared>) {
+    static WATCHED: OnceLock<Mutex<Vec<Weak<Shared>>>> = OnceLock::new();
+    let mut started = false;
+    let list = WATCHED.get_or_init(|| {
+        started = true;
+        Mutex::new(Vec::new())
+    });
+    if let Ok(mut l) = list.lock() {
+        l.retain(|w| w.strong_count() > 0);
+        l.push(Arc::downgrade(shared));
+    }
+    if started {
+        let spawned = std::thread::Builder::new()
+            .name("fwd-watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(250));
+                let alive: Vec<Arc<Shared>> = match list.lock() {
+                    Ok(l) => l.iter().filter_map(Weak::upgrade).collect(),
+                    Err(_) => return,
+                };
+                let now = Instant::now();
+                for s in alive {
+                    s.check(now);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("could not start the forward watchdog: {e}");
+        }
     }
 }

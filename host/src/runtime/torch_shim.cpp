@@ -1,0 +1,215 @@
+// TorchScript pieces tch does not bind: listing every operator a model file can run, weighing
+// the tensors a loaded module holds, and a cap on CPU tensor memory. Every function catches
+// C++ exceptions and reports failure instead of unwinding into Rust.
+#include <torch/script.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <set>
+#include <string>
+#include <unordered_set>
+
+namespace {
+
+char* dup(const std::string& s) {
+  char* out = static_cast<char*>(std::malloc(s.size() + 1));
+  if (out != nullptr) std::memcpy(out, s.c_str(), s.size() + 1);
+  return out;
+}
+
+void collect_block(const torch::jit::Block* block, std::set<std::string>& ops) {
+  for (const torch::jit::Node* node : block->nodes()) {
+    std::string name = node->kind().toQualString();
+    if (const c10::FunctionSchema* schema = node->maybeSchema()) {
+      if (!schema->overload_name().empty()) name += "." + schema->overload_name();
+    }
+    ops.insert(name);
+    for (const torch::jit::Block* sub : node->blocks()) collect_block(sub, ops);
+  }
+}
+
+void collect_function(torch::jit::Function* fn, std::set<std::string>& ops) {
+  if (auto* gf = dynamic_cast<torch::jit::GraphFunction*>(fn)) {
+    collect_block(gf->graph()->block(), ops);
+  } else {
+    // Not a graph we can read: name it so the policy refuses it.
+    ops.insert("<opaque function " + fn->qualname().qualifiedName() + ">");
+  }
+}
+
+}  // namespace
+
+// Loads `path` on the CPU (running the file's `__setstate__` methods: callers do this only in
+// a sandboxed child process) and returns a newline-separated, sorted list of every operator
+// in every function and method of its compilation unit and of every submodule. On failure
+// returns the error text with *ok = 0. The caller frees the result with tessera_free.
+extern "C" char* tessera_torchscript_ops(const char* path, int* ok) {
+  *ok = 0;
+  try {
+    torch::jit::Module module = torch::jit::load(path, c10::Device(c10::DeviceType::CPU));
+    std::set<std::string> ops;
+    auto cu = module._ivalue()->compilation_unit();
+    for (torch::jit::Function* fn : cu->get_functions()) collect_function(fn, ops);
+    for (const torch::jit::Module& m : module.modules()) {
+      for (const torch::jit::Method& method : m.get_methods()) {
+        collect_function(&method.function(), ops);
+      }
+    }
+    std::string out;
+    for (const auto& op : ops) {
+      out += op;
+      out += '\n';
+    }
+    *ok = 1;
+    return dup(out);
+  } catch (const std::exception& e) {
+    return dup(e.what());
+  } catch (...) {
+    return dup("unknown C++ exception");
+  }
+}
+
+extern "C" void tessera_free(char* p) { std::free(p); }
+
+// Bytes of the distinct storages a module holds: parameters, buffers, tensor attributes of
+// every submodule and tensor constants of its methods' graphs. Answers -1 on failure.
+extern "C" int64_t tessera_module_tensor_bytes(void* module_ptr) {
+  try {
+    auto* module = static_cast<torch::jit::Module*>(module_ptr);
+    std::unordered_set<const void*> seen;
+    int64_t total = 0;
+    auto add = [&](const at::Tensor& t) {
+      if (!t.defined() || !t.has_storage()) return;
+      const auto& storage = t.storage();
+      const void* key = storage.unsafeGetStorageImpl();
+      if (seen.insert(key).second) total += static_cast<int64_t>(storage.nbytes());
+    };
+    std::function<void(const c10::IValue&)> visit = [&](const c10::IValue& v) {
+      if (v.isTensor()) {
+        add(v.toTensor());
+      } else if (v.isTensorList()) {
+        for (const at::Tensor& t : v.toTensorVector()) add(t);
+      } else if (v.isList()) {
+        for (const c10::IValue& item : v.toListRef()) visit(item);
+      } else if (v.isTuple()) {
+        for (const c10::IValue& item : v.toTupleRef().elements()) visit(item);
+      } else if (v.isGenericDict()) {
+        for (const auto& kv : v.toGenericDict()) visit(kv.value());
+      }
+    };
+    for (const torch::jit::Module& m : module->modules()) {
+      for (const auto& attr : m.named_attributes(/*recurse=*/false)) visit(attr.value);
+      for (const torch::jit::Method& method : m.get_methods()) {
+        auto* gf = dynamic_cast<torch::jit::GraphFunction*>(&method.function());
+        if (gf == nullptr) continue;
+        for (const torch::jit::Node* node : gf->graph()->nodes()) {
+          if (node->kind() == c10::prim::Constant && node->output()->type()->kind() == c10::TypeKind::TensorType) {
+            auto value = torch::jit::toIValue(node->output());
+            if (value) visit(*value);
+          }
+        }
+      }
+    }
+    return total;
+  } catch (...) {
+    return -1;
+  }
+}
+
+namespace {
+
+// Wraps the CPU allocator and refuses allocations past a cap on the bytes live at once, with
+// the out-of-memory error libtorch raises for any failed allocation. A forward that allocates
+// without bound then fails on its own instead of taking the process down. Each block carries a
+// small header (its size) in front of the data, so the data pointer is also the context and the
+// allocator supports raw allocations (oneDNN's scratch memory uses them).
+struct CappedCpuAllocator final : c10::Allocator {
+  static constexpr size_t kHeader = 64;  // keeps c10's 64-byte alignment of the data
+  c10::Allocator* base;
+  c10::DeleterFnPtr base_free;
+  std::atomic<int64_t> live{0};
+  std::atomic<int64_t> cap;
+
+  CappedCpuAllocator(c10::Allocator* b, int64_t c) : base(b), base_free(b->raw_deleter()), cap(c) {}
+
+  static void release(void* data);
+
+  c10::DataPtr allocate(size_t n) override {
+    const int64_t bytes = static_cast<int64_t>(n);
+    const int64_t now = live.fetch_add(bytes) + bytes;
+    if (now > cap.load()) {
+      live.fetch_sub(bytes);
+      TORCH_CHECK_WITH(OutOfMemoryError, false,
+                       "CPU tensor memory cap reached: can't allocate memory: you tried to allocate ", n,
+                       " bytes with ", now - bytes, " of ", cap.load(), " bytes in use");
+    }
+    void* block = nullptr;
+    try {
+      c10::DataPtr inner = base->allocate(n + kHeader);
+      block = inner.release_context();
+    } catch (...) {
+      live.fetch_sub(bytes);
+      throw;
+    }
+    *static_cast<int64_t*>(block) = bytes;
+    void* data = static_cast<char*>(block) + kHeader;
+    return c10::DataPtr(data, data, &CappedCpuAllocator::release, c10::Device(c10::DeviceType::CPU));
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &CappedCpuAllocator::release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+CappedCpuAllocator* g_capped = nullptr;
+
+void CappedCpuAllocator::release(void* data) {
+  if (data == nullptr) return;
+  void* block = static_cast<char*>(data) - kHeader;
+  g_capped->live.fetch_sub(*static_cast<int64_t*>(block));
+  g_capped->base_free(block);
+}
+
+}  // namespace
+
+// Installs the cap (once per process; later calls change the cap). Returns 0 on success.
+extern "C" int tessera_cap_cpu_memory(int64_t bytes) {
+  try {
+    if (g_capped == nullptr) {
+      c10::Allocator* base = c10::GetCPUAllocator();
+      // The wrapper frees blocks through the base's raw deleter; without one it cannot wrap.
+      if (base->raw_deleter() == nullptr) return -1;
+      g_capped = new CappedCpuAllocator(base, bytes);
+      c10::SetCPUAllocator(g_capped, /*priority=*/100);
+    } else {
+      g_capped->cap = bytes;
+    }
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Bytes of CPU tensor memory live through the capped allocator, or -1 without a cap.
+extern "C" int64_t tessera_cpu_tensor_bytes() {
+  return g_capped == nullptr ? -1 : g_capped->live.load();
+}
+
+// TorchScript executor settings. Whether the graph executor optimises at all (profiling, shape
+// specialisation, fusion) is per thread in libtorch; the profiling executor and its number of
+// profiled runs are process-wide.
+#include <torch/csrc/jit/python/update_graph_executor_opt.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
+extern "C" int tessera_jit_set_thread_optimize(int optimize) {
+  try {
+    torch::jit::setGraphExecutorOptimize(optimize != 0);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
