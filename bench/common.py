@@ -78,3 +78,13 @@ def start_server(binary, store, work, log_path, *extra):
         if not line and srv.poll() is not None:
             break
     raise RuntimeError(f"server did not start; see {log_path}")
+
+
+def make_store(work, config):
+    """A model store folder under `work` and a model-config.yaml with `config`; returns both."""
+    store = os.path.join(work, "store")
+    os.makedirs(store, exist_ok=True)
+    cfg = os.path.join(work, "model-config.yaml")
+    with open(cfg, "w") as f:
+        f.write(config)
+    return store, cfg

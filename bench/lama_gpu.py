@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "models/lama"))
-from common import b64png, request, smi_used_mib, start_server, summary, write_results  # noqa: E402
+from common import b64png, make_store, request, smi_used_mib, start_server, summary, write_results  # noqa: E402
 import lama  # noqa: E402
 import export  # noqa: E402
 
@@ -74,12 +74,8 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp()
-    store = os.path.join(work, "store")
-    os.makedirs(store)
-    cfg = os.path.join(work, "model-config.yaml")
-    with open(cfg, "w") as f:
-        f.write("maxWorkers: 1\nresponseTimeout: 300\ndeviceType: gpu\ntessera:\n  model: model.pt\n"
-                "  handlerMemoryMiB: 2048\nhandler:\n  max_pixels: 4194304\n")
+    store, cfg = make_store(work, "maxWorkers: 1\nresponseTimeout: 300\ndeviceType: gpu\ntessera:\n  model: model.pt\n"
+                                  "  handlerMemoryMiB: 2048\nhandler:\n  max_pixels: 4194304\n")
     results = {"gpu": torch.cuda.get_device_name(0), "runs": [], "server_args": args.server_arg,
                "python_math": {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                                "cudnn_benchmark": torch.backends.cudnn.benchmark,

@@ -68,12 +68,13 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--steps", type=int, nargs="+", default=[25, 50])
+    ap.add_argument("--server-arg", action="append", default=[], help="extra `tessera serve` argument")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp()
     store = os.path.join(work, "store")
     os.makedirs(store)
-    results = {"gpu": torch.cuda.get_device_name(0), "runs": [], "n": args.n}
+    results = {"gpu": torch.cuda.get_device_name(0), "runs": [], "n": args.n, "server_args": args.server_arg}
 
     t = time.perf_counter()
     parts = export.random_parts(False, 0, "PNDMScheduler", "cuda")
@@ -127,7 +128,8 @@ def main():
     torch.cuda.empty_cache()
 
     smi0 = smi_used_mib()
-    srv, base, log = start_server(args.bin, store, work, os.path.join(args.out, "server.log"), "--device", "cuda")
+    srv, base, log = start_server(args.bin, store, work, os.path.join(args.out, "server.log"), "--device", "cuda",
+                                  *args.server_arg)
     hdr = {"content-type": "application/json"}
     for steps in args.steps:
         body = json.dumps({"image": b64png(img), "mask_image": b64png(mask), "prompt": PROMPT,
@@ -172,7 +174,7 @@ def main():
     srv.wait(timeout=30)
 
     lines = [f"GPU: {results['gpu']}; SD2-inpainting networks, random weights, fp16; 512x512 PNG photo + box mask; "
-             f"PNDM; guidance 7.5; n = {args.n}", "",
+             f"PNDM; guidance 7.5; n = {args.n}; server args {args.server_arg or '(none)'}", "",
              "| steps | diffusers pipeline median / p99 ms | Tessera HTTP median / p99 ms | server forward ms | "
              "handler pre / post ms | ratio Tessera / diffusers | same request, distinct images | "
              "masked pixels vs diffusers max / mean diff |", "|---|---|---|---|---|---|---|---|"]

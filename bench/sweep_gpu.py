@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""LaMa photo-size sweep on the GPU (issue 12, real traffic): the full-size big-lama generator
+(random weights, fp32), photos of different sizes one after another — new sizes, repeats and odd
+sizes — as users send them. Every request is reported, first-seen sizes marked.
+
+In one run:
+  - Tessera over HTTP (seed JSON + PNG), once per TorchScript executor mode
+    (`--torchscript-executor profiling`, libtorch's default, and `simple`): total and forward ms;
+  - the same TorchScript file from Python, default executor and graph-executor optimisation off;
+  - eager PyTorch on the same weights: the first call at each size.
+The archive is packed with the sandboxed TorchScript check on (no --skip-model-check), so the run
+also shows the check and the load path working on CUDA.
+
+    python bench/sweep_gpu.py --bin ./tessera --handler lama.wasm --out $OUT
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "models/lama"))
+from common import b64png, make_store, request, start_server, write_results  # noqa: E402
+import lama  # noqa: E402
+import export  # noqa: E402
+
+# (width, height) in request order.
+SIZES = [(1000, 750), (1001, 751), (800, 600), (1000, 750), (640, 480), (1024, 683), (512, 512),
+         (1001, 751), (1280, 960), (640, 480), (768, 1024), (1000, 750)]
+
+
+def scene(w, h, seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    x, y = x / w, y / h
+    img = np.stack([x * 200 + 30, y * 180 + 40, (x + y) * 100 + 20], -1) + rng.normal(0, 6, (h, w, 3))
+    mask = (((x - 0.55) ** 2 + (y - 0.45) ** 2) < 0.2 ** 2).astype(np.uint8) * 255
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--handler", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp()
+    store, cfg = make_store(work, "maxWorkers: 1\nresponseTimeout: 300\ndeviceType: gpu\ntessera:\n  model: model.pt\n"
+                                  "  handlerMemoryMiB: 2048\nhandler:\n  max_pixels: 4194304\n")
+    pt = os.path.join(work, "model.pt")
+    subprocess.check_call([sys.executable, os.path.join(ROOT, "models/lama/export.py"), "--random", "--out", pt,
+                           "--device", "cuda"])
+    t = time.perf_counter()
+    subprocess.check_call([args.bin, "pack", "--config", cfg, "--model", pt, "--handler", args.handler,
+                           "--output", os.path.join(store, "lama.tar.gz")])
+    results = {"gpu": torch.cuda.get_device_name(0), "pack_with_check_s": time.perf_counter() - t,
+               "sizes": SIZES, "server": {}, "python": {}}
+    bodies = {s: json.dumps({"image": b64png(scene(*s)[0]), "mask_image": b64png(scene(*s)[1])}).encode()
+              for s in set(SIZES)}
+    hdr = {"content-type": "application/json"}
+    for mode in ["profiling", "simple"]:
+        srv, base, log = start_server(args.bin, store, os.path.join(work, mode), os.path.join(args.out, f"server-{mode}.log"),
+                                      "--device", "cuda", "--torchscript-executor", mode)
+        rows, seen = [], set()
+        for s in SIZES:
+            status, data, h, sec = request("POST", f"{base}/predictions/lama", bodies[s], hdr)
+            assert status == 200, data[:300]
+            rows.append({"size": s, "first_seen": s not in seen, "total_ms": sec * 1e3,
+                         "forward_ms": float(h["x-inference-time"]), "load_ms": float(h.get("x-model-load-time", 0))})
+            seen.add(s)
+        models = json.loads(request("GET", f"{base}/models")[1])["models"]
+        results["server"][mode] = {"rows": rows, "resident_bytes": models[0].get("residentBytes")}
+        srv.terminate()
+        srv.wait(timeout=30)
+        log.close()
+
+    # Python on the same file and weights (after the servers are gone).
+    g = lama.FFCResNetGenerator()
+    export.randomize(g, 0)
+    eager = lama.LamaInpaint(g.eval().cuda(), torch.float32)
+    for tag, optimize in [("torchscript_default", True), ("torchscript_optimize_off", False)]:
+        torch._C._set_graph_executor_optimize(optimize)
+        m = torch.jit.load(pt, map_location="cuda")
+        rows, seen = [], set()
+        with torch.no_grad():
+            for s in SIZES:
+                img, mask = (torch.from_numpy(a) for a in scene(*s))
+                rows.append({"size": s, "first_seen": s not in seen,
+                             "ms": timed(lambda: m(img.cuda(), mask.cuda()).cpu())})
+                seen.add(s)
+        results["python"][tag] = rows
+        torch._C._set_graph_executor_optimize(True)
+    rows, seen = [], set()
+    with torch.no_grad():
+        for s in SIZES:
+            img, mask = (torch.from_numpy(a) for a in scene(*s))
+            rows.append({"size": s, "first_seen": s not in seen, "ms": timed(lambda: eager(img.cuda(), mask.cuda()).cpu())})
+            seen.add(s)
+    results["python"]["eager"] = rows
+
+    lines = [f"GPU: {results['gpu']}; big-lama fp32, random weights; pack incl. sandboxed TorchScript check "
+             f"{results['pack_with_check_s']:.1f} s", "",
+             "| # | size | first seen | Tessera profiling total / forward ms | Tessera simple total / forward ms "
+             "| TorchScript from Python, default ms | TorchScript, optimize off ms | eager ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, s in enumerate(SIZES):
+        p, q = results["server"]["profiling"]["rows"][i], results["server"]["simple"]["rows"][i]
+        lines.append(f"| {i + 1} | {s[0]}x{s[1]} | {'yes' if p['first_seen'] else ''} "
+                     f"| {p['total_ms']:.0f} / {p['forward_ms']:.0f} | {q['total_ms']:.0f} / {q['forward_ms']:.0f} "
+                     f"| {results['python']['torchscript_default'][i]['ms']:.0f} "
+                     f"| {results['python']['torchscript_optimize_off'][i]['ms']:.0f} "
+                     f"| {results['python']['eager'][i]['ms']:.0f} |")
+    lines += ["", "Request 1 includes the model load on the server (x-model-load-time: "
+              f"profiling {results['server']['profiling']['rows'][0]['load_ms']:.0f} ms, "
+              f"simple {results['server']['simple']['rows'][0]['load_ms']:.0f} ms); residentBytes "
+              f"{results['server']['profiling']['resident_bytes']}."]
+    write_results(args.out, results, lines)
+
+
+if __name__ == "__main__":
+    main()
