@@ -125,10 +125,13 @@ pub fn check_files(files: &[PathBuf], limits: CheckLimits) -> Result<(), Runtime
     })?;
     let _slot = CheckSlot::take();
     let started = Instant::now();
-    let mut child = Command::new(&exe)
-        .arg(CHILD_COMMAND)
-        .args(files)
-        .env_clear()
+    let mut command = Command::new(&exe);
+    command.arg(CHILD_COMMAND).args(files).env_clear();
+    // Where the operator points the loader at libtorch (a binary without an rpath to it).
+    if let Some(path) = std::env::var_os("LD_LIBRARY_PATH") {
+        command.env("LD_LIBRARY_PATH", path);
+    }
+    let mut child = command
         .env("TESSERA_CHECK_MEMORY", limits.memory_bytes.to_string())
         .env(
             "TESSERA_CHECK_CPU_SECONDS",
