@@ -8,6 +8,7 @@ In one run:
     (`--torchscript-executor profiling`, libtorch's default, and `simple`): total and forward ms;
   - the same TorchScript file from Python, default executor and graph-executor optimisation off;
   - eager PyTorch on the same weights: the first call at each size.
+(Python calls get the image padded to a multiple of 8 on each side, as the LaMa handler pads it.)
 The archive is packed with the sandboxed TorchScript check on (no --skip-model-check), so the run
 also shows the check and the load path working on CUDA.
 
@@ -44,6 +45,11 @@ def scene(w, h, seed=0):
     img = np.stack([x * 200 + 30, y * 180 + 40, (x + y) * 100 + 20], -1) + rng.normal(0, 6, (h, w, 3))
     mask = (((x - 0.55) ** 2 + (y - 0.45) ** 2) < 0.2 ** 2).astype(np.uint8) * 255
     return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def padded(w, h):
+    """The size the LaMa handler feeds the model: each side padded up to a multiple of 8."""
+    return -(-w // 8) * 8, -(-h // 8) * 8
 
 
 def timed(fn):
@@ -90,6 +96,8 @@ def main():
         srv.terminate()
         srv.wait(timeout=30)
         log.close()
+        with open(os.path.join(args.out, "server-rows.json"), "w") as f:
+            json.dump(results["server"], f, indent=1)
 
     # Python on the same file and weights (after the servers are gone).
     g = lama.FFCResNetGenerator()
@@ -101,7 +109,7 @@ def main():
         rows, seen = [], set()
         with torch.no_grad():
             for s in SIZES:
-                img, mask = (torch.from_numpy(a) for a in scene(*s))
+                img, mask = (torch.from_numpy(a) for a in scene(*padded(*s)))
                 rows.append({"size": s, "first_seen": s not in seen,
                              "ms": timed(lambda: m(img.cuda(), mask.cuda()).cpu())})
                 seen.add(s)
@@ -110,7 +118,7 @@ def main():
     rows, seen = [], set()
     with torch.no_grad():
         for s in SIZES:
-            img, mask = (torch.from_numpy(a) for a in scene(*s))
+            img, mask = (torch.from_numpy(a) for a in scene(*padded(*s)))
             rows.append({"size": s, "first_seen": s not in seen, "ms": timed(lambda: eager(img.cuda(), mask.cuda()).cpu())})
             seen.add(s)
     results["python"]["eager"] = rows
