@@ -8,7 +8,7 @@ In one run:
     (`--torchscript-executor profiling`, libtorch's default, and `simple`): total and forward ms;
   - the same TorchScript file from Python, default executor and graph-executor optimisation off;
   - eager PyTorch on the same weights: the first call at each size.
-(Python calls get the image padded to a multiple of 8 on each side, as the LaMa handler pads it.)
+Each Python mode runs in a fresh process. (Python calls get the image padded to a multiple of 8 on each side, as the LaMa handler pads it.)
 The archive is packed with the sandboxed TorchScript check on (no --skip-model-check), so the run
 also shows the check and the load path working on CUDA.
 
@@ -60,12 +60,34 @@ def timed(fn):
     return (time.perf_counter() - t) * 1e3
 
 
+def python_mode(tag, pt):
+    """One Python mode over the sweep, in this (fresh) process; prints the rows as JSON."""
+    if tag == "eager":
+        g = lama.FFCResNetGenerator()
+        export.randomize(g, 0)
+        m = lama.LamaInpaint(g.eval().cuda(), torch.float32)
+    else:
+        torch._C._set_graph_executor_optimize(tag == "torchscript_default")
+        m = torch.jit.load(pt, map_location="cuda")
+    rows, seen = [], set()
+    with torch.no_grad():
+        for s in SIZES:
+            img, mask = (torch.from_numpy(a) for a in scene(*padded(*s)))
+            rows.append({"size": s, "first_seen": s not in seen, "ms": timed(lambda: m(img.cuda(), mask.cuda()).cpu())})
+            seen.add(s)
+    print(json.dumps(rows))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--handler", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--bin")
+    ap.add_argument("--handler")
+    ap.add_argument("--out")
+    ap.add_argument("--python-mode", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.python_mode:
+        return python_mode(args.python_mode, args.model)
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp()
     store, cfg = make_store(work, "maxWorkers: 1\nresponseTimeout: 300\ndeviceType: gpu\ntessera:\n  model: model.pt\n"
@@ -99,29 +121,11 @@ def main():
         with open(os.path.join(args.out, "server-rows.json"), "w") as f:
             json.dump(results["server"], f, indent=1)
 
-    # Python on the same file and weights (after the servers are gone).
-    g = lama.FFCResNetGenerator()
-    export.randomize(g, 0)
-    eager = lama.LamaInpaint(g.eval().cuda(), torch.float32)
-    for tag, optimize in [("torchscript_default", True), ("torchscript_optimize_off", False)]:
-        torch._C._set_graph_executor_optimize(optimize)
-        m = torch.jit.load(pt, map_location="cuda")
-        rows, seen = [], set()
-        with torch.no_grad():
-            for s in SIZES:
-                img, mask = (torch.from_numpy(a) for a in scene(*padded(*s)))
-                rows.append({"size": s, "first_seen": s not in seen,
-                             "ms": timed(lambda: m(img.cuda(), mask.cuda()).cpu())})
-                seen.add(s)
-        results["python"][tag] = rows
-        torch._C._set_graph_executor_optimize(True)
-    rows, seen = [], set()
-    with torch.no_grad():
-        for s in SIZES:
-            img, mask = (torch.from_numpy(a) for a in scene(*padded(*s)))
-            rows.append({"size": s, "first_seen": s not in seen, "ms": timed(lambda: eager(img.cuda(), mask.cuda()).cpu())})
-            seen.add(s)
-    results["python"]["eager"] = rows
+    # Python on the same file and weights, each mode in a fresh process (a process that has
+    # seen a size has its cuDNN/cuFFT plans and allocator blocks for it).
+    for tag in ["torchscript_default", "torchscript_optimize_off", "eager"]:
+        out = subprocess.check_output([sys.executable, __file__, "--python-mode", tag, "--model", pt])
+        results["python"][tag] = json.loads(out.decode().strip().splitlines()[-1])
 
     lines = [f"GPU: {results['gpu']}; big-lama fp32, random weights; pack incl. sandboxed TorchScript check "
              f"{results['pack_with_check_s']:.1f} s", "",
