@@ -212,10 +212,10 @@ pub fn check_files(files: &[PathBuf], limits: CheckLimits) -> Result<(), Runtime
             )));
         }
     }
-    tracing::debug!(
+    tracing::info!(
         files = files.len(),
         ms = started.elapsed().as_millis() as u64,
-        "TorchScript checked"
+        "TorchScript checked in a sandboxed process"
     );
     Ok(())
 }
