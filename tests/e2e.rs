@@ -644,26 +644,28 @@ fn warmup_requests_run_after_a_load_before_users() {
     assert!(server.log().contains("missing field 'image'"));
 }
 
-/// `tessera.executor: simple` (graphs as exported, no per-shape specialisation) and the server's
-/// `--torchscript-executor` give the same bytes as the default executor, at sizes seen and new.
+/// The executors give the same bytes, at sizes seen and new: the server's default (`simple`,
+/// graphs as exported), a model asking for `profiling` in its config, and a server whose
+/// default is `profiling`.
 #[test]
 fn executor_modes_give_the_same_output() {
     let store = tempfile::tempdir().unwrap();
     let model = artifact("example/model.pt");
     let handler = artifact("handlers/example.wasm");
-    pack(store.path(), "profiled", EXAMPLE_CONFIG, &model, &handler);
-    let simple = EXAMPLE_CONFIG.replace("tessera:\n", "tessera:\n  executor: simple\n");
-    pack(store.path(), "simple", &simple, &model, &handler);
+    pack(store.path(), "plain", EXAMPLE_CONFIG, &model, &handler);
+    let profiled = EXAMPLE_CONFIG.replace("tessera:\n", "tessera:\n  executor: profiling\n");
+    pack(store.path(), "profiled", &profiled, &model, &handler);
     let server = Server::start(store.path(), &[]);
-    let other = Server::start(store.path(), &["--torchscript-executor", "simple"]);
+    let other = Server::start(store.path(), &["--torchscript-executor", "profiling"]);
     for (w, h) in [(16, 16), (24, 10), (16, 16), (33, 7)] {
         let request = example_request(w, h, 5, json!({"strength": 0.7}));
-        let a = post_json(&server.url("/predictions/profiled"), &request);
-        let b = post_json(&server.url("/predictions/simple"), &request);
-        let c = post_json(&other.url("/predictions/profiled"), &request);
+        let a = post_json(&server.url("/predictions/plain"), &request);
+        let b = post_json(&server.url("/predictions/profiled"), &request);
+        let c = post_json(&other.url("/predictions/plain"), &request);
         assert_eq!(a.status, 200, "{}", a.text());
-        assert_eq!(a.body, b.body, "{w}x{h}: simple differs");
-        assert_eq!(a.body, c.body, "{w}x{h}: server default simple differs");
+        assert_eq!(a.body, b.body, "{w}x{h}: the profiling model differs");
+        assert_eq!(a.body, c.body, "{w}x{h}: the profiling server differs");
     }
-    assert!(other.log().contains("default_executor=Simple"));
+    assert!(server.log().contains("default_executor=Simple"));
+    assert!(other.log().contains("default_executor=Profiling"));
 }

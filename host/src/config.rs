@@ -42,15 +42,18 @@ pub struct Config {
     #[arg(long, env = "TESSERA_CUDNN_BENCHMARK", default_value_t = false)]
     pub cudnn_benchmark: bool,
 
-    /// TorchScript executor of models whose config names none (`tessera.executor`): `profiling`
-    /// (libtorch's default: specialises and fuses per input shape, compiling on the first calls
-    /// at each new shape) or `simple` (graphs run as exported: no per-shape compilation, no
-    /// fusion).
+    /// TorchScript executor of models whose config names none (`tessera.executor`): `simple`
+    /// (graphs run as exported: nothing is profiled or compiled on a request, whatever the input
+    /// size) or `profiling` (libtorch's default: specialises and fuses per input shape, which
+    /// costs hundreds of ms to seconds on the first calls at every new shape; worth it only for
+    /// fixed-shape models, which warm it up before serving). On an H100, LaMa at photo sizes not
+    /// seen before: 76-108 ms forward with `simple`, 174-1729 ms with `profiling`
+    /// (bench/results/sweep_gpu_h100.md).
     #[arg(
         long,
         env = "TESSERA_TORCHSCRIPT_EXECUTOR",
         value_enum,
-        default_value = "profiling"
+        default_value = "simple"
     )]
     pub torchscript_executor: crate::runtime::Executor,
 

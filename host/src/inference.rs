@@ -312,6 +312,7 @@ impl Tessera {
             pinned: pre.pinned,
         });
         let mut queued = Duration::ZERO;
+        let mut evictions = 0;
         let outputs = loop {
             let (result, waited) = model.workers.forward(input.clone(), deadline).await?;
             queued += waited;
@@ -328,13 +329,19 @@ impl Tessera {
                     break o;
                 }
                 Err(RuntimeError::OutOfMemory { message, .. }) => {
-                    if !self
-                        .residency
-                        .evict_one(&model.tenant, &model.key, "out-of-memory")
-                        .await
+                    // What the failed forward allocated went back to the C heap; give it back
+                    // to the system, so a model that hits the cap again and again does not
+                    // leave the process holding its peak.
+                    runtime::release_host_memory();
+                    evictions += 1;
+                    if evictions > MAX_OOM_EVICTIONS
+                        || !self
+                            .residency
+                            .evict_one(&model.tenant, &model.key, "out-of-memory")
+                            .await
                     {
                         return Err(ResidencyError::InsufficientMemory(format!(
-                            "forward of '{}' ran out of device memory with no idle model left to evict: {}",
+                            "forward of '{}' ran out of memory, also after evicting what it may evict: {}",
                             model.name,
                             message.lines().next().unwrap_or_default()
                         ))
@@ -361,6 +368,11 @@ impl Tessera {
         Ok(response)
     }
 }
+
+/// Idle models one request's forward may evict after running out of memory before it answers
+/// 507: enough when the memory is really held by others, bounded when the forward itself is
+/// the problem (each retry would otherwise evict another tenant's idle model).
+const MAX_OOM_EVICTIONS: u32 = 2;
 
 /// Server-chosen work dirs are `<tmp>/tessera-<pid>`.
 const WORK_DIR_PREFIX: &str = "tessera-";

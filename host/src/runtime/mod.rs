@@ -63,6 +63,15 @@ pub fn cap_cpu_tensor_memory(bytes: u64) -> bool {
     unsafe { cuda::tessera_cap_cpu_memory(bytes.min(i64::MAX as u64) as i64) == 0 }
 }
 
+/// Returns free C-heap memory to the system (after a forward failed for lack of memory: glibc
+/// keeps freed blocks in its arenas otherwise, and the process's footprint stays at the peak).
+pub fn release_host_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Bytes of CPU tensor memory live under the cap, if one is installed.
 pub fn cpu_tensor_bytes() -> Option<u64> {
     // SAFETY: reads an atomic counter.
