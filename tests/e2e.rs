@@ -644,28 +644,28 @@ fn warmup_requests_run_after_a_load_before_users() {
     assert!(server.log().contains("missing field 'image'"));
 }
 
-/// The executors give the same bytes, at sizes seen and new: the server's default (`simple`,
-/// graphs as exported), a model asking for `profiling` in its config, and a server whose
-/// default is `profiling`.
+/// The executors give the same bytes, at sizes seen and new: the server's default
+/// (`profiling`), a model asking for `simple` (graphs as exported) in its config, and a server
+/// whose default is `simple`.
 #[test]
 fn executor_modes_give_the_same_output() {
     let store = tempfile::tempdir().unwrap();
     let model = artifact("example/model.pt");
     let handler = artifact("handlers/example.wasm");
     pack(store.path(), "plain", EXAMPLE_CONFIG, &model, &handler);
-    let profiled = EXAMPLE_CONFIG.replace("tessera:\n", "tessera:\n  executor: profiling\n");
-    pack(store.path(), "profiled", &profiled, &model, &handler);
+    let simple = EXAMPLE_CONFIG.replace("tessera:\n", "tessera:\n  executor: simple\n");
+    pack(store.path(), "simple", &simple, &model, &handler);
     let server = Server::start(store.path(), &[]);
-    let other = Server::start(store.path(), &["--torchscript-executor", "profiling"]);
+    let other = Server::start(store.path(), &["--torchscript-executor", "simple"]);
     for (w, h) in [(16, 16), (24, 10), (16, 16), (33, 7)] {
         let request = example_request(w, h, 5, json!({"strength": 0.7}));
         let a = post_json(&server.url("/predictions/plain"), &request);
-        let b = post_json(&server.url("/predictions/profiled"), &request);
+        let b = post_json(&server.url("/predictions/simple"), &request);
         let c = post_json(&other.url("/predictions/plain"), &request);
         assert_eq!(a.status, 200, "{}", a.text());
-        assert_eq!(a.body, b.body, "{w}x{h}: the profiling model differs");
-        assert_eq!(a.body, c.body, "{w}x{h}: the profiling server differs");
+        assert_eq!(a.body, b.body, "{w}x{h}: the simple model differs");
+        assert_eq!(a.body, c.body, "{w}x{h}: the simple server differs");
     }
-    assert!(server.log().contains("default_executor=Simple"));
-    assert!(other.log().contains("default_executor=Profiling"));
+    assert!(server.log().contains("default_executor=Profiling"));
+    assert!(other.log().contains("default_executor=Simple"));
 }

@@ -42,18 +42,19 @@ pub struct Config {
     #[arg(long, env = "TESSERA_CUDNN_BENCHMARK", default_value_t = false)]
     pub cudnn_benchmark: bool,
 
-    /// TorchScript executor of models whose config names none (`tessera.executor`): `simple`
-    /// (graphs run as exported: nothing is profiled or compiled on a request, whatever the input
-    /// size) or `profiling` (libtorch's default: specialises and fuses per input shape, which
-    /// costs hundreds of ms to seconds on the first calls at every new shape; worth it only for
-    /// fixed-shape models, which warm it up before serving). On an H100, LaMa at photo sizes not
-    /// seen before: 76-108 ms forward with `simple`, 174-1729 ms with `profiling`
-    /// (bench/results/sweep_gpu_h100.md).
+    /// TorchScript executor of models whose config names none (`tessera.executor`): `profiling`
+    /// (libtorch's default: specialises and fuses per input shape, which costs hundreds of ms
+    /// to seconds on the first calls at every new shape) or `simple` (graphs run as exported:
+    /// nothing is profiled or compiled on a request, whatever the input size). On an H100, LaMa
+    /// at photo sizes not seen before: 76-108 ms forward with `simple`, 174-1729 ms with
+    /// `profiling` (bench/results/sweep_gpu_h100.md). `simple` runs a graph exactly as traced,
+    /// so a model must be exported device-clean for it (SAM's encoder, traced on CUDA, still
+    /// mixes devices without the optimiser's passes): models opt in, LaMa's archive does.
     #[arg(
         long,
         env = "TESSERA_TORCHSCRIPT_EXECUTOR",
         value_enum,
-        default_value = "simple"
+        default_value = "profiling"
     )]
     pub torchscript_executor: crate::runtime::Executor,
 

@@ -447,12 +447,16 @@ impl Drop for TorchModel {
 }
 
 fn first_line(m: &str) -> String {
-    // libtorch errors carry a long C++/TorchScript traceback; the first lines say what failed.
-    m.lines()
-        .filter(|l| !l.trim().is_empty())
-        .take(6)
-        .collect::<Vec<_>>()
-        .join("\n")
+    // libtorch errors carry a long C++/TorchScript traceback: the first lines say where it
+    // failed, the last one what went wrong.
+    let lines: Vec<&str> = m.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() <= 7 {
+        return lines.join("\n");
+    }
+    let mut out = lines[..5].join("\n");
+    out.push_str("\n...\n");
+    out.push_str(lines[lines.len() - 1]);
+    out
 }
 
 fn collect_outputs(
