@@ -11,6 +11,18 @@ import urllib.parse
 _conns = {}
 
 
+def bench_args(*hidden):
+    """The arguments every server benchmark takes (--bin, --handler, --out), plus `hidden` ones
+    for the script's own child processes."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    for name in ("--bin", "--handler", "--out"):
+        ap.add_argument(name)
+    for name in hidden:
+        ap.add_argument(name, help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
 def request(method, url, body=None, headers=None):
     """One request on a kept-alive connection; returns (status, body, headers, seconds)."""
     u = urllib.parse.urlsplit(url)

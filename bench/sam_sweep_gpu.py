@@ -7,7 +7,6 @@ SamPredictor (set_image + predict, fresh process) at the same sizes.
     python bench/sam_sweep_gpu.py --bin ./tessera --handler sam.wasm --out $OUT
 Needs segment-anything-py importable.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import b64png, request, start_server, write_results  # noqa: E402
+from common import b64png, bench_args, request, start_server, write_results  # noqa: E402
 from sam_gpu import photo  # noqa: E402
 
 SIZES = [(1000, 750), (1001, 751), (800, 600), (1000, 750), (640, 480), (1024, 683), (1280, 960), (1001, 751),
@@ -55,12 +54,7 @@ def predictor_mode(state_dict):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin")
-    ap.add_argument("--handler")
-    ap.add_argument("--out")
-    ap.add_argument("--predictor", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = bench_args("--predictor")
     if args.predictor:
         return predictor_mode(args.predictor)
     os.makedirs(args.out, exist_ok=True)

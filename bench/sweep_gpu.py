@@ -14,7 +14,6 @@ also shows the check and the load path working on CUDA.
 
     python bench/sweep_gpu.py --bin ./tessera --handler lama.wasm --out $OUT
 """
-import argparse
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "models/lama"))
-from common import b64png, make_store, request, start_server, write_results  # noqa: E402
+from common import b64png, bench_args, make_store, request, start_server, write_results  # noqa: E402
 import lama  # noqa: E402
 import export  # noqa: E402
 
@@ -79,13 +78,7 @@ def python_mode(tag, pt):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin")
-    ap.add_argument("--handler")
-    ap.add_argument("--out")
-    ap.add_argument("--python-mode", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = bench_args("--python-mode", "--model")
     if args.python_mode:
         return python_mode(args.python_mode, args.model)
     os.makedirs(args.out, exist_ok=True)
