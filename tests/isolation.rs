@@ -113,26 +113,17 @@ fn hostile_models(dir: &Path, marker: &Path) -> PathBuf {
 fn archive_with(config: &str, model: &Path) -> Vec<u8> {
     let handler = std::fs::read(artifact("handlers/example.wasm")).unwrap();
     let model = std::fs::read(model).unwrap();
-    tar_gz(&[
-        ("model-config.yaml", config.as_bytes()),
-        ("model.pt", &model),
-        ("handler.wasm", &handler),
-    ])
-}
-
-fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
-        Vec::new(),
-        flate2::Compression::fast(),
-    ));
-    for (name, bytes) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        tar.append_data(&mut h, name, *bytes).unwrap();
-    }
-    tar.into_inner().unwrap().finish().unwrap()
+    let file = tar::EntryType::Regular;
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    raw_archive(
+        tmp.path(),
+        &[
+            ("model-config.yaml", file, config.as_bytes(), ""),
+            ("model.pt", file, &model, ""),
+            ("handler.wasm", file, &handler, ""),
+        ],
+    );
+    std::fs::read(tmp.path()).unwrap()
 }
 
 /// Uploads `model` with the example handler and `config` as version 1 of `name`.
@@ -389,18 +380,9 @@ fn png_declaring(w: u32, h: u32) -> Vec<u8> {
 }
 
 fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    let mut crc = flate2::Crc::new();
+    crc.update(bytes);
+    crc.sum()
 }
 
 #[test]

@@ -37,13 +37,19 @@ pub enum ArchiveError {
     Invalid(String),
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// The server's disk is full (ENOSPC/EDQUOT): not the archive's fault, worth retrying.
+    #[error("the server ran out of disk space writing {path}; retry later ({source})")]
+    NoSpace { path: PathBuf, source: io::Error },
 }
 
 impl ArchiveError {
-    /// Whether this failed on the server's side for lack of disk space: not the archive's
-    /// fault, and worth retrying later.
-    pub fn is_out_of_space(&self) -> bool {
-        matches!(self, ArchiveError::Io { source, .. } if is_out_of_space(source))
+    /// The error as a client reads it: the archive's faults as a rejection, the server's own
+    /// I/O trouble (a full disk, say) as what it is.
+    pub fn as_rejection(&self) -> String {
+        match self {
+            ArchiveError::Io { .. } | ArchiveError::NoSpace { .. } => self.to_string(),
+            _ => format!("archive rejected: {self}"),
+        }
     }
 }
 
@@ -52,10 +58,15 @@ pub fn is_out_of_space(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
-    move |source| ArchiveError::Io {
-        path: path.to_path_buf(),
-        source,
+/// The error for an I/O failure on `path`: [`ArchiveError::NoSpace`] when the disk is full.
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
+    move |source| {
+        let path = path.to_path_buf();
+        if is_out_of_space(&source) {
+            ArchiveError::NoSpace { path, source }
+        } else {
+            ArchiveError::Io { path, source }
+        }
     }
 }
 
@@ -352,6 +363,7 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
         .raw(true);
     let mut total: u64 = 0;
     let mut long_name: Option<Vec<u8>> = None;
+    let mut buf = vec![0u8; 256 << 10];
     for (count, entry) in entries.enumerate() {
         if count >= MAX_ENTRIES {
             return Err(ArchiveError::TooLarge(format!(
@@ -372,11 +384,11 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
                 limits.max_unpacked_bytes
             )));
         }
-        let header_name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         if kind.is_gnu_longname()
             || kind.is_pax_local_extensions()
             || kind.is_pax_global_extensions()
         {
+            let header_name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
             let record = read_record(&mut entry, declared, &header_name)?;
             if kind.is_pax_global_extensions() {
                 continue; // archive-wide defaults (mtime, charset): nothing we use
@@ -436,7 +448,7 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
             .create_new(true)
             .open(&out_path)
             .map_err(io_err(&out_path))?;
-        copy_entry(&mut entry, &mut out, declared, &name, &out_path)?;
+        copy_entry(&mut entry, &mut out, declared, &mut buf, &name, &out_path)?;
     }
     if long_name.is_some() {
         return Err(ArchiveError::Corrupt(
@@ -498,10 +510,10 @@ fn copy_entry(
     entry: &mut impl Read,
     out: &mut File,
     declared: u64,
+    buf: &mut [u8],
     name: &str,
     out_path: &Path,
 ) -> Result<(), ArchiveError> {
-    let mut buf = vec![0u8; 256 << 10];
     let mut left = declared;
     while left > 0 {
         let want = left.min(buf.len() as u64) as usize;

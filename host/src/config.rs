@@ -46,7 +46,7 @@ pub struct Config {
     /// (libtorch's default: specialises and fuses per input shape, which costs hundreds of ms
     /// to seconds on the first calls at every new shape) or `simple` (graphs run as exported:
     /// nothing is profiled or compiled on a request, whatever the input size). On an H100, LaMa
-    /// at photo sizes not seen before: 76-108 ms forward with `simple`, 174-1729 ms with
+    /// at photo sizes not seen before: 76-127 ms forward with `simple`, 174-2147 ms with
     /// `profiling` (bench/results/sweep_gpu_h100.md). `simple` runs a graph exactly as traced,
     /// so a model must be exported device-clean for it (SAM's encoder, traced on CUDA, still
     /// mixes devices without the optimiser's passes): models opt in, LaMa's archive does.
@@ -97,7 +97,11 @@ pub struct Config {
 
     /// Seconds the sandboxed check of an archive's TorchScript may take (plus one per 50 MB of
     /// model files); past it the archive is refused as one that never finishes loading.
-    #[arg(long, env = "TESSERA_MODEL_CHECK_SECONDS", default_value_t = 120)]
+    #[arg(
+        long,
+        env = "TESSERA_MODEL_CHECK_SECONDS",
+        default_value_t = crate::runtime::verify::DEFAULT_CHECK_SECONDS
+    )]
     pub model_check_seconds: u64,
 
     /// Data memory of the sandboxed TorchScript check process, in MiB. 0 means twice the

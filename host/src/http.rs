@@ -149,7 +149,7 @@ impl From<UploadError> for ApiError {
         let status = match &e {
             UploadError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             UploadError::Interrupted(_) => StatusCode::BAD_REQUEST,
-            UploadError::Archive(a) if a.is_out_of_space() => StatusCode::INSUFFICIENT_STORAGE,
+            UploadError::Archive(ArchiveError::NoSpace { .. }) => StatusCode::INSUFFICIENT_STORAGE,
             UploadError::Archive(ArchiveError::Io { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
             UploadError::Store(StoreError::Io(e)) if archive::is_out_of_space(e) => {
                 StatusCode::INSUFFICIENT_STORAGE
@@ -170,17 +170,11 @@ impl From<UploadError> for ApiError {
 
 impl From<InferenceError> for ApiError {
     fn from(e: InferenceError) -> ApiError {
-        let message = match &e {
-            InferenceError::Residency(r) if matches!(r.as_ref(), ResidencyError::Archive(a) if a.is_out_of_space()) =>
-            {
-                format!("the server ran out of disk space unpacking the model; retry later ({r})")
-            }
-            _ => e.to_string(),
-        };
+        let message = e.to_string();
         let status = match &e {
             InferenceError::Registry(r) => registry_status(r),
             InferenceError::Residency(r) => match r.as_ref() {
-                ResidencyError::Archive(a) if a.is_out_of_space() => {
+                ResidencyError::Archive(ArchiveError::NoSpace { .. }) => {
                     StatusCode::INSUFFICIENT_STORAGE
                 }
                 ResidencyError::Archive(ArchiveError::Io { .. }) => {

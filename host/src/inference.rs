@@ -187,9 +187,6 @@ impl Tessera {
             timings.load = Some(load_started.elapsed());
         }
         timings.version = model.version.clone();
-        if model.workers.quarantined() {
-            return Err(ResidencyError::Quarantined(format!("{name}@{}", model.version)).into());
-        }
         let _busy = model.begin(self.residency.clock());
         let seconds = model.unpacked.config.response_timeout;
         let timeout = Duration::from_secs(

@@ -168,7 +168,11 @@ fn pack(args: PackArgs) -> anyhow::Result<()> {
         .validate(&wasm)
         .context("checking the handler")?;
     if !args.skip_model_check {
-        let limits = runtime::verify::CheckLimits::for_files(&args.models, 120, 0);
+        let limits = runtime::verify::CheckLimits::for_files(
+            &args.models,
+            runtime::verify::DEFAULT_CHECK_SECONDS,
+            0,
+        );
         runtime::verify::check_files(&args.models, limits).context("checking the TorchScript")?;
     }
     let spec = PackSpec {

@@ -40,7 +40,7 @@ use tokio::sync::Semaphore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResidencyError {
-    #[error("model archive rejected: {0}")]
+    #[error("{}", .0.as_rejection())]
     Archive(#[from] ArchiveError),
     #[error("model could not be loaded: {0}")]
     Runtime(RuntimeError),
@@ -547,10 +547,7 @@ fn unpack_cached(
     archive: &std::path::Path,
     config: &LoaderConfig,
 ) -> Result<Unpacked, ResidencyError> {
-    let meta = std::fs::metadata(archive).map_err(|source| ArchiveError::Io {
-        path: archive.into(),
-        source,
-    })?;
+    let meta = std::fs::metadata(archive).map_err(archive::io_err(archive))?;
     let mtime = meta
         .modified()
         .ok()
@@ -586,12 +583,7 @@ fn unpack_cached(
             config.check_memory_mib,
         );
         verify::check_files(&unpacked.model_files, limits).map_err(ResidencyError::Runtime)?;
-        std::fs::write(&checked, b"").map_err(|source| {
-            ResidencyError::Archive(ArchiveError::Io {
-                path: checked.clone(),
-                source,
-            })
-        })?;
+        std::fs::write(&checked, b"").map_err(archive::io_err(&checked))?;
     }
     Ok(unpacked)
 }

@@ -28,7 +28,7 @@ pub enum UploadError {
     TooLarge(u64),
     #[error("upload was interrupted: {0}")]
     Interrupted(String),
-    #[error("archive rejected: {0}")]
+    #[error("{}", .0.as_rejection())]
     Archive(#[from] ArchiveError),
     #[error("archive rejected: {0}")]
     Handler(SandboxError),

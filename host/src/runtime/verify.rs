@@ -86,6 +86,9 @@ pub fn refused_ops<'a>(ops: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     refused
 }
 
+/// Default base deadline of a check, in seconds (`--model-check-seconds`, `tessera pack`).
+pub const DEFAULT_CHECK_SECONDS: u64 = 120;
+
 /// Limits of one check.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckLimits {

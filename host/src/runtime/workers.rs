@@ -52,7 +52,6 @@ struct Shared {
 /// A model's forward threads.
 pub struct ForwardWorkers {
     tx: mpsc::Sender<Job>,
-    shared: Arc<Shared>,
 }
 
 impl ForwardWorkers {
@@ -115,12 +114,7 @@ impl ForwardWorkers {
                 })?;
         }
         watch(&shared);
-        Ok(ForwardWorkers { tx, shared })
-    }
-
-    /// Whether a forward of this model overran its deadline by the grace period.
-    pub fn quarantined(&self) -> bool {
-        self.shared.quarantined.load(Ordering::SeqCst)
+        Ok(ForwardWorkers { tx })
     }
 
     /// Runs one forward on the next free worker; returns its result and the time it queued.
