@@ -6,6 +6,8 @@ sizes — as users send them. Every request is reported, first-seen sizes marked
 In one run:
   - Tessera over HTTP (seed JSON + PNG), once per TorchScript executor mode
     (`--torchscript-executor profiling`, libtorch's default, and `simple`): total and forward ms;
+  - after the sweep, the model unloaded and requested again (a swap-in from the unpacked copy
+    on local disk), at a seen and a new size;
   - the same TorchScript file from Python, default executor and graph-executor optimisation off;
   - eager PyTorch on the same weights: the first call at each size.
 Each Python mode runs in a fresh process. (Python calls get the image padded to a multiple of 8 on each side, as the LaMa handler pads it.)
@@ -94,7 +96,7 @@ def main():
     results = {"gpu": torch.cuda.get_device_name(0), "pack_with_check_s": time.perf_counter() - t,
                "sizes": SIZES, "server": {}, "python": {}}
     bodies = {s: json.dumps({"image": b64png(scene(*s)[0]), "mask_image": b64png(scene(*s)[1])}).encode()
-              for s in set(SIZES)}
+              for s in set(SIZES) | {(896, 672)}}
     hdr = {"content-type": "application/json"}
     for mode in ["profiling", "simple"]:
         srv, base, log = start_server(args.bin, store, os.path.join(work, mode), os.path.join(args.out, f"server-{mode}.log"),
@@ -107,7 +109,17 @@ def main():
                          "forward_ms": float(h["x-inference-time"]), "load_ms": float(h.get("x-model-load-time", 0))})
             seen.add(s)
         models = json.loads(request("GET", f"{base}/models")[1])["models"]
-        results["server"][mode] = {"rows": rows, "resident_bytes": models[0].get("residentBytes")}
+        # Swap-in: unload (SageMaker UnloadModel), then the next request reloads the model from
+        # its unpacked copy on local disk (already checked), at a size seen and a new one.
+        status, data, _, _ = request("DELETE", f"{base}/models/lama")
+        assert status == 200, data[:300]
+        swap = []
+        for s in [SIZES[0], (896, 672)]:
+            status, data, h, sec = request("POST", f"{base}/predictions/lama", bodies[s], hdr)
+            assert status == 200, data[:300]
+            swap.append({"size": s, "total_ms": sec * 1e3, "forward_ms": float(h["x-inference-time"]),
+                         "load_ms": float(h.get("x-model-load-time", 0))})
+        results["server"][mode] = {"rows": rows, "resident_bytes": models[0].get("residentBytes"), "swap_in": swap}
         srv.terminate()
         srv.wait(timeout=30)
         log.close()
@@ -132,6 +144,12 @@ def main():
                      f"| {results['python']['torchscript_default'][i]['ms']:.0f} "
                      f"| {results['python']['torchscript_optimize_off'][i]['ms']:.0f} "
                      f"| {results['python']['eager'][i]['ms']:.0f} |")
+    lines += ["", "After the sweep, the model unloaded and requested again (reload from its unpacked copy on "
+              "local disk: a swap-in), total / forward / load ms:"]
+    for mode in ["profiling", "simple"]:
+        lines.append(f"- {mode}: " + "; ".join(
+            f"{r['size'][0]}x{r['size'][1]} {r['total_ms']:.0f} / {r['forward_ms']:.0f} / {r['load_ms']:.0f}"
+            for r in results["server"][mode]["swap_in"]))
     lines += ["", "Request 1 includes the model load on the server (x-model-load-time: "
               f"profiling {results['server']['profiling']['rows'][0]['load_ms']:.0f} ms, "
               f"simple {results['server']['simple']['rows'][0]['load_ms']:.0f} ms); residentBytes "
