@@ -644,6 +644,44 @@ fn warmup_requests_run_after_a_load_before_users() {
     assert!(server.log().contains("missing field 'image'"));
 }
 
+/// `POST /models` and `--preload` answer with a model already warm: its warm-up forwards have
+/// run by the time they return, and no user request pays for them.
+#[test]
+fn loads_answer_once_the_model_is_warm() {
+    let store = tempfile::tempdir().unwrap();
+    let good = serde_json::to_vec(&example_request(24, 16, 5, json!({"strength": 0.5}))).unwrap();
+    assert!(pack_with_warmup(store.path(), "warm", Some(&good), 2).0);
+    let forwards = |server: &Server, key: &str| {
+        get(&server.url("/metrics"))
+            .text()
+            .lines()
+            .find(|l| l.starts_with("tessera_inference_duration_seconds_count") && l.contains(key))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+
+    let server = Server::start(store.path(), &[]);
+    let load = post_json(
+        &server.url("/models"),
+        &json!({"model_name": "loaded", "url": "warm.tar.gz"}),
+    );
+    assert_eq!(load.status, 200, "{}", load.text());
+    assert_eq!(forwards(&server, "default/loaded@1"), Some(2));
+    assert_eq!(server.log().matches("warm-up request done").count(), 2);
+    drop(server);
+
+    let server = Server::start(store.path(), &["--preload", "warm"]);
+    // Listening is announced after the preload: the warm-up already ran.
+    assert_eq!(forwards(&server, "default/warm@1"), Some(2));
+    let request = example_request(20, 12, 9, json!({"strength": 0.75}));
+    let reply = post_json(&server.url("/predictions/warm"), &request);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        reply.header("x-model-load-time").is_none(),
+        "the request paid for a load"
+    );
+    assert_eq!(forwards(&server, "default/warm@1"), Some(3));
+}
+
 /// The executors give the same bytes, at sizes seen and new: the server's default
 /// (`profiling`), a model asking for `simple` (graphs as exported) in its config, and a server
 /// whose default is `simple`.

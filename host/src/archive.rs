@@ -3,6 +3,7 @@
 //! defensively. It never trusts an archive: unpacking refuses absolute paths, `..`, links,
 //! devices, unexpected entry kinds and anything over the size limits, and writes only below a
 //! fresh directory that is renamed into place once complete.
+use crate::names;
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 use serde::{Deserialize, Serialize};
@@ -10,7 +11,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Name of the config file inside an archive.
 pub const CONFIG_FILE: &str = "model-config.yaml";
@@ -219,12 +220,7 @@ impl ModelConfig {
             }
         }
         if let Some(w) = &self.tessera.warmup {
-            let p = std::path::Path::new(&w.request);
-            if w.request.is_empty()
-                || p.is_absolute()
-                || p.components()
-                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
-            {
+            if !matches!(names::relative_inside(&w.request), Ok(Some(_))) {
                 return bad(format!(
                     "warmup.request '{}' must be a relative path under assets/",
                     w.request
@@ -250,13 +246,8 @@ impl ModelConfig {
 }
 
 fn check_model_file_name(name: &str) -> Result<(), ArchiveError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        && (name.ends_with(".pt") || name.ends_with(".pt2") || name.ends_with(".ts"));
+    let ok = names::is_plain_name(name, names::MAX_NAME)
+        && [".pt", ".pt2", ".ts"].iter().any(|ext| name.ends_with(ext));
     if ok {
         Ok(())
     } else {
@@ -534,37 +525,7 @@ fn copy_entry(
 /// The entry name as a relative path below the archive root, or an error if it could escape.
 /// `None` for the root itself (`./`).
 fn safe_relative(name: &str) -> Result<Option<PathBuf>, ArchiveError> {
-    if name.contains('\0') || name.contains('\\') {
-        return Err(ArchiveError::UnsafeEntry(
-            name.into(),
-            "forbidden character in path",
-        ));
-    }
-    let path = Path::new(name);
-    let mut out = PathBuf::new();
-    for comp in path.components() {
-        match comp {
-            Component::Normal(c) => out.push(c),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                return Err(ArchiveError::UnsafeEntry(name.into(), "'..' in path"))
-            }
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(ArchiveError::UnsafeEntry(name.into(), "absolute path"))
-            }
-        }
-    }
-    if out.components().count() > 16 {
-        return Err(ArchiveError::UnsafeEntry(
-            name.into(),
-            "path nested too deep",
-        ));
-    }
-    Ok(if out.as_os_str().is_empty() {
-        None
-    } else {
-        Some(out)
-    })
+    names::relative_inside(name).map_err(|why| ArchiveError::UnsafeEntry(name.into(), why.reason()))
 }
 
 /// Reads an unpacked directory back: config, handler, model files.
@@ -768,15 +729,6 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, String)>, ArchiveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn relative_paths() {
-        assert_eq!(safe_relative("./a/b").unwrap(), Some(PathBuf::from("a/b")));
-        assert_eq!(safe_relative("./").unwrap(), None);
-        assert!(safe_relative("/etc/passwd").is_err());
-        assert!(safe_relative("a/../../x").is_err());
-        assert!(safe_relative("..").is_err());
-    }
 
     #[test]
     fn config_defaults_and_validation() {

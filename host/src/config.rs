@@ -109,7 +109,27 @@ pub struct Config {
     #[arg(long, env = "TESSERA_MODEL_CHECK_MEMORY_MIB", default_value_t = 0)]
     pub model_check_memory_mib: u64,
 
-    /// Requests allowed to wait for a model's workers before the server answers 429.
+    /// Profiling knob: MiB of each pooled handler memory kept mapped between requests.
+    #[arg(
+        long,
+        env = "TESSERA_WASM_KEEP_RESIDENT_MIB",
+        default_value_t = 64,
+        hide = true
+    )]
+    pub wasm_keep_resident_mib: u64,
+
+    /// Profiling knob: allocate handler instances on demand instead of from the pool.
+    #[arg(long, env = "TESSERA_WASM_ON_DEMAND", hide = true,
+          action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    pub wasm_on_demand: bool,
+
+    /// Profiling knob: name handler functions for `perf` (`/tmp/perf-<pid>.map`).
+    #[arg(long, env = "TESSERA_WASM_PERFMAP", hide = true,
+          action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    pub wasm_perfmap: bool,
+
+    /// Requests a model admits at once (maxWorkers running plus this many waiting, each from
+    /// preprocess to postprocess) before the server answers 429.
     #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
 
@@ -166,6 +186,15 @@ impl Config {
             self.model_check_seconds,
             self.model_check_memory_mib,
         )
+    }
+    /// How the Wasm sandbox is set up.
+    pub fn sandbox(&self) -> crate::sandbox::SandboxConfig {
+        crate::sandbox::SandboxConfig {
+            total_memory_bytes: self.handler_memory_total_bytes(),
+            keep_resident_bytes: (self.wasm_keep_resident_mib * MIB) as usize,
+            pooling: !self.wasm_on_demand,
+            perfmap: self.wasm_perfmap,
+        }
     }
     pub fn max_cpu_tensor_bytes(&self) -> u64 {
         match self.max_cpu_tensor_mib {

@@ -1,4 +1,5 @@
-//! HTTP: routes and API compatibility layers, and the one place where errors become statuses.
+//! HTTP: routes of each API dialect, authentication, body limits, and the one place where an
+//! [`ErrorKind`] becomes a status code and a JSON body.
 //!
 //! - SageMaker multi-model container contract: `GET /ping`, `GET/POST /models`,
 //!   `GET/DELETE /models/{name}`, `POST /models/{name}/invoke`, `POST /invocations` with
@@ -6,21 +7,18 @@
 //! - TorchServe inference API: `POST /predictions/{name}[/{version}]`.
 //! - Tenant management: `POST /models/{name}/versions/{version}` (upload an archive),
 //!   `DELETE /models/{name}/versions/{version}`, `PUT /models/{name}/{version}/set-default`.
+//! - Prometheus: `GET /metrics`.
 //!
 //! Every route but `/ping` authenticates its caller ([`Caller`]) and sees only that tenant's
 //! models; another tenant's model is indistinguishable from a missing one (404).
-//! - Prometheus: `GET /metrics`.
 //!
-//! This layer only translates: it never loads, evicts or runs anything itself.
-use crate::archive::{self, ArchiveError};
-use crate::inference::{InferenceError, Tessera, Timings};
-use crate::registry::RegistryError;
-use crate::residency::ResidencyError;
-use crate::runtime::RuntimeError;
-use crate::sandbox::{HandlerFailure, HandlerRequest, SandboxError};
-use crate::store::{self, StoreError};
+//! This layer only parses, authenticates and calls the [`Server`]'s verbs: it never loads,
+//! evicts or runs anything itself.
+use crate::error::{Error, ErrorKind};
+use crate::sandbox::HandlerRequest;
+use crate::serving::{self, Server, Timings};
+use crate::store;
 use crate::tenancy::{TenancyError, Tenant};
-use crate::upload::{self, UploadError};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -33,7 +31,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-type App = Arc<Tessera>;
+type App = Arc<Server>;
 
 /// The router for all APIs on one port.
 pub fn router(app: App) -> Router {
@@ -51,7 +49,7 @@ pub fn router(app: App) -> Router {
         .route("/predictions/{name}", post(predictions))
         .route("/predictions/{name}/{version}", post(predictions_version))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route".into()) })
+        .fallback(|| async { Error::new(ErrorKind::NotFound, "no such route") })
         // We read bodies ourselves with the configured limit (and a JSON 413).
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::map_response(json_errors))
@@ -62,20 +60,14 @@ pub fn router(app: App) -> Router {
 pub struct Caller(pub Arc<Tenant>);
 
 impl FromRequestParts<App> for Caller {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
-    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Caller, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Caller, Error> {
         let header = parts
             .headers
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        app.tenants.authenticate(header).map(Caller).map_err(|e| {
-            let status = match e {
-                TenancyError::NotAdmin => StatusCode::FORBIDDEN,
-                _ => StatusCode::UNAUTHORIZED,
-            };
-            ApiError::new(status, e.to_string())
-        })
+        Ok(Caller(app.tenants.authenticate(header)?))
     }
 }
 
@@ -108,7 +100,7 @@ async fn json_errors(resp: Response) -> Response {
     } else {
         message
     };
-    let mut out = ApiError::new(status, message).into_response();
+    let mut out = error_response(status, message);
     for (k, v) in parts
         .headers
         .iter()
@@ -119,127 +111,39 @@ async fn json_errors(resp: Response) -> Response {
     out
 }
 
+/// The status of each kind of error: the only such table.
+fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 /// An error as the client sees it: `{"error": message, "code": status}`.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, message: String) -> ApiError {
-        ApiError { status, message }
+fn error_response(status: StatusCode, message: String) -> Response {
+    let body = json!({ "error": message, "code": status.as_u16() });
+    let mut resp = (status, Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
     }
+    resp
 }
 
-impl IntoResponse for ApiError {
+impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let body = json!({ "error": self.message, "code": self.status.as_u16() });
-        let mut resp = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
-        }
-        resp
-    }
-}
-
-impl From<UploadError> for ApiError {
-    fn from(e: UploadError) -> ApiError {
-        let status = match &e {
-            UploadError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            UploadError::Interrupted(_) => StatusCode::BAD_REQUEST,
-            UploadError::Archive(ArchiveError::NoSpace { .. }) => StatusCode::INSUFFICIENT_STORAGE,
-            UploadError::Archive(ArchiveError::Io { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
-            UploadError::Store(StoreError::Io(e)) if archive::is_out_of_space(e) => {
-                StatusCode::INSUFFICIENT_STORAGE
-            }
-            UploadError::Archive(_) | UploadError::Handler(_) | UploadError::Model(..) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            UploadError::Quota(_) => StatusCode::FORBIDDEN,
-            UploadError::Store(StoreError::VersionExists(..)) => StatusCode::CONFLICT,
-            UploadError::Store(StoreError::BadName(_) | StoreError::BadVersion(_)) => {
-                StatusCode::BAD_REQUEST
-            }
-            UploadError::Store(_) | UploadError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e.to_string())
-    }
-}
-
-impl From<InferenceError> for ApiError {
-    fn from(e: InferenceError) -> ApiError {
-        let message = e.to_string();
-        let status = match &e {
-            InferenceError::Registry(r) => registry_status(r),
-            InferenceError::Residency(r) => match r.as_ref() {
-                ResidencyError::Archive(ArchiveError::NoSpace { .. }) => {
-                    StatusCode::INSUFFICIENT_STORAGE
-                }
-                ResidencyError::Archive(ArchiveError::Io { .. }) => {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                }
-                ResidencyError::Archive(_) | ResidencyError::Runtime(_) => {
-                    StatusCode::UNPROCESSABLE_ENTITY
-                }
-                ResidencyError::Handler(SandboxError::InvalidComponent(_)) => {
-                    StatusCode::UNPROCESSABLE_ENTITY
-                }
-                ResidencyError::Handler(s) => sandbox_status(s),
-                ResidencyError::InsufficientMemory(_) => StatusCode::INSUFFICIENT_STORAGE,
-                ResidencyError::Quarantined(_) => StatusCode::SERVICE_UNAVAILABLE,
-                ResidencyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            },
-            InferenceError::Sandbox(s) => sandbox_status(s),
-            InferenceError::Runtime(RuntimeError::OutOfMemory { .. }) => {
-                StatusCode::INSUFFICIENT_STORAGE
-            }
-            InferenceError::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            InferenceError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
-            InferenceError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        };
-        ApiError::new(status, message)
-    }
-}
-
-impl From<RegistryError> for ApiError {
-    fn from(e: RegistryError) -> ApiError {
-        ApiError::new(registry_status(&e), e.to_string())
-    }
-}
-
-fn registry_status(e: &RegistryError) -> StatusCode {
-    match e {
-        RegistryError::NotFound(_) | RegistryError::Store(StoreError::NotFound(_)) => {
-            StatusCode::NOT_FOUND
-        }
-        RegistryError::Exists(_) | RegistryError::Store(StoreError::VersionExists(..)) => {
-            StatusCode::CONFLICT
-        }
-        RegistryError::Store(
-            StoreError::BadName(_) | StoreError::BadUrl(_) | StoreError::BadVersion(_),
-        ) => StatusCode::BAD_REQUEST,
-        RegistryError::Store(StoreError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-fn sandbox_status(e: &SandboxError) -> StatusCode {
-    match e {
-        SandboxError::Handler(f) => match f {
-            HandlerFailure::BadRequest(_) => StatusCode::BAD_REQUEST,
-            HandlerFailure::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            HandlerFailure::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            HandlerFailure::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            HandlerFailure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        },
-        SandboxError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        SandboxError::ServerMemoryBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
-        SandboxError::InvalidComponent(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        SandboxError::MemoryLimit(_)
-        | SandboxError::Trap(_)
-        | SandboxError::ResponseTooLarge(..)
-        | SandboxError::BadTensor(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        error_response(status_of(self.kind), self.message)
     }
 }
 
@@ -248,20 +152,15 @@ async fn ping() -> Json<serde_json::Value> {
 }
 
 /// Prometheus metrics name every tenant's models: admins only when tenants are configured.
-async fn metrics(
-    State(app): State<App>,
-    Caller(tenant): Caller,
-) -> Result<impl IntoResponse, ApiError> {
+async fn metrics(State(app): State<App>, Caller(tenant): Caller) -> Result<Response, Error> {
     if !tenant.admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            TenancyError::NotAdmin.to_string(),
-        ));
+        return Err(TenancyError::NotAdmin.into());
     }
     Ok((
         [("content-type", "text/plain; version=0.0.4")],
         app.metrics.render(),
-    ))
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -270,59 +169,14 @@ struct ListQuery {
     max_results: Option<usize>,
 }
 
-/// One model of `tenant` as `GET /models` shows it: the default version's state, plus every
-/// version stored and resident.
-async fn model_json(app: &Tessera, tenant: &str, name: &str) -> serde_json::Value {
-    let store = app.registry.store();
-    let default = app.registry.resolve(tenant, name, None).ok();
-    let resident = app
-        .residency
-        .resident_with_prefix(&format!("{tenant}/{name}@"));
-    let default_resident = default
-        .as_ref()
-        .and_then(|d| resident.iter().find(|m| m.version == d.version).cloned());
-    let evictions = app.residency.evictions_of(tenant, name);
-    let mut v = json!({
-        "modelName": name,
-        "modelUrl": default.as_ref().map(|d| d.url.clone()),
-        "defaultVersion": default.as_ref().map(|d| d.version.clone()),
-        "versions": store.versions(tenant, name),
-        "residentVersions": resident.iter().map(|m| m.version.clone()).collect::<Vec<_>>(),
-        "state": if default_resident.is_some() { "Loaded" } else { "Unloaded" },
-        "evictions": evictions,
-    });
-    if let Some(m) = default_resident {
-        let c = &m.unpacked.config;
-        v["device"] = json!(crate::runtime::device_name(m.pipeline.device()));
-        v["residentBytes"] = json!(m.weight);
-        v["loadTimeMs"] = json!(m.load_time.as_millis() as u64);
-        v["inFlight"] = json!(m.in_use());
-        v["maxWorkers"] = json!(c.max_workers);
-        v["batchSize"] = json!(c.batch_size);
-        v["responseTimeout"] = json!(c.response_timeout);
-    }
-    v
-}
-
 /// SageMaker ListModels: the caller's models, paginated by name.
 async fn list_models(
     State(app): State<App>,
     Caller(tenant): Caller,
     Query(q): Query<ListQuery>,
-) -> Json<serde_json::Value> {
+) -> Json<serving::ModelList> {
     let limit = q.max_results.unwrap_or(app.config.page_size).clamp(1, 1000);
-    let (page, next) = app
-        .registry
-        .page(&tenant.name, q.next_page_token.as_deref(), limit);
-    let mut models = Vec::with_capacity(page.len());
-    for name in &page {
-        models.push(model_json(&app, &tenant.name, name).await);
-    }
-    let mut body = json!({ "models": models });
-    if let Some(n) = next {
-        body["nextPageToken"] = json!(n);
-    }
-    Json(body)
+    Json(app.list(&tenant, q.next_page_token.as_deref(), limit))
 }
 
 #[derive(Deserialize)]
@@ -336,54 +190,27 @@ async fn load_model(
     State(app): State<App>,
     Caller(tenant): Caller,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Json<serde_json::Value>, Error> {
     let bytes = read_body(&app, body).await?;
     let req: LoadRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
+        Error::new(
+            ErrorKind::BadRequest,
             format!("expected {{\"model_name\", \"url\"}}: {e}"),
         )
     })?;
-    if app.tenants.multi_tenant() {
-        // Tenants bring models by upload; urls would reach into the shared store.
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "loading by url is for single-tenant servers; upload the archive to /models/{name}/versions/{version}"
-                .into(),
-        ));
-    }
-    let reg = app
-        .registry
-        .register(&tenant.name, &req.model_name, &req.url)?;
-    match app.residency.get(&reg, &tenant).await {
-        Ok(_) => Ok((
-            StatusCode::OK,
-            Json(json!({ "status": format!("Model \"{}\" loaded", reg.name) })),
-        )
-            .into_response()),
-        Err(e) => {
-            app.registry.forget(&tenant.name, &reg.name);
-            Err(InferenceError::Residency(e).into())
-        }
-    }
-}
-
-fn known(app: &Tessera, tenant: &Tenant, name: &str) -> Result<(), ApiError> {
-    store::validate_name(name).map_err(RegistryError::from)?;
-    if app.registry.knows(&tenant.name, name) {
-        Ok(())
-    } else {
-        Err(RegistryError::NotFound(name.to_string()).into())
-    }
+    app.load_from_url(&tenant, &req.model_name, &req.url)
+        .await?;
+    Ok(Json(
+        json!({ "status": format!("Model \"{}\" loaded", req.model_name) }),
+    ))
 }
 
 async fn describe_model(
     State(app): State<App>,
     Caller(tenant): Caller,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    known(&app, &tenant, &name)?;
-    Ok(Json(model_json(&app, &tenant.name, &name).await))
+) -> Result<Json<serving::ModelInfo>, Error> {
+    Ok(Json(app.describe(&tenant, &name)?))
 }
 
 /// SageMaker UnloadModel: forget the registration and unload every resident version (uploaded
@@ -392,10 +219,8 @@ async fn unload_model(
     State(app): State<App>,
     Caller(tenant): Caller,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    known(&app, &tenant, &name)?;
-    app.registry.forget(&tenant.name, &name);
-    let unloaded = app.residency.remove_model(&tenant.name, &name).await;
+) -> Result<Json<serde_json::Value>, Error> {
+    let unloaded = app.unload(&tenant, &name).await?;
     Ok(Json(
         json!({ "status": format!("Model \"{name}\" unloaded"), "unloadedVersions": unloaded }),
     ))
@@ -410,19 +235,21 @@ struct UploadQuery {
 /// Upload a model archive as a new version (body: the .tar.gz).
 async fn upload_version(
     State(app): State<App>,
-    caller: Result<Caller, ApiError>,
+    caller: Result<Caller, Error>,
     Path((name, version)): Path<(String, String)>,
     Query(q): Query<UploadQuery>,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let tenant = match caller {
         Ok(Caller(t)) => t,
         Err(e) => {
-            upload::drain(body, app.config.max_upload_mib << 20).await;
+            serving::drain(body, app.config.max_upload_mib << 20).await;
             return Err(e);
         }
     };
-    let done = upload::accept(&app, &tenant, &name, &version, body, q.default).await?;
+    let done = app
+        .upload(&tenant, &name, &version, body, q.default)
+        .await?;
     let body = json!({ "modelName": name, "version": done.version, "default": done.is_default, "bytes": done.bytes });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -432,25 +259,8 @@ async fn delete_version(
     State(app): State<App>,
     Caller(tenant): Caller,
     Path((name, version)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    store::validate_name(&name).map_err(RegistryError::from)?;
-    let store = app.registry.store();
-    store
-        .version_archive(&tenant.name, &name, &version)
-        .map_err(|_| RegistryError::NotFound(name.clone()))?;
-    let key = crate::registry::key(&tenant.name, &name, &version);
-    if let Some(m) = app.residency.peek(&key).await {
-        if m.in_use() > 0 {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("version '{version}' of '{name}' is serving requests"),
-            ));
-        }
-    }
-    app.residency.remove_key(&key).await;
-    store
-        .remove_version(&tenant.name, &name, &version)
-        .map_err(RegistryError::from)?;
+) -> Result<Json<serde_json::Value>, Error> {
+    app.delete_version(&tenant, &name, &version).await?;
     Ok(Json(
         json!({ "status": format!("version \"{version}\" of \"{name}\" deleted") }),
     ))
@@ -461,17 +271,8 @@ async fn set_default(
     State(app): State<App>,
     Caller(tenant): Caller,
     Path((name, version)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    store::validate_name(&name).map_err(RegistryError::from)?;
-    app.registry
-        .store()
-        .set_default(&tenant.name, &name, &version)
-        .map_err(|e| match e {
-            StoreError::NotFound(_) => {
-                ApiError::from(RegistryError::NotFound(format!("{name} version {version}")))
-            }
-            other => RegistryError::from(other).into(),
-        })?;
+) -> Result<Json<serde_json::Value>, Error> {
+    app.set_default(&tenant, &name, &version)?;
     Ok(Json(
         json!({ "status": format!("default version of \"{name}\" is now \"{version}\"") }),
     ))
@@ -498,6 +299,7 @@ async fn predictions_version(
     serve(app, tenant, name, Some(version), headers, body).await
 }
 
+/// SageMaker's `/invocations`: the model is named by `X-Amzn-SageMaker-Target-Model`.
 async fn invocations(
     State(app): State<App>,
     Caller(tenant): Caller,
@@ -511,36 +313,36 @@ async fn invocations(
     match target {
         Some(t) => match store::name_from_target(&t) {
             Ok(name) => serve(app, tenant, name, None, headers, body).await,
-            Err(e) => ApiError::from(RegistryError::from(e)).into_response(),
+            Err(e) => Error::from(e).into_response(),
         },
-        None => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "this is a multi-model endpoint: name the model in the X-Amzn-SageMaker-Target-Model header".into(),
+        None => Error::new(
+            ErrorKind::BadRequest,
+            "this is a multi-model endpoint: name the model in the X-Amzn-SageMaker-Target-Model header",
         )
         .into_response(),
     }
 }
 
 /// Reads the body up to the configured limit. Past the limit the rest is drained (up to a
-/// bound, see [`upload::drain`]) before answering 413, so that clients still sending receive
+/// bound, see [`serving::drain`]) before answering 413, so that clients still sending receive
 /// the answer instead of a reset connection.
-async fn read_body(app: &Tessera, body: Body) -> Result<Vec<u8>, ApiError> {
+async fn read_body(app: &Server, body: Body) -> Result<Vec<u8>, Error> {
     use http_body_util::BodyExt;
     let limit = app.config.max_request_bytes();
     let mut body = body;
     let mut buf = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
+            Error::new(
+                ErrorKind::BadRequest,
                 format!("could not read request body: {e}"),
             )
         })?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
-                upload::drain(body, (limit as u64).saturating_mul(4).max(64 << 20)).await;
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
+                serving::drain(body, (limit as u64).saturating_mul(4).max(64 << 20)).await;
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge,
                     format!(
                         "request body exceeds the limit of {} MiB",
                         app.config.max_request_mib
@@ -565,7 +367,7 @@ async fn serve(
     let started = Instant::now();
     let request_id = app.request_id();
     let result = async {
-        store::validate_name(&name).map_err(RegistryError::from)?;
+        store::validate_name(&name)?;
         let body = read_body(&app, body).await?;
         let request = HandlerRequest {
             body,
@@ -578,7 +380,6 @@ async fn serve(
         };
         app.invoke(&tenant, &name, version.as_deref(), request, &request_id)
             .await
-            .map_err(ApiError::from)
     }
     .await;
     let elapsed = started.elapsed();
@@ -603,11 +404,12 @@ async fn serve(
             resp
         }
         Err(e) => {
-            if e.status.is_server_error() {
+            let status = status_of(e.kind);
+            if status.is_server_error() {
                 tracing::warn!(
                     model = name,
                     request_id,
-                    status = e.status.as_u16(),
+                    status = status.as_u16(),
                     error = e.message,
                     "request failed"
                 );
@@ -615,7 +417,7 @@ async fn serve(
                 tracing::info!(
                     model = name,
                     request_id,
-                    status = e.status.as_u16(),
+                    status = status.as_u16(),
                     error = e.message,
                     "request rejected"
                 );

@@ -3,7 +3,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use tessera::archive::{self, PackSpec};
-use tessera::inference::Tessera;
+use tessera::serving::Server;
 use tessera::{http, runtime, sandbox, store, Config};
 
 #[derive(Parser)]
@@ -76,7 +76,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let app = Tessera::new(config)?;
+        let app = Server::new(config)?;
         let addr = std::net::SocketAddr::new(app.config.bind, app.config.port);
         app.registry.store().clean_staging();
         app.tenants.watch(std::time::Duration::from_secs(2));
@@ -111,7 +111,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// What a newcomer needs to see at start: what is served, where, on which device.
-fn print_banner(app: &Tessera, local: std::net::SocketAddr) {
+fn print_banner(app: &Server, local: std::net::SocketAddr) {
     let store = &app.config.model_store;
     let shown = store.canonicalize().unwrap_or_else(|_| store.clone());
     let archives = app.registry.store().list().unwrap_or_default();
@@ -129,7 +129,7 @@ fn print_banner(app: &Tessera, local: std::net::SocketAddr) {
     println!("  model store  {} ({listed})", shown.display());
     println!(
         "  device       {}, residency budget {} MiB",
-        runtime::device_name(app.device),
+        runtime::device_name(app.residency.device()),
         app.residency.budget() >> 20
     );
     println!("  tenants      {tenancy}");

@@ -15,7 +15,8 @@ pub struct Metrics {
     /// Model loads by model and outcome.
     pub loads: IntCounterVec,
     pub load_seconds: Histogram,
-    /// Evictions by model and cause (size, memory-pressure, unload).
+    /// Evictions by model and cause (`budget`, `out-of-memory`, `unload`: see
+    /// [`crate::residency::EvictionCause`]).
     pub evictions: IntCounterVec,
     /// Bytes held on the device by each resident model.
     pub resident_bytes: IntGaugeVec,

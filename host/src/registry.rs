@@ -3,6 +3,7 @@
 //! version is named), and — single-tenant mode only — an operator archive `<name>.tar.gz` at
 //! the store's root. Names are scoped by tenant: another tenant's model simply does not exist
 //! here. Whether a model is loaded is the residency layer's business.
+use crate::names::ModelKey;
 use crate::store::{self, LocalStore, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,24 +12,10 @@ use std::sync::RwLock;
 /// One resolved model version.
 #[derive(Debug, Clone)]
 pub struct Registration {
-    pub tenant: String,
-    pub name: String,
-    pub version: String,
+    pub key: ModelKey,
     pub archive: PathBuf,
     /// What the client gave (`POST /models` url) or the store path.
     pub url: String,
-}
-
-impl Registration {
-    /// The residency key: `tenant/name@version`.
-    pub fn key(&self) -> String {
-        key(&self.tenant, &self.name, &self.version)
-    }
-}
-
-/// `tenant/name@version`.
-pub fn key(tenant: &str, name: &str, version: &str) -> String {
-    format!("{tenant}/{name}@{version}")
 }
 
 /// Version label of archives that are not uploaded versions (store root, `POST /models`).
@@ -79,7 +66,7 @@ impl Registry {
         let explicit = self.models.read().unwrap().get(&id).cloned().flatten();
         let found = match (explicit, version) {
             (Some(r), None) => Some(r),
-            (Some(r), Some(v)) if v == r.version => Some(r),
+            (Some(r), Some(v)) if v == r.key.version => Some(r),
             _ => self.lookup_store(tenant, name, version),
         };
         let reg = found.ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
@@ -100,9 +87,7 @@ impl Registry {
             if let Ok(archive) = self.store.version_archive(tenant, name, &v) {
                 let url = archive.display().to_string();
                 return Some(Registration {
-                    tenant: tenant.into(),
-                    name: name.into(),
-                    version: v,
+                    key: ModelKey::new(tenant, name, v),
                     archive,
                     url,
                 });
@@ -112,9 +97,7 @@ impl Registry {
             if let Ok(archive) = self.store.archive(name) {
                 let url = archive.display().to_string();
                 return Some(Registration {
-                    tenant: tenant.into(),
-                    name: name.into(),
-                    version: UNVERSIONED.into(),
+                    key: ModelKey::new(tenant, name, UNVERSIONED),
                     archive,
                     url,
                 });
@@ -139,9 +122,7 @@ impl Registry {
             return Err(RegistryError::Exists(name.to_string()));
         }
         let reg = Registration {
-            tenant: tenant.into(),
-            name: name.into(),
-            version: UNVERSIONED.into(),
+            key: ModelKey::new(tenant, name, UNVERSIONED),
             archive,
             url: url.to_string(),
         };

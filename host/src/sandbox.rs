@@ -14,9 +14,9 @@
 //! threads, never on the async runtime.
 use crate::runtime::{CachedOutputs, DType, HostTensor, StageCache};
 use std::collections::HashMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component as WasmComponent, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
@@ -36,6 +36,8 @@ use bindings::Handler as HandlerBindings;
 /// Handler instances alive at once (each request holds one during preprocess and one during
 /// postprocess); the blocking thread pool that runs them is smaller.
 const MAX_LIVE_INSTANCES: u32 = 600;
+/// Compiled handler components kept for reuse (by content hash).
+const MAX_COMPILED: u64 = 256;
 /// Bytes of each pooled linear memory kept mapped between instances.
 const KEEP_RESIDENT: usize = 64 << 20;
 /// Epoch tick; deadlines are rounded up to it.
@@ -157,7 +159,8 @@ pub struct Handler {
 pub struct Sandbox {
     engine: Engine,
     linker: Linker<State>,
-    compiled: Mutex<HashMap<String, bindings::HandlerPre<State>>>,
+    /// Compiled components by sha256, bounded (a handler in use keeps its own reference).
+    compiled: moka::sync::Cache<String, bindings::HandlerPre<State>>,
     pool: Arc<MemoryPool>,
 }
 
@@ -255,16 +258,11 @@ impl wit::Host for State {}
 
 impl bindings::tessera::handler::host::Host for State {
     fn read_asset(&mut self, path: String) -> Result<Vec<u8>, String> {
-        let rel = Path::new(&path);
-        let safe = !path.is_empty()
-            && rel
-                .components()
-                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-        if !safe {
+        let Ok(Some(rel)) = crate::names::relative_inside(&path) else {
             return Err(format!(
                 "asset path '{path}' must be relative and stay inside assets/"
             ));
-        }
+        };
         let full = self.env.assets.join(rel);
         // Assets are unpacked by us and contain no links; still, refuse anything that is not
         // a regular file inside the assets folder.
@@ -332,21 +330,47 @@ impl bindings::tessera::handler::host::Host for State {
     }
 }
 
+/// How the sandbox's engine is set up (`tessera serve` takes these from [`crate::Config`]).
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Bound on the linear memory of all live instances together.
+    pub total_memory_bytes: u64,
+    /// Bytes of each pooled linear memory kept mapped between instances.
+    pub keep_resident_bytes: usize,
+    /// Instances from a pool of pre-reserved slots (false: allocated on demand, for comparisons).
+    pub pooling: bool,
+    /// Name handler functions for `perf` (`/tmp/perf-<pid>.map`); for profiling only.
+    pub perfmap: bool,
+}
+
+impl SandboxConfig {
+    /// The defaults, with `total_memory_bytes` for all live instances together.
+    pub fn with_total_memory(total_memory_bytes: u64) -> SandboxConfig {
+        SandboxConfig {
+            total_memory_bytes,
+            keep_resident_bytes: KEEP_RESIDENT,
+            pooling: true,
+            perfmap: false,
+        }
+    }
+}
+
 impl Sandbox {
-    /// Builds the engine and starts the epoch ticker thread. `total_memory_bytes` bounds the
-    /// linear memory of all live instances together.
+    /// A sandbox with default settings whose live instances together hold at most
+    /// `total_memory_bytes` of linear memory.
     pub fn new(total_memory_bytes: u64) -> anyhow::Result<Arc<Sandbox>> {
+        Sandbox::with_config(&SandboxConfig::with_total_memory(total_memory_bytes))
+    }
+
+    /// Builds the engine and starts the epoch ticker thread.
+    pub fn with_config(settings: &SandboxConfig) -> anyhow::Result<Arc<Sandbox>> {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.max_wasm_stack(1 << 20);
         // Instances come from a pool of pre-reserved slots; a freed slot's first
-        // KEEP_RESIDENT bytes are zeroed with memset and stay mapped, so the next request's
+        // keep_resident bytes are zeroed with memset and stay mapped, so the next request's
         // handler does not page-fault its way through fresh memory (costly on VMs).
-        let keep = std::env::var("TESSERA_WASM_KEEP_RESIDENT_MIB")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map_or(KEEP_RESIDENT, |mib| mib << 20);
         let mut pool = wasmtime::PoolingAllocationConfig::default();
         pool.total_component_instances(MAX_LIVE_INSTANCES)
             .total_core_instances(MAX_LIVE_INSTANCES * 4)
@@ -354,13 +378,12 @@ impl Sandbox {
             .total_tables(MAX_LIVE_INSTANCES * 4)
             .max_memories_per_module(2)
             .max_memory_size(4 << 30)
-            .linear_memory_keep_resident(keep)
+            .linear_memory_keep_resident(settings.keep_resident_bytes)
             .table_keep_resident(64 << 10);
-        if std::env::var_os("TESSERA_WASM_ON_DEMAND").is_none() {
+        if settings.pooling {
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
-        if std::env::var_os("TESSERA_WASM_PERFMAP").is_some() {
-            // Names handler functions for `perf` (/tmp/perf-<pid>.map); for profiling only.
+        if settings.perfmap {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
         let engine = Engine::new(&config)?;
@@ -370,10 +393,10 @@ impl Sandbox {
         let sandbox = Arc::new(Sandbox {
             engine,
             linker,
-            compiled: Mutex::new(HashMap::new()),
+            compiled: moka::sync::Cache::new(MAX_COMPILED),
             pool: Arc::new(MemoryPool {
                 used: AtomicU64::new(0),
-                cap: total_memory_bytes,
+                cap: settings.total_memory_bytes,
             }),
         });
         let weak = Arc::downgrade(&sandbox);
@@ -389,37 +412,43 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// Compiles (or fetches from the cache) the component at `path`, whose sha256 is `hash`, and
+    /// Compiles (or finds in the cache) the component at `path`, whose sha256 is `hash`, and
     /// checks that it implements the handler world. Slow on first sight of a hash: call it from
     /// a blocking thread.
+    pub fn compile(&self, path: &Path, hash: &str) -> Result<(), SandboxError> {
+        self.compiled(path, hash).map(|_| ())
+    }
+
+    /// A handler for `env`, from the component at `path` (compiled once per `hash`).
     pub fn prepare(
         &self,
         path: &Path,
         hash: &str,
         env: HandlerEnv,
     ) -> Result<Handler, SandboxError> {
-        if let Some(pre) = self.compiled.lock().unwrap().get(hash) {
-            return Ok(Handler {
-                pre: pre.clone(),
-                env: Arc::new(env),
-            });
+        Ok(Handler {
+            pre: self.compiled(path, hash)?,
+            env: Arc::new(env),
+        })
+    }
+
+    fn compiled(
+        &self,
+        path: &Path,
+        hash: &str,
+    ) -> Result<bindings::HandlerPre<State>, SandboxError> {
+        if let Some(pre) = self.compiled.get(hash) {
+            return Ok(pre);
         }
         let bytes =
             std::fs::read(path).map_err(|e| SandboxError::InvalidComponent(e.to_string()))?;
         let pre = self.link(&bytes)?;
-        self.compiled
-            .lock()
-            .unwrap()
-            .insert(hash.to_string(), pre.clone());
+        self.compiled.insert(hash.to_string(), pre.clone());
         tracing::info!(
-            model = env.model,
-            handler = &hash[..12],
+            handler = &hash[..hash.len().min(12)],
             "compiled handler component"
         );
-        Ok(Handler {
-            pre,
-            env: Arc::new(env),
-        })
+        Ok(pre)
     }
 
     /// Validates handler bytes without caching (used by `tessera pack`).

@@ -10,11 +10,11 @@
 //! in staging by a crash is deleted at start-up. The store only resolves names to files; it
 //! never unpacks or loads. Names, versions and URLs are validated here before they touch a
 //! path, and a URL must point inside the store.
+use crate::names;
 use std::path::{Component, Path, PathBuf};
 
 /// Archive suffix in the store.
 pub const ARCHIVE_SUFFIX: &str = ".tar.gz";
-const MAX_NAME: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -32,32 +32,20 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
-/// Checks a model name: a safe character set and bounded length, so it can name files.
+/// Checks a model (or tenant) name with the one name rule ([`names::is_plain_name`]).
 pub fn validate_name(name: &str) -> Result<(), StoreError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME
-        && !name.starts_with(['.', '-'])
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok {
+    if names::is_plain_name(name, names::MAX_NAME) {
         Ok(())
     } else {
         Err(StoreError::BadName(
-            name.chars().take(MAX_NAME + 8).collect(),
+            name.chars().take(names::MAX_NAME + 8).collect(),
         ))
     }
 }
 
-/// Checks a version label (same character set as names, at most 32 characters).
+/// Checks a version label (the same rule, at most 32 characters).
 pub fn validate_version(version: &str) -> Result<(), StoreError> {
-    let ok = !version.is_empty()
-        && version.len() <= 32
-        && !version.starts_with(['.', '-'])
-        && version
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok {
+    if names::is_plain_name(version, names::MAX_VERSION) {
         Ok(())
     } else {
         Err(StoreError::BadVersion(version.chars().take(40).collect()))

@@ -8,9 +8,7 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 
 mod pipeline;
 pub mod verify;
-mod workers;
 pub use pipeline::{CachedOutputs, Pipeline, PipelineInput, Stage, StageCache};
-pub use workers::ForwardWorkers;
 
 mod cuda {
     extern "C" {

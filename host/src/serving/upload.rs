@@ -10,17 +10,19 @@
 //! with a single link, and the default pointer updated with a rename. A rejected or
 //! interrupted upload leaves nothing behind but a staging file, which is deleted at once or,
 //! after a crash, at the next start.
+use super::Server;
 use crate::archive::{self, ArchiveError, Limits};
-use crate::inference::Tessera;
-use crate::runtime::{verify, RuntimeError};
+use crate::error::Error;
+use crate::residency::{check_unpacked, CheckError};
+use crate::runtime::RuntimeError;
 use crate::sandbox::SandboxError;
 use crate::store::{self, StoreError};
 use crate::tenancy::Tenant;
 use axum::body::Body;
 use http_body_util::BodyExt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -64,9 +66,23 @@ impl Drop for Staged {
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// Receives, validates and installs `tenant`'s archive as `name`/`version`.
-pub async fn accept(
-    app: &Tessera,
+impl Server {
+    /// Receives, validates and installs `tenant`'s archive (the streamed `body`) as
+    /// `name`/`version`, the default if asked or if it is the model's first.
+    pub async fn upload(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        version: &str,
+        body: Body,
+        make_default: bool,
+    ) -> Result<Installed, Error> {
+        Ok(accept(self, tenant, name, version, body, make_default).await?)
+    }
+}
+
+async fn accept(
+    app: &Server,
     tenant: &Tenant,
     name: &str,
     version: &str,
@@ -108,6 +124,52 @@ pub async fn accept(
         .await
         .map_err(|e| UploadError::Internal(e.to_string()))??;
 
+    // Quotas and the install touch the store's folders: off the async runtime too.
+    let (store, tenant_owned, name_owned, version_owned) = (
+        store.clone(),
+        tenant.clone(),
+        name.to_string(),
+        version.to_string(),
+    );
+    let is_default = tokio::task::spawn_blocking(move || {
+        install(
+            &store,
+            &tenant_owned,
+            &name_owned,
+            &version_owned,
+            &file,
+            bytes,
+            make_default,
+        )
+    })
+    .await
+    .map_err(|e| UploadError::Internal(e.to_string()))??;
+    tracing::info!(
+        tenant = tenant.name,
+        model = name,
+        version,
+        bytes,
+        is_default,
+        "model uploaded"
+    );
+    Ok(Installed {
+        version: version.to_string(),
+        is_default,
+        bytes,
+    })
+}
+
+/// Checks `tenant`'s quotas and moves the validated `file` into place; returns whether it
+/// became the default.
+fn install(
+    store: &store::LocalStore,
+    tenant: &Tenant,
+    name: &str,
+    version: &str,
+    file: &Staged,
+    bytes: u64,
+    make_default: bool,
+) -> Result<bool, UploadError> {
     let (models, used) = store.tenant_usage(&tenant.name);
     let new_model = store.versions(&tenant.name, name).is_empty();
     if let Some(max) = tenant.limits.max_models {
@@ -134,19 +196,7 @@ pub async fn accept(
     if is_default {
         store.set_default(&tenant.name, name, version)?;
     }
-    tracing::info!(
-        tenant = tenant.name,
-        model = name,
-        version,
-        bytes,
-        is_default,
-        "model uploaded"
-    );
-    Ok(Installed {
-        version: version.to_string(),
-        is_default,
-        bytes,
-    })
+    Ok(is_default)
 }
 
 /// Reads and discards up to `limit` bytes of a body we are refusing, so that a client still
@@ -166,10 +216,11 @@ pub async fn drain(body: Body, limit: u64) {
 
 /// Streams the body into `path` (created new), at most `limit` bytes; synced to disk.
 async fn receive(body: Body, path: &Path, limit: u64, limit_mib: u64) -> Result<u64, UploadError> {
-    let mut out = std::fs::OpenOptions::new()
+    let mut out = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
+        .await
         .map_err(StoreError::from)?;
     let mut body = body;
     let mut total: u64 = 0;
@@ -182,14 +233,14 @@ async fn receive(body: Body, path: &Path, limit: u64, limit_mib: u64) -> Result<
                 drain(body, limit).await;
                 return Err(UploadError::TooLarge(limit_mib));
             }
-            out.write_all(&data).map_err(StoreError::from)?;
+            out.write_all(&data).await.map_err(StoreError::from)?;
         }
     }
-    out.sync_all().map_err(StoreError::from)?;
+    out.sync_all().await.map_err(StoreError::from)?;
     Ok(total)
 }
 
-/// Unpacks into `dir` (removed afterwards) and checks handler and TorchScript files.
+/// Unpacks into `dir` (removed afterwards) and checks its code as every load does.
 fn validate(
     archive_path: &Path,
     dir: &Path,
@@ -199,9 +250,13 @@ fn validate(
 ) -> Result<(), UploadError> {
     let _cleanup = Staged(dir.to_path_buf());
     let unpacked = archive::unpack(archive_path, dir, limits)?;
-    let wasm = std::fs::read(&unpacked.handler).map_err(StoreError::from)?;
-    sandbox.validate(&wasm).map_err(UploadError::Handler)?;
-    let limits = config.check_limits(&unpacked.model_files);
-    verify::check_files(&unpacked.model_files, limits).map_err(UploadError::Model)?;
-    Ok(())
+    check_unpacked(
+        &unpacked,
+        sandbox,
+        config.check_limits(&unpacked.model_files),
+    )
+    .map_err(|e| match e {
+        CheckError::Handler(e) => UploadError::Handler(e),
+        CheckError::Model(e) => UploadError::Model(e),
+    })
 }

@@ -1,37 +1,35 @@
-//! Dedicated forward threads for one model, and the watchdog that quarantines a model whose
-//! forward never ends.
+//! Execution of one model's forwards: its [`queue`] and the dedicated threads that take work
+//! from it, with the watchdog that quarantines a model whose forward never ends.
 //!
 //! libtorch keeps per-thread state on the GPU path (cuDNN and cuBLAS handles, cuDNN's
 //! execution-plan cache), so a model's forwards always run on the same `maxWorkers` threads,
-//! warm, instead of on whichever blocking-pool thread happens to be free. Requests queue on a
-//! channel; each thread takes the next job, runs it and answers on a oneshot. Dropping the
-//! [`ForwardWorkers`] closes the channel: the threads finish their current job, exit, and the
-//! last one frees the model.
+//! warm, instead of on whichever blocking-pool thread happens to be free. Each thread takes the
+//! next job from the model's queue, runs it and answers it. Dropping the [`Engine`] closes the
+//! queue: the threads finish the jobs already queued, exit, and the last one frees the model.
 //!
 //! A TorchScript forward cannot be interrupted. When one is still running `grace` after its
 //! request's deadline (which already answered 504), the watchdog quarantines the model: the
 //! `on_quarantine` callback tells residency to answer 503 for it from then on, and the stuck
 //! thread is moved to the idle scheduling class (SCHED_IDLE, nice 19), so it runs only on CPU
 //! time nothing else wants until the process restarts.
-use super::{Executor, HostTensor, Pipeline, PipelineInput, RuntimeError};
+pub mod queue;
+
+use crate::runtime::{self, Executor, HostTensor, Pipeline, PipelineInput, RuntimeError};
+use queue::{NotRun, Queue};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 
-/// The outputs (and whether the stage cache answered), and the time the job queued.
-type Reply = (
+/// A forward's outputs (and whether the stage cache answered), and the time it queued.
+pub type Reply = (
     Result<(Vec<HostTensor>, Option<bool>), RuntimeError>,
     Duration,
 );
 
-struct Job {
-    input: Arc<PipelineInput>,
-    queued: Instant,
-    deadline: Instant,
-    reply: oneshot::Sender<Reply>,
-}
+/// A model's queue: inputs in, replies out.
+pub type ModelQueue = Queue<Arc<PipelineInput>, Reply>;
+/// A request's admission to a model's queue.
+pub type Slot = queue::Slot<Arc<PipelineInput>, Reply>;
 
 /// What one worker thread is doing, for the watchdog.
 #[derive(Clone, Copy)]
@@ -49,28 +47,31 @@ struct Shared {
     on_quarantine: Box<dyn Fn() + Send + Sync>,
 }
 
-/// A model's forward threads.
-pub struct ForwardWorkers {
-    tx: mpsc::Sender<Job>,
+/// A model's queue and forward threads.
+pub struct Engine {
+    queue: Arc<ModelQueue>,
 }
 
-impl ForwardWorkers {
-    /// Starts `threads` workers sharing `model`, running its TorchScript under `executor`. A
-    /// forward still running `grace` past its deadline quarantines the model and calls
-    /// `on_quarantine` once.
+impl Engine {
+    /// Starts `threads` workers sharing `model`, running its TorchScript under `executor`, fed
+    /// by a queue admitting `capacity` requests. A forward still running `grace` past its
+    /// deadline quarantines the model and calls `on_quarantine` once.
     pub fn spawn(
         model: Arc<Pipeline>,
         threads: usize,
+        capacity: usize,
         name: &str,
         executor: Executor,
         grace: Duration,
         on_quarantine: Box<dyn Fn() + Send + Sync>,
-    ) -> std::io::Result<ForwardWorkers> {
+    ) -> std::io::Result<Engine> {
         static MODELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = MODELS.fetch_add(1, Ordering::Relaxed);
         let threads = threads.max(1);
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let queue: Arc<ModelQueue> = Queue::new(capacity);
+        let engine = Engine {
+            queue: queue.clone(),
+        };
         let shared = Arc::new(Shared {
             name: name.to_string(),
             busy: Mutex::new(vec![None; threads]),
@@ -79,62 +80,72 @@ impl ForwardWorkers {
             on_quarantine,
         });
         for i in 0..threads {
-            let (rx, model, shared) = (rx.clone(), model.clone(), shared.clone());
+            let (queue, model, shared) = (queue.clone(), model.clone(), shared.clone());
             // Unique per model (the watchdog finds a stuck forward's OpenMP workers by it;
             // they inherit it), readable in top: `f<model#>.<worker#>-<name>`, 15 bytes max.
             let thread_name: String = format!("f{seq}.{i}-{name}").chars().take(15).collect();
+            // On failure `engine` is dropped, closing the queue: threads already started exit.
             std::thread::Builder::new()
                 .name(thread_name)
                 .spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
-                    super::set_thread_executor(executor);
-                    loop {
-                        // Only the waiting thread holds the lock; it is released before the forward.
-                        let job = match rx.lock() {
-                            Ok(guard) => guard.recv(),
-                            Err(_) => break,
-                        };
-                        let Ok(job) = job else { break };
-                        let queue = job.queued.elapsed();
-                        shared.set_busy(
-                            i,
-                            Some(Busy {
-                                deadline: job.deadline,
-                                tid,
-                            }),
-                        );
-                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            model.forward(&job.input)
-                        }))
-                        .unwrap_or_else(|_| Err(RuntimeError::Forward("forward panicked".into())));
-                        shared.set_busy(i, None);
-                        let _ = job.reply.send((out, queue));
+                    runtime::set_thread_executor(executor);
+                    // One job at a time for now; the batcher will take several.
+                    while let Some(jobs) = queue.take(1) {
+                        for job in jobs {
+                            let queued = job.waited();
+                            shared.set_busy(
+                                i,
+                                Some(Busy {
+                                    deadline: job.deadline,
+                                    tid,
+                                }),
+                            );
+                            let out =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    model.forward(&job.input)
+                                }))
+                                .unwrap_or_else(|_| {
+                                    Err(RuntimeError::Forward("forward panicked".into()))
+                                });
+                            shared.set_busy(i, None);
+                            job.answer((out, queued));
+                        }
                     }
                 })?;
         }
         watch(&shared);
-        Ok(ForwardWorkers { tx })
+        Ok(engine)
     }
 
-    /// Runs one forward on the next free worker; returns its result and the time it queued.
-    /// `deadline` is the request's: the watchdog measures overruns from it.
+    /// A slot for one request (held from preprocess to postprocess), or `Full` (429).
+    pub fn admit(&self) -> Result<Slot, queue::Full> {
+        self.queue.admit()
+    }
+
+    /// Requests holding a slot, and jobs waiting for a worker.
+    pub fn load(&self) -> (usize, usize) {
+        (self.queue.admitted(), self.queue.depth())
+    }
+
+    /// Runs one forward under `slot` on the next free worker; returns its result and the time
+    /// it queued. `deadline` is the request's: a job still queued past it is dropped, and the
+    /// watchdog measures overruns from it.
     pub async fn forward(
         &self,
+        slot: &Slot,
         input: Arc<PipelineInput>,
         deadline: Instant,
-    ) -> Result<Reply, RuntimeError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job {
-                input,
-                queued: Instant::now(),
-                deadline,
-                reply,
-            })
-            .map_err(|_| RuntimeError::Forward("the model's workers have stopped".into()))?;
-        rx.await
-            .map_err(|_| RuntimeError::Forward("a forward worker stopped".into()))
+    ) -> Result<Reply, NotRun> {
+        let rx = self.queue.submit(slot, input, deadline)?;
+        rx.await.map_err(|_| queue::not_run(deadline))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.queue.close();
     }
 }
 

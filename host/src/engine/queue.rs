@@ -1,0 +1,306 @@
+//! A model's request queue: bounded admission, first in first out, and no device time for work
+//! nobody waits for.
+//!
+//! A request takes a [`Slot`] when it arrives ([`Queue::admit`]); with every slot taken the
+//! answer is "full" (429), at once. The slot is held, by the request and by each job it
+//! submits, until the last of them is gone: a client that disconnects, or a request that
+//! already answered 504, keeps its slot until its work has really stopped, so abandoned work
+//! cannot pile up beyond the bound. Workers [`take`](Queue::take) jobs in order, up to a given
+//! number at once (the batcher's entry point); a job whose requester has gone or whose
+//! deadline has passed is dropped there, before it reaches the device.
+//!
+//! Workers are plain threads (libtorch calls block), so waiting is a condition variable, not a
+//! future; requesters wait on a oneshot.
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// The queue of one model. `I` is a job's input, `R` its answer.
+pub struct Queue<I, R> {
+    state: Mutex<State<I, R>>,
+    ready: Condvar,
+    capacity: usize,
+}
+
+struct State<I, R> {
+    jobs: VecDeque<Job<I, R>>,
+    /// Slots held (admitted requests whose work is not finished).
+    admitted: usize,
+    closed: bool,
+}
+
+/// Every slot is taken: the request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+/// Why a submitted job got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRun {
+    /// The queue is closed (its model is being unloaded).
+    Closed,
+    /// Its deadline passed before a worker took it.
+    Expired,
+}
+
+/// A request's admission. Clones share it; it is given back when the last clone is dropped.
+pub struct Slot<I, R>(Arc<SlotInner<I, R>>);
+
+struct SlotInner<I, R> {
+    queue: Arc<Queue<I, R>>,
+}
+
+impl<I, R> Clone for Slot<I, R> {
+    fn clone(&self) -> Self {
+        Slot(self.0.clone())
+    }
+}
+
+impl<I, R> Drop for SlotInner<I, R> {
+    fn drop(&mut self) {
+        self.queue.lock().admitted -= 1;
+    }
+}
+
+/// One unit of work for a worker.
+pub struct Job<I, R> {
+    pub input: I,
+    pub deadline: Instant,
+    enqueued: Instant,
+    reply: oneshot::Sender<R>,
+    _slot: Slot<I, R>,
+}
+
+impl<I, R> Job<I, R> {
+    /// How long it waited for a worker (until now).
+    pub fn waited(&self) -> Duration {
+        self.enqueued.elapsed()
+    }
+
+    /// Answers the requester (if it still waits) and gives back the job's hold on the slot.
+    pub fn answer(self, result: R) {
+        let _ = self.reply.send(result);
+    }
+
+    fn live(&self, now: Instant) -> bool {
+        !self.reply.is_closed() && now < self.deadline
+    }
+}
+
+impl<I, R> Queue<I, R> {
+    /// A queue admitting at most `capacity` requests at once.
+    pub fn new(capacity: usize) -> Arc<Queue<I, R>> {
+        Arc::new(Queue {
+            state: Mutex::new(State {
+                jobs: VecDeque::new(),
+                admitted: 0,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            capacity: capacity.max(1),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<I, R>> {
+        // Nothing panics while holding the lock; a poisoned lock still has a consistent state.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for one request, or [`Full`] when `capacity` requests hold one.
+    pub fn admit(self: &Arc<Self>) -> Result<Slot<I, R>, Full> {
+        let mut state = self.lock();
+        if state.admitted >= self.capacity {
+            return Err(Full);
+        }
+        state.admitted += 1;
+        Ok(Slot(Arc::new(SlotInner {
+            queue: self.clone(),
+        })))
+    }
+
+    /// Requests admitted and not finished.
+    pub fn admitted(&self) -> usize {
+        self.lock().admitted
+    }
+
+    /// Jobs waiting for a worker.
+    pub fn depth(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    /// Queues `input` under `slot`, to run before `deadline`; the answer comes on the receiver
+    /// (which errors if the job is dropped unanswered: see [`Queue::take`]).
+    pub fn submit(
+        &self,
+        slot: &Slot<I, R>,
+        input: I,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<R>, NotRun> {
+        let (reply, rx) = oneshot::channel();
+        let mut state = self.lock();
+        if state.closed {
+            return Err(NotRun::Closed);
+        }
+        state.jobs.push_back(Job {
+            input,
+            deadline,
+            enqueued: Instant::now(),
+            reply,
+            _slot: slot.clone(),
+        });
+        drop(state);
+        self.ready.notify_one();
+        Ok(rx)
+    }
+
+    /// Blocks until at least one live job waits, then takes up to `max` of them in order. Jobs
+    /// whose requester has gone or whose deadline has passed are dropped on the way (their
+    /// slots given back). `None` once the queue is closed and empty.
+    pub fn take(&self, max: usize) -> Option<Vec<Job<I, R>>> {
+        let mut state = self.lock();
+        loop {
+            let now = Instant::now();
+            let mut taken = Vec::new();
+            let mut dropped = Vec::new();
+            while taken.len() < max.max(1) {
+                let Some(job) = state.jobs.pop_front() else {
+                    break;
+                };
+                if job.live(now) {
+                    taken.push(job);
+                } else {
+                    dropped.push(job);
+                }
+            }
+            if !dropped.is_empty() {
+                // Slots lock the queue when released: drop them outside the lock.
+                drop(state);
+                drop(dropped);
+                if !taken.is_empty() {
+                    return Some(taken);
+                }
+                state = self.lock();
+                continue;
+            }
+            if !taken.is_empty() {
+                return Some(taken);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Refuses new jobs and wakes every waiting worker; jobs already queued still run.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+/// What a dropped job's requester sees: [`NotRun::Expired`] past its deadline, else
+/// [`NotRun::Closed`].
+pub fn not_run(deadline: Instant) -> NotRun {
+    if Instant::now() >= deadline {
+        NotRun::Expired
+    } else {
+        NotRun::Closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn admission_is_bounded_and_slots_come_back() {
+        let q: Arc<Queue<u32, u32>> = Queue::new(2);
+        let a = q.admit().unwrap();
+        let b = q.admit().unwrap();
+        assert_eq!(q.admit().err(), Some(Full));
+        let a2 = a.clone();
+        drop(a);
+        // A clone (a queued job's, say) still holds the slot.
+        assert_eq!(q.admit().err(), Some(Full));
+        drop(a2);
+        let c = q.admit().unwrap();
+        assert_eq!(q.admitted(), 2);
+        drop((b, c));
+        assert_eq!(q.admitted(), 0);
+    }
+
+    #[test]
+    fn jobs_run_in_order_and_are_taken_up_to_max() {
+        let q: Arc<Queue<u32, u32>> = Queue::new(8);
+        let slot = q.admit().unwrap();
+        let mut replies: Vec<_> = (0..5)
+            .map(|i| q.submit(&slot, i, later()).unwrap())
+            .collect();
+        assert_eq!(q.depth(), 5);
+        let first = q.take(2).unwrap();
+        assert_eq!(first.iter().map(|j| j.input).collect::<Vec<_>>(), [0, 1]);
+        let rest = q.take(10).unwrap();
+        assert_eq!(rest.iter().map(|j| j.input).collect::<Vec<_>>(), [2, 3, 4]);
+        for job in first.into_iter().chain(rest) {
+            let v = job.input * 10;
+            job.answer(v);
+        }
+        for (i, rx) in replies.iter_mut().enumerate() {
+            assert_eq!(rx.try_recv().unwrap(), i as u32 * 10);
+        }
+    }
+
+    #[test]
+    fn abandoned_and_expired_jobs_never_reach_a_worker_and_hold_their_slot_until_dropped() {
+        let q: Arc<Queue<&str, ()>> = Queue::new(3);
+        let gone = q.admit().unwrap();
+        let gone_rx = q.submit(&gone, "client gone", later()).unwrap();
+        let late = q.admit().unwrap();
+        let late_rx = q
+            .submit(&late, "expired", Instant::now() - Duration::from_millis(1))
+            .unwrap();
+        let ok = q.admit().unwrap();
+        let _ok_rx = q.submit(&ok, "live", later()).unwrap();
+        // The requesters go away (the client disconnected; the request answered 504).
+        drop((gone, gone_rx, late));
+        // Their jobs still hold their slots: nothing new fits yet.
+        assert_eq!(q.admit().err(), Some(Full));
+        let taken = q.take(10).unwrap();
+        assert_eq!(taken.iter().map(|j| j.input).collect::<Vec<_>>(), ["live"]);
+        // Dropping them at the queue gave both slots back.
+        assert_eq!(q.admitted(), 1);
+        // The expired job's requester learns it did not run.
+        let mut late_rx = late_rx;
+        assert!(late_rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn closing_wakes_workers_after_the_queued_jobs() {
+        let q: Arc<Queue<u32, ()>> = Queue::new(4);
+        let slot = q.admit().unwrap();
+        let _rx = q.submit(&slot, 7, later()).unwrap();
+        let worker = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while let Some(jobs) = q.take(1) {
+                    seen.extend(jobs.iter().map(|j| j.input));
+                }
+                seen
+            })
+        };
+        // Wait (with a deadline) until the worker has taken the job, then close.
+        let until = Instant::now() + Duration::from_secs(10);
+        while q.depth() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        q.close();
+        assert_eq!(worker.join().unwrap(), [7]);
+        assert_eq!(q.submit(&slot, 8, later()).err(), Some(NotRun::Closed));
+    }
+}

@@ -1,0 +1,334 @@
+//! Loading: store → unpack (checked once per archive) → TorchScript on the device → handler
+//! compiled → queue and workers started. Warm-up, the last step before a model is published,
+//! is the caller's (see [`super::Residency::get`]): it runs requests through the serving path.
+use super::{LoadedModel, Residency, ResidencyError};
+use crate::archive::{self, ArchiveError, Limits, Unpacked};
+use crate::engine::Engine;
+use crate::registry::Registration;
+use crate::runtime::{self, verify, RuntimeError, TorchModel};
+use crate::sandbox::{HandlerEnv, Sandbox, SandboxError};
+use crate::tenancy::Tenant;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tch::Device;
+
+/// Settings for loading.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub work_dir: PathBuf,
+    pub limits: Limits,
+    pub device: Device,
+    pub handler_memory_bytes: u64,
+    pub max_response_bytes: usize,
+    pub max_queue: usize,
+    /// Base deadline and memory of the sandboxed TorchScript check.
+    pub check_seconds: u64,
+    pub check_memory_mib: u64,
+    /// TorchScript executor of models that do not name one.
+    pub executor: runtime::Executor,
+}
+
+/// Loads models for [`Residency`].
+pub struct Loader {
+    pub config: LoaderConfig,
+    pub sandbox: Arc<Sandbox>,
+}
+
+/// Why an archive's contents were refused by [`check_unpacked`].
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Handler(SandboxError),
+    #[error(transparent)]
+    Model(RuntimeError),
+}
+
+/// The one check of an unpacked archive's code, for uploads and loads alike: the handler is a
+/// component of our world with allowed imports (compiled once per content hash), and every
+/// TorchScript file passes the sandboxed operator check ([`verify`]).
+pub fn check_unpacked(
+    unpacked: &Unpacked,
+    sandbox: &Sandbox,
+    limits: verify::CheckLimits,
+) -> Result<(), CheckError> {
+    sandbox
+        .compile(&unpacked.handler, &unpacked.handler_hash)
+        .map_err(CheckError::Handler)?;
+    verify::check_files(&unpacked.model_files, limits).map_err(CheckError::Model)
+}
+
+impl From<CheckError> for ResidencyError {
+    fn from(e: CheckError) -> ResidencyError {
+        match e {
+            CheckError::Handler(e) => ResidencyError::Handler(e),
+            CheckError::Model(e) => ResidencyError::Runtime(e),
+        }
+    }
+}
+
+impl Loader {
+    /// Loads `reg` for `tenant`, making room in `residency` as it goes.
+    pub async fn load(
+        &self,
+        residency: &Residency,
+        reg: &Registration,
+        tenant: &Tenant,
+    ) -> Result<LoadedModel, ResidencyError> {
+        let started = Instant::now();
+        let result = self.load_inner(residency, reg, tenant).await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        let metrics = residency.metrics();
+        let label = reg.key.to_string();
+        metrics
+            .loads
+            .with_label_values(&[label.as_str(), outcome])
+            .inc();
+        match &result {
+            Ok(m) => {
+                metrics
+                    .load_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::info!(
+                    model = %m.key,
+                    device = runtime::device_name(m.pipeline.device()),
+                    bytes = m.weight(),
+                    ms = started.elapsed().as_millis() as u64,
+                    cpu_tensor_bytes = runtime::cpu_tensor_bytes(),
+                    "model loaded"
+                );
+            }
+            Err(e) => tracing::warn!(model = %reg.key, error = %e, "model load failed"),
+        }
+        result
+    }
+
+    async fn load_inner(
+        &self,
+        residency: &Residency,
+        reg: &Registration,
+        tenant: &Tenant,
+    ) -> Result<LoadedModel, ResidencyError> {
+        let started = Instant::now();
+        let key = &reg.key;
+        let unpacked = {
+            let (archive, config, sandbox) = (
+                reg.archive.clone(),
+                self.config.clone(),
+                self.sandbox.clone(),
+            );
+            blocking(move || unpack_cached(&archive, &config, &sandbox)).await??
+        };
+        let device = match (unpacked.config.device_type.as_deref(), self.config.device) {
+            (Some("cpu"), _) => Device::Cpu,
+            (_, d) => d,
+        };
+        let budget = residency.budget();
+        let too_big = |what: &str, bytes: u64| {
+            ResidencyError::InsufficientMemory(format!(
+                "model '{}' {what} {} MiB, more than the whole residency budget of {} MiB",
+                key.name,
+                bytes >> 20,
+                budget >> 20
+            ))
+        };
+        if unpacked.model_bytes > budget {
+            return Err(too_big("has TorchScript of", unpacked.model_bytes));
+        }
+        // Make room for at least the archive's tensors before touching the device.
+        residency.make_room(key, unpacked.model_bytes).await;
+        let stage = match (&unpacked.stage_file, &unpacked.config.tessera.cached_stage) {
+            (Some(file), Some(spec)) => Some(runtime::Stage {
+                model: self.load_torch(residency, file, device, reg).await?,
+                inputs: spec.inputs.clone(),
+                cache: Arc::new(runtime::StageCache::new(spec.cache_mib << 20)),
+            }),
+            _ => None,
+        };
+        let entry = self
+            .load_torch(residency, &unpacked.model_file, device, reg)
+            .await?;
+        let pipeline = runtime::Pipeline { stage, entry };
+        if pipeline.held_bytes() > budget {
+            return Err(too_big(
+                "holds (with its stage cache)",
+                pipeline.held_bytes(),
+            ));
+        }
+        let handler = {
+            let env = self.handler_env(reg, tenant, &unpacked, &pipeline);
+            let (sandbox, path, hash) = (
+                self.sandbox.clone(),
+                unpacked.handler.clone(),
+                unpacked.handler_hash.clone(),
+            );
+            blocking(move || sandbox.prepare(&path, &hash, env)).await??
+        };
+        let pipeline = Arc::new(pipeline);
+        let workers = unpacked.config.max_workers as usize;
+        let engine = Engine::spawn(
+            pipeline.clone(),
+            workers,
+            workers + self.config.max_queue,
+            &key.name,
+            unpacked
+                .config
+                .tessera
+                .executor
+                .unwrap_or(self.config.executor),
+            Duration::from_secs(unpacked.config.response_timeout),
+            residency.quarantine_callback(key),
+        )
+        .map_err(|e| ResidencyError::Internal(format!("starting forward workers: {e}")))?;
+        if unpacked.config.batch_size > 1 {
+            tracing::warn!(model = %key, batch_size = unpacked.config.batch_size,
+                "batchSize > 1: cross-request batching is not implemented yet; requests run one by one");
+        }
+        Ok(LoadedModel::new(
+            key.clone(),
+            unpacked,
+            pipeline,
+            engine,
+            handler,
+            started.elapsed(),
+            residency.now_ms(),
+        ))
+    }
+
+    /// What the handler may see and use: assets, parameters, its memory cap (the archive's,
+    /// lowered to the tenant's and the server's).
+    fn handler_env(
+        &self,
+        reg: &Registration,
+        tenant: &Tenant,
+        unpacked: &Unpacked,
+        pipeline: &runtime::Pipeline,
+    ) -> HandlerEnv {
+        let cap = tenant
+            .limits
+            .handler_memory_mib
+            .map(|m| m << 20)
+            .unwrap_or(u64::MAX)
+            .min(self.config.handler_memory_bytes);
+        let config = &unpacked.config;
+        HandlerEnv {
+            model: reg.key.to_string(),
+            assets: unpacked.dir.join(archive::ASSETS_DIR),
+            params: config
+                .handler
+                .keys()
+                .filter_map(|k| config.handler_param(k).map(|v| (k.clone(), v)))
+                .collect(),
+            memory_bytes: config
+                .tessera
+                .handler_memory_mib
+                .map(|m| (m << 20).min(cap))
+                .unwrap_or(cap),
+            max_response_bytes: self.config.max_response_bytes,
+            stage_cache: pipeline.stage.as_ref().map(|s| s.cache.clone()),
+        }
+    }
+
+    /// Loads one TorchScript file onto `device`, evicting per policy while it runs out of memory.
+    async fn load_torch(
+        &self,
+        residency: &Residency,
+        file: &Path,
+        device: Device,
+        reg: &Registration,
+    ) -> Result<TorchModel, ResidencyError> {
+        let result = residency
+            .retry_out_of_memory(&reg.key, u32::MAX, || {
+                let path = file.to_path_buf();
+                async move {
+                    match crate::blocking(move || TorchModel::load(&path, device)).await {
+                        Ok(result) => result,
+                        Err(e) => Err(RuntimeError::Load(format!("loader thread failed: {e}"))),
+                    }
+                }
+            })
+            .await;
+        result.map_err(|e| match e {
+            RuntimeError::OutOfMemory { message, .. } => {
+                ResidencyError::InsufficientMemory(format!(
+                    "model '{}' does not fit on {} with every model it may evict evicted: {}",
+                    reg.key.name,
+                    runtime::device_name(device),
+                    message.lines().next().unwrap_or_default()
+                ))
+            }
+            e => ResidencyError::Runtime(e),
+        })
+    }
+}
+
+/// Runs blocking work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ResidencyError> {
+    crate::blocking(f)
+        .await
+        .map_err(|e| ResidencyError::Internal(format!("worker thread failed: {e}")))
+}
+
+/// The unpacked directory for an archive, unpacking on first sight, its code checked
+/// ([`check_unpacked`]) before anything loads it. Keyed by path, size and mtime, so a replaced
+/// archive is unpacked and checked afresh.
+fn unpack_cached(
+    archive: &Path,
+    config: &LoaderConfig,
+    sandbox: &Sandbox,
+) -> Result<Unpacked, ResidencyError> {
+    let meta = std::fs::metadata(archive).map_err(archive::io_err(archive))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(archive.to_string_lossy().as_bytes());
+    h.update(meta.len().to_le_bytes());
+    h.update(mtime.as_nanos().to_le_bytes());
+    let key = hex::encode(&h.finalize()[..12]);
+    let dest = config.work_dir.join("unpacked").join(&key);
+    // Written once the unpacked code passed the check; never inside `dest`, which holds the
+    // archive's own files.
+    let checked = config
+        .work_dir
+        .join("unpacked")
+        .join(format!("{key}.checked"));
+    let unpacked = match std::fs::metadata(&dest) {
+        Ok(m) if m.is_dir() => match archive::inspect(&dest) {
+            Ok(u) => u,
+            Err(_) => {
+                let _ = std::fs::remove_dir_all(&dest);
+                let _ = std::fs::remove_file(&checked);
+                unpack_fresh(archive, &dest, config)?
+            }
+        },
+        _ => unpack_fresh(archive, &dest, config)?,
+    };
+    if !checked.is_file() {
+        let limits = verify::CheckLimits::for_files(
+            &unpacked.model_files,
+            config.check_seconds,
+            config.check_memory_mib,
+        );
+        check_unpacked(&unpacked, sandbox, limits)?;
+        std::fs::write(&checked, b"").map_err(archive::io_err(&checked))?;
+    }
+    Ok(unpacked)
+}
+
+fn unpack_fresh(
+    archive: &Path,
+    dest: &Path,
+    config: &LoaderConfig,
+) -> Result<Unpacked, ArchiveError> {
+    match archive::unpack(archive, dest, config.limits) {
+        // Another load of the same archive may have won the rename.
+        Err(ArchiveError::Io { .. }) if dest.is_dir() => archive::inspect(dest),
+        other => other,
+    }
+}

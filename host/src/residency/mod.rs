@@ -1,0 +1,380 @@
+//! Residency: which models are loaded on the device, within a memory budget.
+//!
+//! Three parts: this module is the mechanism (a moka cache of [`LoadedModel`]s by
+//! [`ModelKey`], weighed in bytes, and the one evict-and-retry helper), [`policy`] decides
+//! which model to evict (a pure function), and [`loader`] brings a model in. Concurrent first
+//! requests for one model share one load (moka's `try_get_with`), and a model is published only
+//! once its warm-up has run.
+//!
+//! Each model is weighed by the bytes it holds on its device (measured after load by the
+//! runtime, its cached stage's capacity included) and the sum is kept within the device budget
+//! by our own eviction policy, not moka's. Before a load we make room for the archive's size;
+//! after it, for what it really holds. A load or forward that still runs out of memory evicts
+//! one more victim and retries ([`Residency::retry_out_of_memory`]); when no victim is left the
+//! answer is 507. Requests hold an `Arc` to the model, so eviction only drops the cache's
+//! reference: a model in use is freed when its last request finishes.
+//!
+//! Unpacked archives stay on local disk (the disk tier), keyed by the archive's identity, so a
+//! reload after eviction skips the unpack and the check.
+//!
+//! Lock order: the moka cache's internal locks, then (never while awaiting) `quarantined` or
+//! `evictions`; the registry is never locked while awaiting a load.
+pub mod loader;
+mod model;
+pub mod policy;
+
+pub use loader::{check_unpacked, CheckError, Loader, LoaderConfig};
+pub use model::{InUse, LoadedModel};
+
+use crate::archive::ArchiveError;
+use crate::metrics::Metrics;
+use crate::names::ModelKey;
+use crate::registry::Registration;
+use crate::runtime::{self, RuntimeError};
+use crate::sandbox::SandboxError;
+use crate::tenancy::{Tenant, Tenants};
+use moka::future::Cache;
+use moka::notification::RemovalCause;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResidencyError {
+    #[error("{}", .0.as_rejection())]
+    Archive(#[from] ArchiveError),
+    #[error("model could not be loaded: {0}")]
+    Runtime(RuntimeError),
+    #[error("{0}")]
+    Handler(#[from] SandboxError),
+    #[error("insufficient memory: {0}")]
+    InsufficientMemory(String),
+    #[error("model '{0}' is quarantined: one of its forwards ran past its deadline by more than its responseTimeout and could not be stopped; unload it (DELETE /models/{{name}}) or upload a fixed version")]
+    Quarantined(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Why a model left residency, as metrics and logs name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictionCause {
+    /// Room for a load within the budget.
+    Budget,
+    /// A load or forward ran out of device memory.
+    OutOfMemory,
+    /// Unloaded by a client (`DELETE /models/...`).
+    Unload,
+}
+
+impl EvictionCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictionCause::Budget => "budget",
+            EvictionCause::OutOfMemory => "out-of-memory",
+            EvictionCause::Unload => "unload",
+        }
+    }
+}
+
+/// An error that may mean "out of memory" (what [`Residency::retry_out_of_memory`] retries).
+pub trait OutOfMemory {
+    fn is_out_of_memory(&self) -> bool;
+}
+
+impl OutOfMemory for RuntimeError {
+    fn is_out_of_memory(&self) -> bool {
+        matches!(self, RuntimeError::OutOfMemory { .. })
+    }
+}
+
+pub struct Residency {
+    cache: Cache<ModelKey, Arc<LoadedModel>>,
+    /// Models whose forward overran (see [`crate::engine`]): refused until unloaded.
+    quarantined: Arc<Mutex<HashSet<ModelKey>>>,
+    /// Evictions to make room (not unloads), per (tenant, name), for `GET /models`.
+    evictions: Mutex<HashMap<(String, String), u64>>,
+    budget: u64,
+    tenants: Arc<Tenants>,
+    loader: Loader,
+    metrics: Arc<Metrics>,
+    clock: Instant,
+}
+
+impl Residency {
+    pub fn new(
+        budget: u64,
+        tenants: Arc<Tenants>,
+        loader: Loader,
+        metrics: Arc<Metrics>,
+    ) -> Residency {
+        let m = metrics.clone();
+        let cache = Cache::builder()
+            .eviction_listener(
+                move |key: Arc<ModelKey>, model: Arc<LoadedModel>, cause: RemovalCause| {
+                    if cause == RemovalCause::Replaced {
+                        return;
+                    }
+                    let label = key.to_string();
+                    m.resident_bytes.with_label_values(&[label.as_str()]).set(0);
+                    m.resident_models.dec();
+                    tracing::info!(
+                        model = label,
+                        bytes = model.weight(),
+                        in_use = model.in_use(),
+                        "model evicted{}",
+                        if model.in_use() > 0 {
+                            " (freed when its requests finish)"
+                        } else {
+                            ""
+                        }
+                    );
+                },
+            )
+            .build();
+        Residency {
+            cache,
+            budget,
+            tenants,
+            loader,
+            metrics,
+            clock: Instant::now(),
+            evictions: Default::default(),
+            quarantined: Default::default(),
+        }
+    }
+
+    /// The device budget in bytes.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// The server's device (a model may still ask for the CPU).
+    pub fn device(&self) -> tch::Device {
+        self.loader.config.device
+    }
+
+    pub fn clock(&self) -> &Instant {
+        &self.clock
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Bytes currently accounted to resident models.
+    pub async fn used(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
+        self.cache.iter().map(|(_, m)| m.weight()).sum()
+    }
+
+    /// The resident model under `key`, if loaded.
+    pub async fn peek(&self, key: &ModelKey) -> Option<Arc<LoadedModel>> {
+        self.cache.get(key).await
+    }
+
+    /// Resident versions of `tenant`'s model `name`.
+    pub fn resident_versions(&self, tenant: &str, name: &str) -> Vec<Arc<LoadedModel>> {
+        self.cache
+            .iter()
+            .filter(|(k, _)| k.is_version_of(tenant, name))
+            .map(|(_, m)| m)
+            .collect()
+    }
+
+    /// The model for `reg`, loading it if needed; `warm_up` runs on a fresh load before the
+    /// model is published (every concurrent request for it waits for both). Returns whether
+    /// this call did the load.
+    pub async fn get<W, F>(
+        &self,
+        reg: &Registration,
+        tenant: &Tenant,
+        warm_up: W,
+    ) -> Result<(Arc<LoadedModel>, bool), Arc<ResidencyError>>
+    where
+        W: FnOnce(Arc<LoadedModel>) -> F,
+        F: Future<Output = ()>,
+    {
+        let key = &reg.key;
+        if self.is_quarantined(key) {
+            return Err(Arc::new(ResidencyError::Quarantined(format!(
+                "{}@{}",
+                key.name, key.version
+            ))));
+        }
+        let loaded_here = AtomicBool::new(false);
+        let model = self
+            .cache
+            .try_get_with(key.clone(), async {
+                loaded_here.store(true, Ordering::Relaxed);
+                let model = Arc::new(self.loader.load(self, reg, tenant).await?);
+                warm_up(model.clone()).await;
+                Ok::<_, ResidencyError>(model)
+            })
+            .await?;
+        let loaded_here = loaded_here.load(Ordering::Relaxed);
+        if loaded_here {
+            self.metrics.resident_models.inc();
+            self.metrics
+                .resident_bytes
+                .with_label_values(&[key.to_string().as_str()])
+                .set(model.weight() as i64);
+            // Now that the real size is known, bring the total back within the budget.
+            while self.used().await > self.budget {
+                if !self.evict_one(key, EvictionCause::Budget).await {
+                    tracing::warn!(model = %key, budget = self.budget,
+                        "over the residency budget: every other model is busy or within its tenant's share");
+                    break;
+                }
+            }
+        }
+        Ok((model, loaded_here))
+    }
+
+    /// Evicts (per policy) until `bytes` more fit in the budget, or nothing more may go.
+    pub async fn make_room(&self, for_key: &ModelKey, bytes: u64) {
+        while self.used().await + bytes > self.budget {
+            if !self.evict_one(for_key, EvictionCause::Budget).await {
+                break;
+            }
+        }
+    }
+
+    /// Runs `attempt` (a load or a forward for `key`) until it does not run out of memory:
+    /// after each out-of-memory failure the C heap is trimmed, one more victim is evicted and
+    /// the attempt repeated, at most `max_evictions` times. Returns the last error when no
+    /// victim is left or the bound is reached.
+    pub async fn retry_out_of_memory<T, E, A, F>(
+        &self,
+        key: &ModelKey,
+        max_evictions: u32,
+        mut attempt: A,
+    ) -> Result<T, E>
+    where
+        E: OutOfMemory,
+        A: FnMut() -> F,
+        F: Future<Output = Result<T, E>>,
+    {
+        let mut evictions = 0;
+        loop {
+            match attempt().await {
+                Err(e) if e.is_out_of_memory() => {
+                    // What the failed attempt allocated went back to the C heap; give it back
+                    // to the system, so a model that hits the cap again and again does not
+                    // leave the process holding its peak.
+                    runtime::release_host_memory();
+                    if evictions >= max_evictions
+                        || !self.evict_one(key, EvictionCause::OutOfMemory).await
+                    {
+                        return Err(e);
+                    }
+                    evictions += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether `key` was quarantined (a forward overran and could not be stopped).
+    pub fn is_quarantined(&self, key: &ModelKey) -> bool {
+        self.quarantined
+            .lock()
+            .map(|q| q.contains(key))
+            .unwrap_or(false)
+    }
+
+    /// What a model's engine calls when its forward overran: quarantine the model.
+    fn quarantine_callback(&self, key: &ModelKey) -> Box<dyn Fn() + Send + Sync> {
+        let (set, key) = (self.quarantined.clone(), key.clone());
+        Box::new(move || {
+            if let Ok(mut q) = set.lock() {
+                q.insert(key.clone());
+            }
+        })
+    }
+
+    /// Unloads one model version.
+    pub async fn remove(&self, key: &ModelKey) {
+        if let Ok(mut q) = self.quarantined.lock() {
+            q.remove(key);
+        }
+        if self.cache.contains_key(key) {
+            self.count_eviction(key, EvictionCause::Unload);
+            self.cache.invalidate(key).await;
+            self.cache.run_pending_tasks().await;
+        }
+    }
+
+    /// Unloads every resident version of `tenant`'s model `name`. Returns how many were resident.
+    pub async fn remove_model(&self, tenant: &str, name: &str) -> usize {
+        if let Ok(mut q) = self.quarantined.lock() {
+            q.retain(|k| !k.is_version_of(tenant, name));
+        }
+        let victims = self.resident_versions(tenant, name);
+        for m in &victims {
+            self.count_eviction(&m.key, EvictionCause::Unload);
+            self.cache.invalidate(&m.key).await;
+        }
+        self.cache.run_pending_tasks().await;
+        victims.len()
+    }
+
+    fn count_eviction(&self, key: &ModelKey, cause: EvictionCause) {
+        self.metrics
+            .evictions
+            .with_label_values(&[key.to_string().as_str(), cause.as_str()])
+            .inc();
+    }
+
+    /// Evicts one idle model chosen by the [`policy`] to make room for `for_key`. False if there
+    /// is no eligible victim.
+    pub async fn evict_one(&self, for_key: &ModelKey, cause: EvictionCause) -> bool {
+        self.cache.run_pending_tasks().await;
+        let resident: Vec<Arc<LoadedModel>> = self.cache.iter().map(|(_, m)| m).collect();
+        let candidates: Vec<policy::Candidate> = resident
+            .iter()
+            .map(|m| policy::Candidate {
+                key: &m.key,
+                held: m.weight() - m.pipeline.reserved_bytes(),
+                reserved: m.pipeline.reserved_bytes(),
+                in_use: m.in_use(),
+                last_used: m.last_used(),
+            })
+            .collect();
+        let shares = self.tenants.shares();
+        let Some(victim) = policy::choose_victim(&candidates, &shares, self.budget, for_key) else {
+            return false;
+        };
+        let victim = victim.clone();
+        tracing::info!(
+            model = %victim,
+            reason = cause.as_str(),
+            for_tenant = for_key.tenant,
+            "evicting to make room"
+        );
+        self.count_eviction(&victim, cause);
+        *self
+            .evictions
+            .lock()
+            .unwrap()
+            .entry((victim.tenant.clone(), victim.name.clone()))
+            .or_default() += 1;
+        self.cache.invalidate(&victim).await;
+        self.cache.run_pending_tasks().await;
+        true
+    }
+
+    /// How often `tenant`'s model `name` (any version) was evicted to make room.
+    pub fn evictions_of(&self, tenant: &str, name: &str) -> u64 {
+        let evictions = self.evictions.lock().unwrap();
+        evictions
+            .get(&(tenant.to_string(), name.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,97 @@
+//! A model made resident: what it is, what it holds, and whether it is serving.
+use crate::archive::{ModelConfig, Unpacked};
+use crate::engine::Engine;
+use crate::names::ModelKey;
+use crate::runtime::Pipeline;
+use crate::sandbox::Handler;
+use crate::tenancy::Tenant;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A model ready to serve: TorchScript on its device, handler compiled, queue and workers
+/// running, warm-up done.
+pub struct LoadedModel {
+    pub key: ModelKey,
+    /// Its unpacked archive (config, assets) on local disk.
+    pub unpacked: Unpacked,
+    /// The TorchScript (entry model, and the cached stage if any) on its device.
+    pub pipeline: Arc<Pipeline>,
+    /// Its queue and the threads that run its forwards (maxWorkers of them).
+    pub engine: Engine,
+    pub handler: Handler,
+    /// From store to device, warm-up excluded.
+    pub load_time: Duration,
+    in_use: AtomicUsize,
+    /// Milliseconds since residency's clock when it last began serving.
+    last_used: AtomicU64,
+}
+
+impl LoadedModel {
+    pub fn new(
+        key: ModelKey,
+        unpacked: Unpacked,
+        pipeline: Arc<Pipeline>,
+        engine: Engine,
+        handler: Handler,
+        load_time: Duration,
+        now_ms: u64,
+    ) -> LoadedModel {
+        LoadedModel {
+            key,
+            unpacked,
+            pipeline,
+            engine,
+            handler,
+            load_time,
+            in_use: AtomicUsize::new(0),
+            last_used: AtomicU64::new(now_ms),
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.unpacked.config
+    }
+
+    /// Bytes it holds on its device, its cached stage's capacity included (the cache weight).
+    pub fn weight(&self) -> u64 {
+        self.pipeline.held_bytes()
+    }
+
+    /// How long one of `tenant`'s requests may take: the model's responseTimeout, lowered to
+    /// the tenant's limit.
+    pub fn timeout_for(&self, tenant: &Tenant) -> Duration {
+        let seconds = self.config().response_timeout;
+        Duration::from_secs(
+            tenant
+                .limits
+                .handler_timeout_seconds
+                .map_or(seconds, |t| t.min(seconds)),
+        )
+    }
+
+    /// Marks the model busy for the guard's lifetime (it will not be chosen for eviction).
+    pub fn begin(self: &Arc<Self>, clock: &Instant) -> InUse {
+        self.in_use.fetch_add(1, Ordering::SeqCst);
+        self.last_used
+            .store(clock.elapsed().as_millis() as u64, Ordering::Relaxed);
+        InUse(self.clone())
+    }
+
+    /// Requests in flight.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::SeqCst)
+    }
+
+    pub fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+}
+
+/// Keeps a model marked busy.
+pub struct InUse(Arc<LoadedModel>);
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,291 @@
+//! One inference request, top to bottom: resolve the name, make the model resident (loaded and
+//! warm), admit the request at the model's queue (or answer 429), run the handler's preprocess,
+//! the forward on the device and the handler's postprocess, each off the async runtime and all
+//! within the model's responseTimeout.
+use super::Server;
+use crate::engine::{queue::NotRun, Slot};
+use crate::error::{Error, ErrorKind};
+use crate::registry::Registration;
+use crate::residency::{LoadedModel, OutOfMemory, ResidencyError};
+use crate::runtime::{HostTensor, PipelineInput, RuntimeError};
+use crate::sandbox::{Handler, HandlerRequest, HandlerResponse, Sandbox};
+use crate::tenancy::Tenant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Timings of one request, returned to the client as headers.
+#[derive(Debug, Default, Clone)]
+pub struct Timings {
+    /// The model version that served the request.
+    pub version: String,
+    /// For models with a cached stage: whether its outputs came from the cache.
+    pub stage_cache: Option<bool>,
+    /// Load and warm-up, when this request triggered them.
+    pub load: Option<Duration>,
+    pub queue: Duration,
+    pub preprocess: Duration,
+    pub inference: Duration,
+    pub postprocess: Duration,
+}
+
+/// Idle models one request's forward may evict after running out of memory before it answers
+/// 507: enough when the memory is really held by others, bounded when the forward itself is
+/// the problem (each retry would otherwise evict another tenant's idle model).
+const MAX_OOM_EVICTIONS: u32 = 2;
+
+/// Why a forward produced no outputs.
+enum ForwardError {
+    Runtime(RuntimeError),
+    NotRun(NotRun),
+}
+
+impl OutOfMemory for ForwardError {
+    fn is_out_of_memory(&self) -> bool {
+        matches!(self, ForwardError::Runtime(e) if e.is_out_of_memory())
+    }
+}
+
+fn timed_out(timeout: Duration) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("request timed out after {timeout:?} (model responseTimeout)"),
+    )
+}
+
+impl Server {
+    /// Serves one request for `tenant`'s model `name` (at `version`, or its default).
+    pub async fn invoke(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        version: Option<&str>,
+        request: HandlerRequest,
+        request_id: &str,
+    ) -> Result<(HandlerResponse, Timings), Error> {
+        let mut timings = Timings::default();
+        let reg = self.registry.resolve(&tenant.name, name, version)?;
+        let load_started = Instant::now();
+        let (model, loaded_now) = self.resident(&reg, tenant).await?;
+        if loaded_now {
+            timings.load = Some(load_started.elapsed());
+        }
+        timings.version = model.key.version.clone();
+        let _busy = model.begin(self.residency.clock());
+        let timeout = model.timeout_for(tenant);
+        let slot = model.engine.admit().map_err(|_| {
+            self.metrics
+                .rejected
+                .with_label_values(&[model.key.to_string().as_str()])
+                .inc();
+            Error::new(
+                ErrorKind::Overloaded,
+                format!("model '{name}' is busy: its queue is full, retry later"),
+            )
+        })?;
+        // The sandbox enforces the deadline itself and says which handler call overran; the
+        // outer timer (a little later) catches waits and forwards, which cannot be interrupted.
+        let outer = timeout + Duration::from_millis(250);
+        match tokio::time::timeout(
+            outer,
+            self.run(&model, &slot, request, request_id, timeout, &mut timings),
+        )
+        .await
+        {
+            Ok(result) => result.map(|r| (r, timings)),
+            Err(_) => Err(timed_out(timeout)),
+        }
+    }
+
+    /// `reg` resident for `tenant`: loaded if needed and, after a load, warmed up before anyone
+    /// is served. Returns whether this call did the load.
+    pub async fn resident(
+        &self,
+        reg: &Registration,
+        tenant: &Tenant,
+    ) -> Result<(Arc<LoadedModel>, bool), Error> {
+        Ok(self
+            .residency
+            .get(reg, tenant, |model| self.warm_up(model, tenant))
+            .await?)
+    }
+
+    /// Replays the archive's warm-up request (`tessera.warmup`) through handler and model, under
+    /// the time limit of a request of `tenant`. A failure is logged and serving goes on: warm-up
+    /// only moves one-time costs off users.
+    async fn warm_up(&self, model: Arc<LoadedModel>, tenant: &Tenant) {
+        let Some(w) = model.config().tessera.warmup.clone() else {
+            return;
+        };
+        let timeout = model.timeout_for(tenant);
+        let path = model
+            .unpacked
+            .dir
+            .join(crate::archive::ASSETS_DIR)
+            .join(&w.request);
+        // The body is the tenant's: bounded like any request body before it is read.
+        let limit = self.config.max_request_bytes() as u64;
+        let body = match tokio::fs::metadata(&path).await {
+            Ok(m) if !m.is_file() || m.len() > limit => {
+                tracing::warn!(model = %model.key, bytes = m.len(), limit,
+                    "warm-up request {} is not a file within the request size limit; serving without warm-up", w.request);
+                return;
+            }
+            Ok(_) => tokio::fs::read(&path).await,
+            Err(e) => Err(e),
+        };
+        let body = match body {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(model = %model.key, "warm-up request {}: {e}", w.request);
+                return;
+            }
+        };
+        for i in 0..w.times {
+            let started = Instant::now();
+            let request = HandlerRequest {
+                body: body.clone(),
+                content_type: "application/json".into(),
+                headers: Vec::new(),
+            };
+            let Ok(slot) = model.engine.admit() else {
+                tracing::warn!(model = %model.key, "warm-up found the queue full; serving without warm-up");
+                return;
+            };
+            let rid = format!("warmup-{}", i + 1);
+            let mut timings = Timings::default();
+            let result = tokio::time::timeout(
+                timeout,
+                self.run(&model, &slot, request, &rid, timeout, &mut timings),
+            )
+            .await;
+            let ms = started.elapsed().as_millis() as u64;
+            match result {
+                Ok(Ok(r)) if r.status < 400 => {
+                    tracing::info!(model = %model.key, run = i + 1, ms, "warm-up request done")
+                }
+                Ok(Ok(r)) => {
+                    tracing::warn!(model = %model.key, status = r.status, body = %String::from_utf8_lossy(&r.body[..r.body.len().min(300)]), "warm-up request refused by the handler; serving without warm-up");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(model = %model.key, error = %e, "warm-up request failed; serving without warm-up");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(model = %model.key, "warm-up request timed out; serving without warm-up");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Preprocess → forward → postprocess under `slot`, within `timeout` from now. Every
+    /// blocking step holds a clone of the slot, so work a gone client left running still
+    /// counts against the model's queue bound until it stops.
+    async fn run(
+        &self,
+        model: &Arc<LoadedModel>,
+        slot: &Slot,
+        request: HandlerRequest,
+        request_id: &str,
+        timeout: Duration,
+        timings: &mut Timings,
+    ) -> Result<HandlerResponse, Error> {
+        let deadline = Instant::now() + timeout;
+        let label = model.key.to_string();
+        let t = Instant::now();
+        let rid = request_id.to_string();
+        let pre = self
+            .handler_call(model, slot, move |sandbox, handler| {
+                sandbox.preprocess(handler, request, &rid, deadline)
+            })
+            .await??;
+        timings.preprocess = t.elapsed();
+
+        let t = Instant::now();
+        let input = Arc::new(PipelineInput {
+            tensors: pre.inputs,
+            cache_key: pre.cache_key,
+            pinned: pre.pinned,
+        });
+        let forward = self
+            .residency
+            .retry_out_of_memory(&model.key, MAX_OOM_EVICTIONS, || {
+                let input = input.clone();
+                async move {
+                    match model.engine.forward(slot, input, deadline).await {
+                        Ok((Ok(outputs), queued)) => Ok((outputs, queued)),
+                        Ok((Err(e), _)) => Err(ForwardError::Runtime(e)),
+                        Err(not_run) => Err(ForwardError::NotRun(not_run)),
+                    }
+                }
+            })
+            .await;
+        let ((outputs, hit), queued): ((Vec<HostTensor>, Option<bool>), Duration) = match forward {
+            Ok(done) => done,
+            Err(ForwardError::Runtime(RuntimeError::OutOfMemory { message, .. })) => {
+                return Err(ResidencyError::InsufficientMemory(format!(
+                    "forward of '{}' ran out of memory, also after evicting what it may evict: {}",
+                    model.key.name,
+                    message.lines().next().unwrap_or_default()
+                ))
+                .into())
+            }
+            Err(ForwardError::Runtime(e)) => return Err(e.into()),
+            Err(ForwardError::NotRun(NotRun::Expired)) => return Err(timed_out(timeout)),
+            Err(ForwardError::NotRun(NotRun::Closed)) => {
+                return Err(RuntimeError::Forward("the model's workers have stopped".into()).into())
+            }
+        };
+        timings.stage_cache = hit;
+        if let Some(hit) = hit {
+            let result = if hit { "hit" } else { "miss" };
+            self.metrics
+                .stage_cache
+                .with_label_values(&[label.as_str(), result])
+                .inc();
+        }
+        timings.queue = queued;
+        timings.inference = t.elapsed().saturating_sub(queued);
+        self.metrics
+            .inference_seconds
+            .with_label_values(&[label.as_str()])
+            .observe(timings.inference.as_secs_f64());
+
+        let t = Instant::now();
+        let rid = request_id.to_string();
+        let response = self
+            .handler_call(model, slot, move |sandbox, handler| {
+                sandbox.postprocess(handler, outputs, pre.context, &rid, deadline)
+            })
+            .await??;
+        timings.postprocess = t.elapsed();
+        Ok(response)
+    }
+
+    /// Runs `call` with the sandbox and `model`'s handler on a blocking thread, holding a clone
+    /// of `slot` until it returns (so abandoned handler work still counts in the queue bound).
+    async fn handler_call<T: Send + 'static>(
+        &self,
+        model: &Arc<LoadedModel>,
+        slot: &Slot,
+        call: impl FnOnce(&Sandbox, &Handler) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let (sandbox, model, slot) = (self.sandbox.clone(), model.clone(), slot.clone());
+        blocking(move || {
+            let _slot = slot;
+            call(&sandbox, &model.handler)
+        })
+        .await
+    }
+}
+
+/// Runs blocking work off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+    crate::blocking(f).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Internal,
+            format!("internal error: worker thread failed: {e}"),
+        )
+    })
+}

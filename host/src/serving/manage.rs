@@ -1,0 +1,189 @@
+//! The management verbs: load by url, unload, describe, list, set the default version, delete a
+//! version. Each answers for one authenticated tenant and sees only its models: another
+//! tenant's model is indistinguishable from a missing one.
+use super::Server;
+use crate::error::{Error, ErrorKind};
+use crate::names::ModelKey;
+use crate::registry::RegistryError;
+use crate::residency::LoadedModel;
+use crate::store::{self, StoreError};
+use crate::tenancy::Tenant;
+use serde::Serialize;
+use std::sync::Arc;
+
+/// One model as `GET /models` shows it: the default version's state, plus every version
+/// stored and resident.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelInfo {
+    pub model_name: String,
+    pub model_url: Option<String>,
+    pub default_version: Option<String>,
+    pub versions: Vec<String>,
+    pub resident_versions: Vec<String>,
+    /// `Loaded` when the default version is resident, else `Unloaded`.
+    pub state: &'static str,
+    /// How often a version was evicted to make room.
+    pub evictions: u64,
+    #[serde(flatten)]
+    pub resident: Option<Resident>,
+}
+
+/// The resident default version.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resident {
+    pub device: String,
+    pub resident_bytes: u64,
+    pub load_time_ms: u64,
+    pub in_flight: usize,
+    pub max_workers: u32,
+    pub batch_size: u32,
+    pub response_timeout: u64,
+}
+
+/// A page of a tenant's models.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelList {
+    pub models: Vec<ModelInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
+}
+
+impl Server {
+    /// `tenant`'s model `name` (at `version`, or its default) resident and warm (`--preload`).
+    pub async fn ensure_loaded(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<LoadedModel>, Error> {
+        let reg = self.registry.resolve(&tenant.name, name, version)?;
+        Ok(self.resident(&reg, tenant).await?.0)
+    }
+
+    /// SageMaker LoadModel: registers `name` from a url inside the store and loads it now
+    /// (answering once it is warm). Single-tenant servers only: tenants bring models by upload.
+    pub async fn load_from_url(&self, tenant: &Tenant, name: &str, url: &str) -> Result<(), Error> {
+        if self.tenants.multi_tenant() {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "loading by url is for single-tenant servers; upload the archive to /models/{name}/versions/{version}",
+            ));
+        }
+        let reg = self.registry.register(&tenant.name, name, url)?;
+        if let Err(e) = self.resident(&reg, tenant).await {
+            self.registry.forget(&tenant.name, name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// 404 unless `tenant` knows a model `name`.
+    fn known(&self, tenant: &Tenant, name: &str) -> Result<(), Error> {
+        store::validate_name(name)?;
+        if self.registry.knows(&tenant.name, name) {
+            Ok(())
+        } else {
+            Err(RegistryError::NotFound(name.to_string()).into())
+        }
+    }
+
+    /// SageMaker UnloadModel: forgets the registration and unloads every resident version
+    /// (uploaded versions stay stored; a later request loads the default again). Returns how
+    /// many versions were resident.
+    pub async fn unload(&self, tenant: &Tenant, name: &str) -> Result<usize, Error> {
+        self.known(tenant, name)?;
+        self.registry.forget(&tenant.name, name);
+        Ok(self.residency.remove_model(&tenant.name, name).await)
+    }
+
+    /// SageMaker DescribeModel.
+    pub fn describe(&self, tenant: &Tenant, name: &str) -> Result<ModelInfo, Error> {
+        self.known(tenant, name)?;
+        Ok(self.info(&tenant.name, name))
+    }
+
+    /// SageMaker ListModels: `tenant`'s models in name order after `after`, `limit` per page.
+    pub fn list(&self, tenant: &Tenant, after: Option<&str>, limit: usize) -> ModelList {
+        let (page, next) = self.registry.page(&tenant.name, after, limit);
+        ModelList {
+            models: page.iter().map(|n| self.info(&tenant.name, n)).collect(),
+            next_page_token: next,
+        }
+    }
+
+    fn info(&self, tenant: &str, name: &str) -> ModelInfo {
+        let default = self.registry.resolve(tenant, name, None).ok();
+        let resident = self.residency.resident_versions(tenant, name);
+        let default_resident = default
+            .as_ref()
+            .and_then(|d| resident.iter().find(|m| m.key == d.key));
+        ModelInfo {
+            model_name: name.to_string(),
+            model_url: default.as_ref().map(|d| d.url.clone()),
+            default_version: default.as_ref().map(|d| d.key.version.clone()),
+            versions: self.registry.store().versions(tenant, name),
+            resident_versions: resident.iter().map(|m| m.key.version.clone()).collect(),
+            state: if default_resident.is_some() {
+                "Loaded"
+            } else {
+                "Unloaded"
+            },
+            evictions: self.residency.evictions_of(tenant, name),
+            resident: default_resident.map(|m| {
+                let c = m.config();
+                Resident {
+                    device: crate::runtime::device_name(m.pipeline.device()),
+                    resident_bytes: m.weight(),
+                    load_time_ms: m.load_time.as_millis() as u64,
+                    in_flight: m.in_use(),
+                    max_workers: c.max_workers,
+                    batch_size: c.batch_size,
+                    response_timeout: c.response_timeout,
+                }
+            }),
+        }
+    }
+
+    /// TorchServe's set-default: `version` (which must exist) becomes the default.
+    pub fn set_default(&self, tenant: &Tenant, name: &str, version: &str) -> Result<(), Error> {
+        store::validate_name(name)?;
+        self.registry
+            .store()
+            .set_default(&tenant.name, name, version)
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => {
+                    RegistryError::NotFound(format!("{name} version {version}")).into()
+                }
+                other => Error::from(other),
+            })
+    }
+
+    /// Deletes one uploaded version, unloading it first; 409 while it serves requests.
+    pub async fn delete_version(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        version: &str,
+    ) -> Result<(), Error> {
+        store::validate_name(name)?;
+        let store = self.registry.store();
+        store
+            .version_archive(&tenant.name, name, version)
+            .map_err(|_| RegistryError::NotFound(name.to_string()))?;
+        let key = ModelKey::new(&tenant.name, name, version);
+        if let Some(m) = self.residency.peek(&key).await {
+            if m.in_use() > 0 {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("version '{version}' of '{name}' is serving requests"),
+                ));
+            }
+        }
+        self.residency.remove(&key).await;
+        store.remove_version(&tenant.name, name, version)?;
+        Ok(())
+    }
+}
