@@ -54,9 +54,13 @@ impl ArchiveError {
     }
 }
 
-/// ENOSPC or EDQUOT.
+/// ENOSPC or EDQUOT (also as a bare error kind: tokio's background writes keep only that).
 pub fn is_out_of_space(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
 }
 
 /// The error for an I/O failure on `path`: [`ArchiveError::NoSpace`] when the disk is full.

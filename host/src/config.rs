@@ -58,6 +58,17 @@ pub struct Config {
     )]
     pub torchscript_executor: crate::runtime::Executor,
 
+    /// For comparisons: `inference` (default) runs every forward thread in libtorch's inference
+    /// mode (no autograd dispatch or version counters); `no-grad` only disables gradients.
+    #[arg(
+        long,
+        env = "TESSERA_FORWARD_GRAD_MODE",
+        value_enum,
+        default_value = "inference",
+        hide = true
+    )]
+    pub forward_grad_mode: crate::runtime::GradMode,
+
     /// Residency budget on the device, in MiB: the sum of what loaded models hold.
     /// 0 means 90% of the GPU's memory on CUDA, half the machine's RAM on CPU.
     #[arg(long, env = "TESSERA_MEMORY_BUDGET_MIB", default_value_t = 0)]

@@ -425,23 +425,12 @@ async fn serve(
             e.into_response()
         }
     };
-    let code = response.status().as_u16().to_string();
-    // Label only models that exist, so junk names cannot grow the metric set without bound.
-    if app.registry.knows(&tenant.name, &name) {
-        let label = format!("{}/{name}", tenant.name);
-        app.metrics
-            .requests
-            .with_label_values(&[label.as_str(), code.as_str()])
-            .inc();
-        app.metrics
-            .request_seconds
-            .with_label_values(&[label.as_str()])
-            .observe(elapsed.as_secs_f64());
-    }
+    let status = response.status().as_u16();
+    app.record_request(&tenant.name, &name, status, elapsed);
     tracing::debug!(
         model = name,
         request_id,
-        status = code,
+        status,
         ms = elapsed.as_millis() as u64,
         "request done"
     );

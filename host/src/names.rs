@@ -93,10 +93,15 @@ impl ModelKey {
         self.tenant == tenant && self.name == name
     }
 
-    /// `tenant/name`: the model without its version (metric labels that span versions).
+    /// `tenant/name`: the model without its version (see [`model_label`]).
     pub fn model_label(&self) -> String {
-        format!("{}/{}", self.tenant, self.name)
+        model_label(&self.tenant, &self.name)
     }
+}
+
+/// `tenant/name`: a model without its version, for metric labels that span versions.
+pub fn model_label(tenant: &str, name: &str) -> String {
+    format!("{tenant}/{name}")
 }
 
 impl fmt::Display for ModelKey {

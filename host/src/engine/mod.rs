@@ -14,7 +14,7 @@
 //! time nothing else wants until the process restarts.
 pub mod queue;
 
-use crate::runtime::{self, Executor, HostTensor, Pipeline, PipelineInput, RuntimeError};
+use crate::runtime::{self, HostTensor, Pipeline, PipelineInput, RuntimeError, ThreadMode};
 use queue::{NotRun, Queue};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -53,7 +53,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts `threads` workers sharing `model`, running its TorchScript under `executor`, fed
+    /// Starts `threads` workers sharing `model`, running its TorchScript in `mode`, fed
     /// by a queue admitting `capacity` requests. A forward still running `grace` past its
     /// deadline quarantines the model and calls `on_quarantine` once.
     pub fn spawn(
@@ -61,7 +61,7 @@ impl Engine {
         threads: usize,
         capacity: usize,
         name: &str,
-        executor: Executor,
+        mode: ThreadMode,
         grace: Duration,
         on_quarantine: Box<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<Engine> {
@@ -90,7 +90,7 @@ impl Engine {
                 .spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
-                    runtime::set_thread_executor(executor);
+                    runtime::prepare_forward_thread(mode);
                     // One job at a time for now; the batcher will take several.
                     while let Some(jobs) = queue.take(1) {
                         for job in jobs {
@@ -124,9 +124,9 @@ impl Engine {
         self.queue.admit()
     }
 
-    /// Requests holding a slot, and jobs waiting for a worker.
-    pub fn load(&self) -> (usize, usize) {
-        (self.queue.admitted(), self.queue.depth())
+    /// Requests holding a slot (their work, or a gone client's, not finished).
+    pub fn admitted(&self) -> usize {
+        self.queue.admitted()
     }
 
     /// Runs one forward under `slot` on the next free worker; returns its result and the time

@@ -28,6 +28,8 @@ pub struct LoaderConfig {
     pub check_memory_mib: u64,
     /// TorchScript executor of models that do not name one.
     pub executor: runtime::Executor,
+    /// How forward threads keep autograd out.
+    pub grad_mode: runtime::GradMode,
 }
 
 /// Loads models for [`Residency`].
@@ -46,16 +48,23 @@ pub enum CheckError {
 }
 
 /// The one check of an unpacked archive's code, for uploads and loads alike: the handler is a
-/// component of our world with allowed imports (compiled once per content hash), and every
-/// TorchScript file passes the sandboxed operator check ([`verify`]).
+/// component of our world with allowed imports (kept compiled, by content hash, when
+/// `keep_compiled`: a load uses it next), and every TorchScript file passes the sandboxed
+/// operator check ([`verify`]).
 pub fn check_unpacked(
     unpacked: &Unpacked,
     sandbox: &Sandbox,
     limits: verify::CheckLimits,
+    keep_compiled: bool,
 ) -> Result<(), CheckError> {
-    sandbox
-        .compile(&unpacked.handler, &unpacked.handler_hash)
-        .map_err(CheckError::Handler)?;
+    let handler = if keep_compiled {
+        sandbox.compile(&unpacked.handler, &unpacked.handler_hash)
+    } else {
+        std::fs::read(&unpacked.handler)
+            .map_err(|e| SandboxError::InvalidComponent(e.to_string()))
+            .and_then(|bytes| sandbox.validate(&bytes))
+    };
+    handler.map_err(CheckError::Handler)?;
     verify::check_files(&unpacked.model_files, limits).map_err(CheckError::Model)
 }
 
@@ -172,11 +181,14 @@ impl Loader {
             workers,
             workers + self.config.max_queue,
             &key.name,
-            unpacked
-                .config
-                .tessera
-                .executor
-                .unwrap_or(self.config.executor),
+            runtime::ThreadMode {
+                executor: unpacked
+                    .config
+                    .tessera
+                    .executor
+                    .unwrap_or(self.config.executor),
+                grad: self.config.grad_mode,
+            },
             Duration::from_secs(unpacked.config.response_timeout),
             residency.quarantine_callback(key),
         )
@@ -242,15 +254,14 @@ impl Loader {
             .retry_out_of_memory(&reg.key, u32::MAX, || {
                 let path = file.to_path_buf();
                 async move {
-                    match crate::blocking(move || TorchModel::load(&path, device)).await {
-                        Ok(result) => result,
-                        Err(e) => Err(RuntimeError::Load(format!("loader thread failed: {e}"))),
-                    }
+                    blocking(move || TorchModel::load(&path, device))
+                        .await?
+                        .map_err(ResidencyError::Runtime)
                 }
             })
             .await;
         result.map_err(|e| match e {
-            RuntimeError::OutOfMemory { message, .. } => {
+            ResidencyError::Runtime(RuntimeError::OutOfMemory { message, .. }) => {
                 ResidencyError::InsufficientMemory(format!(
                     "model '{}' does not fit on {} with every model it may evict evicted: {}",
                     reg.key.name,
@@ -258,7 +269,7 @@ impl Loader {
                     message.lines().next().unwrap_or_default()
                 ))
             }
-            e => ResidencyError::Runtime(e),
+            e => e,
         })
     }
 }
@@ -315,7 +326,7 @@ fn unpack_cached(
             config.check_seconds,
             config.check_memory_mib,
         );
-        check_unpacked(&unpacked, sandbox, limits)?;
+        check_unpacked(&unpacked, sandbox, limits, true)?;
         std::fs::write(&checked, b"").map_err(archive::io_err(&checked))?;
     }
     Ok(unpacked)

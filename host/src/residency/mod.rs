@@ -89,6 +89,12 @@ impl OutOfMemory for RuntimeError {
     }
 }
 
+impl OutOfMemory for ResidencyError {
+    fn is_out_of_memory(&self) -> bool {
+        matches!(self, ResidencyError::Runtime(e) if e.is_out_of_memory())
+    }
+}
+
 pub struct Residency {
     cache: Cache<ModelKey, Arc<LoadedModel>>,
     /// Models whose forward overran (see [`crate::engine`]): refused until unloaded.
@@ -342,7 +348,7 @@ impl Residency {
                 key: &m.key,
                 held: m.weight() - m.pipeline.reserved_bytes(),
                 reserved: m.pipeline.reserved_bytes(),
-                in_use: m.in_use(),
+                in_use: m.busy(),
                 last_used: m.last_used(),
             })
             .collect();

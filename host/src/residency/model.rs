@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A model ready to serve: TorchScript on its device, handler compiled, queue and workers
-/// running, warm-up done.
+/// running (residency publishes it once its warm-up has run).
 pub struct LoadedModel {
     pub key: ModelKey,
     /// Its unpacked archive (config, assets) on local disk.
@@ -81,6 +81,12 @@ impl LoadedModel {
     /// Requests in flight.
     pub fn in_use(&self) -> usize {
         self.in_use.load(Ordering::SeqCst)
+    }
+
+    /// Requests in flight, or work still running for one (a gone client's forward, say): a
+    /// busy model is never evicted or deleted.
+    pub fn busy(&self) -> usize {
+        self.in_use() + self.engine.admitted()
     }
 
     pub fn last_used(&self) -> u64 {

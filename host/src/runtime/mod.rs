@@ -26,6 +26,7 @@ mod cuda {
         pub fn tessera_cap_cpu_memory(bytes: i64) -> i32;
         pub fn tessera_cpu_tensor_bytes() -> i64;
         pub fn tessera_jit_set_thread_optimize(optimize: i32) -> i32;
+        pub fn tessera_enter_inference_mode() -> i32;
     }
 }
 
@@ -304,13 +305,44 @@ pub fn configure(cudnn_benchmark: bool, executor: Executor) -> String {
     )
 }
 
-/// Makes this thread's TorchScript calls run under `executor` (libtorch keeps the choice per
-/// thread: forward workers set it when they start).
-pub fn set_thread_executor(executor: Executor) {
+/// Makes this thread's TorchScript calls run under `executor`.
+fn set_thread_executor(executor: Executor) {
     let optimize = (executor == Executor::Profiling) as i32;
     // SAFETY: sets a thread-local flag; the shim catches C++ exceptions.
     if unsafe { cuda::tessera_jit_set_thread_optimize(optimize) } != 0 {
         tracing::warn!("could not set the TorchScript executor for this thread");
+    }
+}
+
+/// How a forward thread keeps autograd out of its forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GradMode {
+    /// Inference mode for the thread's whole life (`torch.inference_mode()`): no autograd
+    /// dispatch and no version counters on any op.
+    Inference,
+    /// Only a no-grad guard around each forward (autograd's dispatch still runs; for
+    /// comparisons).
+    NoGrad,
+}
+
+/// How a forward thread runs TorchScript.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadMode {
+    pub executor: Executor,
+    pub grad: GradMode,
+}
+
+/// Sets up the calling thread to run forwards in `mode` (forward workers call it when they
+/// start; libtorch keeps both settings per thread).
+pub fn prepare_forward_thread(mode: ThreadMode) {
+    set_thread_executor(mode.executor);
+    set_thread_grad_mode(mode.grad);
+}
+
+fn set_thread_grad_mode(mode: GradMode) {
+    // SAFETY: sets thread-local autograd state; the shim catches C++ exceptions.
+    if mode == GradMode::Inference && unsafe { cuda::tessera_enter_inference_mode() } != 0 {
+        tracing::warn!("could not enter inference mode on this forward thread");
     }
 }
 

@@ -213,3 +213,17 @@ extern "C" int tessera_jit_set_thread_optimize(int optimize) {
     return -1;
   }
 }
+
+// Puts the calling thread in inference mode for the rest of its life: autograd's dispatch keys
+// and version counters are skipped on every op (torch.inference_mode() in Python; a no-grad
+// guard alone still pays them). The guard is leaked on purpose: forward threads run nothing else.
+#include <c10/core/InferenceMode.h>
+extern "C" int tessera_enter_inference_mode() {
+  try {
+    thread_local c10::InferenceMode* guard = new c10::InferenceMode(true);
+    (void)guard;
+    return c10::InferenceMode::is_enabled() ? 0 : -1;
+  } catch (...) {
+    return -1;
+  }
+}

@@ -10,6 +10,7 @@ use crate::residency::{LoadedModel, OutOfMemory, ResidencyError};
 use crate::runtime::{HostTensor, PipelineInput, RuntimeError};
 use crate::sandbox::{Handler, HandlerRequest, HandlerResponse, Sandbox};
 use crate::tenancy::Tenant;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,7 +56,7 @@ fn timed_out(timeout: Duration) -> Error {
 impl Server {
     /// Serves one request for `tenant`'s model `name` (at `version`, or its default).
     pub async fn invoke(
-        &self,
+        self: &Arc<Self>,
         tenant: &Tenant,
         name: &str,
         version: Option<&str>,
@@ -97,16 +98,28 @@ impl Server {
     }
 
     /// `reg` resident for `tenant`: loaded if needed and, after a load, warmed up before anyone
-    /// is served. Returns whether this call did the load.
+    /// is served. Returns whether this call did the load. The load runs as a task of its own, so
+    /// a requester that goes away (a client disconnecting) does not abandon a load that others
+    /// wait for.
     pub async fn resident(
-        &self,
+        self: &Arc<Self>,
         reg: &Registration,
         tenant: &Tenant,
     ) -> Result<(Arc<LoadedModel>, bool), Error> {
-        Ok(self
-            .residency
-            .get(reg, tenant, |model| self.warm_up(model, tenant))
-            .await?)
+        let (server, reg, tenant) = (self.clone(), reg.clone(), tenant.clone());
+        let load = tokio::spawn(async move {
+            server
+                .residency
+                .get(&reg, &tenant, |model| server.warm_up(model, &tenant))
+                .await
+        });
+        match load.await {
+            Ok(result) => Ok(result?),
+            Err(e) => Err(Error::new(
+                ErrorKind::Internal,
+                format!("internal error: the load task failed: {e}"),
+            )),
+        }
     }
 
     /// Replays the archive's warm-up request (`tessera.warmup`) through handler and model, under
@@ -208,20 +221,25 @@ impl Server {
             cache_key: pre.cache_key,
             pinned: pre.pinned,
         });
+        // Queue waits of every attempt (a forward that ran out of memory is tried again).
+        let queued_ns = AtomicU64::new(0);
         let forward = self
             .residency
             .retry_out_of_memory(&model.key, MAX_OOM_EVICTIONS, || {
-                let input = input.clone();
+                let (input, queued_ns) = (input.clone(), &queued_ns);
                 async move {
-                    match model.engine.forward(slot, input, deadline).await {
-                        Ok((Ok(outputs), queued)) => Ok((outputs, queued)),
-                        Ok((Err(e), _)) => Err(ForwardError::Runtime(e)),
-                        Err(not_run) => Err(ForwardError::NotRun(not_run)),
-                    }
+                    let (result, waited) = model
+                        .engine
+                        .forward(slot, input, deadline)
+                        .await
+                        .map_err(ForwardError::NotRun)?;
+                    queued_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+                    result.map_err(ForwardError::Runtime)
                 }
             })
             .await;
-        let ((outputs, hit), queued): ((Vec<HostTensor>, Option<bool>), Duration) = match forward {
+        let queued = Duration::from_nanos(queued_ns.load(Ordering::Relaxed));
+        let (outputs, hit): (Vec<HostTensor>, Option<bool>) = match forward {
             Ok(done) => done,
             Err(ForwardError::Runtime(RuntimeError::OutOfMemory { message, .. })) => {
                 return Err(ResidencyError::InsufficientMemory(format!(

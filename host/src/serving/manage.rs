@@ -54,7 +54,7 @@ pub struct ModelList {
 impl Server {
     /// `tenant`'s model `name` (at `version`, or its default) resident and warm (`--preload`).
     pub async fn ensure_loaded(
-        &self,
+        self: &Arc<Self>,
         tenant: &Tenant,
         name: &str,
         version: Option<&str>,
@@ -65,7 +65,7 @@ impl Server {
 
     /// SageMaker LoadModel: registers `name` from a url inside the store and loads it now
     /// (answering once it is warm). Single-tenant servers only: tenants bring models by upload.
-    pub async fn load_from_url(&self, tenant: &Tenant, name: &str, url: &str) -> Result<(), Error> {
+    pub async fn load_from_url(self: &Arc<Self>, tenant: &Tenant, name: &str, url: &str) -> Result<(), Error> {
         if self.tenants.multi_tenant() {
             return Err(Error::new(
                 ErrorKind::Forbidden,
@@ -175,7 +175,7 @@ impl Server {
             .map_err(|_| RegistryError::NotFound(name.to_string()))?;
         let key = ModelKey::new(&tenant.name, name, version);
         if let Some(m) = self.residency.peek(&key).await {
-            if m.in_use() > 0 {
+            if m.busy() > 0 {
                 return Err(Error::new(
                     ErrorKind::Conflict,
                     format!("version '{version}' of '{name}' is serving requests"),

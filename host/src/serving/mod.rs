@@ -4,8 +4,8 @@
 //! offers one method per verb: [`invoke`](Server::invoke) (resolve → resident and warm → admit
 //! at the model's queue → preprocess → forward → postprocess, in `invoke.rs`), the management
 //! verbs (load, unload, describe, list, set-default, delete-version, in `manage.rs`) and
-//! [`upload`](Server::upload) (`upload.rs`). Every verb returns the flat [`crate::Error`]; it
-//! knows nothing of HTTP.
+//! [`upload`](Server::upload) (`upload.rs`). Every verb returns the flat [`crate::Error`] and
+//! knows no routes or status codes (an upload takes the request body as a byte stream).
 mod invoke;
 mod manage;
 mod upload;
@@ -26,6 +26,7 @@ use crate::tenancy::Tenants;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The server's parts, shared by every request.
 pub struct Server {
@@ -85,6 +86,7 @@ impl Server {
                 check_seconds: config.model_check_seconds,
                 check_memory_mib: config.model_check_memory_mib,
                 executor: config.torchscript_executor,
+                grad_mode: config.forward_grad_mode,
             },
             sandbox: sandbox.clone(),
         };
@@ -114,6 +116,24 @@ impl Server {
         if self.config.work_dir.is_none() {
             let _ = std::fs::remove_dir_all(&self.work_dir);
         }
+    }
+
+    /// Counts a finished request for `tenant`'s model `name` in the request metrics. Only
+    /// models the tenant knows get a label, so junk names cannot grow the metric set.
+    pub fn record_request(&self, tenant: &str, name: &str, status: u16, elapsed: Duration) {
+        if !self.registry.knows(tenant, name) {
+            return;
+        }
+        let label = crate::names::model_label(tenant, name);
+        let code = status.to_string();
+        self.metrics
+            .requests
+            .with_label_values(&[label.as_str(), code.as_str()])
+            .inc();
+        self.metrics
+            .request_seconds
+            .with_label_values(&[label.as_str()])
+            .observe(elapsed.as_secs_f64());
     }
 
     /// A short unique request id.

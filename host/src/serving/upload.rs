@@ -236,6 +236,8 @@ async fn receive(body: Body, path: &Path, limit: u64, limit_mib: u64) -> Result<
             out.write_all(&data).await.map_err(StoreError::from)?;
         }
     }
+    // tokio writes in the background: flush surfaces the last write's error before the sync.
+    out.flush().await.map_err(StoreError::from)?;
     out.sync_all().await.map_err(StoreError::from)?;
     Ok(total)
 }
@@ -250,12 +252,10 @@ fn validate(
 ) -> Result<(), UploadError> {
     let _cleanup = Staged(dir.to_path_buf());
     let unpacked = archive::unpack(archive_path, dir, limits)?;
-    check_unpacked(
-        &unpacked,
-        sandbox,
-        config.check_limits(&unpacked.model_files),
-    )
-    .map_err(|e| match e {
+    let limits = config.check_limits(&unpacked.model_files);
+    // Not kept compiled: the archive may still be refused (quota), and uploads must not fill the
+    // server's compiled-handler cache.
+    check_unpacked(&unpacked, sandbox, limits, false).map_err(|e| match e {
         CheckError::Handler(e) => UploadError::Handler(e),
         CheckError::Model(e) => UploadError::Model(e),
     })
