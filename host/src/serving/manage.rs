@@ -65,7 +65,12 @@ impl Server {
 
     /// SageMaker LoadModel: registers `name` from a url inside the store and loads it now
     /// (answering once it is warm). Single-tenant servers only: tenants bring models by upload.
-    pub async fn load_from_url(self: &Arc<Self>, tenant: &Tenant, name: &str, url: &str) -> Result<(), Error> {
+    pub async fn load_from_url(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        name: &str,
+        url: &str,
+    ) -> Result<(), Error> {
         if self.tenants.multi_tenant() {
             return Err(Error::new(
                 ErrorKind::Forbidden,
