@@ -95,8 +95,9 @@ def main():
                            "--output", os.path.join(store, "lama.tar.gz")])
     results = {"gpu": torch.cuda.get_device_name(0), "pack_with_check_s": time.perf_counter() - t,
                "sizes": SIZES, "server": {}, "python": {}}
-    bodies = {s: json.dumps({"image": b64png(scene(*s)[0]), "mask_image": b64png(scene(*s)[1])}).encode()
-              for s in set(SIZES) | {(896, 672)}}
+    def body(img, mask):
+        return json.dumps({"image": b64png(img), "mask_image": b64png(mask)}).encode()
+    bodies = {s: body(*scene(*s)) for s in set(SIZES) | {(896, 672)}}
     hdr = {"content-type": "application/json"}
     for mode in ["profiling", "simple"]:
         srv, base, log = start_server(args.bin, store, os.path.join(work, mode), os.path.join(args.out, f"server-{mode}.log"),

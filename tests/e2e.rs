@@ -10,8 +10,6 @@ use std::process::Command;
 use std::time::Duration;
 use support::*;
 
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-
 const EXAMPLE_CONFIG: &str =
     "minWorkers: 1\nmaxWorkers: 2\nbatchSize: 1\nmaxBatchDelay: 100\nresponseTimeout: 30\n\
 tessera:\n  model: model.pt\nhandler:\n  max_pixels: 1000000\n";
@@ -594,6 +592,15 @@ fn pack_with_warmup(store: &Path, name: &str, body: Option<&[u8]>, times: u32) -
     )
 }
 
+/// Forwards the server has run for the model whose metric label contains `key`.
+fn forwards(server: &Server, key: &str) -> Option<u64> {
+    get(&server.url("/metrics"))
+        .text()
+        .lines()
+        .find(|l| l.starts_with("tessera_inference_duration_seconds_count") && l.contains(key))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+}
+
 #[test]
 fn warmup_requests_run_after_a_load_before_users() {
     let store = tempfile::tempdir().unwrap();
@@ -613,17 +620,8 @@ fn warmup_requests_run_after_a_load_before_users() {
     let reply = post_json(&server.url("/predictions/warm"), &request);
     assert_eq!(reply.status, 200, "{}", reply.text());
     // The user's forward came after both warm-up forwards: three by the time it answered.
-    let forwards = || {
-        get(&server.url("/metrics"))
-            .text()
-            .lines()
-            .find(|l| {
-                l.starts_with("tessera_inference_duration_seconds_count")
-                    && l.contains("default/warm@1")
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-    };
-    assert_eq!(forwards(), Some(3));
+    let warm_forwards = || forwards(&server, "default/warm@1");
+    assert_eq!(warm_forwards(), Some(3));
     assert!(wait_until(Duration::from_secs(5), || server
         .log()
         .matches("warm-up request done")
@@ -633,7 +631,7 @@ fn warmup_requests_run_after_a_load_before_users() {
         post_json(&server.url("/predictions/warm"), &request).status,
         200
     );
-    assert_eq!(forwards(), Some(4), "warm-up ran again");
+    assert_eq!(warm_forwards(), Some(4), "warm-up ran again");
 
     let reply = post_json(&server.url("/predictions/cold"), &request);
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -651,13 +649,6 @@ fn loads_answer_once_the_model_is_warm() {
     let store = tempfile::tempdir().unwrap();
     let good = serde_json::to_vec(&example_request(24, 16, 5, json!({"strength": 0.5}))).unwrap();
     assert!(pack_with_warmup(store.path(), "warm", Some(&good), 2).0);
-    let forwards = |server: &Server, key: &str| {
-        get(&server.url("/metrics"))
-            .text()
-            .lines()
-            .find(|l| l.starts_with("tessera_inference_duration_seconds_count") && l.contains(key))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-    };
 
     let server = Server::start(store.path(), &[]);
     let load = post_json(

@@ -311,17 +311,7 @@ fn a_forward_that_never_ends_is_quarantined() {
     let config = "maxWorkers: 1\nresponseTimeout: 2\ntessera:\n  model: model.pt\n";
     let r = upload_with(&s, BOB, "spin", config, &models.join("forward_loops.pt"));
     assert_eq!(r.status, 201, "{}", r.text());
-    let auth = bearer(BOB);
-    let spin = || {
-        post(
-            &s.server.url("/predictions/spin"),
-            &[
-                ("authorization", auth.as_str()),
-                ("content-type", "application/json"),
-            ],
-            &serde_json::to_vec(&image_request()).unwrap(),
-        )
-    };
+    let spin = || invoke(&s.server, BOB, "/predictions/spin", &image_request());
     assert_eq!(spin().status, 504);
     // Past its deadline by responseTimeout, the model is quarantined and its thread idled.
     let mut last = 0;
@@ -387,7 +377,6 @@ fn crc32(bytes: &[u8]) -> u32 {
 
 #[test]
 fn hostile_images_get_4xx_and_handler_memory_is_bounded() {
-    const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
     let s = setup_caged(&["--handler-memory-total-mib", "1024"], 3 << 30);
     let bystander = Bystander::start(s.server.base.clone());
     let r = upload_with(&s, ALICE, "img", ONE_WORKER, &artifact("example/model.pt"));
@@ -409,19 +398,8 @@ fn hostile_images_get_4xx_and_handler_memory_is_bounded() {
     let base = s.server.base.clone();
     let threads: Vec<_> = (0..12)
         .map(|_| {
-            let (base, body) = (base.clone(), serde_json::to_vec(&icc).unwrap());
-            std::thread::spawn(move || {
-                let auth = bearer(ALICE);
-                post(
-                    &format!("{base}/predictions/img"),
-                    &[
-                        ("authorization", auth.as_str()),
-                        ("content-type", "application/json"),
-                    ],
-                    &body,
-                )
-                .status
-            })
+            let (base, body) = (base.clone(), icc.clone());
+            std::thread::spawn(move || invoke_at(&base, ALICE, "/predictions/img", &body).status)
         })
         .collect();
     let statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();

@@ -7,7 +7,6 @@ use serde_json::json;
 use std::process::{Command, Stdio};
 use support::*;
 
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 const CONFIG: &str = "maxWorkers: 1\nresponseTimeout: 60\ntessera:\n  model: model.pt\nhandler:\n  max_pixels: 250000\n";
 
 fn png_gray(w: u32, h: u32, pixels: &[u8]) -> Vec<u8> {

@@ -11,6 +11,7 @@
 //! and upload the same names.
 mod support;
 
+use base64::Engine;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -198,15 +199,10 @@ fn check_results(work: &Path, server: &Server) {
     assert_eq!(model["defaultVersion"], "2", "{model}");
     assert_eq!(model["versions"], serde_json::json!(["2"]), "{model}");
     let body =
-        serde_json::json!({"image": base64_of(&std::fs::read(work.join("photo.png")).unwrap())});
+        serde_json::json!({"image": B64.encode(std::fs::read(work.join("photo.png")).unwrap())});
     let reply = post_json(&server.url("/predictions/example"), &body);
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.header("x-model-version"), Some("2"));
-}
-
-fn base64_of(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 #[test]

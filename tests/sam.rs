@@ -8,7 +8,6 @@ use serde_json::json;
 use std::process::{Command, Stdio};
 use support::*;
 
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 const CONFIG: &str = "maxWorkers: 1\nresponseTimeout: 60\ntessera:\n  model: decoder.pt\n  cachedStage:\n    model: encoder.pt\n    inputs: [image]\n    cacheMiB: 64\nhandler:\n  max_pixels: 4000000\n";
 
 /// A photo-like image with a red disc (the "object") at (0.5 w, 0.4 h).

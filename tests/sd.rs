@@ -9,7 +9,6 @@ use serde_json::json;
 use std::process::{Command, Stdio};
 use support::*;
 
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 const CONFIG: &str =
     "maxWorkers: 1\nresponseTimeout: 120\ntessera:\n  model: sd.pt\n  handlerMemoryMiB: 1024\n\
 handler:\n  max_pixels: 2000000\n  max_steps: 20\n";

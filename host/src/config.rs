@@ -124,7 +124,7 @@ pub struct Config {
     #[arg(
         long,
         env = "TESSERA_WASM_KEEP_RESIDENT_MIB",
-        default_value_t = 64,
+        default_value_t = crate::sandbox::KEEP_RESIDENT_MIB,
         hide = true
     )]
     pub wasm_keep_resident_mib: u64,

@@ -189,7 +189,7 @@ impl UploadError {
             UploadError::TooLarge(_) => ErrorKind::PayloadTooLarge,
             UploadError::Interrupted(_) => ErrorKind::BadRequest,
             UploadError::Archive(e) => e.kind(),
-            UploadError::Handler(_) | UploadError::Model(_) => ErrorKind::Unprocessable,
+            UploadError::Check(_) => ErrorKind::Unprocessable,
             UploadError::Quota(_) => ErrorKind::Forbidden,
             UploadError::Store(e) => e.kind(),
             UploadError::Internal(_) => ErrorKind::Internal,

@@ -92,11 +92,6 @@ impl ModelKey {
     pub fn is_version_of(&self, tenant: &str, name: &str) -> bool {
         self.tenant == tenant && self.name == name
     }
-
-    /// `tenant/name`: the model without its version (see [`model_label`]).
-    pub fn model_label(&self) -> String {
-        model_label(&self.tenant, &self.name)
-    }
 }
 
 /// `tenant/name`: a model without its version, for metric labels that span versions.
@@ -139,7 +134,7 @@ mod tests {
     fn keys_identify_one_version() {
         let k = ModelKey::new("alice", "sam", "2");
         assert_eq!(k.to_string(), "alice/sam@2");
-        assert_eq!(k.model_label(), "alice/sam");
+        assert_eq!(model_label(&k.tenant, &k.name), "alice/sam");
         assert!(k.is_version_of("alice", "sam"));
         // No prefix confusion: 'sam' is not a version of 'sa' nor of another tenant's 'sam'.
         assert!(!k.is_version_of("alice", "sa"));

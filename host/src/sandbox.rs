@@ -39,7 +39,7 @@ const MAX_LIVE_INSTANCES: u32 = 600;
 /// Compiled handler components kept for reuse (by content hash).
 const MAX_COMPILED: u64 = 256;
 /// Bytes of each pooled linear memory kept mapped between instances.
-const KEEP_RESIDENT: usize = 64 << 20;
+pub const KEEP_RESIDENT_MIB: u64 = 64;
 /// Epoch tick; deadlines are rounded up to it.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Lines a handler may log per call before the rest are counted and dropped.
@@ -348,7 +348,7 @@ impl SandboxConfig {
     pub fn with_total_memory(total_memory_bytes: u64) -> SandboxConfig {
         SandboxConfig {
             total_memory_bytes,
-            keep_resident_bytes: KEEP_RESIDENT,
+            keep_resident_bytes: (KEEP_RESIDENT_MIB << 20) as usize,
             pooling: true,
             perfmap: false,
         }
@@ -437,18 +437,22 @@ impl Sandbox {
         path: &Path,
         hash: &str,
     ) -> Result<bindings::HandlerPre<State>, SandboxError> {
-        if let Some(pre) = self.compiled.get(hash) {
-            return Ok(pre);
-        }
-        let bytes =
-            std::fs::read(path).map_err(|e| SandboxError::InvalidComponent(e.to_string()))?;
-        let pre = self.link(&bytes)?;
-        self.compiled.insert(hash.to_string(), pre.clone());
-        tracing::info!(
-            handler = &hash[..hash.len().min(12)],
-            "compiled handler component"
-        );
-        Ok(pre)
+        // Concurrent misses for one hash share one compile.
+        self.compiled
+            .try_get_with(hash.to_string(), || {
+                let bytes = std::fs::read(path)
+                    .map_err(|e| SandboxError::InvalidComponent(e.to_string()))?;
+                let pre = self.link(&bytes)?;
+                tracing::info!(
+                    handler = &hash[..hash.len().min(12)],
+                    "compiled handler component"
+                );
+                Ok(pre)
+            })
+            .map_err(|e: Arc<SandboxError>| match &*e {
+                SandboxError::InvalidComponent(m) => SandboxError::InvalidComponent(m.clone()),
+                other => SandboxError::InvalidComponent(other.to_string()),
+            })
     }
 
     /// Validates handler bytes without caching (used by `tessera pack`).

@@ -4,6 +4,9 @@
 
 pub mod tenancy;
 
+/// Base64 as clients send images.
+pub const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -95,7 +98,6 @@ pub struct Server {
     log: Arc<Mutex<String>>,
     /// What the server printed on stdout (its start-up banner).
     stdout: Arc<Mutex<String>>,
-    pub work_dir: PathBuf,
     _work: tempfile::TempDir,
     _cage: Option<MemoryCage>,
 }
@@ -169,7 +171,6 @@ impl Server {
             base,
             log,
             stdout: banner,
-            work_dir,
             _work: work,
             _cage: cage,
         }
@@ -254,7 +255,11 @@ impl MemoryCage {
             let d = root.join(&name);
             (std::fs::create_dir(&d).is_ok()
                 && std::fs::write(d.join("memory.max"), bytes.to_string()).is_ok()
-                && std::fs::write(d.join("memory.swap.max"), "0").map_or(true, |_| true))
+                && {
+                    // Best effort: without it the cage still bounds memory (swap may absorb some).
+                    let _ = std::fs::write(d.join("memory.swap.max"), "0");
+                    true
+                })
             .then_some(d)
         } else {
             None

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 pub const ALICE: &str = "alice-token-0123456789";
 pub const BOB: &str = "bob-token-9876543210";
 pub const OPS: &str = "ops-token-admin";
@@ -59,9 +58,14 @@ pub fn upload(server: &Server, token: &str, name: &str, version: &str, body: &[u
 }
 
 pub fn invoke(server: &Server, token: &str, path: &str, body: &serde_json::Value) -> Reply {
+    invoke_at(&server.base, token, path, body)
+}
+
+/// [`invoke`] against the server at `base` (for threads that hold only its address).
+pub fn invoke_at(base: &str, token: &str, path: &str, body: &serde_json::Value) -> Reply {
     let auth = bearer(token);
     post(
-        &server.url(path),
+        &format!("{base}{path}"),
         &[
             ("authorization", auth.as_str()),
             ("content-type", "application/json"),
@@ -98,17 +102,9 @@ impl Bystander {
         let statuses = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (flag, seen) = (stop.clone(), statuses.clone());
         let handle = std::thread::spawn(move || {
-            let body = serde_json::to_vec(&image_request()).unwrap();
-            let auth = bearer(BOB);
+            let body = image_request();
             while !flag.load(Ordering::Relaxed) {
-                let r = post(
-                    &format!("{base}/predictions/good"),
-                    &[
-                        ("authorization", auth.as_str()),
-                        ("content-type", "application/json"),
-                    ],
-                    &body,
-                );
+                let r = invoke_at(&base, BOB, "/predictions/good", &body);
                 seen.lock().unwrap().push(r.status);
                 std::thread::sleep(Duration::from_millis(25));
             }

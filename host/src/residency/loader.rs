@@ -85,10 +85,9 @@ impl Loader {
         reg: &Registration,
         tenant: &Tenant,
     ) -> Result<LoadedModel, ResidencyError> {
-        let started = Instant::now();
         let result = self.load_inner(residency, reg, tenant).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
-        let metrics = residency.metrics();
+        let metrics = &residency.metrics;
         let label = reg.key.to_string();
         metrics
             .loads
@@ -96,14 +95,12 @@ impl Loader {
             .inc();
         match &result {
             Ok(m) => {
-                metrics
-                    .load_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                metrics.load_seconds.observe(m.load_time.as_secs_f64());
                 tracing::info!(
                     model = %m.key,
                     device = runtime::device_name(m.pipeline.device()),
                     bytes = m.weight(),
-                    ms = started.elapsed().as_millis() as u64,
+                    ms = m.load_time.as_millis() as u64,
                     cpu_tensor_bytes = runtime::cpu_tensor_bytes(),
                     "model loaded"
                 );

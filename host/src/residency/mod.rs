@@ -169,10 +169,6 @@ impl Residency {
         self.clock.elapsed().as_millis() as u64
     }
 
-    fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
     /// Bytes currently accounted to resident models.
     pub async fn used(&self) -> u64 {
         self.cache.run_pending_tasks().await;
@@ -346,8 +342,7 @@ impl Residency {
             .iter()
             .map(|m| policy::Candidate {
                 key: &m.key,
-                held: m.weight() - m.pipeline.reserved_bytes(),
-                reserved: m.pipeline.reserved_bytes(),
+                weight: m.weight(),
                 in_use: m.busy(),
                 last_used: m.last_used(),
             })

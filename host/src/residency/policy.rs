@@ -14,10 +14,9 @@ use std::collections::HashMap;
 #[derive(Debug, Clone)]
 pub struct Candidate<'a> {
     pub key: &'a ModelKey,
-    /// Bytes its weights hold on the device.
-    pub held: u64,
-    /// Bytes reserved beyond its weights (a cached stage's capacity).
-    pub reserved: u64,
+    /// Bytes it holds on the device: its weights plus what it reserves (a cached stage's
+    /// capacity).
+    pub weight: u64,
     /// Requests in flight.
     pub in_use: usize,
     /// When it last served (any monotonic unit; smaller is older).
@@ -35,7 +34,7 @@ pub fn choose_victim<'a>(
 ) -> Option<&'a ModelKey> {
     let mut usage: HashMap<&str, u64> = HashMap::new();
     for c in resident {
-        *usage.entry(c.key.tenant.as_str()).or_default() += c.held + c.reserved;
+        *usage.entry(c.key.tenant.as_str()).or_default() += c.weight;
     }
     let over_share = |tenant: &str| {
         let share = shares.get(tenant).copied().unwrap_or(0.0);
@@ -81,8 +80,7 @@ mod tests {
             .map(
                 |(&(_, _, held, reserved, in_use, last_used), key)| Candidate {
                     key,
-                    held: held * MIB,
-                    reserved: reserved * MIB,
+                    weight: (held + reserved) * MIB,
                     in_use,
                     last_used,
                 },

@@ -143,11 +143,6 @@ impl Pipeline {
                 .map_or(0, |s| s.model.held_bytes + s.cache.capacity())
     }
 
-    /// Bytes reserved beyond the weights: the stage cache's capacity.
-    pub fn reserved_bytes(&self) -> u64 {
-        self.stage.as_ref().map_or(0, |s| s.cache.capacity())
-    }
-
     /// Runs the stage (unless its outputs are cached) and the entry model. Returns the
     /// outputs and, for a model with a stage, whether the cache answered.
     pub fn forward(

@@ -106,6 +106,11 @@ impl Server {
         reg: &Registration,
         tenant: &Tenant,
     ) -> Result<(Arc<LoadedModel>, bool), Error> {
+        if !self.residency.is_quarantined(&reg.key) {
+            if let Some(model) = self.residency.peek(&reg.key).await {
+                return Ok((model, false));
+            }
+        }
         let (server, reg, tenant) = (self.clone(), reg.clone(), tenant.clone());
         let load = tokio::spawn(async move {
             server

@@ -14,8 +14,6 @@ use super::Server;
 use crate::archive::{self, ArchiveError, Limits};
 use crate::error::Error;
 use crate::residency::{check_unpacked, CheckError};
-use crate::runtime::RuntimeError;
-use crate::sandbox::SandboxError;
 use crate::store::{self, StoreError};
 use crate::tenancy::Tenant;
 use axum::body::Body;
@@ -33,9 +31,7 @@ pub enum UploadError {
     #[error("{}", .0.as_rejection())]
     Archive(#[from] ArchiveError),
     #[error("archive rejected: {0}")]
-    Handler(SandboxError),
-    #[error("archive rejected: {0}")]
-    Model(RuntimeError),
+    Check(#[from] CheckError),
     #[error("quota exceeded: {0}")]
     Quota(String),
     #[error(transparent)]
@@ -255,8 +251,5 @@ fn validate(
     let limits = config.check_limits(&unpacked.model_files);
     // Not kept compiled: the archive may still be refused (quota), and uploads must not fill the
     // server's compiled-handler cache.
-    check_unpacked(&unpacked, sandbox, limits, false).map_err(|e| match e {
-        CheckError::Handler(e) => UploadError::Handler(e),
-        CheckError::Model(e) => UploadError::Model(e),
-    })
+    Ok(check_unpacked(&unpacked, sandbox, limits, false)?)
 }
