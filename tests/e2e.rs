@@ -179,7 +179,7 @@ fn three_models_with_budget_for_two_all_succeed_and_evict() {
         metrics.contains("tessera_model_evictions_total{"),
         "{metrics}"
     );
-    assert!(server.log().contains("model evicted"));
+    assert!(server.wait_log("model evicted", Duration::from_secs(5)));
 }
 
 #[test]
@@ -518,7 +518,11 @@ fn concurrent_first_requests_share_one_load() {
         })
         .expect("load counter");
     assert!(loads.ends_with(" 1"), "expected one load: {loads}");
-    assert_eq!(server.log().matches("model loaded").count(), 1);
+    assert!(wait_until(Duration::from_secs(5), || server
+        .log()
+        .matches("model loaded")
+        .count()
+        == 1));
 }
 
 #[test]
@@ -553,7 +557,7 @@ fn out_of_memory_evicts_idle_models_then_answers_507() {
     );
     // The idle model was evicted first, to try to make room.
     assert!(
-        server.log().contains("reason=\"out-of-memory\""),
+        server.wait_log("reason=\"out-of-memory\"", Duration::from_secs(5)),
         "{}",
         server.log()
     );
@@ -657,7 +661,12 @@ fn loads_answer_once_the_model_is_warm() {
     );
     assert_eq!(load.status, 200, "{}", load.text());
     assert_eq!(forwards(&server, "default/loaded@1"), Some(2));
-    assert_eq!(server.log().matches("warm-up request done").count(), 2);
+    // The log is read from the server's stderr by another thread: wait for both lines.
+    assert!(wait_until(Duration::from_secs(5), || server
+        .log()
+        .matches("warm-up request done")
+        .count()
+        == 2));
     drop(server);
 
     let server = Server::start(store.path(), &["--preload", "warm"]);

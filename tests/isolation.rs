@@ -324,7 +324,9 @@ fn a_forward_that_never_ends_is_quarantined() {
     );
     let r = spin();
     assert!(error_text(&r).contains("quarantined"), "{}", r.text());
-    assert!(s.server.log().contains("model quarantined"));
+    assert!(s
+        .server
+        .wait_log("model quarantined", Duration::from_secs(5)));
     const SCHED_IDLE: u32 = 5;
     let policies = thread_policies(s.server.pid(), "spin");
     assert!(
@@ -470,7 +472,9 @@ fn warmup_bodies_are_bounded_like_requests() {
     );
     let r = invoke(&s.server, ALICE, "/predictions/warm", &image_request());
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(s.server.log().contains("within the request size limit"));
+    assert!(s
+        .server
+        .wait_log("within the request size limit", Duration::from_secs(5)));
 }
 
 /// A single-tenant server whose work dir is `work`.
