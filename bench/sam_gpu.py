@@ -65,7 +65,8 @@ def main():
         subprocess.check_call([sys.executable, os.path.join(ROOT, "models/sam/export.py"), "--variant", v, "--random",
                                "--out-dir", d, "--device", "cuda", "--save-state-dict", os.path.join(d, "sam.pth")])
         subprocess.check_call([args.bin, "pack", "--config", cfg, "--model", os.path.join(d, "encoder.pt"),
-                               "--model", os.path.join(d, "decoder.pt"), "--handler", args.handler,
+                               "--model", os.path.join(d, "decoder.pt"), "--asset", os.path.join(d, "warmup.json"),
+                               "--handler", args.handler,
                                "--output", os.path.join(store, f"sam-{v}.tar.gz"), "--skip-model-check"])
     results = {"gpu": torch.cuda.get_device_name(0), "image": [args.width, args.height], "runs": {}}
     w, h = args.width, args.height

@@ -4,12 +4,15 @@
 sizes — as users send them. Every request is reported, first-seen sizes marked.
 
 In one run:
-  - Tessera over HTTP (seed JSON + PNG), once per TorchScript executor mode
-    (`--torchscript-executor profiling`, libtorch's default, and `simple`): total and forward ms;
+  - Tessera over HTTP (seed JSON + PNG), once per server mode: TorchScript executor
+    `profiling` (libtorch's default) and `simple` (what LaMa's archive asks for), both with the
+    server's default CUDA allocator settings (expandable segments), and `simple` with
+    libtorch's allocator defaults (`--cuda-alloc-conf ''`): total and forward ms;
   - after the sweep, the model unloaded and requested again (a swap-in from the unpacked copy
     on local disk), at a seen and a new size;
   - the same TorchScript file from Python, default executor and graph-executor optimisation off;
-  - eager PyTorch on the same weights: the first call at each size.
+  - eager PyTorch on the same weights: the first call at each size, with libtorch's allocator
+    defaults (what a user's own script gets) and with expandable segments.
 Each Python mode runs in a fresh process. (Python calls get the image padded to a multiple of 8 on each side, as the LaMa handler pads it.)
 The archive is packed with the sandboxed TorchScript check on (no --skip-model-check), so the run
 also shows the check and the load path working on CUDA.
@@ -39,6 +42,14 @@ SIZES = [(1000, 750), (1001, 751), (800, 600), (1000, 750), (640, 480), (1024, 6
          (1001, 751), (1280, 960), (640, 480), (768, 1024), (1000, 750)]
 
 
+# Server modes: label -> extra `tessera serve` arguments.
+SERVER_MODES = {
+    "profiling": ["--torchscript-executor", "profiling"],
+    "simple": ["--torchscript-executor", "simple"],
+    "simple, allocator defaults": ["--torchscript-executor", "simple", "--cuda-alloc-conf", ""],
+}
+
+
 def scene(w, h, seed=0):
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -63,7 +74,7 @@ def timed(fn):
 
 def python_mode(tag, pt):
     """One Python mode over the sweep, in this (fresh) process; prints the rows as JSON."""
-    if tag == "eager":
+    if tag.startswith("eager"):
         g = lama.FFCResNetGenerator()
         export.randomize(g, 0)
         m = lama.LamaInpaint(g.eval().cuda(), torch.float32)
@@ -99,9 +110,9 @@ def main():
         return json.dumps({"image": b64png(img), "mask_image": b64png(mask)}).encode()
     bodies = {s: body(*scene(*s)) for s in set(SIZES) | {(896, 672)}}
     hdr = {"content-type": "application/json"}
-    for mode in ["profiling", "simple"]:
-        srv, base, log = start_server(args.bin, store, os.path.join(work, mode), os.path.join(args.out, f"server-{mode}.log"),
-                                      "--device", "cuda", "--torchscript-executor", mode)
+    for mode, extra in SERVER_MODES.items():
+        srv, base, log = start_server(args.bin, store, os.path.join(work, mode), os.path.join(args.out, f"server-{mode.replace(',', '').replace(' ', '-')}.log"),
+                                      "--device", "cuda", *extra)
         rows, seen = [], set()
         for s in SIZES:
             status, data, h, sec = request("POST", f"{base}/predictions/lama", bodies[s], hdr)
@@ -129,32 +140,37 @@ def main():
 
     # Python on the same file and weights, each mode in a fresh process (a process that has
     # seen a size has its cuDNN/cuFFT plans and allocator blocks for it).
-    for tag in ["torchscript_default", "torchscript_optimize_off", "eager"]:
-        out = subprocess.check_output([sys.executable, __file__, "--python-mode", tag, "--model", pt])
+    for tag in ["torchscript_default", "torchscript_optimize_off", "eager", "eager_expandable"]:
+        env = dict(os.environ)
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        if tag == "eager_expandable":
+            env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        out = subprocess.check_output([sys.executable, __file__, "--python-mode", tag, "--model", pt], env=env)
         results["python"][tag] = json.loads(out.decode().strip().splitlines()[-1])
 
     lines = [f"GPU: {results['gpu']}; big-lama fp32, random weights; pack incl. sandboxed TorchScript check "
              f"{results['pack_with_check_s']:.1f} s", "",
-             "| # | size | first seen | Tessera profiling total / forward ms | Tessera simple total / forward ms "
-             "| TorchScript from Python, default ms | TorchScript, optimize off ms | eager ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| # | size | first seen | " + " | ".join(f"Tessera {m} total / forward ms" for m in SERVER_MODES)
+             + " | TorchScript from Python, default ms | TorchScript, optimize off ms | eager ms "
+             "| eager, expandable segments ms |",
+             "|---|---|---|" + "---|" * (len(SERVER_MODES) + 4)]
     for i, s in enumerate(SIZES):
-        p, q = results["server"]["profiling"]["rows"][i], results["server"]["simple"]["rows"][i]
-        lines.append(f"| {i + 1} | {s[0]}x{s[1]} | {'yes' if p['first_seen'] else ''} "
-                     f"| {p['total_ms']:.0f} / {p['forward_ms']:.0f} | {q['total_ms']:.0f} / {q['forward_ms']:.0f} "
-                     f"| {results['python']['torchscript_default'][i]['ms']:.0f} "
+        rows = [results["server"][m]["rows"][i] for m in SERVER_MODES]
+        lines.append(f"| {i + 1} | {s[0]}x{s[1]} | {'yes' if rows[0]['first_seen'] else ''} | "
+                     + " | ".join(f"{r['total_ms']:.0f} / {r['forward_ms']:.0f}" for r in rows)
+                     + f" | {results['python']['torchscript_default'][i]['ms']:.0f} "
                      f"| {results['python']['torchscript_optimize_off'][i]['ms']:.0f} "
-                     f"| {results['python']['eager'][i]['ms']:.0f} |")
+                     f"| {results['python']['eager'][i]['ms']:.0f} "
+                     f"| {results['python']['eager_expandable'][i]['ms']:.0f} |")
     lines += ["", "After the sweep, the model unloaded and requested again (reload from its unpacked copy on "
               "local disk: a swap-in), total / forward / load ms:"]
-    for mode in ["profiling", "simple"]:
+    for mode in SERVER_MODES:
         lines.append(f"- {mode}: " + "; ".join(
             f"{r['size'][0]}x{r['size'][1]} {r['total_ms']:.0f} / {r['forward_ms']:.0f} / {r['load_ms']:.0f}"
             for r in results["server"][mode]["swap_in"]))
-    lines += ["", "Request 1 includes the model load on the server (x-model-load-time: "
-              f"profiling {results['server']['profiling']['rows'][0]['load_ms']:.0f} ms, "
-              f"simple {results['server']['simple']['rows'][0]['load_ms']:.0f} ms); residentBytes "
-              f"{results['server']['profiling']['resident_bytes']}."]
+    lines += ["", "Request 1 includes the model load on the server (x-model-load-time: " + ", ".join(
+        f"{m} {results['server'][m]['rows'][0]['load_ms']:.0f} ms" for m in SERVER_MODES)
+        + f"); residentBytes {results['server']['profiling']['resident_bytes']}."]
     write_results(args.out, results, lines)
 
 

@@ -71,7 +71,7 @@ case "$family" in
     esac
     python models/sam/export.py --checkpoint "$src" --variant "$variant" --out-dir "$tmp" \
       ${extra[@]+"${extra[@]}"}
-    files=(--model "$tmp/encoder.pt" --model "$tmp/decoder.pt")
+    files=(--model "$tmp/encoder.pt" --model "$tmp/decoder.pt" --asset "$tmp/warmup.json")
     ;;
   lama)
     python models/lama/export.py --checkpoint "$src" --out "$tmp/model.pt" ${extra[@]+"${extra[@]}"}

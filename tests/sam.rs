@@ -8,7 +8,7 @@ use serde_json::json;
 use std::process::{Command, Stdio};
 use support::*;
 
-const CONFIG: &str = "maxWorkers: 1\nresponseTimeout: 60\ntessera:\n  model: decoder.pt\n  cachedStage:\n    model: encoder.pt\n    inputs: [image]\n    cacheMiB: 64\nhandler:\n  max_pixels: 4000000\n";
+const CONFIG: &str = "maxWorkers: 1\nresponseTimeout: 60\ntessera:\n  model: decoder.pt\n  cachedStage:\n    model: encoder.pt\n    inputs: [image, image_hw]\n    cacheMiB: 64\nhandler:\n  max_pixels: 4000000\n";
 
 /// A photo-like image with a red disc (the "object") at (0.5 w, 0.4 h).
 fn photo(w: u32, h: u32) -> Vec<u8> {
@@ -350,4 +350,45 @@ fn bad_clicks_get_clear_4xx() {
         post_json(&url, &request(64, 64, json!({"point_coords": [1, 2]}))).status,
         200
     );
+}
+
+/// The archive as shipped (`models/sam/model-config.yaml` + the export's `warmup.json`): every
+/// warm-up run goes through the encoder (the second would otherwise be answered by the stage
+/// cache, leaving the encoder half warmed), and no warm-up embedding stays cached for users.
+#[test]
+fn warm_up_runs_the_encoder_every_time_and_leaves_nothing_cached() {
+    let store = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(workspace().join("models/sam/model-config.yaml")).unwrap();
+    let warmup = artifact("sam/warmup.json");
+    let (ok, err) = pack_archive(
+        &store.path().join("sam.tar.gz"),
+        &config,
+        &[artifact("sam/encoder.pt"), artifact("sam/decoder.pt")],
+        &artifact("handlers/sam.wasm"),
+        std::slice::from_ref(&warmup),
+    );
+    assert!(ok, "{err}");
+    let server = Server::start(store.path(), &["--preload", "sam"]);
+    let lookups = |result: &str| {
+        get(&server.url("/metrics"))
+            .text()
+            .lines()
+            .find(|l| {
+                l.starts_with("tessera_stage_cache_total")
+                    && l.contains("default/sam@1")
+                    && l.contains(&format!("result=\"{result}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!((lookups("miss"), lookups("hit")), (2, 0));
+    // A user sending the warm-up's own photo meets an empty cache.
+    let mut req: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&warmup).unwrap()).unwrap();
+    req["gen_args"] = json!({"point_coords": [10, 40], "point_labels": 1});
+    let reply = post_json(&server.url("/predictions/sam"), &req);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-stage-cache"), Some("miss"));
+    assert!(reply.header("x-model-load-time").is_none());
+    assert_eq!((lookups("miss"), lookups("hit")), (3, 0));
 }

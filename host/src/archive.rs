@@ -159,6 +159,11 @@ pub struct CachedStage {
     /// Bytes of stage outputs kept, in MiB (reserved in the residency budget).
     #[serde(default = "default_stage_cache_mib", rename = "cacheMiB")]
     pub cache_mib: u64,
+    /// TorchScript executor for the stage's forwards; absent means the model's. (SAM's
+    /// encoder always sees one input shape, so the profiling executor's fusions pay off once,
+    /// while its decoder's output size follows each photo and runs best as exported.)
+    #[serde(default)]
+    pub executor: Option<crate::runtime::Executor>,
 }
 
 fn default_stage_cache_mib() -> u64 {
@@ -748,6 +753,16 @@ mod tests {
         assert!(ModelConfig::parse("tessera:\n  model: ../x.pt\n").is_err());
         let c = ModelConfig::parse("tessera:\n  executor: simple\n").unwrap();
         assert_eq!(c.tessera.executor, Some(crate::runtime::Executor::Simple));
+        let c = ModelConfig::parse(
+            "tessera:\n  model: b.pt\n  executor: simple\n  cachedStage:\n    model: a.pt\n    inputs: [x]\n    executor: profiling\n",
+        )
+        .unwrap();
+        let stage = c.tessera.cached_stage.unwrap();
+        assert_eq!(stage.executor, Some(crate::runtime::Executor::Profiling));
+        assert!(ModelConfig::parse(
+            "tessera:\n  model: b.pt\n  cachedStage:\n    model: a.pt\n    inputs: [x]\n    executor: fast\n"
+        )
+        .is_err());
         assert!(ModelConfig::parse("tessera:\n  executor: turbo\n").is_err());
     }
 }

@@ -42,14 +42,28 @@ pub struct Config {
     #[arg(long, env = "TESSERA_CUDNN_BENCHMARK", default_value_t = false)]
     pub cudnn_benchmark: bool,
 
+    /// libtorch's CUDA caching-allocator settings, applied before CUDA starts (libtorch's own
+    /// `PYTORCH_CUDA_ALLOC_CONF`; empty: libtorch's defaults). The default, expandable segments,
+    /// lets the tensors of a photo size not seen before reuse memory already mapped instead of
+    /// new cudaMalloc blocks: on an H100, LaMa's forward at first-seen sizes 40-56 ms with it
+    /// against 99-222 ms without (seen sizes 17-35 ms either way;
+    /// bench/results/new_size_probe_gpu_h100.md).
+    #[arg(
+        long,
+        env = "PYTORCH_CUDA_ALLOC_CONF",
+        default_value = "expandable_segments:True"
+    )]
+    pub cuda_alloc_conf: String,
+
     /// TorchScript executor of models whose config names none (`tessera.executor`): `profiling`
     /// (libtorch's default: specialises and fuses per input shape, which costs hundreds of ms
     /// to seconds on the first calls at every new shape) or `simple` (graphs run as exported:
     /// nothing is profiled or compiled on a request, whatever the input size). On an H100, LaMa
-    /// at photo sizes not seen before: 76-127 ms forward with `simple`, 174-2147 ms with
+    /// at photo sizes not seen before: 51-90 ms forward with `simple`, 168-1716 ms with
     /// `profiling` (bench/results/sweep_gpu_h100.md). `simple` runs a graph exactly as traced,
     /// so a model must be exported device-clean for it (SAM's encoder, traced on CUDA, still
-    /// mixes devices without the optimiser's passes): models opt in, LaMa's archive does.
+    /// mixes devices without the optimiser's passes): models opt in, per model and per cached
+    /// stage; LaMa's archive and SAM's decoder do.
     #[arg(
         long,
         env = "TESSERA_TORCHSCRIPT_EXECUTOR",

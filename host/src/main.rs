@@ -72,6 +72,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
+    // libtorch reads its allocator settings once, when CUDA starts: set them while this is
+    // the only thread.
+    if config.cuda_alloc_conf.is_empty() {
+        std::env::remove_var("PYTORCH_CUDA_ALLOC_CONF");
+    } else {
+        std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", &config.cuda_alloc_conf);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

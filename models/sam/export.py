@@ -2,9 +2,11 @@
 """Export Segment Anything (reference code: PyPI `segment-anything-py`) to TorchScript for
 Tessera, split in two so the expensive part is reused:
 
-  encoder.pt  image (uint8 [h, w, 3], longest side already resized to 1024 by the handler)
-              -> image embeddings [1, 256, 64, 64]. Normalisation and padding to 1024² are
-              done here, as SamPredictor does them.
+  encoder.pt  (image uint8 [1024, 1024, 3]: the photo resized to longest side 1024 and
+              zero-padded to the square by the handler, image_hw i64 [2]: the resized photo's
+              height and width) -> image embeddings [1, 256, 64, 64]. Normalisation and the
+              zero padding are done here, as SamPredictor does them; the input shape never
+              changes, so a new photo size costs no new specialisation or plan.
   decoder.pt  (image embeddings, point_coords f32 [N, 2] in original pixels, point_labels
               f32 [N], orig_hw i64 [2], mask_index i64 [1], -1 = best) -> (mask uint8 [H, W]
               in {0, 1} at the original size, iou_predictions f32 [3], chosen index i64 [1]).
@@ -15,6 +17,8 @@ Weights: --checkpoint sam_vit_h_4b8939.pth (official), --random (full size), or 
 architecture, CI-sized). --variant vit_b | vit_l | vit_h.
 
     python models/sam/export.py --variant vit_b --random --out-dir build/sam_vit_b
+
+Also writes OUT_DIR/warmup.json, a small click request for `tessera.warmup` (an archive asset).
 """
 import argparse
 import os
@@ -82,7 +86,11 @@ def build(variant: str, checkpoint, tiny: bool, seed: int) -> Sam:
 # TorchScript cannot read module globals: the scripted wrappers spell 1024 (SAM's input
 # size) out.
 class Encoder(nn.Module):
-    """uint8 [h, w, 3] (longest side 1024) -> embeddings; wraps the traced ViT."""
+    """uint8 [1024, 1024, 3] (the photo resized to longest side 1024, zero-padded to the square
+    by the handler) + int64 [2] (the resized photo's height and width) -> embeddings; wraps the
+    traced ViT. Every call has the same input shapes whatever the photo's size, so nothing
+    in the encoder is specialised or planned again for a new photo size. Normalising the
+    padded square and zeroing what lies outside the photo equals SAM's normalise-then-pad."""
 
     def __init__(self, vit: nn.Module, mean: Tensor, std: Tensor):
         super().__init__()
@@ -90,11 +98,13 @@ class Encoder(nn.Module):
         self.register_buffer("mean", mean.reshape(1, 3, 1, 1))
         self.register_buffer("std", std.reshape(1, 3, 1, 1))
 
-    def forward(self, image: Tensor) -> Tensor:
+    def forward(self, image: Tensor, image_hw: Tensor) -> Tensor:
         x = image.permute(2, 0, 1).unsqueeze(0).to(self.mean.dtype)
         x = (x - self.mean) / self.std
-        h, w = x.shape[-2], x.shape[-1]
-        x = F.pad(x, [0, 1024 - w, 0, 1024 - h])
+        hw = image_hw.to(x.device)
+        rows = torch.arange(1024, device=x.device).reshape(1, 1, 1024, 1) < hw[0]
+        cols = torch.arange(1024, device=x.device).reshape(1, 1, 1, 1024) < hw[1]
+        x = torch.where(rows & cols, x, torch.zeros_like(x))
         return self.vit(x)
 
 
@@ -188,6 +198,26 @@ def export(sam: Sam, out_dir: str, device: str = "cpu", dtype: torch.dtype = tor
         torch.jit.script(Decoder(core)).save(os.path.join(out_dir, "decoder.pt"))
 
 
+def write_warmup(path: str) -> None:
+    """A small click for `tessera.warmup`, replayed after each load: the encoder sees the one
+    input shape every photo gives it, so TorchScript's profiling and fusion for it (seconds on
+    a GPU) and CUDA's one-time set-up happen before the first user's click."""
+    import base64
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:48, 0:64]
+    image = np.stack([x * 4, y * 5, (x + y) * 2], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    with open(path, "w") as f:
+        json.dump({"image": base64.b64encode(buf.getvalue()).decode(),
+                   "gen_args": {"point_coords": [32, 20], "point_labels": 1}}, f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -205,8 +235,9 @@ def main() -> None:
     if args.save_state_dict:
         torch.save(sam.state_dict(), args.save_state_dict)
     export(sam, args.out_dir, args.device)
+    write_warmup(os.path.join(args.out_dir, "warmup.json"))
     n = sum(p.numel() for p in sam.parameters())
-    print(f"wrote {args.out_dir}/encoder.pt, decoder.pt: {'tiny' if args.tiny else args.variant}, {n / 1e6:.1f} M parameters")
+    print(f"wrote {args.out_dir}/encoder.pt, decoder.pt, warmup.json: {'tiny' if args.tiny else args.variant}, {n / 1e6:.1f} M parameters")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ def test_torchscript_matches_reference_predictor(tmp_path):
         predictor.set_image(image)
         resized = ResizeLongestSide(1024).apply_image(image)
         with torch.no_grad():
-            emb = enc(torch.from_numpy(resized))
+            rh, rw = resized.shape[:2]
+            square = np.zeros((1024, 1024, 3), np.uint8)
+            square[:rh, :rw] = resized
+            emb = enc(torch.from_numpy(square), torch.tensor([rh, rw]))
             assert torch.allclose(emb, predictor.features, atol=1e-4, rtol=1e-4)
             args = (emb, torch.tensor(points, dtype=torch.float32), torch.tensor(labels, dtype=torch.float32),
                     torch.tensor([h, w]))

@@ -17,6 +17,10 @@ use std::borrow::Cow;
 use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
 
 const MAX_POINTS: usize = 64;
+/// SAM's input side: the photo is resized to this longest side and zero-padded to the square,
+/// so the encoder sees one input shape whatever the photo's size (its `image_hw` input says
+/// where the photo ends).
+const SIDE: u32 = 1024;
 const DEFAULT_MASK: usize = 1;
 
 struct Sam;
@@ -159,13 +163,15 @@ impl tessera_sdk::Handler for Sam {
         let mut inputs = Vec::with_capacity(4);
         if let Some(bytes) = pixels {
             let rgb = img::decode_rgb("image", &bytes)?;
-            let resized = img::resize_longest_side(&rgb, 1024);
+            let resized = img::resize_longest_side(&rgb, SIDE);
+            drop(rgb);
             let (rw, rh) = resized.dimensions();
             inputs.push(Tensor::from_u8(
                 "image",
-                &[rh as u64, rw as u64, 3],
-                resized.into_raw(),
+                &[SIDE as u64, SIDE as u64, 3],
+                pad_to_square(resized.as_raw(), rw as usize, rh as usize),
             )?);
+            inputs.push(Tensor::from_i64("image_hw", &[2], &[rh as i64, rw as i64])?);
         }
         let flat: Vec<f32> = points.iter().flatten().copied().collect();
         inputs.push(Tensor::from_f32(
@@ -230,3 +236,17 @@ impl tessera_sdk::Handler for Sam {
 }
 
 tessera_sdk::export_handler!(Sam);
+
+/// `rgb` (`w` x `h` x 3, both at most [`SIDE`]) in the top-left corner of a zeroed
+/// `SIDE` x `SIDE` x 3 square.
+fn pad_to_square(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
+    let side = SIDE as usize;
+    let mut out = vec![0u8; side * side * 3];
+    for (row, src) in out
+        .chunks_exact_mut(side * 3)
+        .zip(rgb.chunks_exact(w * 3).take(h))
+    {
+        row[..w * 3].copy_from_slice(src);
+    }
+    out
+}

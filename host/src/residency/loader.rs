@@ -144,18 +144,28 @@ impl Loader {
         }
         // Make room for at least the archive's tensors before touching the device.
         residency.make_room(key, unpacked.model_bytes).await;
+        let executor = unpacked
+            .config
+            .tessera
+            .executor
+            .unwrap_or(self.config.executor);
         let stage = match (&unpacked.stage_file, &unpacked.config.tessera.cached_stage) {
             (Some(file), Some(spec)) => Some(runtime::Stage {
                 model: self.load_torch(residency, file, device, reg).await?,
                 inputs: spec.inputs.clone(),
                 cache: Arc::new(runtime::StageCache::new(spec.cache_mib << 20)),
+                executor: spec.executor.unwrap_or(executor),
             }),
             _ => None,
         };
         let entry = self
             .load_torch(residency, &unpacked.model_file, device, reg)
             .await?;
-        let pipeline = runtime::Pipeline { stage, entry };
+        let pipeline = runtime::Pipeline {
+            stage,
+            entry,
+            executor,
+        };
         if pipeline.held_bytes() > budget {
             return Err(too_big(
                 "holds (with its stage cache)",
@@ -179,11 +189,7 @@ impl Loader {
             workers + self.config.max_queue,
             &key.name,
             runtime::ThreadMode {
-                executor: unpacked
-                    .config
-                    .tessera
-                    .executor
-                    .unwrap_or(self.config.executor),
+                executor,
                 grad: self.config.grad_mode,
             },
             Duration::from_secs(unpacked.config.response_timeout),

@@ -26,6 +26,7 @@ mod cuda {
         pub fn tessera_cap_cpu_memory(bytes: i64) -> i32;
         pub fn tessera_cpu_tensor_bytes() -> i64;
         pub fn tessera_jit_set_thread_optimize(optimize: i32) -> i32;
+        pub fn tessera_jit_get_thread_optimize() -> i32;
         pub fn tessera_enter_inference_mode() -> i32;
     }
 }
@@ -311,6 +312,15 @@ fn set_thread_executor(executor: Executor) {
     // SAFETY: sets a thread-local flag; the shim catches C++ exceptions.
     if unsafe { cuda::tessera_jit_set_thread_optimize(optimize) } != 0 {
         tracing::warn!("could not set the TorchScript executor for this thread");
+    }
+}
+
+/// The executor this thread's TorchScript calls run under.
+pub fn thread_executor() -> Executor {
+    // SAFETY: reads a thread-local flag.
+    match unsafe { cuda::tessera_jit_get_thread_optimize() } {
+        0 => Executor::Simple,
+        _ => Executor::Profiling,
     }
 }
 

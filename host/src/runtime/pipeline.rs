@@ -5,7 +5,7 @@
 //! bounded in bytes (LRU), so a later request with the same key runs only the entry model.
 //! The cache belongs to one loaded model version, so it is scoped to its tenant and model,
 //! and its capacity is reserved in the residency budget by the caller.
-use super::{collect_outputs, HostTensor, RuntimeError, TorchModel};
+use super::{collect_outputs, Executor, HostTensor, RuntimeError, TorchModel};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tch::{Device, IValue, Tensor};
@@ -78,6 +78,13 @@ impl StageCache {
         Some(entry.0.clone())
     }
 
+    /// Drops every entry (outputs a request still holds stay alive until it is done).
+    pub fn clear(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.entries.clear();
+        inner.bytes = 0;
+    }
+
     /// Keeps `outputs` under `key`, evicting least recently used entries to fit. Outputs
     /// larger than the whole cache are not kept.
     fn insert(&self, key: &str, outputs: Arc<CachedOutputs>) {
@@ -113,6 +120,8 @@ pub struct Stage {
     /// Handler tensor names the stage consumes, in order.
     pub inputs: Vec<String>,
     pub cache: Arc<StageCache>,
+    /// The stage's TorchScript executor (the model's unless its config names another).
+    pub executor: Executor,
 }
 
 /// Everything a forward needs from the handler.
@@ -127,11 +136,21 @@ pub struct PipelineInput {
 pub struct Pipeline {
     pub stage: Option<Stage>,
     pub entry: TorchModel,
+    /// The model's TorchScript executor: the forward threads run under it.
+    pub executor: Executor,
 }
 
 impl Pipeline {
     pub fn device(&self) -> Device {
         self.entry.device
+    }
+
+    /// Empties the stage cache (after a warm-up run, so that the next run goes through the
+    /// stage again and no warm-up output stays cached).
+    pub fn clear_stage_cache(&self) {
+        if let Some(stage) = &self.stage {
+            stage.cache.clear();
+        }
     }
 
     /// Bytes held on the device, with the stage cache's full capacity reserved.
@@ -170,7 +189,11 @@ impl Pipeline {
                         )
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                let tensors = match stage.model.forward_values(args)? {
+                let stage_out = {
+                    let _executor = ExecutorScope::enter(stage.executor, self.executor);
+                    stage.model.forward_values(args)?
+                };
+                let tensors = match stage_out {
                     IValue::Tensor(t) => vec![t],
                     IValue::Tuple(items) | IValue::GenericList(items) => items
                         .into_iter()
@@ -212,6 +235,32 @@ impl Pipeline {
     }
 }
 
+/// Runs the calling thread's TorchScript calls under another executor until dropped, then
+/// goes back to the thread's own (both are thread-local flags: nothing to undo elsewhere).
+struct ExecutorScope {
+    restore: Option<Executor>,
+}
+
+impl ExecutorScope {
+    fn enter(executor: Executor, thread: Executor) -> ExecutorScope {
+        if executor == thread {
+            return ExecutorScope { restore: None };
+        }
+        super::set_thread_executor(executor);
+        ExecutorScope {
+            restore: Some(thread),
+        }
+    }
+}
+
+impl Drop for ExecutorScope {
+    fn drop(&mut self) {
+        if let Some(executor) = self.restore {
+            super::set_thread_executor(executor);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +270,22 @@ mod tests {
             [n],
             (tch::Kind::Uint8, Device::Cpu),
         )]))
+    }
+
+    #[test]
+    fn a_stage_runs_under_its_own_executor_and_the_thread_gets_its_own_back() {
+        std::thread::spawn(|| {
+            super::super::set_thread_executor(Executor::Profiling);
+            {
+                let _scope = ExecutorScope::enter(Executor::Simple, Executor::Profiling);
+                assert_eq!(super::super::thread_executor(), Executor::Simple);
+            }
+            assert_eq!(super::super::thread_executor(), Executor::Profiling);
+            let _same = ExecutorScope::enter(Executor::Profiling, Executor::Profiling);
+            assert_eq!(super::super::thread_executor(), Executor::Profiling);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
@@ -235,5 +300,9 @@ mod tests {
         cache.insert("huge", outputs(101)); // bigger than the cache: not kept
         assert!(cache.get("huge").is_none());
         assert!(cache.get("a").is_some());
+        cache.clear();
+        assert!(cache.get("a").is_none() && cache.get("c").is_none());
+        cache.insert("d", outputs(100)); // the cleared bytes are free again
+        assert!(cache.get("d").is_some());
     }
 }

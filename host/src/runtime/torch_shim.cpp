@@ -213,6 +213,9 @@ extern "C" int tessera_jit_set_thread_optimize(int optimize) {
     return -1;
   }
 }
+extern "C" int tessera_jit_get_thread_optimize() {
+  return torch::jit::getGraphExecutorOptimize() ? 1 : 0;
+}
 
 // Puts the calling thread in inference mode for the rest of its life: autograd's dispatch keys
 // and version counters are skipped on every op (torch.inference_mode() in Python; a no-grad

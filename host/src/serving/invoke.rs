@@ -177,6 +177,9 @@ impl Server {
             )
             .await;
             let ms = started.elapsed().as_millis() as u64;
+            // Every run goes through the whole pipeline (a cached stage's outputs would
+            // otherwise answer the second), and no warm-up output stays cached.
+            model.pipeline.clear_stage_cache();
             match result {
                 Ok(Ok(r)) if r.status < 400 => {
                     tracing::info!(model = %model.key, run = i + 1, ms, "warm-up request done")

@@ -92,6 +92,7 @@ impl Server {
         };
         tracing::info!(
             backend = runtime::configure(config.cudnn_benchmark, config.torchscript_executor),
+            cuda_alloc_conf = config.cuda_alloc_conf,
             "libtorch"
         );
         tracing::info!(device = runtime::device_name(device), budget_mib = budget >> 20,
