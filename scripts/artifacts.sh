@@ -8,9 +8,9 @@ mkdir -p "$A/handlers" "$A/example"
 echo "==> building handler components"
 cargo build -q --profile guest --target wasm32-wasip2 \
   -p tessera-handler-example -p tessera-handler-chaos -p tessera-handler-lama -p tessera-handler-sam \
-  -p tessera-handler-sd \
+  -p tessera-handler-sd -p tessera-handler-classify \
   -p tessera-test-other-world
-for h in example chaos lama sam sd; do
+for h in example chaos lama sam sd classify; do
   cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_handler_$h.wasm" "$A/handlers/$h.wasm"
 done
 cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_test_other_world.wasm" "$A/handlers/other-world.wasm"
@@ -19,6 +19,10 @@ echo "==> exporting the example model"
 python models/example/export.py --out "$A/example/model.pt"
 python models/example/export.py --width 128 --depth 6 --seed 1 --out "$A/example/model-large.pt"
 python models/example/export.py --oom --out "$A/example/model-oom.pt"
+
+echo "==> exporting the classifier (tiny)"
+mkdir -p "$A/classify"
+python models/classify/export.py --arch tiny --out "$A/classify/tiny.pt"
 
 echo "==> exporting tiny LaMa"
 mkdir -p "$A/lama"

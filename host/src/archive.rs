@@ -129,6 +129,11 @@ pub struct TesseraConfig {
     /// the server's `--torchscript-executor`.
     #[serde(default)]
     pub executor: Option<crate::runtime::Executor>,
+    /// The model takes every input batched along dimension 0 and returns every output so:
+    /// with `batchSize` > 1, the requests whose inputs match in everything but that dimension
+    /// are run as one forward (up to `batchSize`, waiting up to `maxBatchDelay` ms).
+    #[serde(default)]
+    pub batchable: bool,
 }
 
 /// `tessera.warmup`: a request body under `assets/`, sent through handler and model `times`
@@ -205,6 +210,15 @@ impl ModelConfig {
                 "batchSize must be 1..=1024, got {}",
                 self.batch_size
             ));
+        }
+        if self.max_batch_delay > 60_000 {
+            return bad(format!(
+                "maxBatchDelay must be at most 60000 ms, got {}",
+                self.max_batch_delay
+            ));
+        }
+        if self.tessera.batchable && self.tessera.cached_stage.is_some() {
+            return bad("tessera.batchable is not supported with a cachedStage yet".into());
         }
         if self.response_timeout == 0 || self.response_timeout > 3600 {
             return bad(format!(
@@ -751,6 +765,21 @@ mod tests {
         assert!(ModelConfig::parse("deviceType: tpu\n").is_err());
         assert!(ModelConfig::parse("bogusKey: 1\n").is_err());
         assert!(ModelConfig::parse("tessera:\n  model: ../x.pt\n").is_err());
+        let c = ModelConfig::parse("batchSize: 8\nmaxBatchDelay: 5\ntessera:\n  batchable: true\n")
+            .unwrap();
+        assert!(c.tessera.batchable && c.batch_size == 8 && c.max_batch_delay == 5);
+        assert!(
+            !ModelConfig::parse("batchSize: 8\n")
+                .unwrap()
+                .tessera
+                .batchable
+        );
+        assert!(ModelConfig::parse("maxBatchDelay: 60001\n").is_err());
+        let err = ModelConfig::parse(
+            "tessera:\n  model: b.pt\n  batchable: true\n  cachedStage:\n    model: a.pt\n    inputs: [x]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("batchable"), "{err}");
         let c = ModelConfig::parse("tessera:\n  executor: simple\n").unwrap();
         assert_eq!(c.tessera.executor, Some(crate::runtime::Executor::Simple));
         let c = ModelConfig::parse(

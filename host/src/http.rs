@@ -465,4 +465,7 @@ fn add_timings(h: &mut HeaderMap, t: &Timings) {
     h.insert("x-preprocess-time", ms(t.preprocess));
     h.insert("x-inference-time", ms(t.inference));
     h.insert("x-postprocess-time", ms(t.postprocess));
+    if t.batch > 0 {
+        h.insert("x-batch-size", HeaderValue::from(t.batch));
+    }
 }

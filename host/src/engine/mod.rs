@@ -20,11 +20,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-/// A forward's outputs (and whether the stage cache answered), and the time it queued.
-pub type Reply = (
-    Result<(Vec<HostTensor>, Option<bool>), RuntimeError>,
-    Duration,
-);
+/// One request's outputs, and whether the stage cache answered.
+pub type Outcome = Result<(Vec<HostTensor>, Option<bool>), RuntimeError>;
+
+/// A forward's answer to one request.
+pub struct Reply {
+    pub result: Outcome,
+    /// How long it waited for a worker.
+    pub queued: Duration,
+    /// Requests in the forward (1 unbatched).
+    pub batch: usize,
+}
+
+/// How a model's workers batch requests (TorchServe's `batchSize` and `maxBatchDelay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Most requests in one forward (1: no batching).
+    pub max: usize,
+    /// Longest a worker waits, from the first request it takes, for a batch to fill.
+    pub delay: Duration,
+}
+
+impl Batching {
+    pub const OFF: Batching = Batching {
+        max: 1,
+        delay: Duration::ZERO,
+    };
+}
 
 /// A model's queue: inputs in, replies out.
 pub type ModelQueue = Queue<Arc<PipelineInput>, Reply>;
@@ -54,14 +76,17 @@ pub struct Engine {
 
 impl Engine {
     /// Starts `threads` workers sharing `model`, running its TorchScript in `mode`, fed
-    /// by a queue admitting `capacity` requests. A forward still running `grace` past its
-    /// deadline quarantines the model and calls `on_quarantine` once.
+    /// by a queue admitting `capacity` requests, each forward taking a batch of requests as
+    /// `batching` allows. A forward still running `grace` past its deadline quarantines the
+    /// model and calls `on_quarantine` once.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         model: Arc<Pipeline>,
         threads: usize,
         capacity: usize,
         name: &str,
         mode: ThreadMode,
+        batching: Batching,
         grace: Duration,
         on_quarantine: Box<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<Engine> {
@@ -91,26 +116,22 @@ impl Engine {
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
                     runtime::prepare_forward_thread(mode);
-                    // One job at a time for now; the batcher will take several.
-                    while let Some(jobs) = queue.take(1) {
-                        for job in jobs {
-                            let queued = job.waited();
-                            shared.set_busy(
-                                i,
-                                Some(Busy {
-                                    deadline: job.deadline,
-                                    tid,
-                                }),
-                            );
-                            let out =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                    model.forward(&job.input)
-                                }))
-                                .unwrap_or_else(|_| {
-                                    Err(RuntimeError::Forward("forward panicked".into()))
-                                });
-                            shared.set_busy(i, None);
-                            job.answer((out, queued));
+                    let key = |input: &Arc<PipelineInput>| runtime::batch_key(&input.tensors);
+                    while let Some(jobs) = queue.take_batch(batching.max, batching.delay, key) {
+                        // The watchdog measures overruns from the latest deadline: the
+                        // forward still serves someone until then.
+                        let deadline = jobs.iter().map(|j| j.deadline).max().expect("a job");
+                        shared.set_busy(i, Some(Busy { deadline, tid }));
+                        let queued: Vec<Duration> = jobs.iter().map(|j| j.waited()).collect();
+                        let results = run_batch(&model, &jobs);
+                        shared.set_busy(i, None);
+                        let batch = jobs.len();
+                        for ((job, result), queued) in jobs.into_iter().zip(results).zip(queued) {
+                            job.answer(Reply {
+                                result,
+                                queued,
+                                batch,
+                            });
                         }
                     }
                 })?;
@@ -141,6 +162,21 @@ impl Engine {
         let rx = self.queue.submit(slot, input, deadline)?;
         rx.await.map_err(|_| queue::not_run(deadline))
     }
+}
+
+/// One forward for `jobs` (a batch when there are several); one result per job, in order.
+fn run_batch(model: &Pipeline, jobs: &[queue::Job<Arc<PipelineInput>, Reply>]) -> Vec<Outcome> {
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let [job] = jobs {
+            return vec![model.forward(&job.input)];
+        }
+        let inputs: Vec<&PipelineInput> = jobs.iter().map(|j| &*j.input).collect();
+        match model.forward_batch(&inputs) {
+            Ok(outputs) => outputs.into_iter().map(|o| Ok((o, None))).collect(),
+            Err(e) => vec![Err(e); jobs.len()],
+        }
+    }));
+    out.unwrap_or_else(|_| vec![Err(RuntimeError::Forward("forward panicked".into())); jobs.len()])
 }
 
 impl Drop for Engine {

@@ -149,7 +149,8 @@ impl<I, R> Queue<I, R> {
             _slot: slot.clone(),
         });
         drop(state);
-        self.ready.notify_one();
+        // All: a worker filling a batch waits here too, beside idle ones.
+        self.ready.notify_all();
         Ok(rx)
     }
 
@@ -189,6 +190,57 @@ impl<I, R> Queue<I, R> {
                 return None;
             }
             state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// A batch: blocks until a live job waits and takes it, then gathers the queued jobs whose
+    /// `key` equals its (in order, up to `max` jobs in all; jobs with another key stay queued
+    /// for a later batch), waiting at most `delay` from the first job's taking for the batch to
+    /// fill. A job whose key is `None` goes alone. Jobs gone or expired are dropped on the way.
+    /// `None` once the queue is closed and empty.
+    pub fn take_batch<K: PartialEq>(
+        &self,
+        max: usize,
+        delay: Duration,
+        key: impl Fn(&I) -> Option<K>,
+    ) -> Option<Vec<Job<I, R>>> {
+        let mut batch = self.take(1)?;
+        if max <= 1 {
+            return Some(batch);
+        }
+        let Some(want) = key(&batch[0].input) else {
+            return Some(batch);
+        };
+        let until = Instant::now() + delay;
+        let mut state = self.lock();
+        loop {
+            let now = Instant::now();
+            let mut dropped = Vec::new();
+            let mut i = 0;
+            while i < state.jobs.len() && batch.len() < max {
+                let job = &state.jobs[i];
+                if !job.live(now) {
+                    dropped.extend(state.jobs.remove(i));
+                } else if key(&job.input).as_ref() == Some(&want) {
+                    batch.extend(state.jobs.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            if !dropped.is_empty() {
+                drop(state);
+                drop(dropped);
+                state = self.lock();
+                continue;
+            }
+            if batch.len() >= max || state.closed || now >= until {
+                return Some(batch);
+            }
+            state = self
+                .ready
+                .wait_timeout(state, until - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -277,6 +329,84 @@ mod tests {
         // The expired job's requester learns it did not run.
         let mut late_rx = late_rx;
         assert!(late_rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn batches_gather_jobs_of_one_key_in_order_up_to_max() {
+        let q: Arc<Queue<(char, u32), ()>> = Queue::new(16);
+        let slot = q.admit().unwrap();
+        let key = |j: &(char, u32)| (j.0 != '-').then_some(j.0);
+        let _rx: Vec<_> = [
+            ('a', 0),
+            ('b', 1),
+            ('a', 2),
+            ('-', 3),
+            ('a', 4),
+            ('a', 5),
+            ('b', 6),
+        ]
+        .into_iter()
+        .map(|j| q.submit(&slot, j, later()).unwrap())
+        .collect();
+        let inputs =
+            |jobs: Vec<Job<(char, u32), ()>>| jobs.iter().map(|j| j.input.1).collect::<Vec<_>>();
+        // Full at max: no waiting; the other key and the unbatchable job keep their places.
+        let first = q.take_batch(3, Duration::from_secs(60), key).unwrap();
+        assert_eq!(inputs(first), [0, 2, 4]);
+        let second = q.take_batch(3, Duration::ZERO, key).unwrap();
+        assert_eq!(inputs(second), [1, 6]);
+        let alone = q.take_batch(3, Duration::from_secs(60), key).unwrap();
+        assert_eq!(inputs(alone), [3]);
+        let last = q.take_batch(3, Duration::ZERO, key).unwrap();
+        assert_eq!(inputs(last), [5]);
+        // Max 1 is no batching.
+        let _rx2: Vec<_> = (7..9)
+            .map(|i| q.submit(&slot, ('a', i), later()).unwrap())
+            .collect();
+        assert_eq!(
+            inputs(q.take_batch(1, Duration::from_secs(60), key).unwrap()),
+            [7]
+        );
+    }
+
+    #[test]
+    fn a_batch_waits_up_to_the_delay_for_jobs_that_come_late() {
+        let q: Arc<Queue<u32, ()>> = Queue::new(8);
+        let slot = q.admit().unwrap();
+        let _first = q.submit(&slot, 1, later()).unwrap();
+        let late = {
+            let (q, slot) = (q.clone(), slot.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                q.submit(&slot, 2, later()).unwrap()
+            })
+        };
+        // The late job joins the batch that was filling when it came.
+        let batch = q
+            .take_batch(4, Duration::from_secs(1), |_| Some(()))
+            .unwrap();
+        let _late_rx = late.join().unwrap();
+        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [1, 2]);
+        // With nothing more coming, the delay ends the wait with what there is.
+        let _third = q.submit(&slot, 3, later()).unwrap();
+        let batch = q
+            .take_batch(4, Duration::from_millis(20), |_| Some(()))
+            .unwrap();
+        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn jobs_gone_while_a_batch_fills_are_dropped_not_batched() {
+        let q: Arc<Queue<u32, ()>> = Queue::new(8);
+        let slot = q.admit().unwrap();
+        let _a = q.submit(&slot, 1, later()).unwrap();
+        let gone = q.submit(&slot, 2, later()).unwrap();
+        let _expired = q.submit(&slot, 3, Instant::now() - Duration::from_millis(1));
+        let _c = q.submit(&slot, 4, later()).unwrap();
+        drop(gone);
+        let batch = q.take_batch(8, Duration::ZERO, |_| Some(())).unwrap();
+        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [1, 4]);
+        assert_eq!(q.depth(), 0);
     }
 
     #[test]

@@ -192,14 +192,11 @@ impl Loader {
                 executor,
                 grad: self.config.grad_mode,
             },
+            batching(&key.to_string(), &unpacked.config),
             Duration::from_secs(unpacked.config.response_timeout),
             residency.quarantine_callback(key),
         )
         .map_err(|e| ResidencyError::Internal(format!("starting forward workers: {e}")))?;
-        if unpacked.config.batch_size > 1 {
-            tracing::warn!(model = %key, batch_size = unpacked.config.batch_size,
-                "batchSize > 1: cross-request batching is not implemented yet; requests run one by one");
-        }
         Ok(LoadedModel::new(
             key.clone(),
             unpacked,
@@ -344,5 +341,22 @@ fn unpack_fresh(
         // Another load of the same archive may have won the rename.
         Err(ArchiveError::Io { .. }) if dest.is_dir() => archive::inspect(dest),
         other => other,
+    }
+}
+
+/// How `config`'s model batches: `batchSize` requests at most, `maxBatchDelay` ms of waiting,
+/// when the model declares `tessera.batchable`.
+fn batching(model: &str, config: &crate::archive::ModelConfig) -> crate::engine::Batching {
+    if config.batch_size <= 1 {
+        return crate::engine::Batching::OFF;
+    }
+    if !config.tessera.batchable {
+        tracing::warn!(model, batch_size = config.batch_size,
+            "batchSize > 1 but the model does not declare tessera.batchable (inputs and outputs batched along dimension 0): requests run one by one");
+        return crate::engine::Batching::OFF;
+    }
+    crate::engine::Batching {
+        max: config.batch_size as usize,
+        delay: Duration::from_millis(config.max_batch_delay),
     }
 }

@@ -8,7 +8,7 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 
 mod pipeline;
 pub mod verify;
-pub use pipeline::{CachedOutputs, Pipeline, PipelineInput, Stage, StageCache};
+pub use pipeline::{batch_key, CachedOutputs, Pipeline, PipelineInput, Stage, StageCache};
 
 mod cuda {
     extern "C" {
@@ -122,7 +122,7 @@ pub fn cuda_empty_cache() {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RuntimeError {
     #[error("out of memory on {device}: {message}")]
     OutOfMemory { device: String, message: String },

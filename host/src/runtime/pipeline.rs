@@ -5,7 +5,7 @@
 //! bounded in bytes (LRU), so a later request with the same key runs only the entry model.
 //! The cache belongs to one loaded model version, so it is scoped to its tenant and model,
 //! and its capacity is reserved in the residency budget by the caller.
-use super::{collect_outputs, Executor, HostTensor, RuntimeError, TorchModel};
+use super::{collect_outputs, DType, Executor, HostTensor, RuntimeError, TorchModel};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tch::{Device, IValue, Tensor};
@@ -162,6 +162,27 @@ impl Pipeline {
                 .map_or(0, |s| s.model.held_bytes + s.cache.capacity())
     }
 
+    /// One forward over several requests (equal [`batch_key`]s): their inputs concatenated
+    /// along dimension 0, the outputs split back per request, in order. Models with a cached
+    /// stage are not batched.
+    pub fn forward_batch(
+        &self,
+        inputs: &[&PipelineInput],
+    ) -> Result<Vec<Vec<HostTensor>>, RuntimeError> {
+        if self.stage.is_some() {
+            return Err(RuntimeError::Input(
+                "a model with a cached stage is not batched".into(),
+            ));
+        }
+        let rows = inputs
+            .iter()
+            .map(|i| rows(&i.tensors))
+            .collect::<Option<Vec<i64>>>()
+            .ok_or_else(|| RuntimeError::Input("a batched request has no rows".into()))?;
+        let outputs = self.entry.forward(&concat_rows(inputs)?)?;
+        split_rows(outputs, &rows)
+    }
+
     /// Runs the stage (unless its outputs are cached) and the entry model. Returns the
     /// outputs and, for a model with a stage, whether the cache answered.
     pub fn forward(
@@ -235,6 +256,92 @@ impl Pipeline {
     }
 }
 
+/// What requests must share to be batched together: per input tensor (in order) its name,
+/// element type and dimensions after the first. `None` (the request runs alone) when a tensor
+/// has no dimensions or the tensors disagree on their first (the request's rows).
+pub fn batch_key(tensors: &[HostTensor]) -> Option<Vec<(String, DType, Vec<i64>)>> {
+    let rows = rows(tensors)?;
+    tensors
+        .iter()
+        .map(|t| {
+            (t.shape.first() == Some(&rows))
+                .then(|| (t.name.clone(), t.dtype, t.shape[1..].to_vec()))
+        })
+        .collect()
+}
+
+/// A request's rows: the first dimension of its first tensor.
+fn rows(tensors: &[HostTensor]) -> Option<i64> {
+    tensors.first()?.shape.first().copied().filter(|r| *r > 0)
+}
+
+/// The requests' tensors concatenated along dimension 0, in request order (their
+/// [`batch_key`]s are equal).
+fn concat_rows(inputs: &[&PipelineInput]) -> Result<Vec<HostTensor>, RuntimeError> {
+    let first = &inputs[0].tensors;
+    let mut out = Vec::with_capacity(first.len());
+    for (j, t) in first.iter().enumerate() {
+        let mut shape = t.shape.clone();
+        shape[0] = 0;
+        let mut data = Vec::with_capacity(t.data.len() * inputs.len());
+        for input in inputs {
+            let part = input
+                .tensors
+                .get(j)
+                .filter(|p| p.shape[1..] == t.shape[1..])
+                .ok_or_else(|| {
+                    RuntimeError::Input(format!("batched requests disagree on input '{}'", t.name))
+                })?;
+            shape[0] += part.shape[0];
+            data.extend_from_slice(&part.data);
+        }
+        out.push(HostTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape,
+            data,
+        });
+    }
+    Ok(out)
+}
+
+/// Splits a batched forward's outputs back into each request's rows (`rows`, in order). Every
+/// output must be batched along dimension 0.
+fn split_rows(
+    outputs: Vec<HostTensor>,
+    rows: &[i64],
+) -> Result<Vec<Vec<HostTensor>>, RuntimeError> {
+    let total: i64 = rows.iter().sum();
+    let mut per: Vec<Vec<HostTensor>> = rows
+        .iter()
+        .map(|_| Vec::with_capacity(outputs.len()))
+        .collect();
+    for o in outputs {
+        if o.shape.first() != Some(&total) {
+            return Err(RuntimeError::Output(format!(
+                "output '{}' of shape {:?} is not batched along dimension 0 ({total} rows in the \
+                 batch): a model that declares `tessera.batchable` must return every output so",
+                o.name, o.shape
+            )));
+        }
+        let row_bytes = o.data.len() / total as usize;
+        let mut at = 0;
+        for (r, out) in rows.iter().zip(per.iter_mut()) {
+            let bytes = *r as usize * row_bytes;
+            let mut shape = o.shape.clone();
+            shape[0] = *r;
+            out.push(HostTensor {
+                name: o.name.clone(),
+                dtype: o.dtype,
+                shape,
+                data: o.data[at..at + bytes].to_vec(),
+            });
+            at += bytes;
+        }
+    }
+    Ok(per)
+}
+
 /// Runs the calling thread's TorchScript calls under another executor until dropped, then
 /// goes back to the thread's own (both are thread-local flags: nothing to undo elsewhere).
 struct ExecutorScope {
@@ -286,6 +393,73 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    fn host(name: &str, shape: &[i64], fill: impl Fn(usize) -> u8) -> HostTensor {
+        let n = shape.iter().product::<i64>() as usize * 4;
+        HostTensor {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: shape.to_vec(),
+            data: (0..n).map(fill).collect(),
+        }
+    }
+
+    #[test]
+    fn batch_keys_match_on_everything_but_the_rows() {
+        let a = [host("x", &[1, 3, 2], |_| 0), host("m", &[1, 2], |_| 0)];
+        let b = [host("x", &[2, 3, 2], |_| 1), host("m", &[2, 2], |_| 1)];
+        assert!(batch_key(&a).is_some());
+        assert_eq!(batch_key(&a), batch_key(&b));
+        // Another size, another name, another type: another batch.
+        assert_ne!(
+            batch_key(&a),
+            batch_key(&[host("x", &[1, 3, 3], |_| 0), host("m", &[1, 2], |_| 0)])
+        );
+        assert_ne!(
+            batch_key(&a),
+            batch_key(&[host("y", &[1, 3, 2], |_| 0), host("m", &[1, 2], |_| 0)])
+        );
+        let mut other = a.clone();
+        other[1].dtype = DType::I32;
+        assert_ne!(batch_key(&a), batch_key(&other));
+        // Tensors disagreeing on rows, a scalar, no tensors: alone.
+        assert_eq!(
+            batch_key(&[host("x", &[1, 3], |_| 0), host("m", &[2, 3], |_| 0)]),
+            None
+        );
+        assert_eq!(batch_key(&[host("x", &[], |_| 0)]), None);
+        assert_eq!(batch_key(&[host("x", &[0, 3], |_| 0)]), None);
+        assert_eq!(batch_key(&[]), None);
+    }
+
+    #[test]
+    fn concatenated_rows_split_back_to_each_request() {
+        let reqs: Vec<PipelineInput> = [1i64, 2, 1]
+            .iter()
+            .enumerate()
+            .map(|(k, &r)| PipelineInput {
+                tensors: vec![host("x", &[r, 2], move |i| (k * 100 + i) as u8)],
+                cache_key: None,
+                pinned: None,
+            })
+            .collect();
+        let refs: Vec<&PipelineInput> = reqs.iter().collect();
+        let batch = concat_rows(&refs).unwrap();
+        assert_eq!(batch[0].shape, [4, 2]);
+        // An identity model: the outputs are the inputs, split back exactly.
+        let split = split_rows(batch, &[1, 2, 1]).unwrap();
+        for (req, out) in reqs.iter().zip(&split) {
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].shape, req.tensors[0].shape);
+            assert_eq!(out[0].data, req.tensors[0].data);
+        }
+        // An output not batched along dimension 0 is an error for the whole batch.
+        let err = split_rows(vec![host("score", &[3], |_| 0)], &[1, 2, 1]).unwrap_err();
+        assert!(
+            err.to_string().contains("not batched along dimension 0"),
+            "{err}"
+        );
     }
 
     #[test]

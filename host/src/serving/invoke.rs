@@ -10,7 +10,7 @@ use crate::residency::{LoadedModel, OutOfMemory, ResidencyError};
 use crate::runtime::{HostTensor, PipelineInput, RuntimeError};
 use crate::sandbox::{Handler, HandlerRequest, HandlerResponse, Sandbox};
 use crate::tenancy::Tenant;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,8 @@ pub struct Timings {
     pub preprocess: Duration,
     pub inference: Duration,
     pub postprocess: Duration,
+    /// Requests in the forward that served this one (1 unbatched; 0 when none ran).
+    pub batch: usize,
 }
 
 /// Idle models one request's forward may evict after running out of memory before it answers
@@ -231,17 +233,20 @@ impl Server {
         });
         // Queue waits of every attempt (a forward that ran out of memory is tried again).
         let queued_ns = AtomicU64::new(0);
+        let batch = AtomicUsize::new(0);
         let forward = self
             .residency
             .retry_out_of_memory(&model.key, MAX_OOM_EVICTIONS, || {
-                let (input, queued_ns) = (input.clone(), &queued_ns);
+                let (input, queued_ns, batch) = (input.clone(), &queued_ns, &batch);
                 async move {
-                    let (result, waited) = model
+                    let reply = model
                         .engine
                         .forward(slot, input, deadline)
                         .await
                         .map_err(ForwardError::NotRun)?;
+                    let (result, waited) = (reply.result, reply.queued);
                     queued_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+                    batch.store(reply.batch, Ordering::Relaxed);
                     result.map_err(ForwardError::Runtime)
                 }
             })
@@ -264,6 +269,7 @@ impl Server {
             }
         };
         timings.stage_cache = hit;
+        timings.batch = batch.load(Ordering::Relaxed);
         if let Some(hit) = hit {
             let result = if hit { "hit" } else { "miss" };
             self.metrics

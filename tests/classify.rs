@@ -1,0 +1,159 @@
+//! The image classifier of the TorchServe comparison (tiny network, CPU): its answers equal the
+//! baseline's Python ones, batched requests get the same bytes as requests run alone, and bad
+//! input gets clear 400s.
+mod support;
+
+use base64::Engine;
+use serde_json::json;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use support::*;
+
+fn config() -> String {
+    std::fs::read_to_string(workspace().join("models/classify/model-config.yaml")).unwrap()
+}
+
+/// A store with `classify.tar.gz` packed from `config`.
+fn store_with(config: &str) -> tempfile::TempDir {
+    let store = tempfile::tempdir().unwrap();
+    let (ok, err) = pack_archive(
+        &store.path().join("classify.tar.gz"),
+        config,
+        &[artifact("classify/tiny.pt")],
+        &artifact("handlers/classify.wasm"),
+        &[],
+    );
+    assert!(ok, "{err}");
+    store
+}
+
+/// Distinct 224x224 photos as the seed's JSON requests.
+fn requests(n: u64) -> Vec<serde_json::Value> {
+    (0..n)
+        .map(|i| {
+            let px = noise(224 * 224 * 3, 40 + i);
+            json!({ "image": B64.encode(png_rgb(224, 224, &px)) })
+        })
+        .collect()
+}
+
+/// The baseline's answers (models/classify/reference.py: eager network, PIL, softmax).
+fn reference(reqs: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    let mut child = Command::new(python())
+        .arg(workspace().join("models/classify/reference.py"))
+        .args(["--arch", "tiny"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(reqs).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "reference.py failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn answers_equal_the_torchserve_baselines() {
+    let store = store_with(&config());
+    let server = Server::start(store.path(), &[]);
+    let reqs = requests(4);
+    let want = reference(&reqs);
+    for (req, want) in reqs.iter().zip(&want) {
+        let reply = post_json(&server.url("/predictions/classify"), req);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let got = reply.json();
+        assert_eq!(got["top1"], want["top1"], "{got} vs {want}");
+        let (a, b) = (
+            got["score"].as_f64().unwrap(),
+            want["score"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-6, "{got} vs {want}");
+    }
+}
+
+#[test]
+fn concurrent_requests_get_the_same_bytes_batched_as_alone() {
+    let reqs = requests(8);
+    // Batches of up to 8, waiting long enough (200 ms) for concurrent requests to meet.
+    let batched = store_with(&config().replace("maxBatchDelay: 5", "maxBatchDelay: 200"));
+    let server = Server::start(batched.path(), &[]);
+    let url = server.url("/predictions/classify");
+    assert_eq!(post_json(&url, &reqs[0]).status, 200); // loaded
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = reqs
+            .iter()
+            .map(|r| {
+                let url = url.clone();
+                s.spawn(move || post_json(&url, r))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let sizes: Vec<usize> = replies
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.header("x-batch-size").unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(
+        sizes.iter().any(|&n| n > 1),
+        "no request was batched: {sizes:?}"
+    );
+    let alone = store_with(&config().replace("batchSize: 8", "batchSize: 1"));
+    let single = Server::start(alone.path(), &[]);
+    for (req, batched) in reqs.iter().zip(&replies) {
+        let reply = post_json(&single.url("/predictions/classify"), req);
+        assert_eq!(reply.header("x-batch-size"), Some("1"));
+        assert_eq!(
+            reply.body, batched.body,
+            "batched answer differs from alone"
+        );
+    }
+}
+
+#[test]
+fn bad_requests_get_clear_400s_and_leave_the_batch() {
+    let store = store_with(&config());
+    let server = Server::start(store.path(), &[]);
+    let url = server.url("/predictions/classify");
+    let small = B64.encode(png_rgb(100, 80, &noise(100 * 80 * 3, 1)));
+    for (body, text) in [
+        (
+            json!({ "image": small }),
+            "expected a 224x224 image, got 100x80",
+        ),
+        (json!({ "image": "not base64!" }), "base64"),
+        (json!({ "picture": "x" }), "expected a JSON object"),
+        (json!(["image"]), "expected a JSON object"),
+    ] {
+        let reply = post_json(&url, &body);
+        assert_eq!(reply.status, 400, "{body}: {}", reply.text());
+        assert!(reply.text().contains(text), "{}", reply.text());
+    }
+    let reply = post(
+        &url,
+        &[("content-type", "application/json")],
+        b"{\"image\": ",
+    );
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    // Good and bad requests at once: the bad ones fail alone, the good ones are answered.
+    let good = requests(3);
+    let bad = json!({ "image": small });
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for r in &good {
+            let (url, bad) = (&url, &bad);
+            handles.push(s.spawn(move || post_json(url, r)));
+            handles.push(s.spawn(move || post_json(url, bad)));
+        }
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 400, 200, 400, 200, 400]);
+}
