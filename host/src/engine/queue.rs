@@ -12,6 +12,7 @@
 //! Workers are plain threads (libtorch calls block), so waiting is a condition variable, not a
 //! future; requesters wait on a oneshot.
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -27,6 +28,9 @@ struct State<I, R> {
     jobs: VecDeque<Job<I, R>>,
     /// Slots held (admitted requests whose work is not finished).
     admitted: usize,
+    /// Admitted requests that have not submitted a job yet (in their preprocess): a batch
+    /// waits for them, not for requests that may never come.
+    preparing: usize,
     closed: bool,
 }
 
@@ -48,6 +52,7 @@ pub struct Slot<I, R>(Arc<SlotInner<I, R>>);
 
 struct SlotInner<I, R> {
     queue: Arc<Queue<I, R>>,
+    submitted: AtomicBool,
 }
 
 impl<I, R> Clone for Slot<I, R> {
@@ -58,7 +63,14 @@ impl<I, R> Clone for Slot<I, R> {
 
 impl<I, R> Drop for SlotInner<I, R> {
     fn drop(&mut self) {
-        self.queue.lock().admitted -= 1;
+        let mut state = self.queue.lock();
+        state.admitted -= 1;
+        if !*self.submitted.get_mut() {
+            // A request that gave up before submitting: a filling batch stops waiting for it.
+            state.preparing -= 1;
+            drop(state);
+            self.queue.ready.notify_all();
+        }
     }
 }
 
@@ -94,6 +106,7 @@ impl<I, R> Queue<I, R> {
             state: Mutex::new(State {
                 jobs: VecDeque::new(),
                 admitted: 0,
+                preparing: 0,
                 closed: false,
             }),
             ready: Condvar::new(),
@@ -113,8 +126,10 @@ impl<I, R> Queue<I, R> {
             return Err(Full);
         }
         state.admitted += 1;
+        state.preparing += 1;
         Ok(Slot(Arc::new(SlotInner {
             queue: self.clone(),
+            submitted: AtomicBool::new(false),
         })))
     }
 
@@ -140,6 +155,9 @@ impl<I, R> Queue<I, R> {
         let mut state = self.lock();
         if state.closed {
             return Err(NotRun::Closed);
+        }
+        if !slot.0.submitted.swap(true, Ordering::Relaxed) {
+            state.preparing -= 1;
         }
         state.jobs.push_back(Job {
             input,
@@ -196,8 +214,10 @@ impl<I, R> Queue<I, R> {
     /// A batch: blocks until a live job waits and takes it, then gathers the queued jobs whose
     /// `key` equals its (in order, up to `max` jobs in all; jobs with another key stay queued
     /// for a later batch), waiting at most `delay` from the first job's taking for the batch to
-    /// fill. A job whose key is `None` goes alone. Jobs gone or expired are dropped on the way.
-    /// `None` once the queue is closed and empty.
+    /// fill — and only while admitted requests are still in their preprocess (a lone client
+    /// does not wait `delay` for requests nobody has sent). A job whose key is `None` goes
+    /// alone. Jobs gone or expired are dropped on the way. `None` once the queue is closed and
+    /// empty.
     pub fn take_batch<K: PartialEq>(
         &self,
         max: usize,
@@ -233,7 +253,7 @@ impl<I, R> Queue<I, R> {
                 state = self.lock();
                 continue;
             }
-            if batch.len() >= max || state.closed || now >= until {
+            if batch.len() >= max || state.closed || now >= until || state.preparing == 0 {
                 return Some(batch);
             }
             state = self
@@ -370,29 +390,50 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_waits_up_to_the_delay_for_jobs_that_come_late() {
+    fn a_batch_waits_for_requests_still_preparing_up_to_the_delay() {
         let q: Arc<Queue<u32, ()>> = Queue::new(8);
-        let slot = q.admit().unwrap();
-        let _first = q.submit(&slot, 1, later()).unwrap();
+        let first = q.admit().unwrap();
+        let _first_rx = q.submit(&first, 1, later()).unwrap();
+        // Another request is admitted, in its preprocess: the batch waits for its job.
+        let second = q.admit().unwrap();
         let late = {
-            let (q, slot) = (q.clone(), slot.clone());
+            let q = q.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(50));
-                q.submit(&slot, 2, later()).unwrap()
+                q.submit(&second, 2, later()).unwrap()
             })
         };
-        // The late job joins the batch that was filling when it came.
         let batch = q
-            .take_batch(4, Duration::from_secs(1), |_| Some(()))
+            .take_batch(4, Duration::from_secs(600), |_| Some(()))
             .unwrap();
         let _late_rx = late.join().unwrap();
         assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [1, 2]);
-        // With nothing more coming, the delay ends the wait with what there is.
-        let _third = q.submit(&slot, 3, later()).unwrap();
+        // Nobody preparing: no waiting at all, even with a long delay.
+        let _third = q.submit(&first, 3, later()).unwrap();
+        let batch = q
+            .take_batch(4, Duration::from_secs(600), |_| Some(()))
+            .unwrap();
+        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [3]);
+        // A request preparing for long: the delay ends the wait with what there is.
+        let stuck = q.admit().unwrap();
+        let _fourth = q.submit(&first, 4, later()).unwrap();
         let batch = q
             .take_batch(4, Duration::from_millis(20), |_| Some(()))
             .unwrap();
-        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [3]);
+        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [4]);
+        drop(stuck);
+        // A preparing request that gives up (its preprocess failed) ends the wait too.
+        let gives_up = q.admit().unwrap();
+        let _fifth = q.submit(&first, 5, later()).unwrap();
+        let quitter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(gives_up);
+        });
+        let batch = q
+            .take_batch(4, Duration::from_secs(600), |_| Some(()))
+            .unwrap();
+        quitter.join().unwrap();
+        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [5]);
     }
 
     #[test]
