@@ -100,3 +100,13 @@ def make_store(work, config):
     with open(cfg, "w") as f:
         f.write(config)
     return store, cfg
+
+
+def cuda_timed_ms(fn):
+    """Milliseconds `fn()` takes, the GPU synchronised before and after."""
+    import torch
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3

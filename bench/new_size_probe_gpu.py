@@ -21,23 +21,16 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "models/lama"))
-import lama  # noqa: E402
-import export  # noqa: E402
+sys.path.insert(0, HERE)
+from common import cuda_timed_ms  # noqa: E402
+from sweep_gpu import SIZES, export, lama, padded  # noqa: E402 (the sweep's sizes, LaMa's code)
 
-SIZES = [(1000, 750), (1001, 751), (800, 600), (1000, 750), (640, 480), (1024, 683), (512, 512),
-         (1001, 751), (1280, 960), (640, 480), (768, 1024), (1000, 750)]
 PROFILED = (904, 600)
-
-
-def padded(w, h):
-    return -(-w // 8) * 8, -(-h // 8) * 8
 
 
 def inputs(w, h):
@@ -46,14 +39,6 @@ def inputs(w, h):
     img = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).cuda()
     mask = (torch.rand(h, w, generator=g) > 0.7).to(torch.uint8).mul(255).cuda()
     return img, mask
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3
 
 
 def variant(tag, pt):
@@ -70,14 +55,14 @@ def variant(tag, pt):
     with torch.inference_mode():
         for s in SIZES:
             img, mask = inputs(*s)
-            rows.append({"size": s, "first_seen": s not in seen, "ms": timed(lambda: m(img, mask))})
+            rows.append({"size": s, "first_seen": s not in seen, "ms": cuda_timed_ms(lambda: m(img, mask))})
             seen.add(s)
         img, mask = inputs(*PROFILED)
         prof = {}
         for call in ["first", "repeat"]:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as p:
-                ms = timed(lambda: m(img, mask))
+                ms = cuda_timed_ms(lambda: m(img, mask))
             ops = {}
             for e in p.key_averages():
                 ops[e.key] = {"cpu_self_us": e.self_cpu_time_total, "count": e.count,

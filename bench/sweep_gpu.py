@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "models/lama"))
-from common import b64png, bench_args, make_store, request, start_server, write_results  # noqa: E402
+from common import b64png, bench_args, cuda_timed_ms, make_store, request, start_server, write_results  # noqa: E402
 import lama  # noqa: E402
 import export  # noqa: E402
 
@@ -64,14 +64,6 @@ def padded(w, h):
     return -(-w // 8) * 8, -(-h // 8) * 8
 
 
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3
-
-
 def python_mode(tag, pt):
     """One Python mode over the sweep, in this (fresh) process; prints the rows as JSON."""
     if tag.startswith("eager"):
@@ -85,7 +77,7 @@ def python_mode(tag, pt):
     with torch.no_grad():
         for s in SIZES:
             img, mask = (torch.from_numpy(a) for a in scene(*padded(*s)))
-            rows.append({"size": s, "first_seen": s not in seen, "ms": timed(lambda: m(img.cuda(), mask.cuda()).cpu())})
+            rows.append({"size": s, "first_seen": s not in seen, "ms": cuda_timed_ms(lambda: m(img.cuda(), mask.cuda()).cpu())})
             seen.add(s)
     print(json.dumps(rows))
 
