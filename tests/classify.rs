@@ -157,3 +157,55 @@ fn bad_requests_get_clear_400s_and_leave_the_batch() {
     let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
     assert_eq!(statuses, [200, 400, 200, 400, 200, 400]);
 }
+
+/// A model that declares `batchable` but returns an output that is not batched (`top1` summed
+/// over the batch): the batched forward cannot be split back, so its requests run one by one
+/// and each still gets its own, right answer.
+#[test]
+fn a_batch_that_cannot_be_split_runs_its_requests_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("odd.pt");
+    let code = format!(
+        "import sys, torch; sys.path.insert(0, {classify:?}); from classify import classifier\n\
+         class Odd(torch.nn.Module):\n    def __init__(self):\n        super().__init__(); self.m = classifier('tiny')\n    \
+         def forward(self, image):\n        score, top1 = self.m(image)\n        return score, top1.sum().reshape(1)\n\
+         torch.jit.trace(Odd().eval(), torch.zeros(2, 224, 224, 3, dtype=torch.uint8)).save({odd:?})\n",
+        classify = workspace().join("models/classify").to_str().unwrap(),
+        odd = odd.to_str().unwrap(),
+    );
+    let status = Command::new(python()).args(["-c", &code]).status().unwrap();
+    assert!(status.success());
+    let store = tempfile::tempdir().unwrap();
+    let (ok, err) = pack_archive(
+        &store.path().join("classify.tar.gz"),
+        &config().replace("maxBatchDelay: 5", "maxBatchDelay: 200"),
+        &[odd],
+        &artifact("handlers/classify.wasm"),
+        &[],
+    );
+    assert!(ok, "{err}");
+    let server = Server::start(store.path(), &[]);
+    let url = server.url("/predictions/classify");
+    let reqs = requests(6);
+    let want = reference(&reqs);
+    assert_eq!(post_json(&url, &reqs[0]).status, 200); // loaded
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = reqs
+            .iter()
+            .map(|r| {
+                let url = &url;
+                s.spawn(move || post_json(url, r))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (reply, want) in replies.iter().zip(&want) {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["top1"], want["top1"]);
+    }
+    assert!(server.wait_log(
+        "batched forward failed; running its requests one by one",
+        std::time::Duration::from_secs(5)
+    ));
+    assert!(server.log().contains("not batched along dimension 0"));
+}

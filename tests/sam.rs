@@ -294,6 +294,11 @@ fn bad_clicks_get_clear_4xx() {
             "outside the 64x64 image",
         ),
         (
+            request(1, 3000, json!({"point_coords": [0, 10]})),
+            400,
+            "the 1x3000 image is too thin",
+        ),
+        (
             request(
                 64,
                 64,

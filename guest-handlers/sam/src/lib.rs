@@ -153,6 +153,12 @@ impl tessera_sdk::Handler for Sam {
                 (w, h, (!cached).then_some(bytes))
             }
         };
+        let (rw, rh) = img::longest_side_shape(w, h, SIDE);
+        if rw == 0 || rh == 0 {
+            return Err(HandlerError::bad(format!(
+                "the {w}x{h} image is too thin: its short side would be 0 pixels at SAM's {SIDE} input"
+            )));
+        }
         for (i, [x, y]) in points.iter().enumerate() {
             if !(0.0..w as f32).contains(x) || !(0.0..h as f32).contains(y) {
                 return Err(HandlerError::bad(format!(

@@ -4,7 +4,8 @@
 //! libtorch keeps per-thread state on the GPU path (cuDNN and cuBLAS handles, cuDNN's
 //! execution-plan cache), so a model's forwards always run on the same `maxWorkers` threads,
 //! warm, instead of on whichever blocking-pool thread happens to be free. Each thread takes the
-//! next job from the model's queue, runs it and answers it. Dropping the [`Engine`] closes the
+//! next job from the model's queue, with the jobs that batch with it up to `batchSize`
+//! ([`Batching`]), runs one forward and answers each job. Dropping the [`Engine`] closes the
 //! queue: the threads finish the jobs already queued, exit, and the last one frees the model.
 //!
 //! A TorchScript forward cannot be interrupted. When one is still running `grace` after its
@@ -37,7 +38,8 @@ pub struct Reply {
 pub struct Batching {
     /// Most requests in one forward (1: no batching).
     pub max: usize,
-    /// Longest a worker waits, from the first request it takes, for a batch to fill.
+    /// Longest a worker waits, from the first request it takes, for a batch to fill (it waits
+    /// only while admitted requests are still in their preprocess).
     pub delay: Duration,
 }
 
@@ -116,7 +118,7 @@ impl Engine {
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
                     runtime::prepare_forward_thread(mode);
-                    let key = |input: &Arc<PipelineInput>| runtime::batch_key(&input.tensors);
+                    let key = |input: &Arc<PipelineInput>| input.batch_key;
                     while let Some(jobs) = queue.take_batch(batching.max, batching.delay, key) {
                         // The watchdog measures overruns from the latest deadline: the
                         // forward still serves someone until then.
@@ -150,8 +152,8 @@ impl Engine {
         self.queue.admitted()
     }
 
-    /// Runs one forward under `slot` on the next free worker; returns its result and the time
-    /// it queued. `deadline` is the request's: a job still queued past it is dropped, and the
+    /// Runs one forward (alone or in a batch) under `slot` on the next free worker; returns
+    /// its [`Reply`]. `deadline` is the request's: a job still queued past it is dropped, and the
     /// watchdog measures overruns from it.
     pub async fn forward(
         &self,
@@ -173,7 +175,13 @@ fn run_batch(model: &Pipeline, jobs: &[queue::Job<Arc<PipelineInput>, Reply>]) -
         let inputs: Vec<&PipelineInput> = jobs.iter().map(|j| &*j.input).collect();
         match model.forward_batch(&inputs) {
             Ok(outputs) => outputs.into_iter().map(|o| Ok((o, None))).collect(),
-            Err(e) => vec![Err(e); jobs.len()],
+            // One request's values (or the batch's size: out of memory) must not fail the
+            // others: each runs alone and gets its own answer.
+            Err(e) => {
+                tracing::warn!(requests = jobs.len(), error = %e,
+                    "batched forward failed; running its requests one by one");
+                jobs.iter().map(|j| model.forward(&j.input)).collect()
+            }
         }
     }));
     out.unwrap_or_else(|_| vec![Err(RuntimeError::Forward("forward panicked".into())); jobs.len()])

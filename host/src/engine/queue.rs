@@ -1,13 +1,13 @@
-//! A model's request queue: bounded admission, first in first out, and no device time for work
-//! nobody waits for.
+//! A model's request queue: bounded admission, first in first out (a batch takes the later jobs
+//! that batch with its first ahead of others), and no device time for work nobody waits for.
 //!
 //! A request takes a [`Slot`] when it arrives ([`Queue::admit`]); with every slot taken the
 //! answer is "full" (429), at once. The slot is held, by the request and by each job it
 //! submits, until the last of them is gone: a client that disconnects, or a request that
 //! already answered 504, keeps its slot until its work has really stopped, so abandoned work
-//! cannot pile up beyond the bound. Workers [`take`](Queue::take) jobs in order, up to a given
-//! number at once (the batcher's entry point); a job whose requester has gone or whose
-//! deadline has passed is dropped there, before it reaches the device.
+//! cannot pile up beyond the bound. Workers [`take_batch`](Queue::take_batch) the oldest job
+//! and those queued with the same batch key; a job whose requester has gone or whose deadline
+//! has passed is dropped there, before it reaches the device.
 //!
 //! Workers are plain threads (libtorch calls block), so waiting is a condition variable, not a
 //! future; requesters wait on a oneshot.
@@ -254,7 +254,16 @@ impl<I, R> Queue<I, R> {
                 continue;
             }
             if batch.len() >= max || state.closed || now >= until || state.preparing == 0 {
-                return Some(batch);
+                // Jobs whose requester left, or whose deadline passed, while the batch filled
+                // do not run.
+                let (live, gone): (Vec<_>, Vec<_>) =
+                    batch.into_iter().partition(|j| j.live(Instant::now()));
+                drop(state);
+                drop(gone);
+                if live.is_empty() {
+                    return self.take_batch(max, delay, key);
+                }
+                return Some(live);
             }
             state = self
                 .ready
@@ -434,6 +443,29 @@ mod tests {
             .unwrap();
         quitter.join().unwrap();
         assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [5]);
+    }
+
+    #[test]
+    fn a_job_whose_requester_leaves_during_the_wait_does_not_run() {
+        let q: Arc<Queue<u32, ()>> = Queue::new(8);
+        let first = q.admit().unwrap();
+        let first_rx = q.submit(&first, 1, later()).unwrap();
+        let preparing = q.admit().unwrap();
+        let leaver = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                drop(first_rx); // the client disconnects while its job waits in the batch
+                std::thread::sleep(Duration::from_millis(20));
+                q.submit(&preparing, 2, later()).unwrap()
+            })
+        };
+        let batch = q.take_batch(4, Duration::from_secs(600), |_| Some(()));
+        let _rx = leaver.join().unwrap();
+        assert_eq!(
+            batch.unwrap().iter().map(|j| j.input).collect::<Vec<_>>(),
+            [2]
+        );
     }
 
     #[test]

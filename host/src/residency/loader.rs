@@ -161,11 +161,7 @@ impl Loader {
         let entry = self
             .load_torch(residency, &unpacked.model_file, device, reg)
             .await?;
-        let pipeline = runtime::Pipeline {
-            stage,
-            entry,
-            executor,
-        };
+        let pipeline = runtime::Pipeline { stage, entry };
         if pipeline.held_bytes() > budget {
             return Err(too_big(
                 "holds (with its stage cache)",

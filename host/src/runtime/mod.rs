@@ -146,7 +146,7 @@ fn is_oom(message: &str) -> bool {
 }
 
 /// Element types that cross the handler boundary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F64,

@@ -130,14 +130,36 @@ pub struct PipelineInput {
     pub cache_key: Option<String>,
     /// Stage outputs the handler was promised by `is-cached` (held so they cannot vanish).
     pub pinned: Option<Arc<CachedOutputs>>,
+    /// A hash of the tensors' [`batch_key`], computed once (the batcher compares it under the
+    /// queue's lock); `None`: the request runs alone.
+    pub batch_key: Option<u64>,
+}
+
+impl PipelineInput {
+    pub fn new(
+        tensors: Vec<HostTensor>,
+        cache_key: Option<String>,
+        pinned: Option<Arc<CachedOutputs>>,
+    ) -> PipelineInput {
+        let batch_key = batch_key(&tensors).map(|k| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            k.hash(&mut h);
+            h.finish()
+        });
+        PipelineInput {
+            tensors,
+            cache_key,
+            pinned,
+            batch_key,
+        }
+    }
 }
 
 /// A loaded model: optional cached stage + entry model.
 pub struct Pipeline {
     pub stage: Option<Stage>,
     pub entry: TorchModel,
-    /// The model's TorchScript executor: the forward threads run under it.
-    pub executor: Executor,
 }
 
 impl Pipeline {
@@ -211,7 +233,7 @@ impl Pipeline {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 let stage_out = {
-                    let _executor = ExecutorScope::enter(stage.executor, self.executor);
+                    let _executor = ExecutorScope::enter(stage.executor);
                     stage.model.forward_values(args)?
                 };
                 let tensors = match stage_out {
@@ -288,7 +310,12 @@ fn concat_rows(inputs: &[&PipelineInput]) -> Result<Vec<HostTensor>, RuntimeErro
             let part = input
                 .tensors
                 .get(j)
-                .filter(|p| p.shape[1..] == t.shape[1..])
+                .filter(|p| {
+                    p.name == t.name
+                        && p.dtype == t.dtype
+                        && !p.shape.is_empty()
+                        && p.shape.get(1..) == t.shape.get(1..)
+                })
                 .ok_or_else(|| {
                     RuntimeError::Input(format!("batched requests disagree on input '{}'", t.name))
                 })?;
@@ -349,7 +376,8 @@ struct ExecutorScope {
 }
 
 impl ExecutorScope {
-    fn enter(executor: Executor, thread: Executor) -> ExecutorScope {
+    fn enter(executor: Executor) -> ExecutorScope {
+        let thread = super::thread_executor();
         if executor == thread {
             return ExecutorScope { restore: None };
         }
@@ -384,11 +412,11 @@ mod tests {
         std::thread::spawn(|| {
             super::super::set_thread_executor(Executor::Profiling);
             {
-                let _scope = ExecutorScope::enter(Executor::Simple, Executor::Profiling);
+                let _scope = ExecutorScope::enter(Executor::Simple);
                 assert_eq!(super::super::thread_executor(), Executor::Simple);
             }
             assert_eq!(super::super::thread_executor(), Executor::Profiling);
-            let _same = ExecutorScope::enter(Executor::Profiling, Executor::Profiling);
+            let _same = ExecutorScope::enter(Executor::Profiling);
             assert_eq!(super::super::thread_executor(), Executor::Profiling);
         })
         .join()
@@ -438,10 +466,12 @@ mod tests {
         let reqs: Vec<PipelineInput> = [1i64, 2, 1]
             .iter()
             .enumerate()
-            .map(|(k, &r)| PipelineInput {
-                tensors: vec![host("x", &[r, 2], move |i| (k * 100 + i) as u8)],
-                cache_key: None,
-                pinned: None,
+            .map(|(k, &r)| {
+                PipelineInput::new(
+                    vec![host("x", &[r, 2], move |i| (k * 100 + i) as u8)],
+                    None,
+                    None,
+                )
             })
             .collect();
         let refs: Vec<&PipelineInput> = reqs.iter().collect();

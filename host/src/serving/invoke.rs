@@ -226,11 +226,7 @@ impl Server {
         timings.preprocess = t.elapsed();
 
         let t = Instant::now();
-        let input = Arc::new(PipelineInput {
-            tensors: pre.inputs,
-            cache_key: pre.cache_key,
-            pinned: pre.pinned,
-        });
+        let input = Arc::new(PipelineInput::new(pre.inputs, pre.cache_key, pre.pinned));
         // Queue waits of every attempt (a forward that ran out of memory is tried again).
         let queued_ns = AtomicU64::new(0);
         let batch = AtomicUsize::new(0);
