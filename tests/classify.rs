@@ -105,6 +105,21 @@ fn concurrent_requests_get_the_same_bytes_batched_as_alone() {
         sizes.iter().any(|&n| n > 1),
         "no request was batched: {sizes:?}"
     );
+    // The batch-size histogram counts every request (the load's included) and their sizes.
+    let metrics = get(&server.url("/metrics")).text();
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("default/classify@1"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(metric("tessera_batch_size_count"), Some(9.0), "{metrics}");
+    let sum: usize = 1 + sizes.iter().sum::<usize>();
+    assert_eq!(
+        metric("tessera_batch_size_sum"),
+        Some(sum as f64),
+        "{metrics}"
+    );
     let alone = store_with(&config().replace("batchSize: 8", "batchSize: 1"));
     let single = Server::start(alone.path(), &[]);
     for (req, batched) in reqs.iter().zip(&replies) {
@@ -202,6 +217,11 @@ fn a_batch_that_cannot_be_split_runs_its_requests_alone() {
     for (reply, want) in replies.iter().zip(&want) {
         assert_eq!(reply.status, 200, "{}", reply.text());
         assert_eq!(reply.json()["top1"], want["top1"]);
+        assert_eq!(
+            reply.header("x-batch-size"),
+            Some("1"),
+            "ran alone in the end"
+        );
     }
     assert!(server.wait_log(
         "batched forward failed; running its requests one by one",

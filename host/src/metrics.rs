@@ -25,6 +25,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Cached-stage lookups by model and result (hit, miss).
     pub stage_cache: IntCounterVec,
+    /// Requests by the number of requests in the forward that served them (1: alone).
+    pub batch_size: HistogramVec,
 }
 
 impl Metrics {
@@ -107,8 +109,20 @@ impl Metrics {
             &["model", "result"],
         )
         .unwrap();
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new(
+                "tessera_batch_size",
+                "Requests by the size of the batch whose forward served them",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ]),
+            &["model"],
+        )
+        .unwrap();
         for c in [
             Box::new(stage_cache.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(batch_size.clone()),
             Box::new(requests.clone()),
             Box::new(request_seconds.clone()),
             Box::new(inference_seconds.clone()),
@@ -133,6 +147,7 @@ impl Metrics {
             resident_models,
             rejected,
             stage_cache,
+            batch_size,
         }
     }
 

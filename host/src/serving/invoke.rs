@@ -266,6 +266,10 @@ impl Server {
         };
         timings.stage_cache = hit;
         timings.batch = batch.load(Ordering::Relaxed);
+        self.metrics
+            .batch_size
+            .with_label_values(&[label.as_str()])
+            .observe(timings.batch as f64);
         if let Some(hit) = hit {
             let result = if hit { "hit" } else { "miss" };
             self.metrics
