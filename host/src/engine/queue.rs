@@ -398,6 +398,27 @@ mod tests {
         );
     }
 
+    /// The inputs of the next batch of up to 4 jobs (all of one key), waiting at most `delay`.
+    fn next_batch(q: &Queue<u32, ()>, delay: Duration) -> Vec<u32> {
+        let batch = q.take_batch(4, delay, |_| Some(())).unwrap();
+        batch.iter().map(|j| j.input).collect()
+    }
+
+    /// Submits `input` under `slot` from another thread, 50 ms from now, right after `before`.
+    fn submit_later(
+        q: &Arc<Queue<u32, ()>>,
+        slot: Slot<u32, ()>,
+        input: u32,
+        before: impl FnOnce() + Send + 'static,
+    ) -> std::thread::JoinHandle<oneshot::Receiver<()>> {
+        let q = q.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            before();
+            q.submit(&slot, input, later()).unwrap()
+        })
+    }
+
     #[test]
     fn a_batch_waits_for_requests_still_preparing_up_to_the_delay() {
         let q: Arc<Queue<u32, ()>> = Queue::new(8);
@@ -405,31 +426,19 @@ mod tests {
         let _first_rx = q.submit(&first, 1, later()).unwrap();
         // Another request is admitted, in its preprocess: the batch waits for its job.
         let second = q.admit().unwrap();
-        let late = {
-            let q = q.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(50));
-                q.submit(&second, 2, later()).unwrap()
-            })
-        };
-        let batch = q
-            .take_batch(4, Duration::from_secs(600), |_| Some(()))
-            .unwrap();
+        let late = submit_later(&q, second, 2, || {});
+        let batch = next_batch(&q, Duration::from_secs(600));
         let _late_rx = late.join().unwrap();
-        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(batch, [1, 2]);
         // Nobody preparing: no waiting at all, even with a long delay.
         let _third = q.submit(&first, 3, later()).unwrap();
-        let batch = q
-            .take_batch(4, Duration::from_secs(600), |_| Some(()))
-            .unwrap();
-        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [3]);
+        let batch = next_batch(&q, Duration::from_secs(600));
+        assert_eq!(batch, [3]);
         // A request preparing for long: the delay ends the wait with what there is.
         let stuck = q.admit().unwrap();
         let _fourth = q.submit(&first, 4, later()).unwrap();
-        let batch = q
-            .take_batch(4, Duration::from_millis(20), |_| Some(()))
-            .unwrap();
-        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [4]);
+        let batch = next_batch(&q, Duration::from_millis(20));
+        assert_eq!(batch, [4]);
         drop(stuck);
         // A preparing request that gives up (its preprocess failed) ends the wait too.
         let gives_up = q.admit().unwrap();
@@ -438,11 +447,9 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             drop(gives_up);
         });
-        let batch = q
-            .take_batch(4, Duration::from_secs(600), |_| Some(()))
-            .unwrap();
+        let batch = next_batch(&q, Duration::from_secs(600));
         quitter.join().unwrap();
-        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [5]);
+        assert_eq!(batch, [5]);
     }
 
     #[test]
@@ -451,21 +458,11 @@ mod tests {
         let first = q.admit().unwrap();
         let first_rx = q.submit(&first, 1, later()).unwrap();
         let preparing = q.admit().unwrap();
-        let leaver = {
-            let q = q.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(50));
-                drop(first_rx); // the client disconnects while its job waits in the batch
-                std::thread::sleep(Duration::from_millis(20));
-                q.submit(&preparing, 2, later()).unwrap()
-            })
-        };
-        let batch = q.take_batch(4, Duration::from_secs(600), |_| Some(()));
+        // The client disconnects while its job waits in the batch.
+        let leaver = submit_later(&q, preparing, 2, move || drop(first_rx));
+        let batch = next_batch(&q, Duration::from_secs(600));
         let _rx = leaver.join().unwrap();
-        assert_eq!(
-            batch.unwrap().iter().map(|j| j.input).collect::<Vec<_>>(),
-            [2]
-        );
+        assert_eq!(batch, [2]);
     }
 
     #[test]
