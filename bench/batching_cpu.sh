@@ -12,7 +12,9 @@
 # resnet18_b8 with batchSize 8, maxBatchDelay 5 (the baseline's resnet18_b8). Per row: req/s,
 # p50/p99, and Tessera's server CPU time per request (utime + stime of the server process over
 # the measured run, divided by the requests wrk counted). wrk, the servers and their workers
-# share the cores. Writes $WORK/results.{csv,md}; copy them to bench/results/.
+# share the cores. One request size only: the baseline's workload is a fixed 224x224 photo. The
+# first request after each Tessera model's load is timed (the answer check). Writes
+# $WORK/results.{csv,md} and first.csv; copy them to bench/results/.
 # Env: WORK (/tmp/tessera-batching), TS_HARNESS (../shared/bench/torchserve), BIN (release
 # tessera), ROUNDS (2), DURATION (20), WARMUP (5), CONCURRENCY ("1 8 32").
 set -euo pipefail
@@ -59,6 +61,7 @@ pack resnet18_b8 resnet18 8
 MODELS="tiny tiny_b8 resnet18 resnet18_b8"
 
 CSV="$WORK/results.csv"
+echo "round,model,first_request_ms" >"$WORK/first.csv"
 echo "round,server,model,conns,rps,p50_ms,p90_ms,p99_ms,max_ms,requests,non2xx,sock_err,cpu_ms_per_req" >"$CSV"
 
 tessera_round() { # round
@@ -69,8 +72,12 @@ tessera_round() { # round
   for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$PORT/ping" >/dev/null && break; sleep 0.5; done
   local req="$WORK/ts/models/request_224.json"
   for m in $MODELS; do
-    local ans want
-    ans=$(curl -s -H 'Content-Type: application/json' --data-binary "@$req" "http://127.0.0.1:$PORT/predictions/$m")
+    local out ans want
+    # The first request after the load (--preload), timed: it also checks the answer.
+    out=$(curl -s -w '\n%{time_total}' -H 'Content-Type: application/json' --data-binary "@$req" \
+      "http://127.0.0.1:$PORT/predictions/$m")
+    ans=$(echo "$out" | head -1)
+    echo "$r,$m,$(echo "$out" | tail -1 | awk '{printf "%.1f", $1 * 1000}')" >>"$WORK/first.csv"
     want=$(python -c "import json;print(json.load(open('$WORK/ts/models/expected.json'))['${m%_b8}'])")
     log "tessera $m -> $ans (reference: $want)"
     python - "$ans" "$want" <<'EOF'
@@ -110,7 +117,7 @@ for r in $(seq 1 "$ROUNDS"); do
   tessera_round "$r"
 done
 
-python - "$CSV" "$WORK/results.md" "$DURATION" "$WARMUP" <<'EOF'
+python - "$CSV" "$WORK/results.md" "$DURATION" "$WARMUP" "$WORK/first.csv" <<'EOF'
 import csv, sys, collections
 rows = list(csv.DictReader(open(sys.argv[1])))
 by = collections.defaultdict(list)
@@ -136,6 +143,9 @@ for ts_model, model in pairs:
         p = lambda rs: " ; ".join(f"{float(r['p50_ms']):.1f} / {float(r['p99_ms']):.1f}" for r in rs)
         out.append(f"| {label} | {c} | {cell(t, 'rps')} | {cell(s, 'rps')} | {mean(s) / mean(t):.2f} | {p(t)} | {p(s)} "
                    f"| {cell(s, 'cpu_ms_per_req')} | {sum(int(r['non2xx']) for r in t)} / {sum(int(r['non2xx']) for r in s)} |")
+first = list(csv.DictReader(open(sys.argv[5])))
+out += ["", "Tessera's first request after each model's load (the answer check, curl, ms): " + "; ".join(
+    f"{r['model']} {r['first_request_ms']}" + (f" (round {r['round']})" if len(rounds) > 1 else "") for r in first)]
 open(sys.argv[2], "w").write("\n".join(out) + "\n")
 print("\n".join(out))
 EOF

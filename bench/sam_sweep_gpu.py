@@ -2,8 +2,9 @@
 """SAM vit_h photo-size sweep on the GPU (issue 12, real traffic): clicks on photos of different
 sizes one after another (new sizes, repeats, odd sizes), every request reported, first-seen
 sizes marked: Tessera with the archive as shipped (loaded and warmed by POST /models first), a
-first click on each photo and a second click on the same photo (embedding cached), and
-segment-anything's SamPredictor (set_image + predict, fresh process) at the same sizes.
+first click on each photo and a second click on the same photo (embedding cached), then a
+swap-in (unload, click again), and segment-anything's SamPredictor (set_image + predict, fresh
+process) at the same sizes.
 
     python bench/sam_sweep_gpu.py --bin ./tessera --handler sam.wasm --out $OUT
 Needs segment-anything-py importable.
@@ -90,6 +91,18 @@ def main():
                         "stage_cache": hd.get("x-stage-cache")}
         results["server"].append(row)
         seen.add((w, h))
+    # Swap-in: unload (SageMaker UnloadModel), then the next click reloads the model from its
+    # unpacked copy on local disk and warms it up before answering; a seen size, then a new one.
+    status, data, _, _ = request("DELETE", f"{base}/models/sam")
+    assert status == 200, data[:300]
+    results["swap_in"] = []
+    for i, (w, h) in enumerate([SIZES[0], (896, 672)]):
+        body = json.dumps({"image": b64png(photo(w, h, 100 + i)), "gen_args": json.dumps(
+            {"point_coords": click(w, h), "point_labels": 1, "dilate_kernel_size": 15})}).encode()
+        status, data, hd, sec = request("POST", f"{base}/predictions/sam", body, hdr)
+        assert status == 200, data[:2000]
+        results["swap_in"].append({"size": [w, h], "total_ms": sec * 1e3, "forward_ms": float(hd["x-inference-time"]),
+                                   "load_ms": float(hd.get("x-model-load-time", 0))})
     srv.terminate()
     srv.wait(timeout=30)
     log.close()
@@ -109,7 +122,11 @@ def main():
         lines.append(f"| {i + 1} | {w}x{h} | {'yes' if r['first_seen'] else ''} | {f['total_ms']:.0f} / "
                      f"{f['forward_ms']:.0f} | {g['total_ms']:.0f} / {g['forward_ms']:.1f} ({g['stage_cache']}) "
                      f"| {b['ms']:.0f} | {f['forward_ms'] / b['ms']:.2f} |")
-    lines += ["", "Row 1 of the SamPredictor column includes its CUDA initialisation. Server log:", ""]
+    lines += ["", "After the sweep, the model unloaded and clicked again (reload from its unpacked copy on local disk "
+              "and warm-up: a swap-in), total / forward / load + warm-up ms: " + "; ".join(
+                  f"{r['size'][0]}x{r['size'][1]} {r['total_ms']:.0f} / {r['forward_ms']:.0f} / {r['load_ms']:.0f}"
+                  for r in results["swap_in"]),
+              "", "Row 1 of the SamPredictor column includes its CUDA initialisation. Server log:", ""]
     lines += ["    " + line for line in results["warm_up_log"]]
     write_results(args.out, results, lines)
 
