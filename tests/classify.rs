@@ -5,8 +5,7 @@ mod support;
 
 use base64::Engine;
 use serde_json::json;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use support::*;
 
 fn config() -> String {
@@ -39,22 +38,9 @@ fn requests(n: u64) -> Vec<serde_json::Value> {
 
 /// The baseline's answers (models/classify/reference.py: eager network, PIL, softmax).
 fn reference(reqs: &[serde_json::Value]) -> Vec<serde_json::Value> {
-    let mut child = Command::new(python())
-        .arg(workspace().join("models/classify/reference.py"))
-        .args(["--arch", "tiny"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&serde_json::to_vec(reqs).unwrap())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "reference.py failed");
-    serde_json::from_slice(&out.stdout).unwrap()
+    let script = workspace().join("models/classify/reference.py");
+    let answers = python_json(&[script.to_str().unwrap(), "--arch", "tiny"], &json!(reqs));
+    serde_json::from_value(answers).unwrap()
 }
 
 #[test]

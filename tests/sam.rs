@@ -5,7 +5,6 @@ mod support;
 
 use base64::Engine;
 use serde_json::json;
-use std::process::{Command, Stdio};
 use support::*;
 
 const CONFIG: &str = "maxWorkers: 1\nresponseTimeout: 60\ntessera:\n  model: decoder.pt\n  cachedStage:\n    model: encoder.pt\n    inputs: [image, image_hw]\n    cacheMiB: 64\nhandler:\n  max_pixels: 4000000\n";
@@ -39,19 +38,6 @@ fn photo(w: u32, h: u32) -> Vec<u8> {
 
 fn request(w: u32, h: u32, gen_args: serde_json::Value) -> serde_json::Value {
     json!({ "image": B64.encode(png_rgb(w, h, &photo(w, h))), "gen_args": gen_args })
-}
-
-fn python_json(args: &[&str], stdin: &serde_json::Value) -> serde_json::Value {
-    let mut child = Command::new(python())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    serde_json::to_writer(child.stdin.take().unwrap(), stdin).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "python {args:?} failed");
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The reference pipeline's chosen mask index, all three finished masks, and the scores.

@@ -85,14 +85,9 @@ classified!(
     SandboxError,
     RuntimeError,
     ResidencyError,
+    std::sync::Arc<ResidencyError>,
     UploadError
 );
-
-impl From<std::sync::Arc<ResidencyError>> for Error {
-    fn from(e: std::sync::Arc<ResidencyError>) -> Error {
-        Error::new(e.kind(), e.to_string())
-    }
-}
 
 impl ArchiveError {
     pub fn kind(&self) -> ErrorKind {

@@ -63,14 +63,17 @@ impl Registry {
             store::validate_version(v)?;
         }
         let id = (tenant.to_string(), name.to_string());
-        let explicit = self.models.read().unwrap().get(&id).cloned().flatten();
-        let found = match (explicit, version) {
+        let entry = self.models.read().unwrap().get(&id).cloned();
+        let known = entry.is_some();
+        let found = match (entry.flatten(), version) {
             (Some(r), None) => Some(r),
             (Some(r), Some(v)) if v == r.key.version => Some(r),
             _ => self.lookup_store(tenant, name, version),
         };
         let reg = found.ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
-        self.models.write().unwrap().entry(id).or_insert(None);
+        if !known {
+            self.models.write().unwrap().entry(id).or_insert(None);
+        }
         Ok(reg)
     }
 

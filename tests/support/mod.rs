@@ -546,3 +546,18 @@ pub fn max_abs_diff(a: &[u8], b: &[u8]) -> u8 {
         .max()
         .unwrap_or(0)
 }
+
+/// Runs the project venv's python with `args`, `stdin` as JSON on its standard input; its
+/// standard output parsed as JSON.
+pub fn python_json(args: &[&str], stdin: &serde_json::Value) -> serde_json::Value {
+    let mut child = Command::new(python())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    serde_json::to_writer(child.stdin.take().unwrap(), stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "python {args:?} failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}

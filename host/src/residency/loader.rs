@@ -271,7 +271,7 @@ impl Loader {
 }
 
 /// Runs blocking work off the async runtime.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ResidencyError> {
     crate::blocking(f)

@@ -227,24 +227,23 @@ impl Residency {
                 .with_label_values(&[key.to_string().as_str()])
                 .set(model.weight() as i64);
             // Now that the real size is known, bring the total back within the budget.
-            while self.used().await > self.budget {
-                if !self.evict_one(key, EvictionCause::Budget).await {
-                    tracing::warn!(model = %key, budget = self.budget,
-                        "over the residency budget: every other model is busy or within its tenant's share");
-                    break;
-                }
+            if !self.make_room(key, 0).await {
+                tracing::warn!(model = %key, budget = self.budget,
+                    "over the residency budget: every other model is busy or within its tenant's share");
             }
         }
         Ok((model, loaded_here))
     }
 
-    /// Evicts (per policy) until `bytes` more fit in the budget, or nothing more may go.
-    pub async fn make_room(&self, for_key: &ModelKey, bytes: u64) {
+    /// Evicts (per policy) until `bytes` more fit in the budget, or nothing more may go;
+    /// whether they fit.
+    pub async fn make_room(&self, for_key: &ModelKey, bytes: u64) -> bool {
         while self.used().await + bytes > self.budget {
             if !self.evict_one(for_key, EvictionCause::Budget).await {
-                break;
+                return false;
             }
         }
+        true
     }
 
     /// Runs `attempt` (a load or a forward for `key`) until it does not run out of memory:

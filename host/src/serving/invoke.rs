@@ -78,7 +78,7 @@ impl Server {
         let slot = model.engine.admit().map_err(|_| {
             self.metrics
                 .rejected
-                .with_label_values(&[model.key.to_string().as_str()])
+                .with_label_values(&[model.label.as_str()])
                 .inc();
             Error::new(
                 ErrorKind::Overloaded,
@@ -215,7 +215,7 @@ impl Server {
         timings: &mut Timings,
     ) -> Result<HandlerResponse, Error> {
         let deadline = Instant::now() + timeout;
-        let label = model.key.to_string();
+        let label = &model.label;
         let t = Instant::now();
         let rid = request_id.to_string();
         let pre = self
@@ -304,20 +304,10 @@ impl Server {
         call: impl FnOnce(&Sandbox, &Handler) -> T + Send + 'static,
     ) -> Result<T, Error> {
         let (sandbox, model, slot) = (self.sandbox.clone(), model.clone(), slot.clone());
-        blocking(move || {
+        Ok(crate::residency::loader::blocking(move || {
             let _slot = slot;
             call(&sandbox, &model.handler)
         })
-        .await
+        .await?)
     }
-}
-
-/// Runs blocking work off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
-    crate::blocking(f).await.map_err(|e| {
-        Error::new(
-            ErrorKind::Internal,
-            format!("internal error: worker thread failed: {e}"),
-        )
-    })
 }

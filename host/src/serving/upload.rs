@@ -94,8 +94,9 @@ async fn accept(
                 Err(_) => Ok(()),
             },
         );
+    let limit = app.config.max_upload_mib << 20;
     if let Err(e) = early {
-        drain(body, app.config.max_upload_mib << 20).await;
+        drain(body, limit).await;
         return Err(e.into());
     }
     let staging = store.staging()?;
@@ -105,8 +106,7 @@ async fn accept(
         SEQ.fetch_add(1, Ordering::Relaxed)
     );
     let file = Staged(staging.join(format!("{id}.tar.gz")));
-    let limit = app.config.max_upload_mib << 20;
-    let bytes = receive(body, &file.0, limit, app.config.max_upload_mib).await?;
+    let bytes = receive(body, &file.0, app.config.max_upload_mib).await?;
 
     // Everything below reads the staged file only.
     let (path, dir) = (file.0.clone(), staging.join(format!("{id}.d")));
@@ -116,7 +116,7 @@ async fn accept(
     };
     let sandbox = app.sandbox.clone();
     let config = app.config.clone();
-    tokio::task::spawn_blocking(move || validate(&path, &dir, limits, &sandbox, &config))
+    crate::blocking(move || validate(&path, &dir, limits, &sandbox, &config))
         .await
         .map_err(|e| UploadError::Internal(e.to_string()))??;
 
@@ -127,7 +127,7 @@ async fn accept(
         name.to_string(),
         version.to_string(),
     );
-    let is_default = tokio::task::spawn_blocking(move || {
+    let is_default = crate::blocking(move || {
         install(
             &store,
             &tenant_owned,
@@ -211,7 +211,8 @@ pub async fn drain(body: Body, limit: u64) {
 }
 
 /// Streams the body into `path` (created new), at most `limit` bytes; synced to disk.
-async fn receive(body: Body, path: &Path, limit: u64, limit_mib: u64) -> Result<u64, UploadError> {
+async fn receive(body: Body, path: &Path, limit_mib: u64) -> Result<u64, UploadError> {
+    let limit = limit_mib << 20;
     let mut out = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
