@@ -21,6 +21,8 @@ pub const HANDLER_FILE: &str = "handler.wasm";
 pub const ASSETS_DIR: &str = "assets";
 const MAX_ENTRIES: usize = 10_000;
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Largest `tessera.intraOpThreads` accepted (the loader also caps it at the machine's cores).
+const MAX_INTRA_OP_THREADS: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -134,6 +136,12 @@ pub struct TesseraConfig {
     /// are run as one forward (up to `batchSize`, waiting up to `maxBatchDelay` ms).
     #[serde(default)]
     pub batchable: bool,
+    /// OpenMP threads each of the model's ops may use (on CPU); absent means the server's
+    /// `--intra-op-threads`. 1 suits small models served to many clients at once: no thread
+    /// team to wake per op, and no worker spinning on a core the handlers need. (Triton's
+    /// PyTorch backend has the same knob, `INTRA_OP_THREAD_COUNT`.)
+    #[serde(default)]
+    pub intra_op_threads: Option<u32>,
 }
 
 /// `tessera.warmup`: a request body under `assets/`, sent through handler and model `times`
@@ -216,6 +224,13 @@ impl ModelConfig {
                 "maxBatchDelay must be at most 60000 ms, got {}",
                 self.max_batch_delay
             ));
+        }
+        if let Some(n) = self.tessera.intra_op_threads {
+            if !(1..=MAX_INTRA_OP_THREADS).contains(&n) {
+                return bad(format!(
+                    "tessera.intraOpThreads must be 1..={MAX_INTRA_OP_THREADS}, got {n}"
+                ));
+            }
         }
         if self.tessera.batchable && self.tessera.cached_stage.is_some() {
             return bad("tessera.batchable is not supported with a cachedStage yet".into());
@@ -780,6 +795,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("batchable"), "{err}");
+        let c = ModelConfig::parse("tessera:\n  intraOpThreads: 1\n").unwrap();
+        assert_eq!(c.tessera.intra_op_threads, Some(1));
+        assert_eq!(ModelConfig::parse("").unwrap().tessera.intra_op_threads, None);
+        for bad in ["0", "257", "-1", "two"] {
+            let err = ModelConfig::parse(&format!("tessera:\n  intraOpThreads: {bad}\n"));
+            assert!(err.is_err(), "intraOpThreads {bad} accepted");
+        }
         let c = ModelConfig::parse("tessera:\n  executor: simple\n").unwrap();
         assert_eq!(c.tessera.executor, Some(crate::runtime::Executor::Simple));
         let c = ModelConfig::parse(

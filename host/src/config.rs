@@ -72,6 +72,11 @@ pub struct Config {
     )]
     pub torchscript_executor: crate::runtime::Executor,
 
+    /// OpenMP threads each CPU op of a forward may use, for models whose config names none
+    /// (`tessera.intraOpThreads`). Default: libtorch's (the machine's physical cores).
+    #[arg(long, env = "TESSERA_INTRA_OP_THREADS", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub intra_op_threads: Option<u32>,
+
     /// For comparisons: `inference` (default) runs every forward thread in libtorch's inference
     /// mode (no autograd dispatch or version counters); `no-grad` only disables gradients.
     #[arg(

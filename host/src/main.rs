@@ -79,6 +79,15 @@ fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", &config.cuda_alloc_conf);
     }
+    // Fixed before any forward thread sets its own count (libtorch seeds new threads' counts
+    // from the last one set).
+    let intra_op = runtime::init_default_intra_op_threads(
+        config.intra_op_threads.map(|n| n as usize),
+    );
+    tracing::info!(
+        intra_op_threads = intra_op,
+        "CPU ops use this many threads each unless a model's config says otherwise"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -64,12 +64,15 @@ class Classifier(nn.Module):
         super().__init__()
         self.net = net
         self.row_wise_head = row_wise_head
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+        # (x / 255 - mean) / std as one multiply-add per pixel: x * scale + shift.
+        std = torch.tensor(STD).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("shift", -torch.tensor(MEAN).view(1, 3, 1, 1) / std)
 
     def forward(self, image: Tensor):
-        x = image.permute(0, 3, 1, 2).float().div(255.0)
-        x = (x - self.mean) / self.std
+        # The photo stays in its pixel-interleaved layout (a channels-last view, which the
+        # convolutions take as it is); one pass converts and normalises it.
+        x = torch.addcmul(self.shift, image.permute(0, 3, 1, 2).float(), self.scale)
         if self.row_wise_head:
             feats = torch.flatten(self.net.features(x), 1)
             logits = (feats.unsqueeze(1) * self.net.fc.weight).sum(-1) + self.net.fc.bias

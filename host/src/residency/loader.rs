@@ -32,6 +32,16 @@ pub struct LoaderConfig {
     pub grad_mode: runtime::GradMode,
 }
 
+/// A model's intra-op threads: its `tessera.intraOpThreads`, at most the machine's cores (a
+/// tenant cannot make each op wake hundreds of threads), else the server's default.
+fn intra_op_threads(config: &archive::ModelConfig) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match config.tessera.intra_op_threads {
+        Some(n) => (n as usize).min(cores),
+        None => runtime::default_intra_op_threads(),
+    }
+}
+
 /// Loads models for [`Residency`].
 pub struct Loader {
     pub config: LoaderConfig,
@@ -187,6 +197,7 @@ impl Loader {
             runtime::ThreadMode {
                 executor,
                 grad: self.config.grad_mode,
+                intra_op_threads: intra_op_threads(&unpacked.config),
             },
             batching(&key.to_string(), &unpacked.config),
             Duration::from_secs(unpacked.config.response_timeout),

@@ -4,6 +4,7 @@
 //! Everything here blocks (libtorch calls can take seconds): callers run it on blocking
 //! threads. This layer knows nothing of HTTP, handlers or caching.
 use std::path::Path;
+use std::sync::OnceLock;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 mod pipeline;
@@ -28,6 +29,8 @@ mod cuda {
         pub fn tessera_jit_set_thread_optimize(optimize: i32) -> i32;
         pub fn tessera_jit_get_thread_optimize() -> i32;
         pub fn tessera_enter_inference_mode() -> i32;
+        pub fn tessera_set_thread_intra_op_threads(threads: i32) -> i32;
+        pub fn tessera_get_thread_intra_op_threads() -> i32;
     }
 }
 
@@ -340,13 +343,51 @@ pub enum GradMode {
 pub struct ThreadMode {
     pub executor: Executor,
     pub grad: GradMode,
+    /// OpenMP threads each of this thread's ops may use.
+    pub intra_op_threads: usize,
 }
 
 /// Sets up the calling thread to run forwards in `mode` (forward workers call it when they
-/// start; libtorch keeps both settings per thread).
+/// start; libtorch keeps these settings per thread).
 pub fn prepare_forward_thread(mode: ThreadMode) {
     set_thread_executor(mode.executor);
     set_thread_grad_mode(mode.grad);
+    set_thread_intra_op_threads(mode.intra_op_threads);
+}
+
+static DEFAULT_INTRA_OP_THREADS: OnceLock<usize> = OnceLock::new();
+
+/// Intra-op threads of the forwards of models that name none: `--intra-op-threads`, else
+/// libtorch's default (the machine's physical cores). The server fixes it at start-up, before
+/// any forward thread exists; otherwise the first call reads libtorch's default.
+pub fn default_intra_op_threads() -> usize {
+    // SAFETY: reads the calling thread's thread count; the shim catches C++ exceptions.
+    *DEFAULT_INTRA_OP_THREADS
+        .get_or_init(|| unsafe { cuda::tessera_get_thread_intra_op_threads() }.max(1) as usize)
+}
+
+/// Fixes [`default_intra_op_threads`] (`None`: libtorch's default); the first call wins.
+pub fn init_default_intra_op_threads(threads: Option<usize>) -> usize {
+    if let Some(n) = threads {
+        let _ = DEFAULT_INTRA_OP_THREADS.set(n.max(1));
+    }
+    default_intra_op_threads()
+}
+
+/// Makes the calling thread's ops use `threads` OpenMP threads (each thread keeps its own
+/// count; see the shim).
+pub fn set_thread_intra_op_threads(threads: usize) {
+    let n = threads.clamp(1, i32::MAX as usize) as i32;
+    // SAFETY: sets the calling thread's thread count; the shim catches C++ exceptions.
+    if unsafe { cuda::tessera_set_thread_intra_op_threads(n) } != 0 {
+        tracing::warn!(threads, "could not set this forward thread's intra-op threads");
+    }
+}
+
+/// The calling thread's intra-op thread count.
+pub fn thread_intra_op_threads() -> usize {
+    // SAFETY: reads the calling thread's thread count; the shim catches C++ exceptions.
+    unsafe { cuda::tessera_get_thread_intra_op_threads() }.max(1) as usize
 }
 
 fn set_thread_grad_mode(mode: GradMode) {
@@ -569,6 +610,34 @@ fn collect_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_thread_keeps_its_own_intra_op_threads() {
+        // Thread one sets 1 but runs its first op only after thread two has set 2 (which also
+        // overwrites libtorch's process-wide number, from which a thread's count is seeded at
+        // its first parallel op): one must still run with 1.
+        let op = || {
+            let _ = Tensor::ones([1 << 17], (Kind::Float, Device::Cpu)) * 2.0;
+            thread_intra_op_threads()
+        };
+        let (one_set, one_go) = std::sync::mpsc::channel();
+        let (two_set, two_go) = std::sync::mpsc::channel::<()>();
+        let one = std::thread::spawn(move || {
+            set_thread_intra_op_threads(1);
+            one_set.send(()).unwrap();
+            two_go.recv().unwrap();
+            op()
+        });
+        one_go.recv().unwrap();
+        let two = std::thread::spawn(move || {
+            set_thread_intra_op_threads(2);
+            let n = op();
+            two_set.send(()).unwrap();
+            n
+        });
+        assert_eq!(two.join().unwrap(), 2);
+        assert_eq!(one.join().unwrap(), 1);
+    }
 
     #[test]
     fn host_tensor_checks_sizes() {

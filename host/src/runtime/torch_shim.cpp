@@ -230,3 +230,31 @@ extern "C" int tessera_enter_inference_mode() {
     return -1;
   }
 }
+
+// Intra-op threads (OpenMP) for the calling thread's own ops. libtorch keeps the count per thread
+// (each thread's OpenMP ICV), but seeds a thread's value from a process-wide number the first
+// time that thread runs a parallel op, and at::set_num_threads also overwrites that number: so
+// the seeding is forced first (libtorch's own calls that seed: a count query and a
+// parallel-sized op), then the count set.
+// Every forward thread sets its own, so none depends on the process-wide number.
+#include <ATen/Parallel.h>
+extern "C" int tessera_set_thread_intra_op_threads(int threads) {
+  try {
+    if (threads < 1) return -1;
+    at::get_num_threads();
+    at::ones({1 << 16}, at::kFloat).add_(1.0);
+    at::set_num_threads(threads);
+    return at::get_num_threads() == threads ? 0 : -1;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// The calling thread's intra-op thread count.
+extern "C" int tessera_get_thread_intra_op_threads() {
+  try {
+    return at::get_num_threads();
+  } catch (...) {
+    return -1;
+  }
+}
