@@ -40,6 +40,19 @@ class SetstateWrites(Stateful):
         self.restore(state)
         torch.save(self.w, MARKER)
 
+class SetstateForges(Stateful):
+    # Prints what the check's child reports for a clean file, padded past stdio's buffer so it
+    # reaches the pipe before the child's own report; its forward does what the policy refuses.
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
+        self.restore(state)
+        print('{"file": "model.pt", "ops": []}')
+        for i in range(200):
+            print("                                                               ")
+    def forward(self, image: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+        torch.save(self.w, MARKER)
+        return image
+
 class SetstateLoops(Stateful):
     @torch.jit.export
     def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
@@ -81,7 +94,8 @@ class ForwardSeeds(Base):
         torch.manual_seed(0)
         return image
 
-for name, cls in [("setstate_writes", SetstateWrites), ("setstate_loops", SetstateLoops),
+for name, cls in [("setstate_writes", SetstateWrites), ("setstate_forges", SetstateForges),
+                  ("setstate_loops", SetstateLoops),
                   ("setstate_hogs", SetstateHogs), ("forward_hogs", ForwardHogs),
                   ("forward_loops", ForwardLoops), ("forward_prints", ForwardPrints),
                   ("forward_seeds", ForwardSeeds)]:
@@ -217,10 +231,12 @@ fn torchscript_that_reaches_outside_the_model_is_refused() {
     let bystander = Bystander::start(s.server.base.clone());
 
     // __setstate__ that writes a file (the check's sandbox stops the write; the operator policy
-    // refuses aten::save) or allocates without bound (it dies in the check's memory limit);
+    // refuses aten::save), that first prints a forged clean report (the child's reports do not
+    // share a stream with what a model prints), or allocates without bound (it dies in the check's memory limit);
     // forwards that print or seed the process-wide generator (refused by operator).
     for (file, needle) in [
         ("setstate_writes.pt", "aten::save"),
+        ("setstate_forges.pt", "aten::save"),
         ("setstate_hogs.pt", ""),
         ("forward_prints.pt", "prim::Print"),
         ("forward_seeds.pt", "aten::manual_seed"),

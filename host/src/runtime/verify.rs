@@ -281,13 +281,29 @@ struct FileReport {
 }
 
 /// The child's side: confine this process, then load and list each file, one JSON line each
-/// on stdout. Returns the exit code.
+/// on the report stream (stdout as the child started). Returns the exit code.
+///
+/// Loading a file runs its `__setstate__`, and a `print` there writes to fd 1: so fd 1 is
+/// pointed at stderr before any file is read, and reports go to a private copy of the pipe (a
+/// model cannot forge a report the parent would take for the check's).
 pub fn run_child(files: &[PathBuf]) -> i32 {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain descriptor calls on this process's own stdio, before any other thread runs;
+    // the duplicate is owned by the File from here on.
+    let reports = unsafe {
+        let fd = libc::dup(1);
+        if fd < 0 || libc::dup2(2, 1) < 0 {
+            eprintln!("tessera check: cannot set up the report stream");
+            return 3;
+        }
+        std::fs::File::from_raw_fd(fd)
+    };
     if let Err(e) = confine() {
         eprintln!("tessera check: cannot confine the check process: {e}");
         return 3;
     }
-    let mut stdout = std::io::stdout().lock();
+    let mut out = std::io::LineWriter::new(reports);
     for f in files {
         let name = f
             .file_name()
@@ -305,12 +321,8 @@ pub fn run_child(files: &[PathBuf]) -> i32 {
                 error: Some(e),
             },
         };
-        use std::io::Write;
         let line = serde_json::to_string(&report).unwrap_or_default();
-        if writeln!(stdout, "{line}")
-            .and_then(|_| stdout.flush())
-            .is_err()
-        {
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
             return 4;
         }
     }
