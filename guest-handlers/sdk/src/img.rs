@@ -262,7 +262,7 @@ pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, HandlerError> {
 
 /// Decodes to 8-bit RGB.
 pub fn decode_rgb(field: &str, bytes: &[u8]) -> Result<RgbImage, HandlerError> {
-    Ok(decode(field, bytes)?.to_rgb8())
+    Ok(decode(field, bytes)?.into_rgb8())
 }
 
 /// Dilates a binary `w`x`h` mask (nonzero = set) once with a `k`x`k` square of ones, as
@@ -450,7 +450,7 @@ pub fn decode_luma_pil(field: &str, bytes: &[u8]) -> Result<GrayImage, HandlerEr
     if let DynamicImage::ImageLuma8(g) = img {
         return Ok(g);
     }
-    let rgb = img.to_rgb8();
+    let rgb = img.into_rgb8();
     let (w, h) = rgb.dimensions();
     let luma = rgb
         .pixels()
