@@ -69,9 +69,13 @@ fn reference(req: &serde_json::Value) -> (usize, Vec<Vec<u8>>, Vec<f64>) {
 }
 
 fn sam_server(store: &tempfile::TempDir) -> Server {
+    sam_server_with(store, CONFIG)
+}
+
+fn sam_server_with(store: &tempfile::TempDir, config: &str) -> Server {
     let (ok, err) = pack_archive(
         &store.path().join("sam.tar.gz"),
-        CONFIG,
+        config,
         &[artifact("sam/encoder.pt"), artifact("sam/decoder.pt")],
         &artifact("handlers/sam.wasm"),
         &[],
@@ -382,4 +386,101 @@ fn warm_up_runs_the_encoder_every_time_and_leaves_nothing_cached() {
     assert_eq!(reply.header("x-stage-cache"), Some("miss"));
     assert!(reply.header("x-model-load-time").is_none());
     assert_eq!((lookups("miss"), lookups("hit")), (3, 0));
+}
+
+/// Clicks arriving together run the prompt decoder once (`batchable` with a cached stage): the
+/// embeddings of photos of different sizes, cached or computed for the click, are batched with
+/// the clicks, and each answer is the one the click gets alone. Clicks with another number of
+/// points go in another batch.
+#[test]
+fn concurrent_clicks_batch_with_their_cached_embeddings() {
+    let batched_config = CONFIG
+        .replace(
+            "maxWorkers: 1\n",
+            "maxWorkers: 1\nbatchSize: 8\nmaxBatchDelay: 300\n",
+        )
+        .replace(
+            "  model: decoder.pt\n",
+            "  model: decoder.pt\n  batchable: true\n",
+        );
+    let photos = [(451, 300), (512, 777), (300, 200)];
+    let clicks: Vec<serde_json::Value> = photos
+        .iter()
+        .flat_map(|&(w, h)| {
+            [
+                request(w, h, json!({"point_coords": [w / 2, h * 2 / 5]})),
+                request(w, h, json!({"point_coords": [w / 5, h / 5], "mask_index": "best"})),
+                request(
+                    w,
+                    h,
+                    json!({"point_coords": [[w / 2, h / 2], [3, 3]], "point_labels": [1, 0], "mask_index": 0}),
+                ),
+            ]
+        })
+        .collect();
+    let store = tempfile::tempdir().unwrap();
+    let server = sam_server_with(&store, &batched_config);
+    let url = server.url("/predictions/sam");
+    // The first two photos' embeddings cached; the third's computed inside the batch.
+    for req in &clicks[..6] {
+        assert_eq!(post_json(&url, req).status, 200);
+    }
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = clicks
+            .iter()
+            .map(|r| {
+                let url = url.clone();
+                s.spawn(move || post_json(&url, r))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let sizes: Vec<usize> = replies
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.header("x-batch-size").unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(
+        sizes.iter().any(|&n| n > 1),
+        "no click was batched: {sizes:?}"
+    );
+    // Batches ran as batches (a failed one would have run its clicks one by one).
+    assert!(
+        !server.log().contains("batched forward failed"),
+        "{}",
+        server.log()
+    );
+    let alone_store = tempfile::tempdir().unwrap();
+    let alone = sam_server(&alone_store);
+    for (req, batched) in clicks.iter().zip(&replies) {
+        let single = post_json(&alone.url("/predictions/sam"), req);
+        let (w, h, want) = mask_of(&single);
+        let (bw, bh, got) = mask_of(batched);
+        assert_eq!((bw, bh), (w, h));
+        let agree =
+            want.iter().zip(&got).filter(|(a, b)| a == b).count() as f64 / want.len() as f64;
+        assert!(
+            agree >= 0.9999,
+            "batched mask agrees with alone on {agree} of pixels"
+        );
+        assert_eq!(batched.json()["mask_index"], single.json()["mask_index"]);
+        let scores = |r: &Reply| -> Vec<f64> {
+            r.json()["scores"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_f64().unwrap())
+                .collect()
+        };
+        for (a, b) in scores(batched).iter().zip(scores(&single)) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "scores {:?} vs {:?}",
+                scores(batched),
+                scores(&single)
+            );
+        }
+    }
 }

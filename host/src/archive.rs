@@ -133,7 +133,9 @@ pub struct TesseraConfig {
     pub executor: Option<crate::runtime::Executor>,
     /// The model takes every input batched along dimension 0 and returns every output so:
     /// with `batchSize` > 1, the requests whose inputs match in everything but that dimension
-    /// are run as one forward (up to `batchSize`, waiting up to `maxBatchDelay` ms).
+    /// are run as one forward (up to `batchSize`, waiting up to `maxBatchDelay` ms). With a
+    /// cached stage this is the entry model: the stage's outputs (each request's, cached or
+    /// computed for it alone) are batched with the other handler tensors.
     #[serde(default)]
     pub batchable: bool,
     /// OpenMP threads each of the model's ops may use (on CPU); absent means the server's
@@ -231,9 +233,6 @@ impl ModelConfig {
                     "tessera.intraOpThreads must be 1..={MAX_INTRA_OP_THREADS}, got {n}"
                 ));
             }
-        }
-        if self.tessera.batchable && self.tessera.cached_stage.is_some() {
-            return bad("tessera.batchable is not supported with a cachedStage yet".into());
         }
         if self.response_timeout == 0 || self.response_timeout > 3600 {
             return bad(format!(
@@ -790,14 +789,18 @@ mod tests {
                 .batchable
         );
         assert!(ModelConfig::parse("maxBatchDelay: 60001\n").is_err());
-        let err = ModelConfig::parse(
+        // A cached stage's model batches its entry model (the stage's outputs join the batch).
+        let c = ModelConfig::parse(
             "tessera:\n  model: b.pt\n  batchable: true\n  cachedStage:\n    model: a.pt\n    inputs: [x]\n",
         )
-        .unwrap_err();
-        assert!(err.to_string().contains("batchable"), "{err}");
+        .unwrap();
+        assert!(c.tessera.batchable && c.tessera.cached_stage.is_some());
         let c = ModelConfig::parse("tessera:\n  intraOpThreads: 1\n").unwrap();
         assert_eq!(c.tessera.intra_op_threads, Some(1));
-        assert_eq!(ModelConfig::parse("").unwrap().tessera.intra_op_threads, None);
+        assert_eq!(
+            ModelConfig::parse("").unwrap().tessera.intra_op_threads,
+            None
+        );
         for bad in ["0", "257", "-1", "two"] {
             let err = ModelConfig::parse(&format!("tessera:\n  intraOpThreads: {bad}\n"));
             assert!(err.is_err(), "intraOpThreads {bad} accepted");

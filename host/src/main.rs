@@ -81,9 +81,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
     }
     // Fixed before any forward thread sets its own count (libtorch seeds new threads' counts
     // from the last one set).
-    let intra_op = runtime::init_default_intra_op_threads(
-        config.intra_op_threads.map(|n| n as usize),
-    );
+    let intra_op =
+        runtime::init_default_intra_op_threads(config.intra_op_threads.map(|n| n as usize));
     tracing::info!(
         intra_op_threads = intra_op,
         "CPU ops use this many threads each unless a model's config says otherwise"

@@ -7,9 +7,11 @@ Tessera, split in two so the expensive part is reused:
               height and width) -> image embeddings [1, 256, 64, 64]. Normalisation and the
               zero padding are done here, as SamPredictor does them; the input shape never
               changes, so a new photo size costs no new specialisation or plan.
-  decoder.pt  (image embeddings, point_coords f32 [N, 2] in original pixels, point_labels
-              f32 [N], orig_hw i64 [2], mask_index i64 [1], -1 = best) -> (mask uint8 [H, W]
-              in {0, 1} at the original size, iou_predictions f32 [3], chosen index i64 [1]).
+  decoder.pt  a batch of B clicks (one per photo, batched by the host along dimension 0):
+              image embeddings [B, ...], point_coords f32 [B, N, 2] in original pixels,
+              point_labels f32 [B, N], orig_hw i64 [B, 2], mask_index i64 [B], -1 = best ->
+              (masks uint8 [B, H, W] in {0, 1}, each at its photo's size in the top-left
+              corner of the batch's largest, iou_predictions f32 [B, 3], chosen index i64 [B]).
               Coordinate scaling, the padding point SAM adds without a box, mask choice,
               upscaling, crop and threshold are done here.
 
@@ -23,7 +25,7 @@ Also writes OUT_DIR/warmup.json, a small click request for `tessera.warmup` (an 
 import argparse
 import os
 from functools import partial
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +120,8 @@ class PromptCore(nn.Module):
         self.decoder = sam.mask_decoder
 
     def forward(self, emb: Tensor, coords: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
-        # coords [1, N, 2] in the 1024-frame, labels [1, N]; SAM appends a "not a point".
+        # coords [B, N, 2] in the 1024-frame, labels [B, N] (one click on each of B photos,
+        # row b for emb[b]); SAM appends a "not a point".
         pad_c = torch.zeros_like(coords[:, :1])
         pad_l = -torch.ones_like(labels[:, :1])
         coords = torch.cat([coords, pad_c], dim=1) + 0.5
@@ -130,15 +133,17 @@ class PromptCore(nn.Module):
         pe = pe + self.prompt.point_embeddings[0].weight * (lab == 0)
         pe = pe + self.prompt.point_embeddings[1].weight * (lab == 1)
         dense = self.prompt.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            1, -1, emb.shape[-2], emb.shape[-1])
+            emb.shape[0], -1, emb.shape[-2], emb.shape[-1])
         return self.decode(emb, pe, dense)
 
     def decode(self, emb: Tensor, sparse: Tensor, dense: Tensor) -> Tuple[Tensor, Tensor]:
-        """MaskDecoder.predict_masks for a batch of one, with the three multimask outputs.
-        Written out because its `repeat_interleave(..., tokens.shape[0])` traces into a
-        CPU-side count that breaks the graph on CUDA; with one image it is the identity."""
+        """MaskDecoder.predict_masks with the three multimask outputs, one prompt per image.
+        Written out because its `repeat_interleave(..., tokens.shape[0])` (several prompts on
+        one image) traces into a CPU-side count that breaks the graph on CUDA; with one prompt
+        per image it is the identity."""
         d = self.decoder
         tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0).unsqueeze(0)
+        tokens = tokens.expand(sparse.shape[0], -1, -1)
         tokens = torch.cat((tokens, sparse), dim=1)
         src = emb + dense
         b, c, h, w = src.shape
@@ -154,9 +159,12 @@ class PromptCore(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Embeddings + points in original pixels + which mask (0-2, or -1 for the highest predicted
-    IoU) -> that mask at the original size, the three IoU scores, and the chosen index. Only the
-    chosen mask is upscaled and copied back."""
+    """A batch of clicks, row b one click on one photo (rows share N, the points per click):
+    embeddings [B, C, 64, 64], point_coords f32 [B, N, 2] in original pixels, point_labels
+    f32 [B, N], orig_hw i64 [B, 2], mask_index i64 [B] (0-2, or -1 for the highest predicted
+    IoU) -> (masks uint8 [B, H, W]: row b's mask at its original size in its top-left corner,
+    H and W the batch's largest, zeros elsewhere; iou_predictions f32 [B, 3]; chosen index
+    i64 [B]). Only the chosen masks are upscaled and copied back."""
 
     def __init__(self, core: nn.Module, threshold: float = 0.0):
         super().__init__()
@@ -165,24 +173,44 @@ class Decoder(nn.Module):
 
     def forward(self, emb: Tensor, point_coords: Tensor, point_labels: Tensor, orig_hw: Tensor,
                 mask_index: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        h = int(orig_hw[0])
-        w = int(orig_hw[1])
-        scale = 1024.0 / float(max(h, w))
-        newh = int(h * scale + 0.5)
-        neww = int(w * scale + 0.5)
+        hw = orig_hw.cpu()
+        wanted = mask_index.reshape(-1).cpu()
         coords = point_coords.to(emb.dtype).clone()
-        coords[:, 0] = coords[:, 0] * (float(neww) / float(w))
-        coords[:, 1] = coords[:, 1] * (float(newh) / float(h))
-        low_res, iou = self.core(emb, coords.unsqueeze(0), point_labels.to(emb.dtype).unsqueeze(0))
-        idx = int(mask_index.reshape(-1)[0])
-        if idx < 0:
-            idx = int(torch.argmax(iou[0]))
-        chosen = low_res[:, idx: idx + 1].float()
-        mask = F.interpolate(chosen, [1024, 1024], mode="bilinear", align_corners=False)
-        mask = mask[..., :newh, :neww]
-        mask = F.interpolate(mask, [h, w], mode="bilinear", align_corners=False)
-        chosen_index = torch.full([1], idx, dtype=torch.int64)
-        return (mask[0, 0] > self.threshold).to(torch.uint8), iou[0].float(), chosen_index
+        sizes: List[Tuple[int, int, int, int]] = []
+        for b in range(hw.shape[0]):
+            h = int(hw[b, 0])
+            w = int(hw[b, 1])
+            scale = 1024.0 / float(max(h, w))
+            newh = int(h * scale + 0.5)
+            neww = int(w * scale + 0.5)
+            coords[b, :, 0] = coords[b, :, 0] * (float(neww) / float(w))
+            coords[b, :, 1] = coords[b, :, 1] * (float(newh) / float(h))
+            sizes.append((h, w, newh, neww))
+        low_res, iou = self.core(emb, coords, point_labels.to(emb.dtype))
+        best = torch.zeros_like(wanted)
+        if bool((wanted < 0).any()):
+            best = torch.argmax(iou, dim=1).cpu()
+        masks: List[Tensor] = []
+        chosen: List[int] = []
+        for b in range(len(sizes)):
+            h, w, newh, neww = sizes[b]
+            idx = int(wanted[b])
+            if idx < 0:
+                idx = int(best[b])
+            mask = low_res[b: b + 1, idx: idx + 1].float()
+            mask = F.interpolate(mask, [1024, 1024], mode="bilinear", align_corners=False)
+            mask = mask[..., :newh, :neww]
+            mask = F.interpolate(mask, [h, w], mode="bilinear", align_corners=False)
+            masks.append((mask[0, 0] > self.threshold).to(torch.uint8))
+            chosen.append(idx)
+        index = torch.tensor(chosen, dtype=torch.int64)
+        if len(masks) == 1:
+            return masks[0].unsqueeze(0), iou.float(), index
+        out = torch.zeros([len(masks), max([m.shape[0] for m in masks]), max([m.shape[1] for m in masks])],
+                          dtype=torch.uint8, device=emb.device)
+        for b in range(len(masks)):
+            out[b, :masks[b].shape[0], :masks[b].shape[1]] = masks[b]
+        return out, iou.float(), index
 
 
 def export(sam: Sam, out_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -193,8 +221,10 @@ def export(sam: Sam, out_dir: str, device: str = "cpu", dtype: torch.dtype = tor
         enc = torch.jit.script(Encoder(vit, sam.pixel_mean.reshape(3).to(dtype), sam.pixel_std.reshape(3).to(dtype)))
         enc.save(os.path.join(out_dir, "encoder.pt"))
         emb = torch.zeros(1, sam.prompt_encoder.embed_dim, IMG // 16, IMG // 16, device=device, dtype=dtype)
-        core = torch.jit.trace(PromptCore(sam), (emb, torch.zeros(1, 2, 2, device=device, dtype=dtype),
-                                                torch.ones(1, 2, device=device, dtype=dtype)))
+        # Traced at 2 photos x 2 points: both sizes stay symbolic in the graph.
+        emb = emb.expand(2, -1, -1, -1).contiguous()
+        core = torch.jit.trace(PromptCore(sam), (emb, torch.zeros(2, 2, 2, device=device, dtype=dtype),
+                                                torch.ones(2, 2, device=device, dtype=dtype)))
         torch.jit.script(Decoder(core)).save(os.path.join(out_dir, "decoder.pt"))
 
 

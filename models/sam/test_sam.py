@@ -39,13 +39,15 @@ def test_torchscript_matches_reference_predictor(tmp_path):
             square[:rh, :rw] = resized
             emb = enc(torch.from_numpy(square), torch.tensor([rh, rw]))
             assert torch.allclose(emb, predictor.features, atol=1e-4, rtol=1e-4)
-            args = (emb, torch.tensor(points, dtype=torch.float32), torch.tensor(labels, dtype=torch.float32),
-                    torch.tensor([h, w]))
+            # One click: a batch of one row.
+            args = (emb, torch.tensor([points], dtype=torch.float32), torch.tensor([labels], dtype=torch.float32),
+                    torch.tensor([[h, w]]))
             outs = [dec(*args, torch.tensor([i])) for i in range(3)]
-            masks = torch.stack([m for m, _, _ in outs])
-            iou = outs[0][1]
+            assert all(m.shape == (1, h, w) and c.tolist() == [i] for i, (m, _, c) in enumerate(outs))
+            masks = torch.stack([m[0] for m, _, _ in outs])
+            iou = outs[0][1][0]
             best_mask, _, best = dec(*args, torch.tensor([-1]))
-            assert int(best) == int(torch.argmax(iou)) and torch.equal(best_mask, masks[int(best)])
+            assert int(best) == int(torch.argmax(iou)) and torch.equal(best_mask[0], masks[int(best)])
         ref_masks, ref_iou, _ = predictor.predict(point_coords=np.array(points, dtype=np.float32),
                                                   point_labels=np.array(labels, dtype=np.float32), multimask_output=True)
         assert masks.shape == (3, h, w) and masks.dtype == torch.uint8
@@ -55,3 +57,35 @@ def test_torchscript_matches_reference_predictor(tmp_path):
         agree = (masks.numpy().astype(bool) == ref_masks).mean()
         assert agree >= 0.9999, agree
         assert np.allclose(iou.numpy(), ref_iou, atol=1e-4)
+
+
+def test_a_batch_of_clicks_on_different_photos_equals_each_alone(tmp_path):
+    """The host batches clicks along dimension 0 with their cached embeddings: photos of
+    different sizes, one mask each in the top-left corner of the batch's largest."""
+    sam = export.build("vit_b", None, tiny=True, seed=9)
+    export.export(sam, str(tmp_path))
+    enc = torch.jit.load(str(tmp_path / "encoder.pt"))
+    dec = torch.jit.load(str(tmp_path / "decoder.pt"))
+    clicks = [((300, 451), [[200, 120], [10, 10]], [1, 0], 1), ((777, 512), [[100, 500], [300, 200]], [1, 1], -1),
+              ((64, 64), [[32, 30], [5, 60]], [1, 1], 0)]
+    rows = []
+    with torch.no_grad():
+        for (h, w), points, labels, index in clicks:
+            resized = ResizeLongestSide(1024).apply_image(photo(h, w, 2))
+            rh, rw = resized.shape[:2]
+            square = np.zeros((1024, 1024, 3), np.uint8)
+            square[:rh, :rw] = resized
+            emb = enc(torch.from_numpy(square), torch.tensor([rh, rw]))
+            rows.append((emb, torch.tensor([points], dtype=torch.float32), torch.tensor([labels], dtype=torch.float32),
+                         torch.tensor([[h, w]]), torch.tensor([index])))
+        alone = [dec(*r) for r in rows]
+        batched = dec(*[torch.cat([r[k] for r in rows]) for k in range(5)])
+    masks, iou, chosen = batched
+    assert masks.shape == (3, 777, 512) and iou.shape == (3, 3) and chosen.shape == (3,)
+    for b, ((h, w), _, _, _) in enumerate(clicks):
+        m, i, c = alone[b]
+        assert int(chosen[b]) == int(c[0])
+        assert torch.allclose(iou[b], i[0], atol=1e-5)
+        agree = (masks[b, :h, :w] == m[0]).float().mean()
+        assert agree >= 0.9999, agree
+        assert int(masks[b, h:].sum()) == 0 and int(masks[b, :, w:].sum()) == 0

@@ -51,6 +51,9 @@ struct Context {
     /// `None` picks the highest predicted IoU.
     mask_index: Option<usize>,
     dilate: u32,
+    /// The photo's height and width: its mask's, in the top-left corner of a batch's larger
+    /// one.
+    size: (usize, usize),
 }
 
 fn points(v: Option<&Value>) -> Result<Vec<[f32; 2]>, HandlerError> {
@@ -131,9 +134,10 @@ impl tessera_sdk::Handler for Sam {
                 "gen_args.dilate_kernel_size must be at most {max_dilate}"
             )));
         }
-        let context = Context {
+        let mut context = Context {
             mask_index: mask_index(args.mask_index.as_ref())?,
             dilate,
+            size: (0, 0),
         };
 
         // Same photo, same key: the second click needs neither the pixels nor the encoder,
@@ -179,20 +183,23 @@ impl tessera_sdk::Handler for Sam {
             )?);
             inputs.push(Tensor::from_i64("image_hw", &[2], &[rh as i64, rw as i64])?);
         }
+        // The decoder's tensors are one row of a batch (the host batches clicks along
+        // dimension 0, with their cached embeddings).
         let flat: Vec<f32> = points.iter().flatten().copied().collect();
         inputs.push(Tensor::from_f32(
             "point_coords",
-            &[points.len() as u64, 2],
+            &[1, points.len() as u64, 2],
             &flat,
         )?);
         inputs.push(Tensor::from_f32(
             "point_labels",
-            &[points.len() as u64],
+            &[1, points.len() as u64],
             &labels,
         )?);
-        inputs.push(Tensor::from_i64("orig_hw", &[2], &[h as i64, w as i64])?);
+        inputs.push(Tensor::from_i64("orig_hw", &[1, 2], &[h as i64, w as i64])?);
         let wanted = context.mask_index.map_or(-1, |i| i as i64);
         inputs.push(Tensor::from_i64("mask_index", &[1], &[wanted])?);
+        context.size = (h as usize, w as usize);
         let context = json::to_context(&context)?;
         Ok(ModelInput {
             inputs,
@@ -209,12 +216,19 @@ impl tessera_sdk::Handler for Sam {
                 outputs.len()
             )));
         };
-        let [h, w] = mask.shape[..] else {
+        let (h, w) = ctx.size;
+        let [1, rows, cols] = mask.shape[..] else {
             return Err(HandlerError::Internal(format!(
-                "expected a mask [H, W], got {:?}",
+                "expected a mask [1, H, W], got {:?}",
                 mask.shape
             )));
         };
+        let (rows, cols) = (rows as usize, cols as usize);
+        if rows < h || cols < w {
+            return Err(HandlerError::Internal(format!(
+                "a {rows}x{cols} mask for a {h}x{w} photo"
+            )));
+        }
         let scores = iou.view().f32()?;
         let idx = chosen.view().i64()?.first().copied().unwrap_or(-1);
         if !(0..scores.len() as i64).contains(&idx)
@@ -224,9 +238,21 @@ impl tessera_sdk::Handler for Sam {
                 "the model chose mask {idx}"
             )));
         }
-        let (w, h) = (w as usize, h as usize);
         let plane = mask.view().u8()?;
-        let dilated = img::dilate_square(plane, w, h, ctx.dilate as usize);
+        // The photo's mask is the top-left h x w of the (batch-sized) plane.
+        let plane: Cow<[u8]> = if cols == w && rows == h {
+            Cow::Borrowed(plane)
+        } else {
+            Cow::Owned(
+                plane
+                    .chunks_exact(cols)
+                    .take(h)
+                    .flat_map(|row| &row[..w])
+                    .copied()
+                    .collect(),
+            )
+        };
+        let dilated = img::dilate_square(&plane, w, h, ctx.dilate as usize);
         let mask: Vec<u8> = dilated
             .iter()
             .map(|&v| if v > 0 { 255 } else { 0 })

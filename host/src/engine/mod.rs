@@ -15,14 +15,14 @@
 //! time nothing else wants until the process restarts.
 pub mod queue;
 
-use crate::runtime::{self, HostTensor, Pipeline, PipelineInput, RuntimeError, ThreadMode};
+use crate::runtime::{self, Forwarded, Pipeline, PipelineInput, RuntimeError, ThreadMode};
 use queue::{NotRun, Queue};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// One request's outputs, and whether the stage cache answered.
-pub type Outcome = Result<(Vec<HostTensor>, Option<bool>), RuntimeError>;
+pub type Outcome = Result<Forwarded, RuntimeError>;
 
 /// A forward's answer to one request.
 pub struct Reply {
@@ -177,10 +177,7 @@ fn run_batch(
         }
         let inputs: Vec<&PipelineInput> = jobs.iter().map(|j| &*j.input).collect();
         match model.forward_batch(&inputs) {
-            Ok(outputs) => (
-                outputs.into_iter().map(|o| Ok((o, None))).collect(),
-                jobs.len(),
-            ),
+            Ok(outputs) => (outputs.into_iter().map(Ok).collect(), jobs.len()),
             // One request's values (or the batch's size: out of memory) must not fail the
             // others: each runs alone and gets its own answer.
             Err(e) => {

@@ -9,7 +9,9 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 
 mod pipeline;
 pub mod verify;
-pub use pipeline::{batch_key, CachedOutputs, Pipeline, PipelineInput, Stage, StageCache};
+pub use pipeline::{
+    batch_key, CachedOutputs, Forwarded, Pipeline, PipelineInput, Stage, StageCache,
+};
 
 mod cuda {
     extern "C" {
@@ -380,7 +382,10 @@ pub fn set_thread_intra_op_threads(threads: usize) {
     let n = threads.clamp(1, i32::MAX as usize) as i32;
     // SAFETY: sets the calling thread's thread count; the shim catches C++ exceptions.
     if unsafe { cuda::tessera_set_thread_intra_op_threads(n) } != 0 {
-        tracing::warn!(threads, "could not set this forward thread's intra-op threads");
+        tracing::warn!(
+            threads,
+            "could not set this forward thread's intra-op threads"
+        );
     }
 }
 

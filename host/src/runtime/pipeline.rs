@@ -10,6 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tch::{Device, IValue, Tensor};
 
+/// A forward's outputs and, for a model with a cached stage, whether the cache answered.
+pub type Forwarded = (Vec<HostTensor>, Option<bool>);
+
 /// Stage outputs kept on the device.
 pub struct CachedOutputs {
     tensors: Vec<Tensor>,
@@ -136,12 +139,16 @@ pub struct PipelineInput {
 }
 
 impl PipelineInput {
+    /// The batch key covers the tensors the entry model takes from the handler: all but
+    /// `stage_inputs` (the cached stage's, which its cached outputs replace).
     pub fn new(
         tensors: Vec<HostTensor>,
         cache_key: Option<String>,
         pinned: Option<Arc<CachedOutputs>>,
+        stage_inputs: &[String],
     ) -> PipelineInput {
-        let batch_key = batch_key(&tensors).map(|k| {
+        let entry = tensors.iter().filter(|t| !stage_inputs.contains(&t.name));
+        let batch_key = batch_key(entry).map(|k| {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             k.hash(&mut h);
@@ -184,82 +191,66 @@ impl Pipeline {
                 .map_or(0, |s| s.model.held_bytes + s.cache.capacity())
     }
 
+    /// Names of the handler tensors the cached stage consumes (none without a stage).
+    pub fn stage_inputs(&self) -> &[String] {
+        self.stage.as_ref().map_or(&[], |s| &s.inputs)
+    }
+
     /// One forward over several requests (equal [`batch_key`]s): their inputs concatenated
-    /// along dimension 0, the outputs split back per request, in order. Models with a cached
-    /// stage are not batched.
-    pub fn forward_batch(
-        &self,
-        inputs: &[&PipelineInput],
-    ) -> Result<Vec<Vec<HostTensor>>, RuntimeError> {
-        if self.stage.is_some() {
-            return Err(RuntimeError::Input(
-                "a model with a cached stage is not batched".into(),
-            ));
+    /// along dimension 0, the outputs split back per request, in order. With a cached stage,
+    /// each request's stage outputs (cached, or computed for it alone) are concatenated too,
+    /// ahead of the handler tensors the entry model takes; each result says whether the cache
+    /// answered.
+    pub fn forward_batch(&self, inputs: &[&PipelineInput]) -> Result<Vec<Forwarded>, RuntimeError> {
+        let Some(stage) = &self.stage else {
+            let rows = batch_rows(inputs, &[])?;
+            let outputs = self.entry.forward(&concat_rows(inputs, &[])?)?;
+            return Ok(split_rows(outputs, &rows)?
+                .into_iter()
+                .map(|o| (o, None))
+                .collect());
+        };
+        let _guard = tch::no_grad_guard();
+        let rows = batch_rows(inputs, &stage.inputs)?;
+        let mut staged = Vec::with_capacity(inputs.len());
+        let mut hits = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let (outputs, hit) = self.stage_outputs(stage, input)?;
+            staged.push(outputs);
+            hits.push(Some(hit));
         }
-        let rows = inputs
-            .iter()
-            .map(|i| rows(&i.tensors))
-            .collect::<Option<Vec<i64>>>()
-            .ok_or_else(|| RuntimeError::Input("a batched request has no rows".into()))?;
-        let outputs = self.entry.forward(&concat_rows(inputs)?)?;
-        split_rows(outputs, &rows)
+        let mut args = Vec::new();
+        for k in 0..staged[0].tensors.len() {
+            let parts: Vec<&Tensor> = staged
+                .iter()
+                .map(|o| o.tensors.get(k))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    RuntimeError::Output("cached stage outputs differ in count".into())
+                })?;
+            let joined = Tensor::f_cat(&parts, 0).map_err(|e| {
+                RuntimeError::Input(format!("cached stage outputs do not batch: {e}"))
+            })?;
+            args.push(IValue::Tensor(joined));
+        }
+        args.extend(
+            concat_rows(inputs, &stage.inputs)?
+                .iter()
+                .map(|t| IValue::Tensor(t.to_tch(self.device()))),
+        );
+        let mut out = Vec::new();
+        collect_outputs(self.entry.forward_values(args)?, None, &mut out)?;
+        Ok(split_rows(out, &rows)?.into_iter().zip(hits).collect())
     }
 
     /// Runs the stage (unless its outputs are cached) and the entry model. Returns the
     /// outputs and, for a model with a stage, whether the cache answered.
-    pub fn forward(
-        &self,
-        input: &PipelineInput,
-    ) -> Result<(Vec<HostTensor>, Option<bool>), RuntimeError> {
+    pub fn forward(&self, input: &PipelineInput) -> Result<Forwarded, RuntimeError> {
         let Some(stage) = &self.stage else {
             return Ok((self.entry.forward(&input.tensors)?, None));
         };
         let _guard = tch::no_grad_guard();
-        let cached = input
-            .pinned
-            .clone()
-            .or_else(|| input.cache_key.as_deref().and_then(|k| stage.cache.get(k)));
-        let hit = cached.is_some();
-        let outputs = match cached {
-            Some(c) => c,
-            None => {
-                let args = stage
-                    .inputs
-                    .iter()
-                    .map(|name| {
-                        input.tensors.iter().find(|t| &t.name == name).map(|t| IValue::Tensor(t.to_tch(self.device()))).ok_or_else(
-                            || RuntimeError::Input(format!("the cached stage needs input '{name}', which the handler did not send")),
-                        )
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let stage_out = {
-                    let _executor = ExecutorScope::enter(stage.executor);
-                    stage.model.forward_values(args)?
-                };
-                let tensors = match stage_out {
-                    IValue::Tensor(t) => vec![t],
-                    IValue::Tuple(items) | IValue::GenericList(items) => items
-                        .into_iter()
-                        .map(|v| match v {
-                            IValue::Tensor(t) => Ok(t),
-                            other => Err(RuntimeError::Output(format!(
-                                "cached stage returned {other:?}"
-                            ))),
-                        })
-                        .collect::<Result<_, _>>()?,
-                    other => {
-                        return Err(RuntimeError::Output(format!(
-                            "cached stage returned {other:?}"
-                        )))
-                    }
-                };
-                let outputs = Arc::new(CachedOutputs::new(tensors));
-                if let Some(key) = &input.cache_key {
-                    stage.cache.insert(key, outputs.clone());
-                }
-                outputs
-            }
-        };
+        let (outputs, hit) = self.stage_outputs(stage, input)?;
         let mut args: Vec<IValue> = outputs
             .tensors
             .iter()
@@ -276,13 +267,74 @@ impl Pipeline {
         collect_outputs(self.entry.forward_values(args)?, None, &mut out)?;
         Ok((out, Some(hit)))
     }
+
+    /// `input`'s stage outputs: pinned by the handler's `is-cached`, cached, or computed now
+    /// (and cached under its key). Says whether they were already there.
+    fn stage_outputs(
+        &self,
+        stage: &Stage,
+        input: &PipelineInput,
+    ) -> Result<(Arc<CachedOutputs>, bool), RuntimeError> {
+        let cached = input
+            .pinned
+            .clone()
+            .or_else(|| input.cache_key.as_deref().and_then(|k| stage.cache.get(k)));
+        if let Some(c) = cached {
+            return Ok((c, true));
+        }
+        let args = stage
+            .inputs
+            .iter()
+            .map(|name| {
+                input
+                    .tensors
+                    .iter()
+                    .find(|t| &t.name == name)
+                    .map(|t| IValue::Tensor(t.to_tch(self.device())))
+                    .ok_or_else(|| {
+                        RuntimeError::Input(format!(
+                            "the cached stage needs input '{name}', which the handler did not send"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let stage_out = {
+            let _executor = ExecutorScope::enter(stage.executor);
+            stage.model.forward_values(args)?
+        };
+        let tensors = match stage_out {
+            IValue::Tensor(t) => vec![t],
+            IValue::Tuple(items) | IValue::GenericList(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    IValue::Tensor(t) => Ok(t),
+                    other => Err(RuntimeError::Output(format!(
+                        "cached stage returned {other:?}"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            other => {
+                return Err(RuntimeError::Output(format!(
+                    "cached stage returned {other:?}"
+                )))
+            }
+        };
+        let outputs = Arc::new(CachedOutputs::new(tensors));
+        if let Some(key) = &input.cache_key {
+            stage.cache.insert(key, outputs.clone());
+        }
+        Ok((outputs, false))
+    }
 }
 
 /// What requests must share to be batched together: per input tensor (in order) its name,
 /// element type and dimensions after the first. `None` (the request runs alone) when a tensor
 /// has no dimensions or the tensors disagree on their first (the request's rows).
-pub fn batch_key(tensors: &[HostTensor]) -> Option<Vec<(String, DType, Vec<i64>)>> {
-    let rows = rows(tensors)?;
+pub fn batch_key<'a>(
+    tensors: impl IntoIterator<Item = &'a HostTensor>,
+) -> Option<Vec<(String, DType, Vec<i64>)>> {
+    let tensors: Vec<&HostTensor> = tensors.into_iter().collect();
+    let rows = rows(&tensors)?;
     tensors
         .iter()
         .map(|t| {
@@ -293,22 +345,48 @@ pub fn batch_key(tensors: &[HostTensor]) -> Option<Vec<(String, DType, Vec<i64>)
 }
 
 /// A request's rows: the first dimension of its first tensor.
-fn rows(tensors: &[HostTensor]) -> Option<i64> {
+fn rows(tensors: &[&HostTensor]) -> Option<i64> {
     tensors.first()?.shape.first().copied().filter(|r| *r > 0)
 }
 
-/// The requests' tensors concatenated along dimension 0, in request order (their
-/// [`batch_key`]s are equal).
-fn concat_rows(inputs: &[&PipelineInput]) -> Result<Vec<HostTensor>, RuntimeError> {
-    let first = &inputs[0].tensors;
+/// Each request's rows (the first dimension of its tensors but `skip`).
+fn batch_rows(inputs: &[&PipelineInput], skip: &[String]) -> Result<Vec<i64>, RuntimeError> {
+    inputs
+        .iter()
+        .map(|i| rows(&entry_tensors(i, skip).collect::<Vec<_>>()))
+        .collect::<Option<Vec<i64>>>()
+        .ok_or_else(|| RuntimeError::Input("a batched request has no rows".into()))
+}
+
+/// `input`'s tensors but those named in `skip` (a cached stage's), in order.
+fn entry_tensors<'a>(
+    input: &'a PipelineInput,
+    skip: &'a [String],
+) -> impl Iterator<Item = &'a HostTensor> {
+    input
+        .tensors
+        .iter()
+        .filter(move |t| !skip.contains(&t.name))
+}
+
+/// The requests' tensors (but those named in `skip`) concatenated along dimension 0, in
+/// request order (their [`batch_key`]s are equal).
+fn concat_rows(
+    inputs: &[&PipelineInput],
+    skip: &[String],
+) -> Result<Vec<HostTensor>, RuntimeError> {
+    let first: Vec<&HostTensor> = entry_tensors(inputs[0], skip).collect();
+    let per: Vec<Vec<&HostTensor>> = inputs
+        .iter()
+        .map(|i| entry_tensors(i, skip).collect())
+        .collect();
     let mut out = Vec::with_capacity(first.len());
     for (j, t) in first.iter().enumerate() {
         let mut shape = t.shape.clone();
         shape[0] = 0;
         let mut data = Vec::with_capacity(t.data.len() * inputs.len());
-        for input in inputs {
-            let part = input
-                .tensors
+        for tensors in &per {
+            let part = tensors
                 .get(j)
                 .filter(|p| {
                     p.name == t.name
@@ -458,7 +536,7 @@ mod tests {
         );
         assert_eq!(batch_key(&[host("x", &[], |_| 0)]), None);
         assert_eq!(batch_key(&[host("x", &[0, 3], |_| 0)]), None);
-        assert_eq!(batch_key(&[]), None);
+        assert_eq!(batch_key(&[] as &[HostTensor]), None);
     }
 
     #[test]
@@ -471,11 +549,12 @@ mod tests {
                     vec![host("x", &[r, 2], move |i| (k * 100 + i) as u8)],
                     None,
                     None,
+                    &[],
                 )
             })
             .collect();
         let refs: Vec<&PipelineInput> = reqs.iter().collect();
-        let batch = concat_rows(&refs).unwrap();
+        let batch = concat_rows(&refs, &[]).unwrap();
         assert_eq!(batch[0].shape, [4, 2]);
         // An identity model: the outputs are the inputs, split back exactly.
         let split = split_rows(batch, &[1, 2, 1]).unwrap();

@@ -226,7 +226,12 @@ impl Server {
         timings.preprocess = t.elapsed();
 
         let t = Instant::now();
-        let input = Arc::new(PipelineInput::new(pre.inputs, pre.cache_key, pre.pinned));
+        let input = Arc::new(PipelineInput::new(
+            pre.inputs,
+            pre.cache_key,
+            pre.pinned,
+            model.pipeline.stage_inputs(),
+        ));
         // Queue waits of every attempt (a forward that ran out of memory is tried again).
         let queued_ns = AtomicU64::new(0);
         let batch = AtomicUsize::new(0);
