@@ -53,6 +53,14 @@ class SetstateForges(Stateful):
         torch.save(self.w, MARKER)
         return image
 
+class SetstateForgesThroughProc(Stateful):
+    # Writes a clean report (between newlines, inside torch.save's archive) straight into the
+    # check's report pipe, the child's first free descriptor, through /proc.
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
+        self.restore(state)
+        torch.save('\n{"file": "model.pt", "ops": []}\n', "/proc/self/fd/3")
+
 class SetstateLoops(Stateful):
     @torch.jit.export
     def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
@@ -95,6 +103,7 @@ class ForwardSeeds(Base):
         return image
 
 for name, cls in [("setstate_writes", SetstateWrites), ("setstate_forges", SetstateForges),
+                  ("setstate_forges_through_proc", SetstateForgesThroughProc),
                   ("setstate_loops", SetstateLoops),
                   ("setstate_hogs", SetstateHogs), ("forward_hogs", ForwardHogs),
                   ("forward_loops", ForwardLoops), ("forward_prints", ForwardPrints),
@@ -231,12 +240,14 @@ fn torchscript_that_reaches_outside_the_model_is_refused() {
     let bystander = Bystander::start(s.server.base.clone());
 
     // __setstate__ that writes a file (the check's sandbox stops the write; the operator policy
-    // refuses aten::save), that first prints a forged clean report (the child's reports do not
-    // share a stream with what a model prints), or allocates without bound (it dies in the check's memory limit);
+    // refuses aten::save), that forges a clean report by printing it (the child's reports do
+    // not share a stream with what a model prints) or by writing it into the report pipe
+    // through /proc (the parent takes exactly one report line per file), or allocates without bound (it dies in the check's memory limit);
     // forwards that print or seed the process-wide generator (refused by operator).
     for (file, needle) in [
         ("setstate_writes.pt", "aten::save"),
         ("setstate_forges.pt", "aten::save"),
+        ("setstate_forges_through_proc.pt", "report"),
         ("setstate_hogs.pt", ""),
         ("forward_prints.pt", "prim::Print"),
         ("forward_seeds.pt", "aten::manual_seed"),

@@ -389,9 +389,11 @@ fn warm_up_runs_the_encoder_every_time_and_leaves_nothing_cached() {
 }
 
 /// Clicks arriving together run the prompt decoder once (`batchable` with a cached stage): the
-/// embeddings of photos of different sizes, cached or computed for the click, are batched with
-/// the clicks, and each answer is the one the click gets alone. Clicks with another number of
-/// points go in another batch.
+/// cached embeddings of photos of different sizes (a tall and a wide one among them) are batched
+/// with the clicks, and each answer is the one the click gets alone. Each photo gets one click
+/// of each point count at once, so any batch of two or more mixes photos; clicks with another
+/// number of points go in another batch (a mixed one would fail and fall back, which the log
+/// would say); a click that brings a photo not yet encoded runs alone.
 #[test]
 fn concurrent_clicks_batch_with_their_cached_embeddings() {
     let batched_config = CONFIG
@@ -403,13 +405,12 @@ fn concurrent_clicks_batch_with_their_cached_embeddings() {
             "  model: decoder.pt\n",
             "  model: decoder.pt\n  batchable: true\n",
         );
-    let photos = [(451, 300), (512, 777), (300, 200)];
+    let photos = [(451, 300), (512, 777), (900, 40)];
     let clicks: Vec<serde_json::Value> = photos
         .iter()
         .flat_map(|&(w, h)| {
             [
-                request(w, h, json!({"point_coords": [w / 2, h * 2 / 5]})),
-                request(w, h, json!({"point_coords": [w / 5, h / 5], "mask_index": "best"})),
+                request(w, h, json!({"point_coords": [w / 2, h * 2 / 5], "mask_index": "best"})),
                 request(
                     w,
                     h,
@@ -418,15 +419,19 @@ fn concurrent_clicks_batch_with_their_cached_embeddings() {
             ]
         })
         .collect();
+    let fresh = request(300, 200, json!({"point_coords": [150, 80]}));
     let store = tempfile::tempdir().unwrap();
     let server = sam_server_with(&store, &batched_config);
     let url = server.url("/predictions/sam");
-    // The first two photos' embeddings cached; the third's computed inside the batch.
-    for req in &clicks[..6] {
-        assert_eq!(post_json(&url, req).status, 200);
+    // Every photo's embedding cached (a first click on each).
+    for &(w, h) in &photos {
+        let r = post_json(&url, &request(w, h, json!({"point_coords": [1, 1]})));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-stage-cache"), Some("miss"));
     }
+    let all: Vec<&serde_json::Value> = clicks.iter().chain([&fresh]).collect();
     let replies: Vec<Reply> = std::thread::scope(|s| {
-        let handles: Vec<_> = clicks
+        let handles: Vec<_> = all
             .iter()
             .map(|r| {
                 let url = url.clone();
@@ -442,8 +447,14 @@ fn concurrent_clicks_batch_with_their_cached_embeddings() {
             r.header("x-batch-size").unwrap().parse().unwrap()
         })
         .collect();
+    let (fresh_reply, cached) = replies.split_last().unwrap();
+    assert_eq!(fresh_reply.header("x-stage-cache"), Some("miss"));
+    assert_eq!(fresh_reply.header("x-batch-size"), Some("1"));
+    assert!(cached
+        .iter()
+        .all(|r| r.header("x-stage-cache") == Some("hit")));
     assert!(
-        sizes.iter().any(|&n| n > 1),
+        sizes[..clicks.len()].iter().any(|&n| n > 1),
         "no click was batched: {sizes:?}"
     );
     // Batches ran as batches (a failed one would have run its clicks one by one).
@@ -454,7 +465,7 @@ fn concurrent_clicks_batch_with_their_cached_embeddings() {
     );
     let alone_store = tempfile::tempdir().unwrap();
     let alone = sam_server(&alone_store);
-    for (req, batched) in clicks.iter().zip(&replies) {
+    for (req, batched) in all.iter().zip(&replies) {
         let single = post_json(&alone.url("/predictions/sam"), req);
         let (w, h, want) = mask_of(&single);
         let (bw, bh, got) = mask_of(batched);

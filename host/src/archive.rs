@@ -21,7 +21,7 @@ pub const HANDLER_FILE: &str = "handler.wasm";
 pub const ASSETS_DIR: &str = "assets";
 const MAX_ENTRIES: usize = 10_000;
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
-/// Largest `tessera.intraOpThreads` accepted (the loader also caps it at the machine's cores).
+/// Largest `tessera.intraOpThreads` accepted (the loader also caps it at the machine's logical CPUs).
 const MAX_INTRA_OP_THREADS: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]

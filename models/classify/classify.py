@@ -71,7 +71,7 @@ class Classifier(nn.Module):
 
     def forward(self, image: Tensor):
         # The photo stays in its pixel-interleaved layout (a channels-last view, which the
-        # convolutions take as it is); one pass converts and normalises it.
+        # convolutions take as it is): one pass converts it to float, one normalises it.
         x = torch.addcmul(self.shift, image.permute(0, 3, 1, 2).float(), self.scale)
         if self.row_wise_head:
             feats = torch.flatten(self.net.features(x), 1)

@@ -10,8 +10,9 @@ Tessera, split in two so the expensive part is reused:
   decoder.pt  a batch of B clicks (one per photo, batched by the host along dimension 0):
               image embeddings [B, ...], point_coords f32 [B, N, 2] in original pixels,
               point_labels f32 [B, N], orig_hw i64 [B, 2], mask_index i64 [B], -1 = best ->
-              (masks uint8 [B, H, W] in {0, 1}, each at its photo's size in the top-left
-              corner of the batch's largest, iou_predictions f32 [B, 3], chosen index i64 [B]).
+              (masks uint8 [B, M] in {0, 1}, row b its photo's h x w mask row-major in its
+              first h*w bytes, M the batch's largest h*w; iou_predictions f32 [B, 3], chosen
+              index i64 [B]).
               Coordinate scaling, the padding point SAM adds without a box, mask choice,
               upscaling, crop and threshold are done here.
 
@@ -162,9 +163,9 @@ class Decoder(nn.Module):
     """A batch of clicks, row b one click on one photo (rows share N, the points per click):
     embeddings [B, C, 64, 64], point_coords f32 [B, N, 2] in original pixels, point_labels
     f32 [B, N], orig_hw i64 [B, 2], mask_index i64 [B] (0-2, or -1 for the highest predicted
-    IoU) -> (masks uint8 [B, H, W]: row b's mask at its original size in its top-left corner,
-    H and W the batch's largest, zeros elsewhere; iou_predictions f32 [B, 3]; chosen index
-    i64 [B]). Only the chosen masks are upscaled and copied back."""
+    IoU) -> (masks uint8 [B, M]: row b's mask at its photo's h x w, row-major, in its first
+    h*w bytes, M the batch's largest h*w, zeros after; iou_predictions f32 [B, 3]; chosen
+    index i64 [B]). Only the chosen masks are upscaled and copied back."""
 
     def __init__(self, core: nn.Module, threshold: float = 0.0):
         super().__init__()
@@ -205,11 +206,12 @@ class Decoder(nn.Module):
             chosen.append(idx)
         index = torch.tensor(chosen, dtype=torch.int64)
         if len(masks) == 1:
-            return masks[0].unsqueeze(0), iou.float(), index
-        out = torch.zeros([len(masks), max([m.shape[0] for m in masks]), max([m.shape[1] for m in masks])],
-                          dtype=torch.uint8, device=emb.device)
+            return masks[0].reshape(1, -1), iou.float(), index
+        # Row b holds its photo's h*w mask first: padding to the batch's largest mask, not to
+        # its largest height and width (a tall and a wide photo would square each other).
+        out = torch.zeros([len(masks), max([m.numel() for m in masks])], dtype=torch.uint8, device=emb.device)
         for b in range(len(masks)):
-            out[b, :masks[b].shape[0], :masks[b].shape[1]] = masks[b]
+            out[b, :masks[b].numel()] = masks[b].reshape(-1)
         return out, iou.float(), index
 
 

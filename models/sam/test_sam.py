@@ -43,11 +43,11 @@ def test_torchscript_matches_reference_predictor(tmp_path):
             args = (emb, torch.tensor([points], dtype=torch.float32), torch.tensor([labels], dtype=torch.float32),
                     torch.tensor([[h, w]]))
             outs = [dec(*args, torch.tensor([i])) for i in range(3)]
-            assert all(m.shape == (1, h, w) and c.tolist() == [i] for i, (m, _, c) in enumerate(outs))
-            masks = torch.stack([m[0] for m, _, _ in outs])
+            assert all(m.shape == (1, h * w) and c.tolist() == [i] for i, (m, _, c) in enumerate(outs))
+            masks = torch.stack([m.reshape(h, w) for m, _, _ in outs])
             iou = outs[0][1][0]
             best_mask, _, best = dec(*args, torch.tensor([-1]))
-            assert int(best) == int(torch.argmax(iou)) and torch.equal(best_mask[0], masks[int(best)])
+            assert int(best) == int(torch.argmax(iou)) and torch.equal(best_mask.reshape(h, w), masks[int(best)])
         ref_masks, ref_iou, _ = predictor.predict(point_coords=np.array(points, dtype=np.float32),
                                                   point_labels=np.array(labels, dtype=np.float32), multimask_output=True)
         assert masks.shape == (3, h, w) and masks.dtype == torch.uint8
@@ -61,13 +61,14 @@ def test_torchscript_matches_reference_predictor(tmp_path):
 
 def test_a_batch_of_clicks_on_different_photos_equals_each_alone(tmp_path):
     """The host batches clicks along dimension 0 with their cached embeddings: photos of
-    different sizes, one mask each in the top-left corner of the batch's largest."""
+    different sizes (a tall and a wide one among them), each mask in its row's first h*w bytes,
+    rows as long as the batch's largest mask."""
     sam = export.build("vit_b", None, tiny=True, seed=9)
     export.export(sam, str(tmp_path))
     enc = torch.jit.load(str(tmp_path / "encoder.pt"))
     dec = torch.jit.load(str(tmp_path / "decoder.pt"))
     clicks = [((300, 451), [[200, 120], [10, 10]], [1, 0], 1), ((777, 512), [[100, 500], [300, 200]], [1, 1], -1),
-              ((64, 64), [[32, 30], [5, 60]], [1, 1], 0)]
+              ((64, 64), [[32, 30], [5, 60]], [1, 1], 0), ((40, 900), [[450, 20], [5, 5]], [1, 0], -1)]
     rows = []
     with torch.no_grad():
         for (h, w), points, labels, index in clicks:
@@ -81,11 +82,12 @@ def test_a_batch_of_clicks_on_different_photos_equals_each_alone(tmp_path):
         alone = [dec(*r) for r in rows]
         batched = dec(*[torch.cat([r[k] for r in rows]) for k in range(5)])
     masks, iou, chosen = batched
-    assert masks.shape == (3, 777, 512) and iou.shape == (3, 3) and chosen.shape == (3,)
+    assert masks.shape == (4, 777 * 512) and iou.shape == (4, 3) and chosen.shape == (4,)
     for b, ((h, w), _, _, _) in enumerate(clicks):
         m, i, c = alone[b]
+        assert m.shape == (1, h * w)
         assert int(chosen[b]) == int(c[0])
         assert torch.allclose(iou[b], i[0], atol=1e-5)
-        agree = (masks[b, :h, :w] == m[0]).float().mean()
+        agree = (masks[b, :h * w] == m[0]).float().mean()
         assert agree >= 0.9999, agree
-        assert int(masks[b, h:].sum()) == 0 and int(masks[b, :, w:].sum()) == 0
+        assert int(masks[b, h * w:].sum()) == 0

@@ -51,8 +51,8 @@ struct Context {
     /// `None` picks the highest predicted IoU.
     mask_index: Option<usize>,
     dilate: u32,
-    /// The photo's height and width: its mask's, in the top-left corner of a batch's larger
-    /// one.
+    /// The photo's height and width: its mask is the first h*w bytes of the model's (a batch
+    /// pads every mask to its largest).
     size: (usize, usize),
 }
 
@@ -217,16 +217,15 @@ impl tessera_sdk::Handler for Sam {
             )));
         };
         let (h, w) = ctx.size;
-        let [1, rows, cols] = mask.shape[..] else {
+        let [1, len] = mask.shape[..] else {
             return Err(HandlerError::Internal(format!(
-                "expected a mask [1, H, W], got {:?}",
+                "expected a mask [1, H * W], got {:?}",
                 mask.shape
             )));
         };
-        let (rows, cols) = (rows as usize, cols as usize);
-        if rows < h || cols < w {
+        if (len as usize) < h * w {
             return Err(HandlerError::Internal(format!(
-                "a {rows}x{cols} mask for a {h}x{w} photo"
+                "a mask of {len} pixels for a {w}x{h} photo"
             )));
         }
         let scores = iou.view().f32()?;
@@ -238,21 +237,9 @@ impl tessera_sdk::Handler for Sam {
                 "the model chose mask {idx}"
             )));
         }
-        let plane = mask.view().u8()?;
-        // The photo's mask is the top-left h x w of the (batch-sized) plane.
-        let plane: Cow<[u8]> = if cols == w && rows == h {
-            Cow::Borrowed(plane)
-        } else {
-            Cow::Owned(
-                plane
-                    .chunks_exact(cols)
-                    .take(h)
-                    .flat_map(|row| &row[..w])
-                    .copied()
-                    .collect(),
-            )
-        };
-        let dilated = img::dilate_square(&plane, w, h, ctx.dilate as usize);
+        // The photo's mask is the plane's first h*w bytes (a batch pads to its largest mask).
+        let plane = &mask.view().u8()?[..h * w];
+        let dilated = img::dilate_square(plane, w, h, ctx.dilate as usize);
         let mask: Vec<u8> = dilated
             .iter()
             .map(|&v| if v > 0 { 255 } else { 0 })

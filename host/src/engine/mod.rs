@@ -125,9 +125,11 @@ impl Engine {
                         let deadline = jobs.iter().map(|j| j.deadline).max().expect("a job");
                         shared.set_busy(i, Some(Busy { deadline, tid }));
                         let queued: Vec<Duration> = jobs.iter().map(|j| j.waited()).collect();
-                        let (results, batch) = run_batch(&model, &jobs);
+                        let results = run_batch(&model, &jobs);
                         shared.set_busy(i, None);
-                        for ((job, result), queued) in jobs.into_iter().zip(results).zip(queued) {
+                        for ((job, (result, batch)), queued) in
+                            jobs.into_iter().zip(results).zip(queued)
+                        {
                             job.answer(Reply {
                                 result,
                                 queued,
@@ -165,31 +167,23 @@ impl Engine {
     }
 }
 
-/// One forward for `jobs` (a batch when there are several); one result per job, in order, and
-/// the number of requests each forward that ran held.
+/// One forward for `jobs` (a batch when there are several): each job's result and the
+/// number of requests in the forward that served it (see [`Pipeline::forward_batch`] for what
+/// happens when a batched forward fails).
 fn run_batch(
     model: &Pipeline,
     jobs: &[queue::Job<Arc<PipelineInput>, Reply>],
-) -> (Vec<Outcome>, usize) {
+) -> Vec<(Outcome, usize)> {
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if let [job] = jobs {
-            return (vec![model.forward(&job.input)], 1);
+            return vec![(model.forward(&job.input), 1)];
         }
         let inputs: Vec<&PipelineInput> = jobs.iter().map(|j| &*j.input).collect();
-        match model.forward_batch(&inputs) {
-            Ok(outputs) => (outputs.into_iter().map(Ok).collect(), jobs.len()),
-            // One request's values (or the batch's size: out of memory) must not fail the
-            // others: each runs alone and gets its own answer.
-            Err(e) => {
-                tracing::warn!(requests = jobs.len(), error = %e,
-                    "batched forward failed; running its requests one by one");
-                (jobs.iter().map(|j| model.forward(&j.input)).collect(), 1)
-            }
-        }
+        model.forward_batch(&inputs)
     }));
     out.unwrap_or_else(|_| {
-        let failed = Err(RuntimeError::Forward("forward panicked".into()));
-        (vec![failed; jobs.len()], jobs.len())
+        let failed = || Err(RuntimeError::Forward("forward panicked".into()));
+        jobs.iter().map(|_| (failed(), jobs.len())).collect()
     })
 }
 

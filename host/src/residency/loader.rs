@@ -32,7 +32,7 @@ pub struct LoaderConfig {
     pub grad_mode: runtime::GradMode,
 }
 
-/// A model's intra-op threads: its `tessera.intraOpThreads`, at most the machine's cores (a
+/// A model's intra-op threads: its `tessera.intraOpThreads`, at most the machine's logical CPUs (a
 /// tenant cannot make each op wake hundreds of threads), else the server's default.
 fn intra_op_threads(config: &archive::ModelConfig) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -365,5 +365,28 @@ fn batching(model: &str, config: &crate::archive::ModelConfig) -> crate::engine:
     crate::engine::Batching {
         max: config.batch_size as usize,
         delay: Duration::from_millis(config.max_batch_delay),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_models_intra_op_threads_are_capped_at_the_machines_cpus() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let config = |yaml: &str| archive::ModelConfig::parse(yaml).unwrap();
+        assert_eq!(
+            intra_op_threads(&config("tessera:\n  intraOpThreads: 1\n")),
+            1
+        );
+        assert_eq!(
+            intra_op_threads(&config("tessera:\n  intraOpThreads: 256\n")),
+            cpus.min(256)
+        );
+        assert_eq!(
+            intra_op_threads(&config("")),
+            runtime::default_intra_op_threads()
+        );
     }
 }

@@ -368,10 +368,15 @@ pub fn default_intra_op_threads() -> usize {
         .get_or_init(|| unsafe { cuda::tessera_get_thread_intra_op_threads() }.max(1) as usize)
 }
 
-/// Fixes [`default_intra_op_threads`] (`None`: libtorch's default); the first call wins.
+/// Fixes [`default_intra_op_threads`] (`None`: libtorch's default) and makes it libtorch's
+/// process-wide count too (threads that set none, such as loaders, are seeded from it). Call it
+/// once, at start-up, before any thread runs torch ops; a later call changes nothing.
 pub fn init_default_intra_op_threads(threads: Option<usize>) -> usize {
     if let Some(n) = threads {
-        let _ = DEFAULT_INTRA_OP_THREADS.set(n.max(1));
+        let n = n.max(1);
+        if DEFAULT_INTRA_OP_THREADS.set(n).is_ok() {
+            tch::set_num_threads(n.min(i32::MAX as usize) as i32);
+        }
     }
     default_intra_op_threads()
 }

@@ -13,6 +13,9 @@ use tch::{Device, IValue, Tensor};
 /// A forward's outputs and, for a model with a cached stage, whether the cache answered.
 pub type Forwarded = (Vec<HostTensor>, Option<bool>);
 
+/// A request's stage outputs and whether the cache (or the handler's pin) had them.
+type Staged = (Arc<CachedOutputs>, bool);
+
 /// Stage outputs kept on the device.
 pub struct CachedOutputs {
     tensors: Vec<Tensor>,
@@ -140,15 +143,19 @@ pub struct PipelineInput {
 
 impl PipelineInput {
     /// The batch key covers the tensors the entry model takes from the handler: all but
-    /// `stage_inputs` (the cached stage's, which its cached outputs replace).
+    /// `stage_inputs` (the cached stage's, which its cached outputs replace); a request that
+    /// carries stage inputs has none (it runs alone).
     pub fn new(
         tensors: Vec<HostTensor>,
         cache_key: Option<String>,
         pinned: Option<Arc<CachedOutputs>>,
         stage_inputs: &[String],
     ) -> PipelineInput {
+        // A request that brings its stage's inputs (its stage outputs are not cached) runs
+        // alone: its stage forward would hold up every request batched with it.
+        let brings_stage_inputs = tensors.iter().any(|t| stage_inputs.contains(&t.name));
         let entry = tensors.iter().filter(|t| !stage_inputs.contains(&t.name));
-        let batch_key = batch_key(entry).map(|k| {
+        let batch_key = batch_key(entry).filter(|_| !brings_stage_inputs).map(|k| {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             k.hash(&mut h);
@@ -198,83 +205,147 @@ impl Pipeline {
 
     /// One forward over several requests (equal [`batch_key`]s): their inputs concatenated
     /// along dimension 0, the outputs split back per request, in order. With a cached stage,
-    /// each request's stage outputs (cached, or computed for it alone) are concatenated too,
-    /// ahead of the handler tensors the entry model takes; each result says whether the cache
-    /// answered.
-    pub fn forward_batch(&self, inputs: &[&PipelineInput]) -> Result<Vec<Forwarded>, RuntimeError> {
-        let Some(stage) = &self.stage else {
-            let rows = batch_rows(inputs, &[])?;
-            let outputs = self.entry.forward(&concat_rows(inputs, &[])?)?;
-            return Ok(split_rows(outputs, &rows)?
-                .into_iter()
-                .map(|o| (o, None))
-                .collect());
-        };
+    /// each request's stage outputs (cached, or computed for it alone) come first, concatenated
+    /// too, ahead of its other tensors. A request whose stage fails gets its error alone; if
+    /// the batched forward fails, each remaining request's entry forward runs by itself with
+    /// the stage outputs it already has, so one request's values (or the batch's size) cannot
+    /// fail the others. Returns each request's result and the number of requests in the
+    /// forward that served it.
+    pub fn forward_batch(
+        &self,
+        inputs: &[&PipelineInput],
+    ) -> Vec<(Result<Forwarded, RuntimeError>, usize)> {
         let _guard = tch::no_grad_guard();
-        let rows = batch_rows(inputs, &stage.inputs)?;
-        let mut staged = Vec::with_capacity(inputs.len());
-        let mut hits = Vec::with_capacity(inputs.len());
-        for input in inputs {
-            let (outputs, hit) = self.stage_outputs(stage, input)?;
-            staged.push(outputs);
-            hits.push(Some(hit));
-        }
-        let mut args = Vec::new();
-        for k in 0..staged[0].tensors.len() {
-            let parts: Vec<&Tensor> = staged
+        let staged: Vec<Result<Option<Staged>, RuntimeError>> = inputs
+            .iter()
+            .map(|input| match &self.stage {
+                Some(stage) => self.stage_outputs(stage, input).map(Some),
+                None => Ok(None),
+            })
+            .collect();
+        let ready: Vec<usize> = (0..inputs.len()).filter(|&k| staged[k].is_ok()).collect();
+        let mut results: Vec<Option<(Result<Forwarded, RuntimeError>, usize)>> =
+            inputs.iter().map(|_| None).collect();
+        if ready.len() > 1 {
+            let batch: Vec<&PipelineInput> = ready.iter().map(|&k| inputs[k]).collect();
+            let batch_staged: Vec<Option<&Staged>> = ready
                 .iter()
-                .map(|o| o.tensors.get(k))
-                .collect::<Option<_>>()
-                .ok_or_else(|| {
-                    RuntimeError::Output("cached stage outputs differ in count".into())
-                })?;
-            let joined = Tensor::f_cat(&parts, 0).map_err(|e| {
-                RuntimeError::Input(format!("cached stage outputs do not batch: {e}"))
-            })?;
-            args.push(IValue::Tensor(joined));
+                .map(|&k| staged[k].as_ref().ok().and_then(Option::as_ref))
+                .collect();
+            match self.entry_batch(&batch, &batch_staged) {
+                Ok(outputs) => {
+                    for (&k, out) in ready.iter().zip(outputs) {
+                        results[k] = Some((Ok(out), ready.len()));
+                    }
+                }
+                Err(e) => tracing::warn!(requests = ready.len(), error = %e,
+                    "batched forward failed; running its requests one by one"),
+            }
         }
-        args.extend(
-            concat_rows(inputs, &stage.inputs)?
-                .iter()
-                .map(|t| IValue::Tensor(t.to_tch(self.device()))),
-        );
-        let mut out = Vec::new();
-        collect_outputs(self.entry.forward_values(args)?, None, &mut out)?;
-        Ok(split_rows(out, &rows)?.into_iter().zip(hits).collect())
+        results
+            .into_iter()
+            .zip(staged)
+            .zip(inputs)
+            .map(|((done, staged), input)| {
+                done.unwrap_or_else(|| match staged {
+                    Ok(staged) => (self.entry_alone(input, staged.as_ref()), 1),
+                    Err(e) => (Err(e), 1),
+                })
+            })
+            .collect()
     }
 
     /// Runs the stage (unless its outputs are cached) and the entry model. Returns the
     /// outputs and, for a model with a stage, whether the cache answered.
     pub fn forward(&self, input: &PipelineInput) -> Result<Forwarded, RuntimeError> {
-        let Some(stage) = &self.stage else {
+        let staged = match &self.stage {
+            Some(stage) => {
+                let _guard = tch::no_grad_guard();
+                Some(self.stage_outputs(stage, input)?)
+            }
+            None => None,
+        };
+        self.entry_alone(input, staged.as_ref())
+    }
+
+    /// The entry model for one request, after its stage outputs (if the model has a stage).
+    fn entry_alone(
+        &self,
+        input: &PipelineInput,
+        staged: Option<&Staged>,
+    ) -> Result<Forwarded, RuntimeError> {
+        let Some((outputs, hit)) = staged else {
             return Ok((self.entry.forward(&input.tensors)?, None));
         };
         let _guard = tch::no_grad_guard();
-        let (outputs, hit) = self.stage_outputs(stage, input)?;
         let mut args: Vec<IValue> = outputs
             .tensors
             .iter()
             .map(|t| IValue::Tensor(t.shallow_clone()))
             .collect();
         args.extend(
-            input
-                .tensors
-                .iter()
-                .filter(|t| !stage.inputs.contains(&t.name))
+            entry_tensors(input, self.stage_inputs())
                 .map(|t| IValue::Tensor(t.to_tch(self.device()))),
         );
         let mut out = Vec::new();
         collect_outputs(self.entry.forward_values(args)?, None, &mut out)?;
-        Ok((out, Some(hit)))
+        Ok((out, Some(*hit)))
+    }
+
+    /// The entry model once for `inputs` (all with stage outputs when the model has a stage),
+    /// the outputs split back per request. Every request's stage outputs must match the first's
+    /// in number and have its rows along dimension 0.
+    fn entry_batch(
+        &self,
+        inputs: &[&PipelineInput],
+        staged: &[Option<&Staged>],
+    ) -> Result<Vec<Forwarded>, RuntimeError> {
+        let skip = self.stage_inputs();
+        let rows = batch_rows(inputs, skip)?;
+        let Some(Some((first, _))) = staged.first() else {
+            let outputs = self.entry.forward(&concat_rows(inputs, skip)?)?;
+            return Ok(split_rows(outputs, &rows)?
+                .into_iter()
+                .map(|o| (o, None))
+                .collect());
+        };
+        let parts: Vec<&CachedOutputs> = staged
+            .iter()
+            .zip(&rows)
+            .map(|(s, &r)| {
+                let (outputs, _) = s.ok_or_else(|| RuntimeError::Input("a batched request has no stage outputs".into()))?;
+                let fits = outputs.tensors.len() == first.tensors.len()
+                    && outputs.tensors.iter().all(|t| t.size().first() == Some(&r));
+                fits.then_some(&**outputs).ok_or_else(|| {
+                    RuntimeError::Input(format!(
+                        "cached stage outputs do not batch: a request of {r} rows has outputs of shapes {:?}",
+                        outputs.tensors.iter().map(Tensor::size).collect::<Vec<_>>()
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let mut args = Vec::with_capacity(first.tensors.len() + inputs[0].tensors.len());
+        for k in 0..first.tensors.len() {
+            let column: Vec<&Tensor> = parts.iter().map(|p| &p.tensors[k]).collect();
+            let joined = Tensor::f_cat(&column, 0).map_err(|e| {
+                RuntimeError::Input(format!("cached stage outputs do not batch: {e}"))
+            })?;
+            args.push(IValue::Tensor(joined));
+        }
+        args.extend(
+            concat_rows(inputs, skip)?
+                .iter()
+                .map(|t| IValue::Tensor(t.to_tch(self.device()))),
+        );
+        let mut out = Vec::new();
+        collect_outputs(self.entry.forward_values(args)?, None, &mut out)?;
+        let hits = staged.iter().map(|s| s.map(|(_, hit)| *hit));
+        Ok(split_rows(out, &rows)?.into_iter().zip(hits).collect())
     }
 
     /// `input`'s stage outputs: pinned by the handler's `is-cached`, cached, or computed now
     /// (and cached under its key). Says whether they were already there.
-    fn stage_outputs(
-        &self,
-        stage: &Stage,
-        input: &PipelineInput,
-    ) -> Result<(Arc<CachedOutputs>, bool), RuntimeError> {
+    fn stage_outputs(&self, stage: &Stage, input: &PipelineInput) -> Result<Staged, RuntimeError> {
         let cached = input
             .pinned
             .clone()

@@ -231,19 +231,25 @@ extern "C" int tessera_enter_inference_mode() {
   }
 }
 
-// Intra-op threads (OpenMP) for the calling thread's own ops. libtorch keeps the count per thread
-// (each thread's OpenMP ICV), but seeds a thread's value from a process-wide number the first
-// time that thread runs a parallel op, and at::set_num_threads also overwrites that number: so
-// the seeding is forced first (libtorch's own calls that seed: a count query and a
-// parallel-sized op), then the count set.
-// Every forward thread sets its own, so none depends on the process-wide number.
+// Intra-op threads (OpenMP) for the calling thread's own ops. libtorch reads the count per
+// thread (the thread's OpenMP ICV, omp_get_max_threads), seeding it from a process-wide number
+// the first time the thread asks; at::set_num_threads would also change that number and resize
+// the process-wide pthreadpool other threads' XNNPACK ops use. So: seed this thread (the count
+// query does), then set only this thread's OpenMP and MKL counts, through the runtime libtorch
+// itself loaded (looked up by name: neither is a direct dependency of this binary; MKL's C
+// entry point is the mixed-case one, its lower-case names take a pointer).
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 extern "C" int tessera_set_thread_intra_op_threads(int threads) {
   try {
     if (threads < 1) return -1;
     at::get_num_threads();
-    at::ones({1 << 16}, at::kFloat).add_(1.0);
-    at::set_num_threads(threads);
+    using SetCount = void (*)(int);
+    static const auto omp_set = reinterpret_cast<SetCount>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+    static const auto mkl_set = reinterpret_cast<int (*)(int)>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    if (omp_set == nullptr) return -1;
+    omp_set(threads);
+    if (mkl_set != nullptr) mkl_set(threads);
     return at::get_num_threads() == threads ? 0 : -1;
   } catch (...) {
     return -1;

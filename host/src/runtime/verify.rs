@@ -182,25 +182,31 @@ pub fn check_files(files: &[PathBuf], limits: CheckLimits) -> Result<(), Runtime
             limits.deadline
         )));
     };
-    let report: Vec<FileReport> = String::from_utf8_lossy(&out)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
+    // The stream must be exactly one report line per file, in order, from a child that exited
+    // cleanly: a model can write to the report pipe too (through /proc/self/fd) but cannot take
+    // back the child's own line, so anything more, less or out of place refuses the file.
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| {
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
         .collect();
-    for file in files {
-        let name = file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let Some(r) = report.iter().find(|r| r.file == name) else {
-            let why = if status.success() {
-                "no report".to_string()
-            } else {
-                describe_exit(status, &err)
-            };
-            return Err(RuntimeError::Refused(format!(
-                "{name}: the TorchScript check failed: {why}"
-            )));
-        };
+    let failed = |why: String| {
+        Err(RuntimeError::Refused(format!(
+            "{}: the TorchScript check failed: {why}",
+            names.join(", ")
+        )))
+    };
+    if !status.success() {
+        return failed(describe_exit(status, &err));
+    }
+    let reports = match parse_reports(&out, &names) {
+        Ok(r) => r,
+        Err(why) => return failed(why),
+    };
+    for (name, r) in names.iter().zip(&reports) {
         if let Some(error) = &r.error {
             return Err(RuntimeError::Refused(format!(
                 "{name} does not load as TorchScript in the sandbox: {}",
@@ -221,6 +227,34 @@ pub fn check_files(files: &[PathBuf], limits: CheckLimits) -> Result<(), Runtime
         "TorchScript checked in a sandboxed process"
     );
     Ok(())
+}
+
+/// The child's report stream: exactly one JSON report per name, in order, each on its own
+/// line, and nothing else.
+fn parse_reports(out: &[u8], names: &[String]) -> Result<Vec<FileReport>, String> {
+    let text = std::str::from_utf8(out).map_err(|_| "its report is not text".to_string())?;
+    let lines: Vec<&str> = text
+        .strip_suffix('\n')
+        .unwrap_or(text)
+        .split('\n')
+        .collect();
+    if text.is_empty() || lines.len() != names.len() {
+        return Err(format!(
+            "expected {} report line(s), got {} (did the model write to the report stream?)",
+            names.len(),
+            if text.is_empty() { 0 } else { lines.len() }
+        ));
+    }
+    names
+        .iter()
+        .zip(lines)
+        .map(
+            |(name, line)| match serde_json::from_str::<FileReport>(line) {
+                Ok(r) if &r.file == name => Ok(r),
+                _ => Err(format!("the report for {name} is malformed")),
+            },
+        )
+        .collect()
 }
 
 /// Checks running at once (each loads whole model files into memory); others wait their turn.
@@ -284,8 +318,9 @@ struct FileReport {
 /// on the report stream (stdout as the child started). Returns the exit code.
 ///
 /// Loading a file runs its `__setstate__`, and a `print` there writes to fd 1: so fd 1 is
-/// pointed at stderr before any file is read, and reports go to a private copy of the pipe (a
-/// model cannot forge a report the parent would take for the check's).
+/// pointed at stderr before any file is read, and reports go to a copy of the pipe. A model can
+/// still reach that copy through /proc/self/fd; the parent's strict reading (one report line
+/// per file and nothing else) is what makes a forged line harmless.
 pub fn run_child(files: &[PathBuf]) -> i32 {
     use std::io::Write;
     use std::os::fd::FromRawFd;
