@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from common import b64png, pct, request, start_server, write_results  # noqa: E402
-from sam_gpu import photo  # noqa: E402
+from sam_gpu import export_sam, photo  # noqa: E402
 
 SIZES = [(1024, 683), (1001, 751), (800, 600), (640, 480), (1280, 960), (512, 768), (1500, 1000), (333, 500)]
 
@@ -69,9 +69,7 @@ def main():
     work = tempfile.mkdtemp()
     store = os.path.join(work, "store")
     os.makedirs(store)
-    d = os.path.join(work, "vit_h")
-    subprocess.check_call([sys.executable, os.path.join(ROOT, "models/sam/export.py"), "--variant", "vit_h", "--random",
-                           "--out-dir", d, "--device", "cuda"])
+    d = export_sam(work, "vit_h")
     shipped = open(os.path.join(ROOT, "models/sam/model-config.yaml")).read()
     assert "batchSize: 16\n" in shipped
     for name, config in [("sam-b16", shipped), ("sam-b1", shipped.replace("batchSize: 16\n", "batchSize: 1\n"))]:

@@ -44,6 +44,18 @@ def photo(w, h, seed):
 
 
 
+def export_sam(work, variant="vit_h", state_dict=False):
+    """Exports SAM `variant` with random weights on CUDA into `work/<variant>`; returns that
+    folder (encoder.pt, decoder.pt, warmup.json and, with `state_dict`, sam.pth)."""
+    d = os.path.join(work, variant)
+    cmd = [sys.executable, os.path.join(ROOT, "models/sam/export.py"), "--variant", variant, "--random",
+           "--out-dir", d, "--device", "cuda"]
+    if state_dict:
+        cmd += ["--save-state-dict", os.path.join(d, "sam.pth")]
+    subprocess.check_call(cmd)
+    return d
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -61,9 +73,7 @@ def main():
     cfg = os.path.join(ROOT, "models/sam/model-config.yaml")
     variants = args.variants.split(",")
     for v in variants:
-        d = os.path.join(work, v)
-        subprocess.check_call([sys.executable, os.path.join(ROOT, "models/sam/export.py"), "--variant", v, "--random",
-                               "--out-dir", d, "--device", "cuda", "--save-state-dict", os.path.join(d, "sam.pth")])
+        d = export_sam(work, v, state_dict=True)
         subprocess.check_call([args.bin, "pack", "--config", cfg, "--model", os.path.join(d, "encoder.pt"),
                                "--model", os.path.join(d, "decoder.pt"), "--asset", os.path.join(d, "warmup.json"),
                                "--handler", args.handler,

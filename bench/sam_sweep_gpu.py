@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from common import b64png, bench_args, request, start_server, write_results  # noqa: E402
-from sam_gpu import photo  # noqa: E402
+from sam_gpu import export_sam, photo  # noqa: E402
 
 SIZES = [(1000, 750), (1001, 751), (800, 600), (1000, 750), (640, 480), (1024, 683), (1280, 960), (1001, 751),
          (768, 1024), (640, 480)]
@@ -63,9 +63,7 @@ def main():
     work = tempfile.mkdtemp()
     store = os.path.join(work, "store")
     os.makedirs(store)
-    d = os.path.join(work, "vit_h")
-    subprocess.check_call([sys.executable, os.path.join(ROOT, "models/sam/export.py"), "--variant", "vit_h", "--random",
-                           "--out-dir", d, "--device", "cuda", "--save-state-dict", os.path.join(d, "sam.pth")])
+    d = export_sam(work, "vit_h", state_dict=True)
     subprocess.check_call([args.bin, "pack", "--config", os.path.join(ROOT, "models/sam/model-config.yaml"),
                            "--model", os.path.join(d, "encoder.pt"), "--model", os.path.join(d, "decoder.pt"),
                            "--asset", os.path.join(d, "warmup.json"),

@@ -70,23 +70,7 @@ fn concurrent_requests_get_the_same_bytes_batched_as_alone() {
     let server = Server::start(batched.path(), &[]);
     let url = server.url("/predictions/classify");
     assert_eq!(post_json(&url, &reqs[0]).status, 200); // loaded
-    let replies: Vec<Reply> = std::thread::scope(|s| {
-        let handles: Vec<_> = reqs
-            .iter()
-            .map(|r| {
-                let url = url.clone();
-                s.spawn(move || post_json(&url, r))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let sizes: Vec<usize> = replies
-        .iter()
-        .map(|r| {
-            assert_eq!(r.status, 200, "{}", r.text());
-            r.header("x-batch-size").unwrap().parse().unwrap()
-        })
-        .collect();
+    let (replies, sizes) = post_all_at_once(&url, &reqs.iter().collect::<Vec<_>>());
     assert!(
         sizes.iter().any(|&n| n > 1),
         "no request was batched: {sizes:?}"

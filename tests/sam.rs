@@ -430,23 +430,7 @@ fn concurrent_clicks_batch_with_their_cached_embeddings() {
         assert_eq!(r.header("x-stage-cache"), Some("miss"));
     }
     let all: Vec<&serde_json::Value> = clicks.iter().chain([&fresh]).collect();
-    let replies: Vec<Reply> = std::thread::scope(|s| {
-        let handles: Vec<_> = all
-            .iter()
-            .map(|r| {
-                let url = url.clone();
-                s.spawn(move || post_json(&url, r))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let sizes: Vec<usize> = replies
-        .iter()
-        .map(|r| {
-            assert_eq!(r.status, 200, "{}", r.text());
-            r.header("x-batch-size").unwrap().parse().unwrap()
-        })
-        .collect();
+    let (replies, sizes) = post_all_at_once(&url, &all);
     let (fresh_reply, cached) = replies.split_last().unwrap();
     assert_eq!(fresh_reply.header("x-stage-cache"), Some("miss"));
     assert_eq!(fresh_reply.header("x-batch-size"), Some("1"));

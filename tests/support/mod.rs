@@ -413,6 +413,26 @@ pub fn post_json(url: &str, value: &serde_json::Value) -> Reply {
     )
 }
 
+/// POSTs every body to `url` at once (a thread each); the replies in order, each checked to be
+/// a 200, and the `x-batch-size` each says.
+pub fn post_all_at_once(url: &str, bodies: &[&serde_json::Value]) -> (Vec<Reply>, Vec<usize>) {
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|body| s.spawn(move || post_json(url, body)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let sizes = replies
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.header("x-batch-size").unwrap().parse().unwrap()
+        })
+        .collect();
+    (replies, sizes)
+}
+
 /// Encodes 8-bit pixels of the given color type as PNG.
 pub fn png_encode(w: u32, h: u32, color: png::ColorType, pixels: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
