@@ -97,6 +97,14 @@ class ForwardPrints(Base):
         print("hello from a tenant")
         return image
 
+class ForwardSlow(Base):
+    # Tens of milliseconds of arithmetic per forward (not a constant: it depends on the input).
+    def forward(self, image: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+        x = strength.float().expand(1 << 16).clone()
+        for i in range(1500):
+            x = torch.sin(x)
+        return image + (x.sum() * 0.0).to(image.dtype)
+
 class ForwardSeeds(Base):
     def forward(self, image: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
         torch.manual_seed(0)
@@ -107,7 +115,7 @@ for name, cls in [("setstate_writes", SetstateWrites), ("setstate_forges", Setst
                   ("setstate_loops", SetstateLoops),
                   ("setstate_hogs", SetstateHogs), ("forward_hogs", ForwardHogs),
                   ("forward_loops", ForwardLoops), ("forward_prints", ForwardPrints),
-                  ("forward_seeds", ForwardSeeds)]:
+                  ("forward_seeds", ForwardSeeds), ("forward_slow", ForwardSlow)]:
     torch.jit.script(cls()).save(f"{out}/{name}.pt")
 "#;
 
@@ -563,4 +571,53 @@ fn a_full_work_dir_answers_507() {
     let r = post_json(&server.url("/predictions/large"), &image_request());
     assert_eq!(r.status, 507, "{}", r.text());
     assert!(error_text(&r).contains("space"), "{}", r.text());
+}
+
+/// SIGTERM with forwards queued and clients that already left: requests in flight are answered,
+/// the queue drains, every forward thread is joined and the process exits 0 (a forward still
+/// running in libtorch while the process tore down used to end it with SIGSEGV).
+#[test]
+fn sigterm_with_a_full_queue_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = hostile_models(dir.path(), &dir.path().join("unused"));
+    let mut s = setup(&["--drain-seconds", "30"]);
+    let config = "maxWorkers: 1\nresponseTimeout: 60\ntessera:\n  model: model.pt\n";
+    let r = upload_with(&s, BOB, "slow", config, &models.join("forward_slow.pt"));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let slow = |base: &str| invoke_at(base, BOB, "/predictions/slow", &image_request());
+    assert_eq!(slow(&s.server.base).status, 200); // loaded
+                                                  // Clients that send a request and leave: their forwards stay queued.
+    let addr = s.server.base.trim_start_matches("http://").to_string();
+    let body = serde_json::to_vec(&image_request()).unwrap();
+    for _ in 0..6 {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            c,
+            "POST /predictions/slow HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {BOB}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        c.write_all(&body).unwrap();
+    }
+    // Clients that wait for their answers.
+    let waiting: Vec<_> = (0..6)
+        .map(|_| {
+            let base = s.server.base.clone();
+            std::thread::spawn(move || slow(&base).status)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    s.server.signal(libc::SIGTERM);
+    let statuses: Vec<u16> = waiting.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        statuses.iter().all(|&c| c == 200 || c == 429),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&200), "{statuses:?}");
+    let status = s.server.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{status:?}");
+    assert!(s
+        .server
+        .wait_log("forward threads joined", Duration::from_secs(5)));
 }

@@ -163,6 +163,12 @@ pub struct Config {
     #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
 
+    /// On SIGTERM or Ctrl-C: seconds for requests in flight to finish (no new connections are
+    /// taken meanwhile) and then for queued forwards to finish and the forward threads to
+    /// exit, before the process exits 0.
+    #[arg(long, env = "TESSERA_DRAIN_SECONDS", default_value_t = 30)]
+    pub drain_seconds: u64,
+
     /// Models listed per page by `GET /models`.
     #[arg(long, env = "TESSERA_PAGE_SIZE", default_value_t = 100)]
     pub page_size: usize,

@@ -1,7 +1,10 @@
 //! `tessera`: serve models (`tessera serve`) or build a model archive (`tessera pack`).
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::future::IntoFuture;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tessera::archive::{self, PackSpec};
 use tessera::serving::Server;
 use tessera::{http, runtime, sandbox, store, Config};
@@ -117,10 +120,38 @@ fn serve(config: Config) -> anyhow::Result<()> {
         // Tests and scripts read this line to find the port.
         println!("tessera listening on http://{local}");
         tracing::info!(%local, "listening");
-        axum::serve(listener, http::router(app.clone()))
-            .with_graceful_shutdown(shutdown())
-            .await?;
+        let signalled = Arc::new(tokio::sync::Notify::new());
+        let serve = axum::serve(listener, http::router(app.clone()))
+            .with_graceful_shutdown(shutdown(signalled.clone()))
+            .into_future();
+        let drain = Duration::from_secs(app.config.drain_seconds);
+        let mut deadline = None;
+        tokio::select! {
+            served = serve => served?,
+            _ = async {
+                signalled.notified().await;
+                deadline = Some(Instant::now() + drain);
+                tokio::time::sleep(drain).await;
+            } => tracing::warn!(drain_s = drain.as_secs(),
+                "requests still in flight at the drain deadline are cut off"),
+        }
+        // Queued forwards finish and every forward thread exits before the process does: a
+        // libtorch forward still running while the process tears down can crash it.
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + drain);
+        let server = app.clone();
+        let running = tokio::task::spawn_blocking(move || server.residency.shutdown(deadline))
+            .await
+            .unwrap_or(0);
         app.cleanup();
+        if running > 0 {
+            tracing::error!(running, "forward threads still running at the drain deadline; exiting without running libtorch's teardown");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().flush();
+            // SAFETY: ends the process at once; nothing after this runs.
+            unsafe { libc::_exit(0) };
+        }
+        tracing::info!("drained: forward threads joined; exiting");
         Ok(())
     })
 }
@@ -153,7 +184,9 @@ fn print_banner(app: &Server, local: std::net::SocketAddr) {
     );
 }
 
-async fn shutdown() {
+/// Resolves on SIGTERM or Ctrl-C (axum then stops taking connections and waits for those in
+/// flight); tells `signalled`, which starts the drain deadline.
+async fn shutdown(signalled: Arc<tokio::sync::Notify>) {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("signal handler");
@@ -161,7 +194,8 @@ async fn shutdown() {
         _ = ctrl_c => {},
         _ = term.recv() => {},
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: draining requests in flight");
+    signalled.notify_one();
 }
 
 fn pack(args: PackArgs) -> anyhow::Result<()> {

@@ -74,6 +74,8 @@ struct Shared {
 /// A model's queue and forward threads.
 pub struct Engine {
     queue: Arc<ModelQueue>,
+    /// The forward threads, joined at shutdown ([`Engine::join`]).
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Engine {
@@ -98,6 +100,7 @@ impl Engine {
         let queue: Arc<ModelQueue> = Queue::new(capacity);
         let engine = Engine {
             queue: queue.clone(),
+            threads: Mutex::new(Vec::with_capacity(threads)),
         };
         let shared = Arc::new(Shared {
             name: name.to_string(),
@@ -112,7 +115,7 @@ impl Engine {
             // they inherit it), readable in top: `f<model#>.<worker#>-<name>`, 15 bytes max.
             let thread_name: String = format!("f{seq}.{i}-{name}").chars().take(15).collect();
             // On failure `engine` is dropped, closing the queue: threads already started exit.
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(thread_name)
                 .spawn(move || {
                     // SAFETY: gettid has no preconditions.
@@ -138,9 +141,37 @@ impl Engine {
                         }
                     }
                 })?;
+            if let Ok(mut t) = engine.threads.lock() {
+                t.push(handle);
+            }
         }
         watch(&shared);
         Ok(engine)
+    }
+
+    /// Stops taking requests: the workers finish what is queued, then exit.
+    pub fn close(&self) {
+        self.queue.close();
+    }
+
+    /// Waits until `deadline` for the forward threads to exit (after [`Engine::close`]);
+    /// returns how many are still running (a forward that does not end).
+    pub fn join(&self, deadline: Instant) -> usize {
+        let Ok(mut threads) = self.threads.lock() else {
+            return 0;
+        };
+        loop {
+            let (done, running): (Vec<_>, Vec<_>) =
+                threads.drain(..).partition(|t| t.is_finished());
+            for t in done {
+                let _ = t.join();
+            }
+            *threads = running;
+            if threads.is_empty() || Instant::now() >= deadline {
+                return threads.len();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// A slot for one request (held from preprocess to postprocess), or `Full` (429).

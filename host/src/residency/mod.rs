@@ -180,6 +180,16 @@ impl Residency {
         self.cache.get(key).await
     }
 
+    /// At shutdown: closes every resident model's queue (its workers finish what is queued)
+    /// and waits until `deadline` for their forward threads; returns how many still run.
+    pub fn shutdown(&self, deadline: std::time::Instant) -> usize {
+        let models: Vec<Arc<LoadedModel>> = self.cache.iter().map(|(_, m)| m).collect();
+        for m in &models {
+            m.engine.close();
+        }
+        models.iter().map(|m| m.engine.join(deadline)).sum()
+    }
+
     /// Resident versions of `tenant`'s model `name`.
     pub fn resident_versions(&self, tenant: &str, name: &str) -> Vec<Arc<LoadedModel>> {
         self.cache
