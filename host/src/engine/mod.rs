@@ -74,8 +74,39 @@ struct Shared {
 /// A model's queue and forward threads.
 pub struct Engine {
     queue: Arc<ModelQueue>,
-    /// The forward threads, joined at shutdown ([`Engine::join`]).
-    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// Every forward thread still running or not yet joined, of every engine (those of unloaded
+/// models too, which finish their last forward after their queue closed): joined at shutdown
+/// ([`join_all`]); finished ones are reaped whenever an engine starts.
+static THREADS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Joins finished forward threads; returns the handles still running.
+fn reap(threads: &mut Vec<std::thread::JoinHandle<()>>) {
+    let (done, running): (Vec<_>, Vec<_>) = threads.drain(..).partition(|t| t.is_finished());
+    for t in done {
+        let _ = t.join();
+    }
+    *threads = running;
+}
+
+/// At shutdown, once every engine's queue is closed ([`Engine::close`], or the engine
+/// dropped): waits until `deadline` for all forward threads to exit; returns how many still
+/// run (forwards that do not end).
+pub fn join_all(deadline: Instant) -> usize {
+    loop {
+        let running = match THREADS.lock() {
+            Ok(mut threads) => {
+                reap(&mut threads);
+                threads.len()
+            }
+            Err(_) => return 0,
+        };
+        if running == 0 || Instant::now() >= deadline {
+            return running;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 impl Engine {
@@ -100,7 +131,6 @@ impl Engine {
         let queue: Arc<ModelQueue> = Queue::new(capacity);
         let engine = Engine {
             queue: queue.clone(),
-            threads: Mutex::new(Vec::with_capacity(threads)),
         };
         let shared = Arc::new(Shared {
             name: name.to_string(),
@@ -141,37 +171,18 @@ impl Engine {
                         }
                     }
                 })?;
-            if let Ok(mut t) = engine.threads.lock() {
-                t.push(handle);
+            if let Ok(mut all) = THREADS.lock() {
+                reap(&mut all);
+                all.push(handle);
             }
         }
         watch(&shared);
         Ok(engine)
     }
 
-    /// Stops taking requests: the workers finish what is queued, then exit.
+    /// Stops taking requests: the workers finish what is queued, then exit ([`join_all`]).
     pub fn close(&self) {
         self.queue.close();
-    }
-
-    /// Waits until `deadline` for the forward threads to exit (after [`Engine::close`]);
-    /// returns how many are still running (a forward that does not end).
-    pub fn join(&self, deadline: Instant) -> usize {
-        let Ok(mut threads) = self.threads.lock() else {
-            return 0;
-        };
-        loop {
-            let (done, running): (Vec<_>, Vec<_>) =
-                threads.drain(..).partition(|t| t.is_finished());
-            for t in done {
-                let _ = t.join();
-            }
-            *threads = running;
-            if threads.is_empty() || Instant::now() >= deadline {
-                return threads.len();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 
     /// A slot for one request (held from preprocess to postprocess), or `Full` (429).

@@ -181,13 +181,13 @@ impl Residency {
     }
 
     /// At shutdown: closes every resident model's queue (its workers finish what is queued)
-    /// and waits until `deadline` for their forward threads; returns how many still run.
+    /// and waits until `deadline` for every forward thread, unloaded models' included; returns
+    /// how many still run.
     pub fn shutdown(&self, deadline: std::time::Instant) -> usize {
-        let models: Vec<Arc<LoadedModel>> = self.cache.iter().map(|(_, m)| m).collect();
-        for m in &models {
+        for (_, m) in self.cache.iter() {
             m.engine.close();
         }
-        models.iter().map(|m| m.engine.join(deadline)).sum()
+        crate::engine::join_all(deadline)
     }
 
     /// Resident versions of `tenant`'s model `name`.
