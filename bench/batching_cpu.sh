@@ -13,8 +13,9 @@
 # with intraOpThreads 1. Per row: req/s,
 # p50/p99, and Tessera's server CPU time per request (utime + stime of the server process over
 # the measured run, divided by the requests wrk counted). wrk, the servers and their workers
-# share the cores. One request size only: the baseline's workload is a fixed 224x224 photo. The
-# first request after each Tessera model's load is timed (the answer check). Writes
+# share the cores. One request size only: the baseline's workload is a fixed 224x224 photo (other
+# sizes are a 400 on both sides). The first request after each Tessera model's load is timed
+# (the answer check), and a swap-in per model after each round (unload, the request again). Writes
 # $WORK/results.{csv,md} and first.csv; copy them to bench/results/.
 # Env: WORK (/tmp/tessera-batching), TS_HARNESS (../shared/bench/torchserve), BIN (release
 # tessera), ROUNDS (2), DURATION (20), WARMUP (5), CONCURRENCY ("1 8 32").
@@ -67,6 +68,7 @@ MODELS="tiny tiny_b8 resnet18 resnet18_b8"
 
 CSV="$WORK/results.csv"
 echo "round,model,first_request_ms" >"$WORK/first.csv"
+echo "round,model,swap_in_ms,load_ms" >"$WORK/swap.csv"
 echo "round,server,model,conns,rps,p50_ms,p90_ms,p99_ms,max_ms,requests,non2xx,sock_err,cpu_ms_per_req" >"$CSV"
 
 tessera_round() { # round
@@ -106,6 +108,17 @@ EOF
       echo "$line" | sed -E 's/RESULT //; s/[a-z0-9_]+=//g; s/ /,/g; s/^/'"$r,tessera,$m,$c,"'/; s/$/,'"$cpu"'/' >>"$CSV"
     done
   done
+  # A swap-in per model: unloaded, then the same request again (reload from the unpacked copy,
+  # timed by curl, and the server's own x-model-load-time).
+  for m in $MODELS; do
+    curl -s -o /dev/null -X DELETE "http://127.0.0.1:$PORT/models/$m"
+    local t
+    t=$(curl -s -o /dev/null -D "$WORK/swap-headers" -w '%{time_total}' -H 'Content-Type: application/json' \
+      --data-binary "@$req" "http://127.0.0.1:$PORT/predictions/$m")
+    local load; load=$(grep -i '^x-model-load-time:' "$WORK/swap-headers" | tr -d '\r' | awk '{print $2}')
+    echo "$r,$m,$(awk -v t="$t" 'BEGIN {printf "%.1f", t * 1000}'),${load:-}" >>"$WORK/swap.csv"
+    log "tessera $m swap-in: $t s (load ${load:-?} ms)"
+  done
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
@@ -122,7 +135,7 @@ for r in $(seq 1 "$ROUNDS"); do
   tessera_round "$r"
 done
 
-python - "$CSV" "$WORK/results.md" "$DURATION" "$WARMUP" "$WORK/first.csv" <<'EOF'
+python - "$CSV" "$WORK/results.md" "$DURATION" "$WARMUP" "$WORK/first.csv" "$WORK/swap.csv" <<'EOF'
 import csv, sys, collections
 rows = list(csv.DictReader(open(sys.argv[1])))
 by = collections.defaultdict(list)
@@ -144,13 +157,19 @@ for ts_model, model in pairs:
         if not t or not s:
             continue
         mean = lambda rs: sum(float(r["rps"]) for r in rs) / len(rs)
+        # A very short smoke run can finish no TorchServe request at all.
+        ratio = lambda a, b: f"{a / b:.2f}" if b > 0 else "n/a"
         label = model if ts_model == model else f"{model} (vs TorchServe {ts_model})"
         p = lambda rs: " ; ".join(f"{float(r['p50_ms']):.1f} / {float(r['p99_ms']):.1f}" for r in rs)
-        out.append(f"| {label} | {c} | {cell(t, 'rps')} | {cell(s, 'rps')} | {mean(s) / mean(t):.2f} | {p(t)} | {p(s)} "
+        out.append(f"| {label} | {c} | {cell(t, 'rps')} | {cell(s, 'rps')} | {ratio(mean(s), mean(t))} | {p(t)} | {p(s)} "
                    f"| {cell(s, 'cpu_ms_per_req')} | {sum(int(r['non2xx']) for r in t)} / {sum(int(r['non2xx']) for r in s)} |")
 first = list(csv.DictReader(open(sys.argv[5])))
 out += ["", "Tessera's first request after each model's load (the answer check, curl, ms): " + "; ".join(
     f"{r['model']} {r['first_request_ms']}" + (f" (round {r['round']})" if len(rounds) > 1 else "") for r in first)]
+swaps = list(csv.DictReader(open(sys.argv[6])))
+out += ["", "Tessera's swap-in per model (unloaded after the round, then the same request; curl ms, server load ms): "
+        + "; ".join(f"{r['model']} {r['swap_in_ms']} ({r['load_ms'] or '?'})" + (f" (round {r['round']})" if len(rounds) > 1 else "")
+                    for r in swaps)]
 open(sys.argv[2], "w").write("\n".join(out) + "\n")
 print("\n".join(out))
 EOF

@@ -8,7 +8,9 @@ Each of --clients clients owns one photo (photos of 8 different sizes, so batche
 whose embedding is cached by a first click; then all clients click at once in a closed loop,
 --clicks clicks each (a new point every time, the seed's request: JSON + PNG photo, mask back
 as PNG), every click's latency, forward time and `x-batch-size` recorded. Rounds alternate
-b1, b16, b1, b16. Writes results.json (every request) and results.md under --out.
+b1, b16, b1, b16. Also reported: each archive's load, the first click on each photo after it
+(first-seen sizes marked), and a swap-in (sam-b16 unloaded, clicked again). Writes
+results.json (every request) and results.md under --out.
 
     python bench/sam_batch_gpu.py --bin ./tessera --handler sam.wasm --out $OUT
 """
@@ -100,12 +102,21 @@ def main():
                "sizes": [p[:2] for p in photos], "rounds": []}
     srv, base, log = start_server(args.bin, store, work, os.path.join(args.out, "server.log"), "--device", "cuda")
     hdr = {"content-type": "application/json"}
+    results["loads"] = {}
     for name in ["sam-b1", "sam-b16"]:
         status, data, _, sec = request("POST", f"{base}/models", json.dumps({"model_name": name, "url": f"{name}.tar.gz"}).encode(), hdr)
         assert status == 200, data[:300]
-        for c in range(args.clients):  # each client's photo: its embedding cached
-            status, data, hd, _ = request("POST", f"{base}/predictions/{name}", bodies[c](args.clicks), hdr)
+        # Each client's photo: its embedding cached by a first click, one after another (the
+        # first is the first request after the load; sizes repeat after 8 clients).
+        first, seen = [], set()
+        for c in range(args.clients):
+            status, data, hd, t = request("POST", f"{base}/predictions/{name}", bodies[c](args.clicks), hdr)
             assert status == 200 and hd.get("x-stage-cache") == "miss", (status, hd, data[:300])
+            size = tuple(photos[c][:2])
+            first.append({"size": list(size), "first_seen": size not in seen, "ms": t * 1e3,
+                          "forward_ms": float(hd["x-inference-time"])})
+            seen.add(size)
+        results["loads"][name] = {"load_and_warm_up_ms": sec * 1e3, "first_clicks": first}
     for r in range(args.rounds):
         for name in ["sam-b1", "sam-b16"]:
             per = [[] for _ in range(args.clients)]
@@ -132,6 +143,14 @@ def main():
             results["rounds"].append(row)
             print(f"round {r + 1} {name}: {row['clicks_per_s']:.1f} clicks/s, p50 {row['p50_ms']:.1f} ms, "
                   f"p99 {row['p99_ms']:.1f} ms, mean batch {row['mean_batch']:.2f}", flush=True)
+    # A swap-in: the batched archive unloaded, then a click on a cached photo of before (the
+    # embedding went with the model: encoder + decoder after the reload).
+    status, data, _, _ = request("DELETE", f"{base}/models/sam-b16")
+    assert status == 200, data[:300]
+    status, data, hd, t = request("POST", f"{base}/predictions/sam-b16", bodies[0](0), hdr)
+    assert status == 200, data[:300]
+    results["swap_in"] = {"size": photos[0][:2], "ms": t * 1e3, "forward_ms": float(hd["x-inference-time"]),
+                          "load_ms": float(hd.get("x-model-load-time", 0))}
     srv.terminate()
     srv.wait(timeout=30)
     log.close()
@@ -146,6 +165,15 @@ def main():
         lines.append(f"| {row['round']} | {row['model']} | {row['clicks_per_s']:.1f} | {row['p50_ms']:.1f} / "
                      f"{row['p90_ms']:.1f} / {row['p99_ms']:.1f} / {row['max_ms']:.1f} | {row['forward_p50_ms']:.2f} / "
                      f"{row['queue_p50_ms']:.2f} / {row['handler_p50_ms']:.2f} | {row['mean_batch']:.2f} / {row['max_batch']} |")
+    lines += ["", "Load (POST /models: load + warm-up) and the first click on each client's photo, one after "
+              "another (encoder + decoder; * = first time this size is seen by the archive), total / forward ms:"]
+    for name, load in results["loads"].items():
+        clicks = "; ".join(f"{w}x{h}{'*' if f['first_seen'] else ''} {f['ms']:.0f} / {f['forward_ms']:.0f}"
+                           for f in load["first_clicks"] for w, h in [f["size"]])
+        lines.append(f"- {name}: load {load['load_and_warm_up_ms']:.0f} ms; {clicks}")
+    sw = results["swap_in"]
+    lines += ["", f"Swap-in (sam-b16 unloaded, a click on a {sw['size'][0]}x{sw['size'][1]} photo): "
+              f"{sw['ms']:.0f} ms total, {sw['forward_ms']:.0f} ms forward, {sw['load_ms']:.0f} ms load + warm-up."]
     write_results(args.out, results, lines)
 
 
