@@ -4,7 +4,6 @@ mod support;
 
 use base64::Engine;
 use serde_json::json;
-use std::process::{Command, Stdio};
 use support::*;
 
 const CONFIG: &str = "maxWorkers: 1\nresponseTimeout: 60\ntessera:\n  model: model.pt\nhandler:\n  max_pixels: 250000\n";
@@ -52,19 +51,17 @@ fn request(w: u32, h: u32, seed: u64) -> (serde_json::Value, Vec<u8>, Vec<u8>) {
 }
 
 fn reference(request: &serde_json::Value) -> Vec<u8> {
-    let mut child = Command::new(python())
-        .arg(workspace().join("models/lama/reference.py"))
-        .arg("--tiny")
-        .arg("--state-dict")
-        .arg(artifact("lama/generator.pth"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    serde_json::to_writer(child.stdin.take().unwrap(), request).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let script = workspace().join("models/lama/reference.py");
+    let state = artifact("lama/generator.pth");
+    let v = python_json(
+        &[
+            script.to_str().unwrap(),
+            "--tiny",
+            "--state-dict",
+            state.to_str().unwrap(),
+        ],
+        request,
+    );
     B64.decode(v["pixels"].as_str().unwrap()).unwrap()
 }
 

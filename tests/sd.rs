@@ -6,7 +6,6 @@ mod support;
 
 use base64::Engine;
 use serde_json::json;
-use std::process::{Command, Stdio};
 use support::*;
 
 const CONFIG: &str =
@@ -72,23 +71,16 @@ fn request(
 }
 
 fn reference(body: &serde_json::Value) -> Vec<u8> {
-    let mut child = Command::new(python())
-        .arg(workspace().join("models/sd/reference.py"))
-        .arg("--pretrained")
-        .arg(artifact("sd/pipeline"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    serde_json::to_writer(child.stdin.take().unwrap(), body).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "reference: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let script = workspace().join("models/sd/reference.py");
+    let pipeline = artifact("sd/pipeline");
+    let v = python_json(
+        &[
+            script.to_str().unwrap(),
+            "--pretrained",
+            pipeline.to_str().unwrap(),
+        ],
+        body,
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     B64.decode(v["pixels"].as_str().unwrap()).unwrap()
 }
 

@@ -81,7 +81,7 @@ pub struct Engine {
 /// ([`join_all`]); finished ones are reaped whenever an engine starts.
 static THREADS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
 
-/// Joins finished forward threads; returns the handles still running.
+/// Joins the finished forward threads in `threads`, keeping the handles still running.
 fn reap(threads: &mut Vec<std::thread::JoinHandle<()>>) {
     let (done, running): (Vec<_>, Vec<_>) = threads.drain(..).partition(|t| t.is_finished());
     for t in done {

@@ -154,13 +154,16 @@ impl PipelineInput {
         // A request that brings its stage's inputs (its stage outputs are not cached) runs
         // alone: its stage forward would hold up every request batched with it.
         let brings_stage_inputs = tensors.iter().any(|t| stage_inputs.contains(&t.name));
-        let entry = tensors.iter().filter(|t| !stage_inputs.contains(&t.name));
-        let batch_key = batch_key(entry).filter(|_| !brings_stage_inputs).map(|k| {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            k.hash(&mut h);
-            h.finish()
-        });
+        let batch_key = if brings_stage_inputs {
+            None
+        } else {
+            batch_key(&tensors).map(|k| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                k.hash(&mut h);
+                h.finish()
+            })
+        };
         PipelineInput {
             tensors,
             cache_key,
@@ -277,19 +280,23 @@ impl Pipeline {
         let Some((outputs, hit)) = staged else {
             return Ok((self.entry.forward(&input.tensors)?, None));
         };
+        let stage_out = outputs.tensors.iter().map(Tensor::shallow_clone).collect();
+        let out = self.entry_after_stage(stage_out, entry_tensors(input, self.stage_inputs()))?;
+        Ok((out, Some(*hit)))
+    }
+
+    /// The entry model on a stage's outputs followed by the handler tensors `rest`.
+    fn entry_after_stage<'a>(
+        &self,
+        stage_out: Vec<Tensor>,
+        rest: impl Iterator<Item = &'a HostTensor>,
+    ) -> Result<Vec<HostTensor>, RuntimeError> {
         let _guard = tch::no_grad_guard();
-        let mut args: Vec<IValue> = outputs
-            .tensors
-            .iter()
-            .map(|t| IValue::Tensor(t.shallow_clone()))
-            .collect();
-        args.extend(
-            entry_tensors(input, self.stage_inputs())
-                .map(|t| IValue::Tensor(t.to_tch(self.device()))),
-        );
+        let mut args: Vec<IValue> = stage_out.into_iter().map(IValue::Tensor).collect();
+        args.extend(rest.map(|t| IValue::Tensor(t.to_tch(self.device()))));
         let mut out = Vec::new();
         collect_outputs(self.entry.forward_values(args)?, None, &mut out)?;
-        Ok((out, Some(*hit)))
+        Ok(out)
     }
 
     /// The entry model once for `inputs` (all with stage outputs when the model has a stage),
@@ -324,21 +331,15 @@ impl Pipeline {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let mut args = Vec::with_capacity(first.tensors.len() + inputs[0].tensors.len());
-        for k in 0..first.tensors.len() {
-            let column: Vec<&Tensor> = parts.iter().map(|p| &p.tensors[k]).collect();
-            let joined = Tensor::f_cat(&column, 0).map_err(|e| {
-                RuntimeError::Input(format!("cached stage outputs do not batch: {e}"))
-            })?;
-            args.push(IValue::Tensor(joined));
-        }
-        args.extend(
-            concat_rows(inputs, skip)?
-                .iter()
-                .map(|t| IValue::Tensor(t.to_tch(self.device()))),
-        );
-        let mut out = Vec::new();
-        collect_outputs(self.entry.forward_values(args)?, None, &mut out)?;
+        let stage_out = (0..first.tensors.len())
+            .map(|k| {
+                let column: Vec<&Tensor> = parts.iter().map(|p| &p.tensors[k]).collect();
+                Tensor::f_cat(&column, 0).map_err(|e| {
+                    RuntimeError::Input(format!("cached stage outputs do not batch: {e}"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let out = self.entry_after_stage(stage_out, concat_rows(inputs, skip)?.iter())?;
         let hits = staged.iter().map(|s| s.map(|(_, hit)| *hit));
         Ok(split_rows(out, &rows)?.into_iter().zip(hits).collect())
     }
@@ -401,11 +402,8 @@ impl Pipeline {
 /// What requests must share to be batched together: per input tensor (in order) its name,
 /// element type and dimensions after the first. `None` (the request runs alone) when a tensor
 /// has no dimensions or the tensors disagree on their first (the request's rows).
-pub fn batch_key<'a>(
-    tensors: impl IntoIterator<Item = &'a HostTensor>,
-) -> Option<Vec<(String, DType, Vec<i64>)>> {
-    let tensors: Vec<&HostTensor> = tensors.into_iter().collect();
-    let rows = rows(&tensors)?;
+pub fn batch_key(tensors: &[HostTensor]) -> Option<Vec<(String, DType, Vec<i64>)>> {
+    let rows = rows(tensors.first())?;
     tensors
         .iter()
         .map(|t| {
@@ -416,15 +414,15 @@ pub fn batch_key<'a>(
 }
 
 /// A request's rows: the first dimension of its first tensor.
-fn rows(tensors: &[&HostTensor]) -> Option<i64> {
-    tensors.first()?.shape.first().copied().filter(|r| *r > 0)
+fn rows(first: Option<&HostTensor>) -> Option<i64> {
+    first?.shape.first().copied().filter(|r| *r > 0)
 }
 
 /// Each request's rows (the first dimension of its tensors but `skip`).
 fn batch_rows(inputs: &[&PipelineInput], skip: &[String]) -> Result<Vec<i64>, RuntimeError> {
     inputs
         .iter()
-        .map(|i| rows(&entry_tensors(i, skip).collect::<Vec<_>>()))
+        .map(|i| rows(entry_tensors(i, skip).next()))
         .collect::<Option<Vec<i64>>>()
         .ok_or_else(|| RuntimeError::Input("a batched request has no rows".into()))
 }
@@ -446,11 +444,11 @@ fn concat_rows(
     inputs: &[&PipelineInput],
     skip: &[String],
 ) -> Result<Vec<HostTensor>, RuntimeError> {
-    let first: Vec<&HostTensor> = entry_tensors(inputs[0], skip).collect();
     let per: Vec<Vec<&HostTensor>> = inputs
         .iter()
         .map(|i| entry_tensors(i, skip).collect())
         .collect();
+    let first = &per[0];
     let mut out = Vec::with_capacity(first.len());
     for (j, t) in first.iter().enumerate() {
         let mut shape = t.shape.clone();
@@ -607,7 +605,7 @@ mod tests {
         );
         assert_eq!(batch_key(&[host("x", &[], |_| 0)]), None);
         assert_eq!(batch_key(&[host("x", &[0, 3], |_| 0)]), None);
-        assert_eq!(batch_key(&[] as &[HostTensor]), None);
+        assert_eq!(batch_key(&[]), None);
     }
 
     #[test]
