@@ -80,7 +80,10 @@ fn concurrent_requests_get_the_same_bytes_batched_as_alone() {
     let metric = |name: &str| {
         metrics
             .lines()
-            .find(|l| l.starts_with(name) && l.contains("default/classify@1"))
+            .find(|l| {
+                l.starts_with(name)
+                    && l.contains(r#"model="classify",tenant="default",version="1""#)
+            })
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
     };
     assert_eq!(metric("tessera_batch_size_count"), Some(9.0), "{metrics}");

@@ -513,7 +513,9 @@ fn concurrent_first_requests_share_one_load() {
         .lines()
         .find(|l| {
             l.starts_with("tessera_model_loads_total{")
-                && l.contains("model=\"default/shared@1\"")
+                && l.contains("model=\"shared\"")
+                && l.contains("tenant=\"default\"")
+                && l.contains("version=\"1\"")
                 && l.contains("outcome=\"ok\"")
         })
         .expect("load counter");
@@ -596,12 +598,13 @@ fn pack_with_warmup(store: &Path, name: &str, body: Option<&[u8]>, times: u32) -
     )
 }
 
-/// Forwards the server has run for the model whose metric label contains `key`.
-fn forwards(server: &Server, key: &str) -> Option<u64> {
+/// Forwards the server has run for the default tenant's model `name`.
+fn forwards(server: &Server, name: &str) -> Option<u64> {
+    let label = format!("model=\"{name}\",tenant=\"default\"");
     get(&server.url("/metrics"))
         .text()
         .lines()
-        .find(|l| l.starts_with("tessera_inference_duration_seconds_count") && l.contains(key))
+        .find(|l| l.starts_with("tessera_inference_duration_seconds_count") && l.contains(&label))
         .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
 }
 
@@ -624,7 +627,7 @@ fn warmup_requests_run_after_a_load_before_users() {
     let reply = post_json(&server.url("/predictions/warm"), &request);
     assert_eq!(reply.status, 200, "{}", reply.text());
     // The user's forward came after both warm-up forwards: three by the time it answered.
-    let warm_forwards = || forwards(&server, "default/warm@1");
+    let warm_forwards = || forwards(&server, "warm");
     assert_eq!(warm_forwards(), Some(3));
     assert!(wait_until(Duration::from_secs(5), || server
         .log()
@@ -660,7 +663,7 @@ fn loads_answer_once_the_model_is_warm() {
         &json!({"model_name": "loaded", "url": "warm.tar.gz"}),
     );
     assert_eq!(load.status, 200, "{}", load.text());
-    assert_eq!(forwards(&server, "default/loaded@1"), Some(2));
+    assert_eq!(forwards(&server, "loaded"), Some(2));
     // The log is read from the server's stderr by another thread: wait for both lines.
     assert!(wait_until(Duration::from_secs(5), || server
         .log()
@@ -670,8 +673,8 @@ fn loads_answer_once_the_model_is_warm() {
     drop(server);
 
     let server = Server::start(store.path(), &["--preload", "warm"]);
-    // Listening is announced after the preload: the warm-up already ran.
-    assert_eq!(forwards(&server, "default/warm@1"), Some(2));
+    // The server is ready (what the test helper waits for) once the preload is warm.
+    assert_eq!(forwards(&server, "warm"), Some(2));
     let request = example_request(20, 12, 9, json!({"strength": 0.75}));
     let reply = post_json(&server.url("/predictions/warm"), &request);
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -679,7 +682,7 @@ fn loads_answer_once_the_model_is_warm() {
         reply.header("x-model-load-time").is_none(),
         "the request paid for a load"
     );
-    assert_eq!(forwards(&server, "default/warm@1"), Some(3));
+    assert_eq!(forwards(&server, "warm"), Some(3));
 }
 
 /// The executors give the same bytes, at sizes seen and new: the server's default

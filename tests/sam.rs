@@ -262,7 +262,9 @@ fn a_second_click_reuses_the_image_embedding() {
     assert_eq!(other.header("x-stage-cache"), Some("miss"));
     let metrics = get(&server.url("/metrics")).text();
     assert!(
-        metrics.contains("tessera_stage_cache_total{model=\"default/sam@1\",result=\"hit\"} 2"),
+        metrics.contains(
+            "tessera_stage_cache_total{model=\"sam\",result=\"hit\",tenant=\"default\",version=\"1\"} 2"
+        ),
         "{metrics}"
     );
 }
@@ -370,7 +372,7 @@ fn warm_up_runs_the_encoder_every_time_and_leaves_nothing_cached() {
             .lines()
             .find(|l| {
                 l.starts_with("tessera_stage_cache_total")
-                    && l.contains("default/sam@1")
+                    && l.contains("model=\"sam\"")
                     && l.contains(&format!("result=\"{result}\""))
             })
             .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())

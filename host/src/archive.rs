@@ -88,8 +88,7 @@ pub struct ModelConfig {
     /// Concurrent forwards of this model.
     #[serde(default = "one")]
     pub max_workers: u32,
-    /// Largest batch (batching across requests is not implemented yet: values above 1 run
-    /// requests one at a time).
+    /// Largest batch of requests run as one forward (with `tessera.batchable`).
     #[serde(default = "one")]
     pub batch_size: u32,
     /// Milliseconds to wait to fill a batch.
@@ -106,7 +105,33 @@ pub struct ModelConfig {
     /// Free-form parameters the handler reads with `config-param`.
     #[serde(default)]
     pub handler: BTreeMap<String, serde_norway::Value>,
+    /// TorchServe keys present that Tessera has no use for: accepted so that a TorchServe
+    /// model-config.yaml works as it is, named in a warning at load.
+    #[serde(skip)]
+    pub ignored_keys: Vec<String>,
 }
+
+/// TorchServe's model-config keys that mean nothing here (its worker start-up, parallelism,
+/// sequence-batching and job-queue settings).
+const TORCHSERVE_ONLY_KEYS: [&str; 17] = [
+    "startupTimeout",
+    "deviceIds",
+    "parallelType",
+    "parallelLevel",
+    "torchrun",
+    "pippy",
+    "deepspeed",
+    "jobQueueSize",
+    "maxRetryTimeoutInSec",
+    "clientTimeoutInMills",
+    "useJobTicket",
+    "continuousBatching",
+    "sequenceMaxIdleMSec",
+    "maxSequenceJobQueueSize",
+    "maxNumSequence",
+    "sequenceTimeoutMSec",
+    "asyncCommunication",
+];
 
 /// Tessera's own keys.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -144,6 +169,46 @@ pub struct TesseraConfig {
     /// PyTorch backend has the same knob, `INTRA_OP_THREAD_COUNT`.)
     #[serde(default)]
     pub intra_op_threads: Option<u32>,
+    /// The model's tensors for Open Inference Protocol v2 (`/v2/models/{name}/infer`): inputs in
+    /// its `forward`'s order, outputs in the order it returns them. A model without it is
+    /// served through its handler only; with it, OIP requests go straight to the model.
+    #[serde(default)]
+    pub oip: Option<OipSpec>,
+}
+
+/// `tessera.oip`: what a model takes and returns, as OIP metadata shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OipSpec {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// One tensor of an [`OipSpec`]: `shape` dimensions of -1 take any size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    pub name: String,
+    /// An OIP datatype (`FP32`, `UINT8`, `INT64`, ...).
+    pub datatype: String,
+    pub shape: Vec<i64>,
+}
+
+impl TensorSpec {
+    /// The element type (checked by [`ModelConfig::parse`]).
+    pub fn dtype(&self) -> crate::runtime::DType {
+        crate::oip::parse_datatype(&self.datatype).unwrap_or(crate::runtime::DType::F32)
+    }
+
+    /// Whether `shape` fits this spec (-1 matches any size).
+    pub fn accepts(&self, shape: &[i64]) -> bool {
+        shape.len() == self.shape.len()
+            && self
+                .shape
+                .iter()
+                .zip(shape)
+                .all(|(&want, &got)| want == -1 || want == got)
+    }
 }
 
 /// `tessera.warmup`: a request body under `assets/`, sent through handler and model `times`
@@ -198,8 +263,24 @@ fn default_timeout() -> u64 {
 impl ModelConfig {
     /// Parses and validates a config.
     pub fn parse(text: &str) -> Result<ModelConfig, ArchiveError> {
-        let config: ModelConfig = crate::yaml::from_str_bounded(text, crate::yaml::MAX_NODES)
-            .map_err(ArchiveError::BadConfig)?;
+        let mut value: serde_norway::Value =
+            crate::yaml::from_str_bounded(text, crate::yaml::MAX_NODES)
+                .map_err(ArchiveError::BadConfig)?;
+        let mut ignored = Vec::new();
+        if let serde_norway::Value::Mapping(m) = &mut value {
+            for key in TORCHSERVE_ONLY_KEYS {
+                if m.remove(key).is_some() {
+                    ignored.push(key.to_string());
+                }
+            }
+        }
+        let mut config: ModelConfig = match value {
+            // An empty file is an empty config.
+            serde_norway::Value::Null => serde_norway::from_str("{}"),
+            v => serde_norway::from_value(v),
+        }
+        .map_err(|e| ArchiveError::BadConfig(e.to_string()))?;
+        config.ignored_keys = ignored;
         config.validate()?;
         Ok(config)
     }
@@ -254,6 +335,41 @@ impl ModelConfig {
             }
             if stage.inputs.is_empty() || stage.cache_mib > 1 << 20 {
                 return bad("cachedStage needs inputs and a cacheMiB under 1 TiB".into());
+            }
+        }
+        if let Some(spec) = &self.tessera.oip {
+            for (what, list) in [("inputs", &spec.inputs), ("outputs", &spec.outputs)] {
+                if list.is_empty() || list.len() > crate::oip::MAX_TENSORS {
+                    return bad(format!(
+                        "tessera.oip.{what} must list 1..={} tensors",
+                        crate::oip::MAX_TENSORS
+                    ));
+                }
+                let mut seen = std::collections::HashSet::new();
+                for t in list {
+                    if !names::is_plain_name(&t.name, names::MAX_NAME) || !seen.insert(&t.name) {
+                        return bad(format!(
+                            "tessera.oip.{what}: '{}' must be a plain name, listed once",
+                            t.name
+                        ));
+                    }
+                    if crate::oip::parse_datatype(&t.datatype).is_none() {
+                        return bad(format!(
+                            "tessera.oip.{what}: datatype '{}' of '{}' is not supported",
+                            t.datatype, t.name
+                        ));
+                    }
+                    if t.shape.len() > crate::oip::MAX_DIMS || t.shape.iter().any(|&d| d < -1) {
+                        return bad(format!(
+                            "tessera.oip.{what}: shape of '{}' must have at most {} dimensions, each -1 or a size",
+                            t.name,
+                            crate::oip::MAX_DIMS
+                        ));
+                    }
+                }
+            }
+            if self.tessera.cached_stage.is_some() {
+                return bad("tessera.oip cannot be combined with a cachedStage".into());
             }
         }
         if let Some(w) = &self.tessera.warmup {
@@ -329,6 +445,8 @@ pub fn sha256_file(path: &Path) -> Result<String, ArchiveError> {
 
 /// Prefix of the temporary directories [`unpack`] renames into place.
 const PARTIAL_PREFIX: &str = ".partial-";
+/// Makes each temporary directory's name unique within the process.
+static PARTIAL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Removes what unpacks interrupted by a crash left in `dir` (call before any unpack runs).
 pub fn remove_partials(dir: &Path) {
@@ -358,18 +476,150 @@ pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, A
         .parent()
         .ok_or_else(|| ArchiveError::Invalid("bad destination".into()))?;
     fs::create_dir_all(parent).map_err(io_err(parent))?;
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = parent.join(format!(
         "{PARTIAL_PREFIX}{}-{}-{}",
         dest.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
         std::process::id(),
-        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        PARTIAL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir(&tmp).map_err(io_err(&tmp))?;
     let result = extract(archive, &tmp, limits).and_then(|()| inspect(&tmp));
     match result {
         Ok(_) => {
+            fs::rename(&tmp, dest).map_err(io_err(dest))?;
+            inspect(dest)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// One regular file of an unpacked directory, as [`scan_dir`] found it.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub rel: PathBuf,
+    pub len: u64,
+    pub mtime_ns: u128,
+}
+
+/// Lists an unpacked model directory (SageMaker's `/opt/ml/models/<name>/model`) under the same
+/// rules as an archive: relative names that pass [`safe_relative`], regular files and folders
+/// only (links, devices and fifos refused, never followed), at most `MAX_ENTRIES`, at most
+/// `limits.max_unpacked_bytes` in all.
+pub fn scan_dir(src: &Path, limits: Limits) -> Result<Vec<DirEntry>, ArchiveError> {
+    let mut out = Vec::new();
+    let mut total: u64 = 0;
+    let mut seen = 0usize;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let dir = src.join(&rel_dir);
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let e = e.map_err(io_err(&dir))?;
+            seen += 1;
+            if seen > MAX_ENTRIES {
+                return Err(ArchiveError::TooLarge(format!(
+                    "more than {MAX_ENTRIES} entries"
+                )));
+            }
+            let rel = rel_dir.join(e.file_name());
+            let shown = rel.to_string_lossy().into_owned();
+            let name = rel
+                .to_str()
+                .ok_or_else(|| ArchiveError::UnsafeEntry(shown.clone(), "name is not UTF-8"))?;
+            let rel = safe_relative(name)?
+                .ok_or_else(|| ArchiveError::UnsafeEntry(shown.clone(), "empty path"))?;
+            // symlink_metadata: a link is seen as a link, never followed.
+            let meta = fs::symlink_metadata(e.path()).map_err(io_err(&e.path()))?;
+            let kind = meta.file_type();
+            if kind.is_dir() {
+                stack.push(rel);
+            } else if kind.is_symlink() {
+                return Err(ArchiveError::UnsafeEntry(shown, "links are not allowed"));
+            } else if !kind.is_file() {
+                return Err(ArchiveError::UnsafeEntry(
+                    shown,
+                    "device, fifo and socket entries are not allowed",
+                ));
+            } else {
+                total = total.saturating_add(meta.len());
+                if total > limits.max_unpacked_bytes {
+                    return Err(ArchiveError::TooLarge(format!(
+                        "unpacked size exceeds the limit of {} bytes",
+                        limits.max_unpacked_bytes
+                    )));
+                }
+                let mtime_ns = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                out.push(DirEntry {
+                    rel,
+                    len: meta.len(),
+                    mtime_ns,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok(out)
+}
+
+/// Copies the files `entries` (from [`scan_dir`] of `src`) into `dest` (which must not
+/// exist), then reads it back as an archive ([`inspect`]). Like [`unpack`], the copy is made in
+/// a sibling folder renamed into place. A file that changed size since the scan, or became a
+/// link, is refused.
+pub fn import_dir(src: &Path, entries: &[DirEntry], dest: &Path) -> Result<Unpacked, ArchiveError> {
+    let parent = dest
+        .parent()
+        .ok_or_else(|| ArchiveError::Invalid("bad destination".into()))?;
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let tmp = parent.join(format!(
+        "{PARTIAL_PREFIX}{}-{}-{}",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
+        std::process::id(),
+        PARTIAL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+    let copy = || -> Result<(), ArchiveError> {
+        let mut buf = vec![0u8; 256 << 10];
+        for e in entries {
+            let from = src.join(&e.rel);
+            let to = tmp.join(&e.rel);
+            if let Some(p) = to.parent() {
+                fs::create_dir_all(p).map_err(io_err(p))?;
+            }
+            let mut input = {
+                use std::os::unix::fs::OpenOptionsExt;
+                fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&from)
+                    .map_err(io_err(&from))?
+            };
+            let meta = input.metadata().map_err(io_err(&from))?;
+            if !meta.is_file() || meta.len() != e.len {
+                return Err(ArchiveError::Invalid(format!(
+                    "{} changed while it was being read",
+                    e.rel.display()
+                )));
+            }
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&to)
+                .map_err(io_err(&to))?;
+            let name = e.rel.to_string_lossy();
+            copy_entry(&mut input, &mut out, e.len, &mut buf, &name, &to)?;
+        }
+        inspect(&tmp).map(|_| ())
+    };
+    match copy() {
+        Ok(()) => {
             fs::rename(&tmp, dest).map_err(io_err(dest))?;
             inspect(dest)
         }
@@ -766,6 +1016,42 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, String)>, ArchiveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn torchserve_keys_are_accepted_and_named() {
+        let c = ModelConfig::parse(
+            "minWorkers: 1\nmaxWorkers: 2\nstartupTimeout: 120\nparallelType: pp\ndeviceIds: [0, 1]\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_workers, 2);
+        assert_eq!(
+            c.ignored_keys,
+            ["startupTimeout", "deviceIds", "parallelType"]
+        );
+        assert!(ModelConfig::parse("startupTimeout: 1\nbogusKey: 1\n").is_err());
+    }
+
+    #[test]
+    fn oip_specs_are_checked() {
+        let ok = "tessera:\n  oip:\n    inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]\n    outputs: [{name: y, datatype: INT64, shape: [-1]}]\n";
+        let c = ModelConfig::parse(ok).unwrap();
+        let spec = c.tessera.oip.unwrap();
+        assert!(spec.inputs[0].accepts(&[3, 4]) && !spec.inputs[0].accepts(&[3, 5]));
+        assert!(!spec.inputs[0].accepts(&[4]));
+        assert_eq!(spec.outputs[0].dtype(), crate::runtime::DType::I64);
+        for bad in [
+            ok.replace("FP32", "BYTES"),
+            ok.replace("[-1, 4]", "[-2, 4]"),
+            ok.replace("name: y", "name: ../y"),
+            ok.replace(
+                "inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]",
+                "inputs: [{name: x, datatype: FP32, shape: [1]}, {name: x, datatype: FP32, shape: [1]}]",
+            ),
+            "tessera:\n  oip:\n    inputs: []\n    outputs: [{name: y, datatype: FP32, shape: []}]\n".into(),
+        ] {
+            assert!(ModelConfig::parse(&bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn config_defaults_and_validation() {

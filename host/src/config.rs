@@ -33,6 +33,41 @@ pub struct Config {
     #[arg(long, env = "TESSERA_TENANTS")]
     pub tenants: Option<PathBuf>,
 
+    /// Who may call what (SECURITY.md): `auto` (`tokens` with --tenants, else `loopback`),
+    /// `loopback` (single tenant, no tokens, loopback addresses only), `tokens` (every route
+    /// but health needs a tenant's token), `open-inference` (single tenant: inference open to
+    /// anyone who can reach the port, management and metrics need an --admin-tokens token:
+    /// TorchServe's split), `open` (no tokens at all: only behind a trusted network, as
+    /// SageMaker's network isolation provides).
+    #[arg(long, env = "TESSERA_AUTH_MODE", value_enum, default_value = "auto")]
+    pub auth_mode: crate::tenancy::AuthMode,
+
+    /// For `--auth-mode open-inference`: a file of admin token digests (`sha256:<hex>`, one
+    /// per line, `#` comments), re-read when it changes.
+    #[arg(long, env = "TESSERA_ADMIN_TOKENS")]
+    pub admin_tokens: Option<PathBuf>,
+
+    /// Also serve TorchServe's management API on this address (TorchServe's is
+    /// `127.0.0.1:8081`): register with query parameters, describe, scale workers, ...
+    #[arg(long, env = "TESSERA_MANAGEMENT_ADDRESS")]
+    pub management_address: Option<std::net::SocketAddr>,
+
+    /// Also serve `GET /metrics` without a token on this address (e.g. `0.0.0.0:9090` for a
+    /// Prometheus scraper); the main port keeps its own rules.
+    #[arg(long, env = "TESSERA_METRICS_ADDRESS")]
+    pub metrics_address: Option<std::net::SocketAddr>,
+
+    /// SageMaker multi-model container mode (also on when SageMaker's environment says
+    /// `SAGEMAKER_MULTI_MODEL=true`): binds 0.0.0.0 on `SAGEMAKER_BIND_TO_PORT` (8080), auth
+    /// mode `open`, and LoadModel takes the directory SageMaker unpacked a model into
+    /// (`/opt/ml/models/<name>/model`; the model store defaults to `/opt/ml/models`).
+    #[arg(long, env = "TESSERA_SAGEMAKER", default_value_t = false)]
+    pub sagemaker: bool,
+
+    /// Log lines as `text` or `json` (one object per line, for log shippers).
+    #[arg(long, env = "TESSERA_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
     /// Largest model archive a tenant may upload, in MiB.
     #[arg(long, env = "TESSERA_MAX_UPLOAD_MIB", default_value_t = 4096)]
     pub max_upload_mib: u64,
@@ -180,6 +215,15 @@ pub struct Config {
 
 const MIB: u64 = 1 << 20;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where SageMaker unpacks the models it asks a multi-model container to load.
+pub const SAGEMAKER_MODEL_ROOT: &str = "/opt/ml/models";
+
 impl Config {
     /// Defaults, as `tessera serve` with no flags would use them (for tests and embedding).
     pub fn default_for(model_store: PathBuf) -> Config {
@@ -192,6 +236,39 @@ impl Config {
         let mut config = Wrapper::parse_from(["tessera"]).config;
         config.model_store = model_store;
         config
+    }
+
+    /// Applies SageMaker's container contract when `--sagemaker` is given or SageMaker's
+    /// environment is detected: every address (SageMaker reaches the container from outside),
+    /// its port, no tokens (the platform isolates the container's network), its model root.
+    /// `explicit` tells which settings the operator gave, which stay as given.
+    pub fn apply_sagemaker(
+        &mut self,
+        explicit: impl Fn(&str) -> bool,
+        env: impl Fn(&str) -> Option<String>,
+    ) {
+        if !self.sagemaker
+            && env("SAGEMAKER_MULTI_MODEL").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
+            self.sagemaker = true;
+        }
+        if !self.sagemaker {
+            return;
+        }
+        if !explicit("bind") {
+            self.bind = std::net::Ipv4Addr::UNSPECIFIED.into();
+        }
+        if !explicit("port") {
+            self.port = env("SAGEMAKER_BIND_TO_PORT")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(8080);
+        }
+        if !explicit("auth_mode") {
+            self.auth_mode = crate::tenancy::AuthMode::Open;
+        }
+        if !explicit("model_store") {
+            self.model_store = PathBuf::from(SAGEMAKER_MODEL_ROOT);
+        }
     }
 
     pub fn max_request_bytes(&self) -> usize {
@@ -250,4 +327,42 @@ pub fn ram_bytes() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(8 << 30, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenancy::AuthMode;
+
+    #[test]
+    fn sagemakers_environment_sets_its_contract_and_keeps_explicit_settings() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let mut c = Config::default_for("store".into());
+        c.apply_sagemaker(|_| false, env(&[]));
+        assert!(!c.sagemaker && c.bind.is_loopback() && c.auth_mode == AuthMode::Auto);
+
+        let mut c = Config::default_for("store".into());
+        c.apply_sagemaker(
+            |_| false,
+            env(&[
+                ("SAGEMAKER_MULTI_MODEL", "true"),
+                ("SAGEMAKER_BIND_TO_PORT", "9000"),
+            ]),
+        );
+        assert!(c.sagemaker && c.bind.is_unspecified() && c.port == 9000);
+        assert_eq!(c.auth_mode, AuthMode::Open);
+        assert_eq!(c.model_store, PathBuf::from(SAGEMAKER_MODEL_ROOT));
+
+        let mut c = Config::default_for("mine".into());
+        c.sagemaker = true;
+        c.apply_sagemaker(|id| id == "bind" || id == "model_store", env(&[]));
+        assert!(c.bind.is_loopback() && c.port == 8080);
+        assert_eq!(c.model_store, PathBuf::from("mine"));
+    }
 }

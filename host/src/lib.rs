@@ -21,6 +21,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod names;
+pub mod oip;
 pub mod registry;
 pub mod residency;
 pub mod runtime;

@@ -20,6 +20,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of `Config` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve the models of a model store over HTTP.
@@ -55,18 +57,44 @@ struct PackArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Command::CheckTorchscript { files } = &cli.command {
         std::process::exit(runtime::verify::run_child(files));
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let (Command::Serve(config), Some(serve)) =
+        (&mut cli.command, matches.subcommand_matches("serve"))
+    {
+        // Settings the operator gave (flag or environment) stay as given.
+        config.apply_sagemaker(
+            |id| {
+                matches!(
+                    serve.value_source(id),
+                    Some(
+                        clap::parser::ValueSource::CommandLine
+                            | clap::parser::ValueSource::EnvVariable
+                    )
+                )
+            },
+            |k| std::env::var(k).ok(),
+        );
+    }
+    let json = matches!(&cli.command, Command::Serve(c) if c.log_format == tessera::config::LogFormat::Json);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     match cli.command {
         Command::Serve(config) => serve(config),
         Command::Pack(args) => pack(args),
@@ -102,28 +130,58 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         let local = listener.local_addr()?;
-        for name in app.config.preload.clone() {
-            let tenant = app.tenants.authenticate(None).ok();
-            let Some(tenant) = tenant else {
-                tracing::warn!(
-                    model = name,
-                    "--preload applies to single-tenant servers only"
-                );
-                continue;
-            };
-            match app.ensure_loaded(&tenant, &name, None).await {
-                Ok(_) => tracing::info!(model = name, "preloaded"),
-                Err(e) => tracing::error!(model = name, error = %e, "preload failed"),
-            }
+        if let Some(maddr) = app.config.metrics_address {
+            let metrics = tokio::net::TcpListener::bind(maddr)
+                .await
+                .with_context(|| format!("binding the metrics address {maddr}"))?;
+            let at = metrics.local_addr()?;
+            println!("tessera metrics on http://{at}/metrics");
+            tracing::info!(%at, "metrics served without a token");
+            let router = http::metrics_router(app.clone());
+            tokio::spawn(async move { axum::serve(metrics, router).await });
         }
+        if let Some(maddr) = app.config.management_address {
+            tessera::tenancy::check_bind(maddr.ip(), &app.tenants).map_err(anyhow::Error::msg)?;
+            let mgmt = tokio::net::TcpListener::bind(maddr)
+                .await
+                .with_context(|| format!("binding the management address {maddr}"))?;
+            let at = mgmt.local_addr()?;
+            println!("tessera management (TorchServe API) on http://{at}");
+            tracing::info!(%at, "TorchServe management API");
+            let router = http::torchserve::router(app.clone());
+            tokio::spawn(async move { axum::serve(mgmt, router).await });
+        }
+        tracing::info!(mode = ?app.tenants.mode(), sagemaker = app.config.sagemaker,
+            "auth: {}", app.tenants.describe());
         print_banner(&app, local);
-        // Tests and scripts read this line to find the port.
+        // Tests and scripts read this line to find the port; health answers from now on,
+        // readiness once the preloads below are warm ("tessera ready").
         println!("tessera listening on http://{local}");
         tracing::info!(%local, "listening");
         let signalled = Arc::new(tokio::sync::Notify::new());
         let serve = axum::serve(listener, http::router(app.clone()))
-            .with_graceful_shutdown(shutdown(signalled.clone()))
+            .with_graceful_shutdown(shutdown(signalled.clone(), app.clone()))
             .into_future();
+        let preloads = app.clone();
+        tokio::spawn(async move {
+            for name in preloads.config.preload.clone() {
+                let tenant = preloads.tenants.authenticate(None).ok();
+                let Some(tenant) = tenant.filter(|_| !preloads.tenants.multi_tenant()) else {
+                    tracing::warn!(
+                        model = name,
+                        "--preload applies to single-tenant servers only"
+                    );
+                    continue;
+                };
+                match preloads.ensure_loaded(&tenant, &name, None).await {
+                    Ok(_) => tracing::info!(model = name, "preloaded"),
+                    Err(e) => tracing::error!(model = name, error = %e, "preload failed"),
+                }
+            }
+            preloads.set_ready();
+            println!("tessera ready");
+            tracing::info!("ready");
+        });
         let drain = Duration::from_secs(app.config.drain_seconds);
         let mut deadline = None;
         tokio::select! {
@@ -166,11 +224,7 @@ fn print_banner(app: &Server, local: std::net::SocketAddr) {
         n if n <= 12 => format!("{n} archive(s): {}", archives.join(", ")),
         n => format!("{n} archives: {}, ...", archives[..12].join(", ")),
     };
-    let tenancy = if app.tenants.multi_tenant() {
-        "multi-tenant (Authorization: Bearer <token>)".to_string()
-    } else {
-        "single-tenant, no tokens".to_string()
-    };
+    let tenancy = app.tenants.describe();
     println!("tessera {}", env!("CARGO_PKG_VERSION"));
     println!("  model store  {} ({listed})", shown.display());
     println!(
@@ -186,7 +240,7 @@ fn print_banner(app: &Server, local: std::net::SocketAddr) {
 
 /// Resolves on SIGTERM or Ctrl-C (axum then stops taking connections and waits for those in
 /// flight); tells `signalled`, which starts the drain deadline.
-async fn shutdown(signalled: Arc<tokio::sync::Notify>) {
+async fn shutdown(signalled: Arc<tokio::sync::Notify>, app: Arc<Server>) {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("signal handler");
@@ -195,6 +249,7 @@ async fn shutdown(signalled: Arc<tokio::sync::Notify>) {
         _ = term.recv() => {},
     }
     tracing::info!("shutting down: draining requests in flight");
+    app.begin_drain();
     signalled.notify_one();
 }
 

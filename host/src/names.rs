@@ -94,9 +94,11 @@ impl ModelKey {
     }
 }
 
-/// `tenant/name`: a model without its version, for metric labels that span versions.
-pub fn model_label(tenant: &str, name: &str) -> String {
-    format!("{tenant}/{name}")
+impl ModelKey {
+    /// The `tenant`, `model`, `version` label values of every per-model metric.
+    pub fn labels(&self) -> [&str; 3] {
+        [&self.tenant, &self.name, &self.version]
+    }
 }
 
 impl fmt::Display for ModelKey {
@@ -134,7 +136,7 @@ mod tests {
     fn keys_identify_one_version() {
         let k = ModelKey::new("alice", "sam", "2");
         assert_eq!(k.to_string(), "alice/sam@2");
-        assert_eq!(model_label(&k.tenant, &k.name), "alice/sam");
+        assert_eq!(k.labels(), ["alice", "sam", "2"]);
         assert!(k.is_version_of("alice", "sam"));
         // No prefix confusion: 'sam' is not a version of 'sa' nor of another tenant's 'sam'.
         assert!(!k.is_version_of("alice", "sa"));

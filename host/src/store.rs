@@ -84,12 +84,18 @@ impl LocalStore {
     }
 
     /// Resolves a `POST /models` url: `file:///abs/path.tar.gz`, an absolute path, or a path
-    /// relative to the store; the file must exist inside the store. Whether a url points into
+    /// relative to the store; the file must exist inside the store. A folder holding an
+    /// unpacked archive (its `model-config.yaml` at the top) resolves to that folder. Whether a url points into
     /// the store is decided from its text first, so the answer for a path outside the store is
     /// the same whether or not that path exists (no probing of the server's files).
     pub fn resolve_url(&self, url: &str) -> Result<PathBuf, StoreError> {
         let raw = url.strip_prefix("file://").unwrap_or(url);
         let bad = || StoreError::BadUrl(url.to_string());
+        // Nothing is fetched from elsewhere (a remote url loading code is how TorchServe's
+        // "ShellTorch" began).
+        if raw.contains("://") {
+            return Err(bad());
+        }
         let root = std::path::absolute(&self.root)?;
         let real_root = self.root.canonicalize()?;
         let candidate = if Path::new(raw).is_absolute() {
@@ -101,8 +107,10 @@ impl LocalStore {
         if !(lexical.starts_with(&root) || lexical.starts_with(&real_root)) {
             return Err(bad());
         }
-        // A directory url (SageMaker passes a prefix) holding exactly the archive also works.
-        let candidate = if lexical.is_dir() {
+        // A directory url (SageMaker passes the folder it unpacked a model into) is the model
+        // itself when it holds a model-config.yaml, else it must hold exactly one archive.
+        let candidate = if lexical.is_dir() && !lexical.join(crate::archive::CONFIG_FILE).is_file()
+        {
             single_archive_in(&lexical)?
         } else {
             lexical
@@ -110,7 +118,7 @@ impl LocalStore {
         let real = candidate
             .canonicalize()
             .map_err(|_| StoreError::NotFound(url.to_string()))?;
-        if !real.starts_with(&real_root) || !real.is_file() {
+        if !real.starts_with(&real_root) || !(real.is_file() || real.is_dir()) {
             return Err(bad());
         }
         Ok(real)
@@ -366,6 +374,8 @@ mod tests {
             "/etc/passwd",
             "/etc/no-such-file",
             "../../etc/passwd",
+            "https://example.com/a.tar.gz",
+            "s3://bucket/a.tar.gz",
             "../../nope",
             "a.tar.gz/../../x",
         ] {

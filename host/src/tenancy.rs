@@ -17,6 +17,30 @@ use std::time::{Duration, SystemTime};
 /// The tenant of single-tenant mode.
 pub const DEFAULT_TENANT: &str = "default";
 
+/// Who may call what (`--auth-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// `tokens` with a tenants file, else `loopback`.
+    Auto,
+    /// Single tenant, no tokens, loopback addresses only.
+    Loopback,
+    /// Every route but health needs a tenant's token (a tenants file).
+    Tokens,
+    /// Single tenant; inference needs no token, management and metrics an admin token.
+    OpenInference,
+    /// Single tenant, no tokens, any address: behind a trusted network only.
+    Open,
+}
+
+/// What a route does, for the auth mode to decide whether it needs a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Running models and reading their metadata.
+    Inference,
+    /// Loading, uploading, unloading, listing models; metrics.
+    Management,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TenancyError {
     #[error("missing credentials: send 'Authorization: Bearer <token>'")]
@@ -82,6 +106,10 @@ struct TenantSet {
 
 /// The tenant registry. Cheap to query; reloads itself when its file changes.
 pub struct Tenants {
+    mode: AuthMode,
+    /// `open-inference`: the admin token digests file, and its digests.
+    admin_file: Option<PathBuf>,
+    admin_digests: RwLock<Vec<[u8; 32]>>,
     file: Option<PathBuf>,
     set: RwLock<Arc<TenantSet>>,
     loaded_mtime: RwLock<Option<SystemTime>>,
@@ -104,6 +132,13 @@ fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, rest) = header.trim_start().split_once([' ', '\t'])?;
     let token = rest.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The sha256 digest of the bearer token in an `Authorization` header value.
+fn digest_of(authorization: Option<&str>) -> Result<[u8; 32], TenancyError> {
+    let header = authorization.ok_or(TenancyError::MissingToken)?;
+    let token = bearer_token(header).ok_or(TenancyError::MissingToken)?;
+    Ok(Sha256::digest(token.as_bytes()).into())
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -181,7 +216,86 @@ fn load(path: &Path) -> Result<TenantSet, TenancyError> {
     Ok(set)
 }
 
+/// Reads an admin tokens file: one `sha256:<hex>` per line, blank lines and `#` comments.
+fn load_admin_digests(path: &Path) -> Result<Vec<[u8; 32]>, TenancyError> {
+    let err = |m: String| TenancyError::Config(path.to_path_buf(), m);
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if meta.len() > 1 << 20 {
+        return Err(err("over 1 MiB".into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let digests = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            parse_digest(l).ok_or_else(|| err("each line must be 'sha256:<64 hex digits>'".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if digests.is_empty() {
+        return Err(err("no admin token digests".into()));
+    }
+    Ok(digests)
+}
+
 impl Tenants {
+    /// The tenants of `mode` (resolved: not `Auto`), from `--tenants` and `--admin-tokens`.
+    pub fn for_mode(
+        mode: AuthMode,
+        tenants: Option<&Path>,
+        admin_tokens: Option<&Path>,
+    ) -> Result<Tenants, String> {
+        let mode = match mode {
+            AuthMode::Auto if tenants.is_some() => AuthMode::Tokens,
+            AuthMode::Auto => AuthMode::Loopback,
+            m => m,
+        };
+        match (mode, tenants, admin_tokens) {
+            (AuthMode::Tokens, Some(path), None) => {
+                Tenants::from_file(path).map_err(|e| e.to_string())
+            }
+            (AuthMode::Tokens, None, _) => Err("--auth-mode tokens needs --tenants".into()),
+            (AuthMode::OpenInference, None, Some(path)) => {
+                let digests = load_admin_digests(path).map_err(|e| e.to_string())?;
+                let mut t = Tenants::single();
+                t.mode = mode;
+                t.admin_file = Some(path.to_path_buf());
+                t.admin_digests = RwLock::new(digests);
+                *t.loaded_mtime.write().unwrap() =
+                    std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                Ok(t)
+            }
+            (AuthMode::OpenInference, None, None) => {
+                Err("--auth-mode open-inference needs --admin-tokens (token digests for management)".into())
+            }
+            (AuthMode::Loopback | AuthMode::Open | AuthMode::Auto, None, None) => {
+                let mut t = Tenants::single();
+                t.mode = mode;
+                Ok(t)
+            }
+            (_, Some(_), _) => Err(format!(
+                "--tenants gives every tenant its own models and tokens: use it with --auth-mode tokens (or auto), not {mode:?}"
+            )),
+            (_, None, Some(_)) => {
+                Err("--admin-tokens is for --auth-mode open-inference".into())
+            }
+        }
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// One line for the start-up log: who may call what.
+    pub fn describe(&self) -> &'static str {
+        match self.mode {
+            AuthMode::Tokens => "tokens: every route but health needs a tenant's token",
+            AuthMode::OpenInference => "open-inference: inference needs no token; management and metrics need an admin token",
+            AuthMode::Open => "open: no tokens at all; anyone who reaches this port can load and run models (trusted networks only)",
+            AuthMode::Loopback | AuthMode::Auto => "loopback: single tenant, no tokens, loopback addresses only",
+        }
+    }
+
     /// Single-tenant mode: one `default` tenant, no tokens, the whole budget.
     pub fn single() -> Tenants {
         let t = Arc::new(Tenant {
@@ -195,6 +309,9 @@ impl Tenants {
             by_name: HashMap::from([(DEFAULT_TENANT.to_string(), t)]),
         };
         Tenants {
+            mode: AuthMode::Loopback,
+            admin_file: None,
+            admin_digests: RwLock::new(Vec::new()),
             file: None,
             set: RwLock::new(Arc::new(set)),
             loaded_mtime: RwLock::new(None),
@@ -206,6 +323,9 @@ impl Tenants {
         let set = load(path)?;
         let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         Ok(Tenants {
+            mode: AuthMode::Tokens,
+            admin_file: None,
+            admin_digests: RwLock::new(Vec::new()),
             file: Some(path.to_path_buf()),
             set: RwLock::new(Arc::new(set)),
             loaded_mtime: RwLock::new(mtime),
@@ -218,13 +338,34 @@ impl Tenants {
 
     /// The tenant a request acts as, from its `Authorization` header value.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Tenant>, TenancyError> {
+        self.authenticate_for(authorization, Scope::Management)
+    }
+
+    /// The tenant a request for `scope` acts as, from its `Authorization` header value.
+    pub fn authenticate_for(
+        &self,
+        authorization: Option<&str>,
+        scope: Scope,
+    ) -> Result<Arc<Tenant>, TenancyError> {
         let set = self.set.read().unwrap().clone();
         if !self.multi_tenant() {
-            return Ok(set.by_name[DEFAULT_TENANT].clone());
+            let single = set.by_name[DEFAULT_TENANT].clone();
+            if self.mode != AuthMode::OpenInference || scope == Scope::Inference {
+                return Ok(single);
+            }
+            let digest = digest_of(authorization)?;
+            let admins = self.admin_digests.read().unwrap();
+            let mut ok = false;
+            for d in admins.iter() {
+                ok |= constant_time_eq(d, &digest);
+            }
+            return if ok {
+                Ok(single)
+            } else {
+                Err(TenancyError::BadToken)
+            };
         }
-        let header = authorization.ok_or(TenancyError::MissingToken)?;
-        let token = bearer_token(header).ok_or(TenancyError::MissingToken)?;
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let digest = digest_of(authorization)?;
         // Compare against every digest so the time taken does not depend on which matched.
         let mut found = None;
         for (d, t) in &set.by_digest {
@@ -246,8 +387,26 @@ impl Tenants {
             .collect()
     }
 
-    /// Re-reads the tenants file if it changed; keeps the old set if the new one is invalid.
+    /// Re-reads the tenants file (or the admin tokens file) if it changed; keeps the old
+    /// tokens if the new file is invalid.
     pub fn reload_if_changed(&self) {
+        if let Some(path) = &self.admin_file {
+            let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            if mtime == *self.loaded_mtime.read().unwrap() {
+                return;
+            }
+            *self.loaded_mtime.write().unwrap() = mtime;
+            match load_admin_digests(path) {
+                Ok(d) => {
+                    tracing::info!(file = %path.display(), tokens = d.len(), "admin tokens reloaded");
+                    *self.admin_digests.write().unwrap() = d;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "admin tokens file changed but is invalid; keeping the previous tokens")
+                }
+            }
+            return;
+        }
         let Some(path) = &self.file else { return };
         let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         if mtime == *self.loaded_mtime.read().unwrap() {
@@ -269,7 +428,7 @@ impl Tenants {
 
     /// Polls the file for changes every `every` (token rotation without restart).
     pub fn watch(self: &Arc<Self>, every: Duration) {
-        if self.file.is_none() {
+        if self.file.is_none() && self.admin_file.is_none() {
             return;
         }
         let me = Arc::downgrade(self);
@@ -285,13 +444,15 @@ impl Tenants {
     }
 }
 
-/// Refuses to serve a non-loopback address without tenants: an open management API that loads
-/// code is remote code execution (the TorchServe "ShellTorch" lesson).
+/// Refuses to serve a non-loopback address without tokens unless the operator chose an open
+/// mode: an open management API that loads code is remote code execution (the TorchServe
+/// "ShellTorch" lesson).
 pub fn check_bind(addr: IpAddr, tenants: &Tenants) -> Result<(), String> {
-    if !addr.is_loopback() && !tenants.multi_tenant() {
+    if !addr.is_loopback() && tenants.mode() == AuthMode::Loopback {
         return Err(format!(
             "refusing to listen on {addr} without authentication: configure tenants and tokens with --tenants, \
-             or bind a loopback address"
+             bind a loopback address, or choose --auth-mode open-inference (admin tokens for management) \
+             or open (trusted networks only)"
         ));
     }
     Ok(())
@@ -355,5 +516,55 @@ mod tests {
     fn open_bind_needs_tenants() {
         assert!(check_bind("0.0.0.0".parse().unwrap(), &Tenants::single()).is_err());
         assert!(check_bind("127.0.0.1".parse().unwrap(), &Tenants::single()).is_ok());
+        let open = Tenants::for_mode(AuthMode::Open, None, None).unwrap();
+        assert!(check_bind("0.0.0.0".parse().unwrap(), &open).is_ok());
+    }
+
+    #[test]
+    fn auth_modes_split_inference_from_management() {
+        let admins = file(&format!("# ops\n{}\n", token_digest("root")));
+        let t = Tenants::for_mode(AuthMode::OpenInference, None, Some(admins.path())).unwrap();
+        assert!(check_bind("0.0.0.0".parse().unwrap(), &t).is_ok());
+        // Inference: no token needed (and a wrong one does not matter).
+        for header in [None, Some("Bearer nope")] {
+            let who = t.authenticate_for(header, Scope::Inference).unwrap();
+            assert_eq!(who.name, DEFAULT_TENANT);
+        }
+        // Management: the admin token only.
+        assert!(matches!(
+            t.authenticate_for(None, Scope::Management),
+            Err(TenancyError::MissingToken)
+        ));
+        assert!(matches!(
+            t.authenticate_for(Some("Bearer nope"), Scope::Management),
+            Err(TenancyError::BadToken)
+        ));
+        assert!(
+            t.authenticate_for(Some("Bearer root"), Scope::Management)
+                .unwrap()
+                .admin
+        );
+        // Open: nothing needs a token.
+        let open = Tenants::for_mode(AuthMode::Open, None, None).unwrap();
+        assert!(open.authenticate_for(None, Scope::Management).is_ok());
+        // Combinations that make no sense are refused with a reason.
+        let tenants = file(&format!(
+            "tenants:\n- name: a\n  tokens: ['{}']\n",
+            token_digest("x")
+        ));
+        assert!(Tenants::for_mode(AuthMode::OpenInference, None, None).is_err());
+        assert!(Tenants::for_mode(AuthMode::Tokens, None, None).is_err());
+        assert!(Tenants::for_mode(AuthMode::Open, Some(tenants.path()), None).is_err());
+        assert!(Tenants::for_mode(AuthMode::Open, None, Some(admins.path())).is_err());
+        assert_eq!(
+            Tenants::for_mode(AuthMode::Auto, Some(tenants.path()), None)
+                .unwrap()
+                .mode(),
+            AuthMode::Tokens
+        );
+        assert!(
+            Tenants::for_mode(AuthMode::OpenInference, None, Some(file("# none\n").path()))
+                .is_err()
+        );
     }
 }

@@ -109,6 +109,8 @@ pub struct Launch {
     pub work_dir: Option<PathBuf>,
     /// Run the server in a memory cage of this many bytes (see [`MemoryCage`]).
     pub memory_limit: Option<u64>,
+    /// Return once it listens, before it is ready (its preloads warm).
+    pub listening_only: bool,
 }
 
 impl Server {
@@ -151,11 +153,19 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let banner = Arc::new(Mutex::new(String::new()));
         let lines = banner.clone();
+        // Ready (preloads warm) comes after listening: tests start from a ready server.
+        let listening_only = how.listening_only;
         std::thread::spawn(move || {
+            let mut addr = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 lines.lock().unwrap().push_str(&format!("{line}\n"));
-                if let Some(addr) = line.strip_prefix("tessera listening on ") {
-                    let _ = tx.send(addr.to_string());
+                if let Some(a) = line.strip_prefix("tessera listening on ") {
+                    addr = Some(a.to_string());
+                }
+                if line == "tessera ready" || listening_only {
+                    if let Some(a) = addr.take() {
+                        let _ = tx.send(a);
+                    }
                 }
             }
         });
@@ -596,4 +606,61 @@ pub fn python_json(args: &[&str], stdin: &serde_json::Value) -> serde_json::Valu
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "python {args:?} failed");
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// One HTTP/1.1 connection kept open across requests (what a load balancer's health checker
+/// or a keep-alive client holds).
+pub struct KeepAlive {
+    stream: BufReader<std::net::TcpStream>,
+}
+
+impl KeepAlive {
+    pub fn connect(base: &str) -> KeepAlive {
+        let addr = base.trim_start_matches("http://");
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        KeepAlive {
+            stream: BufReader::new(stream),
+        }
+    }
+
+    /// `GET path` on this connection; returns the status (0 if the connection is gone).
+    pub fn get(&mut self, path: &str) -> u16 {
+        use std::io::Write;
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        if self.stream.get_mut().write_all(req.as_bytes()).is_err() {
+            return 0;
+        }
+        let mut status_line = String::new();
+        if self.stream.read_line(&mut status_line).unwrap_or(0) == 0 {
+            return 0;
+        }
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if self.stream.read_line(&mut line).unwrap_or(0) == 0 {
+                return 0;
+            }
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        if self.stream.read_exact(&mut body).is_err() {
+            return 0;
+        }
+        status
+    }
 }

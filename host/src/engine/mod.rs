@@ -74,6 +74,7 @@ struct Shared {
 /// A model's queue and forward threads.
 pub struct Engine {
     queue: Arc<ModelQueue>,
+    workers: usize,
 }
 
 /// Every forward thread still running or not yet joined, of every engine (those of unloaded
@@ -131,6 +132,7 @@ impl Engine {
         let queue: Arc<ModelQueue> = Queue::new(capacity);
         let engine = Engine {
             queue: queue.clone(),
+            workers: threads,
         };
         let shared = Arc::new(Shared {
             name: name.to_string(),
@@ -188,6 +190,16 @@ impl Engine {
     /// A slot for one request (held from preprocess to postprocess), or `Full` (429).
     pub fn admit(&self) -> Result<Slot, queue::Full> {
         self.queue.admit()
+    }
+
+    /// Its forward threads.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Jobs waiting for a forward thread.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.depth()
     }
 
     /// Requests holding a slot (their work, or a gone client's, not finished).

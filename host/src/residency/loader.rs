@@ -46,6 +46,27 @@ fn intra_op_threads(config: &archive::ModelConfig) -> usize {
 pub struct Loader {
     pub config: LoaderConfig,
     pub sandbox: Arc<Sandbox>,
+    /// Forward threads set by the management API (TorchServe's scale-workers) per model
+    /// version, used instead of its `maxWorkers` at its next load.
+    pub workers: Arc<WorkerOverrides>,
+}
+
+/// Worker counts set at runtime, per model version.
+#[derive(Default)]
+pub struct WorkerOverrides(
+    std::sync::RwLock<std::collections::HashMap<crate::names::ModelKey, u32>>,
+);
+
+impl WorkerOverrides {
+    pub fn get(&self, key: &crate::names::ModelKey) -> Option<u32> {
+        self.0.read().unwrap().get(key).copied()
+    }
+    pub fn set(&self, key: crate::names::ModelKey, workers: u32) {
+        self.0.write().unwrap().insert(key, workers);
+    }
+    pub fn clear(&self, key: &crate::names::ModelKey) {
+        self.0.write().unwrap().remove(key);
+    }
 }
 
 /// Why an archive's contents were refused by [`check_unpacked`].
@@ -98,14 +119,17 @@ impl Loader {
         let result = self.load_inner(residency, reg, tenant).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         let metrics = &residency.metrics;
-        let label = reg.key.to_string();
+        let k = &reg.key;
         metrics
             .loads
-            .with_label_values(&[label.as_str(), outcome])
+            .with_label_values(&[&k.tenant, &k.name, &k.version, outcome])
             .inc();
         match &result {
             Ok(m) => {
-                metrics.load_seconds.observe(m.load_time.as_secs_f64());
+                metrics
+                    .load_seconds
+                    .with_label_values(&k.labels())
+                    .observe(m.load_time.as_secs_f64());
                 tracing::info!(
                     model = %m.key,
                     device = runtime::device_name(m.pipeline.device()),
@@ -136,6 +160,10 @@ impl Loader {
             );
             blocking(move || unpack_cached(&archive, &config, &sandbox)).await??
         };
+        if !unpacked.config.ignored_keys.is_empty() {
+            tracing::warn!(model = %key, keys = ?unpacked.config.ignored_keys,
+                "model-config.yaml sets TorchServe keys Tessera does not use; they are ignored");
+        }
         let device = match (unpacked.config.device_type.as_deref(), self.config.device) {
             (Some("cpu"), _) => Device::Cpu,
             (_, d) => d,
@@ -188,7 +216,7 @@ impl Loader {
             blocking(move || sandbox.prepare(&path, &hash, env)).await??
         };
         let pipeline = Arc::new(pipeline);
-        let workers = unpacked.config.max_workers as usize;
+        let workers = self.workers.get(key).unwrap_or(unpacked.config.max_workers) as usize;
         let engine = Engine::spawn(
             pipeline.clone(),
             workers,
@@ -293,21 +321,36 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// The unpacked directory for an archive, unpacking on first sight, its code checked
 /// ([`check_unpacked`]) before anything loads it. Keyed by path, size and mtime, so a replaced
 /// archive is unpacked and checked afresh.
+///
+/// A folder (an archive SageMaker already unpacked) is scanned under the archive rules and
+/// copied in, keyed by every file's name, size and mtime.
 fn unpack_cached(
     archive: &Path,
     config: &LoaderConfig,
     sandbox: &Sandbox,
 ) -> Result<Unpacked, ResidencyError> {
     let meta = std::fs::metadata(archive).map_err(archive::io_err(archive))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-        .unwrap_or_default();
     let mut h = Sha256::new();
     h.update(archive.to_string_lossy().as_bytes());
-    h.update(meta.len().to_le_bytes());
-    h.update(mtime.as_nanos().to_le_bytes());
+    let listing = if meta.is_dir() {
+        let entries = archive::scan_dir(archive, config.limits)?;
+        for e in &entries {
+            h.update(e.rel.to_string_lossy().as_bytes());
+            h.update([0]);
+            h.update(e.len.to_le_bytes());
+            h.update(e.mtime_ns.to_le_bytes());
+        }
+        Some(entries)
+    } else {
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        h.update(meta.len().to_le_bytes());
+        h.update(mtime.as_nanos().to_le_bytes());
+        None
+    };
     let key = hex::encode(&h.finalize()[..12]);
     let dest = config.work_dir.join("unpacked").join(&key);
     // Written once the unpacked code passed the check; never inside `dest`, which holds the
@@ -322,10 +365,10 @@ fn unpack_cached(
             Err(_) => {
                 let _ = std::fs::remove_dir_all(&dest);
                 let _ = std::fs::remove_file(&checked);
-                unpack_fresh(archive, &dest, config)?
+                unpack_fresh(archive, listing.as_deref(), &dest, config)?
             }
         },
-        _ => unpack_fresh(archive, &dest, config)?,
+        _ => unpack_fresh(archive, listing.as_deref(), &dest, config)?,
     };
     if !checked.is_file() {
         let limits = verify::CheckLimits::for_files(
@@ -341,10 +384,15 @@ fn unpack_cached(
 
 fn unpack_fresh(
     archive: &Path,
+    listing: Option<&[archive::DirEntry]>,
     dest: &Path,
     config: &LoaderConfig,
 ) -> Result<Unpacked, ArchiveError> {
-    match archive::unpack(archive, dest, config.limits) {
+    let done = match listing {
+        Some(entries) => archive::import_dir(archive, entries, dest),
+        None => archive::unpack(archive, dest, config.limits),
+    };
+    match done {
         // Another load of the same archive may have won the rename.
         Err(ArchiveError::Io { .. }) if dest.is_dir() => archive::inspect(dest),
         other => other,

@@ -23,7 +23,7 @@ pub mod loader;
 mod model;
 pub mod policy;
 
-pub use loader::{check_unpacked, CheckError, Loader, LoaderConfig};
+pub use loader::{check_unpacked, CheckError, Loader, LoaderConfig, WorkerOverrides};
 pub use model::{InUse, LoadedModel};
 
 use crate::archive::ArchiveError;
@@ -122,11 +122,10 @@ impl Residency {
                     if cause == RemovalCause::Replaced {
                         return;
                     }
-                    let label = key.to_string();
-                    m.resident_bytes.with_label_values(&[label.as_str()]).set(0);
+                    m.forget_resident(key.labels());
                     m.resident_models.dec();
                     tracing::info!(
-                        model = label,
+                        model = %key,
                         bytes = model.weight(),
                         in_use = model.in_use(),
                         "model evicted{}",
@@ -190,6 +189,11 @@ impl Residency {
         crate::engine::join_all(deadline)
     }
 
+    /// Every resident model.
+    pub fn resident(&self) -> Vec<Arc<LoadedModel>> {
+        self.cache.iter().map(|(_, m)| m).collect()
+    }
+
     /// Resident versions of `tenant`'s model `name`.
     pub fn resident_versions(&self, tenant: &str, name: &str) -> Vec<Arc<LoadedModel>> {
         self.cache
@@ -234,7 +238,7 @@ impl Residency {
             self.metrics.resident_models.inc();
             self.metrics
                 .resident_bytes
-                .with_label_values(&[key.to_string().as_str()])
+                .with_label_values(&key.labels())
                 .set(model.weight() as i64);
             // Now that the real size is known, bring the total back within the budget.
             if !self.make_room(key, 0).await {
@@ -338,7 +342,7 @@ impl Residency {
     fn count_eviction(&self, key: &ModelKey, cause: EvictionCause) {
         self.metrics
             .evictions
-            .with_label_values(&[key.to_string().as_str(), cause.as_str()])
+            .with_label_values(&[&key.tenant, &key.name, &key.version, cause.as_str()])
             .inc();
     }
 

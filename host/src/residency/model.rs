@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 /// running (residency publishes it once its warm-up has run).
 pub struct LoadedModel {
     pub key: ModelKey,
-    /// `key` as text (`tenant/name@version`), formatted once: metric labels on every request.
-    pub label: String,
     /// Its unpacked archive (config, assets) on local disk.
     pub unpacked: Unpacked,
     /// The TorchScript (entry model, and the cached stage if any) on its device.
@@ -40,7 +38,6 @@ impl LoadedModel {
         now_ms: u64,
     ) -> LoadedModel {
         LoadedModel {
-            label: key.to_string(),
             key,
             unpacked,
             pipeline,

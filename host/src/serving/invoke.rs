@@ -75,16 +75,7 @@ impl Server {
         timings.version = model.key.version.clone();
         let _busy = model.begin(self.residency.clock());
         let timeout = model.timeout_for(tenant);
-        let slot = model.engine.admit().map_err(|_| {
-            self.metrics
-                .rejected
-                .with_label_values(&[model.label.as_str()])
-                .inc();
-            Error::new(
-                ErrorKind::Overloaded,
-                format!("model '{name}' is busy: its queue is full, retry later"),
-            )
-        })?;
+        let slot = self.admit(&model, name)?;
         // The sandbox enforces the deadline itself and says which handler call overran; the
         // outer timer (a little later) catches waits and forwards, which cannot be interrupted.
         let outer = timeout + Duration::from_millis(250);
@@ -215,7 +206,6 @@ impl Server {
         timings: &mut Timings,
     ) -> Result<HandlerResponse, Error> {
         let deadline = Instant::now() + timeout;
-        let label = &model.label;
         let t = Instant::now();
         let rid = request_id.to_string();
         let pre = self
@@ -225,13 +215,106 @@ impl Server {
             .await??;
         timings.preprocess = t.elapsed();
 
-        let t = Instant::now();
-        let input = Arc::new(PipelineInput::new(
+        let input = PipelineInput::new(
             pre.inputs,
             pre.cache_key,
             pre.pinned,
             model.pipeline.stage_inputs(),
-        ));
+        );
+        let outputs = self
+            .forward(model, slot, input, deadline, timeout, timings)
+            .await?;
+
+        let t = Instant::now();
+        let rid = request_id.to_string();
+        let response = self
+            .handler_call(model, slot, move |sandbox, handler| {
+                sandbox.postprocess(handler, outputs, pre.context, &rid, deadline)
+            })
+            .await??;
+        timings.postprocess = t.elapsed();
+        Ok(response)
+    }
+
+    /// Serves one Open Inference Protocol request: `tensors` go straight to `tenant`'s model
+    /// `name` (its handler is not called), checked against the model's `tessera.oip` spec and
+    /// put in its order; returns the outputs, named by the spec, and the model's spec.
+    pub async fn infer_tensors(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        name: &str,
+        version: Option<&str>,
+        tensors: Vec<HostTensor>,
+    ) -> Result<(Vec<HostTensor>, Timings), Error> {
+        let mut timings = Timings::default();
+        let reg = self.registry.resolve(&tenant.name, name, version)?;
+        let load_started = Instant::now();
+        let (model, loaded_now) = self.resident(&reg, tenant).await?;
+        if loaded_now {
+            timings.load = Some(load_started.elapsed());
+        }
+        timings.version = model.key.version.clone();
+        let spec = oip_spec(&model)?;
+        let inputs = order_inputs(&spec, tensors)?;
+        let _busy = model.begin(self.residency.clock());
+        let timeout = model.timeout_for(tenant);
+        let slot = self.admit(&model, name)?;
+        let deadline = Instant::now() + timeout;
+        let input = PipelineInput::new(inputs, None, None, &[]);
+        let outer = timeout + Duration::from_millis(250);
+        let outputs = tokio::time::timeout(
+            outer,
+            self.forward(&model, &slot, input, deadline, timeout, &mut timings),
+        )
+        .await
+        .map_err(|_| timed_out(timeout))??;
+        if outputs.len() != spec.outputs.len() {
+            return Err(RuntimeError::Output(format!(
+                "the model returned {} outputs, its tessera.oip lists {}",
+                outputs.len(),
+                spec.outputs.len()
+            ))
+            .into());
+        }
+        let named = outputs
+            .into_iter()
+            .zip(&spec.outputs)
+            .map(|(mut t, s)| {
+                t.name = s.name.clone();
+                t
+            })
+            .collect();
+        Ok((named, timings))
+    }
+
+    /// A slot in `model`'s queue, or 429.
+    fn admit(&self, model: &LoadedModel, name: &str) -> Result<Slot, Error> {
+        model.engine.admit().map_err(|_| {
+            self.metrics
+                .rejected
+                .with_label_values(&model.key.labels())
+                .inc();
+            Error::new(
+                ErrorKind::Overloaded,
+                format!("model '{name}' is busy: its queue is full, retry later"),
+            )
+        })
+    }
+
+    /// The forward of `input` under `slot` (queued, batched, retried after evicting on out of
+    /// memory), with its timings and metrics.
+    async fn forward(
+        &self,
+        model: &Arc<LoadedModel>,
+        slot: &Slot,
+        input: PipelineInput,
+        deadline: Instant,
+        timeout: Duration,
+        timings: &mut Timings,
+    ) -> Result<Vec<HostTensor>, Error> {
+        let labels = model.key.labels();
+        let t = Instant::now();
+        let input = Arc::new(input);
         // Queue waits of every attempt (a forward that ran out of memory is tried again).
         let queued_ns = AtomicU64::new(0);
         let batch = AtomicUsize::new(0);
@@ -273,31 +356,26 @@ impl Server {
         timings.batch = batch.load(Ordering::Relaxed);
         self.metrics
             .batch_size
-            .with_label_values(&[label.as_str()])
+            .with_label_values(&labels)
             .observe(timings.batch as f64);
         if let Some(hit) = hit {
             let result = if hit { "hit" } else { "miss" };
             self.metrics
                 .stage_cache
-                .with_label_values(&[label.as_str(), result])
+                .with_label_values(&[labels[0], labels[1], labels[2], result])
                 .inc();
         }
         timings.queue = queued;
+        self.metrics
+            .queue_seconds
+            .with_label_values(&labels)
+            .observe(queued.as_secs_f64());
         timings.inference = t.elapsed().saturating_sub(queued);
         self.metrics
             .inference_seconds
-            .with_label_values(&[label.as_str()])
+            .with_label_values(&labels)
             .observe(timings.inference.as_secs_f64());
-
-        let t = Instant::now();
-        let rid = request_id.to_string();
-        let response = self
-            .handler_call(model, slot, move |sandbox, handler| {
-                sandbox.postprocess(handler, outputs, pre.context, &rid, deadline)
-            })
-            .await??;
-        timings.postprocess = t.elapsed();
-        Ok(response)
+        Ok(outputs)
     }
 
     /// Runs `call` with the sandbox and `model`'s handler on a blocking thread, holding a clone
@@ -315,4 +393,64 @@ impl Server {
         })
         .await?)
     }
+}
+
+/// The model's `tessera.oip`, or 400 for a model served through its handler only.
+pub fn oip_spec(model: &LoadedModel) -> Result<crate::archive::OipSpec, Error> {
+    model.config().tessera.oip.clone().ok_or_else(|| {
+        Error::new(
+            ErrorKind::BadRequest,
+            format!(
+                "model '{}' does not take Open Inference Protocol requests (its model-config.yaml has no tessera.oip): call it through its handler at /predictions/{}",
+                model.key.name, model.key.name
+            ),
+        )
+    })
+}
+
+/// `tensors` in the spec's order, each checked against its entry: every input given once,
+/// nothing else, datatypes and shapes as declared.
+fn order_inputs(
+    spec: &crate::archive::OipSpec,
+    tensors: Vec<HostTensor>,
+) -> Result<Vec<HostTensor>, Error> {
+    let bad = |m: String| Error::new(ErrorKind::BadRequest, m);
+    let mut by_name: std::collections::HashMap<String, HostTensor> =
+        std::collections::HashMap::new();
+    for t in tensors {
+        if !spec.inputs.iter().any(|s| s.name == t.name) {
+            let known: Vec<&str> = spec.inputs.iter().map(|s| s.name.as_str()).collect();
+            return Err(bad(format!(
+                "unexpected input '{}': the model takes {known:?}",
+                t.name
+            )));
+        }
+        let name = t.name.clone();
+        if by_name.insert(name.clone(), t).is_some() {
+            return Err(bad(format!("input '{name}' given twice")));
+        }
+    }
+    spec.inputs
+        .iter()
+        .map(|s| {
+            let t = by_name
+                .remove(&s.name)
+                .ok_or_else(|| bad(format!("input '{}' is missing", s.name)))?;
+            if t.dtype != s.dtype() {
+                return Err(bad(format!(
+                    "input '{}' must be {}, got {}",
+                    s.name,
+                    s.datatype,
+                    crate::oip::datatype_name(t.dtype)
+                )));
+            }
+            if !s.accepts(&t.shape) {
+                return Err(bad(format!(
+                    "input '{}' must have shape {:?} (-1: any size), got {:?}",
+                    s.name, s.shape, t.shape
+                )));
+            }
+            Ok(t)
+        })
+        .collect()
 }

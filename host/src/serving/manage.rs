@@ -51,6 +51,47 @@ pub struct ModelList {
     pub next_page_token: Option<String>,
 }
 
+/// One model version as TorchServe's describe shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionInfo {
+    pub model_name: String,
+    pub model_version: String,
+    pub model_url: String,
+    pub runtime: &'static str,
+    pub is_default: bool,
+    pub loaded: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_workers: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_workers: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_delay: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_timeout: Option<u64>,
+    /// One per forward thread of a resident version (none when not loaded).
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// A forward thread, as TorchServe lists its workers.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerInfo {
+    pub id: String,
+    pub status: &'static str,
+    pub gpu: bool,
+    pub memory_usage: u64,
+}
+
+/// Which versions a TorchServe describe asks for.
+pub enum Versions<'a> {
+    Default,
+    All,
+    One(&'a str),
+}
+
 impl Server {
     /// `tenant`'s model `name` (at `version`, or its default) resident and warm (`--preload`).
     pub async fn ensure_loaded(
@@ -71,6 +112,18 @@ impl Server {
         name: &str,
         url: &str,
     ) -> Result<(), Error> {
+        self.register_url(tenant, name, url, true).await
+    }
+
+    /// Registers `name` from a url inside the store; loads it now (answering once it is warm)
+    /// when `load`, else at its first request (TorchServe's `initial_workers=0`).
+    pub async fn register_url(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        name: &str,
+        url: &str,
+        load: bool,
+    ) -> Result<(), Error> {
         if self.tenants.multi_tenant() {
             return Err(Error::new(
                 ErrorKind::Forbidden,
@@ -78,6 +131,9 @@ impl Server {
             ));
         }
         let reg = self.registry.register(&tenant.name, name, url)?;
+        if !load {
+            return Ok(());
+        }
         if let Err(e) = self.resident(&reg, tenant).await {
             self.registry.forget(&tenant.name, name);
             return Err(e);
@@ -144,7 +200,7 @@ impl Server {
                     resident_bytes: m.weight(),
                     load_time_ms: m.load_time.as_millis() as u64,
                     in_flight: m.in_use(),
-                    max_workers: c.max_workers,
+                    max_workers: m.engine.workers() as u32,
                     batch_size: c.batch_size,
                     response_timeout: c.response_timeout,
                 }
@@ -190,5 +246,129 @@ impl Server {
         self.residency.remove(&key).await;
         store.remove_version(&tenant.name, name, version)?;
         Ok(())
+    }
+}
+
+impl Server {
+    /// TorchServe's describe: `which` versions of `tenant`'s model `name`.
+    pub async fn describe_versions(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        which: Versions<'_>,
+    ) -> Result<Vec<VersionInfo>, Error> {
+        self.known(tenant, name)?;
+        let default = self.registry.resolve(&tenant.name, name, None).ok();
+        let mut regs = Vec::new();
+        match which {
+            Versions::Default => regs.extend(default.clone()),
+            Versions::One(v) => regs.push(self.registry.resolve(&tenant.name, name, Some(v))?),
+            Versions::All => {
+                let stored = self.registry.store().versions(&tenant.name, name);
+                if stored.is_empty() {
+                    regs.extend(default.clone());
+                }
+                for v in stored {
+                    regs.extend(self.registry.resolve(&tenant.name, name, Some(&v)).ok());
+                }
+            }
+        }
+        if regs.is_empty() {
+            return Err(RegistryError::NotFound(name.to_string()).into());
+        }
+        let mut out = Vec::new();
+        for reg in regs {
+            let resident = self.residency.peek(&reg.key).await;
+            let c = resident.as_ref().map(|m| m.config().clone());
+            let workers = resident.as_ref().map_or(0, |m| m.engine.workers());
+            let gpu = resident
+                .as_ref()
+                .is_some_and(|m| m.pipeline.device().is_cuda());
+            out.push(VersionInfo {
+                model_name: name.to_string(),
+                model_version: reg.key.version.clone(),
+                model_url: reg.url.clone(),
+                runtime: "torchscript",
+                is_default: default.as_ref().is_some_and(|d| d.key == reg.key),
+                loaded: resident.is_some(),
+                min_workers: c.as_ref().map(|c| c.min_workers.min(workers as u32)),
+                max_workers: resident.as_ref().map(|_| workers as u32),
+                batch_size: c.as_ref().map(|c| c.batch_size),
+                max_batch_delay: c.as_ref().map(|c| c.max_batch_delay),
+                response_timeout: c.as_ref().map(|c| c.response_timeout),
+                workers: (0..workers)
+                    .map(|i| WorkerInfo {
+                        id: format!("{}-{}", reg.key, i + 1),
+                        status: "READY",
+                        gpu,
+                        memory_usage: 0,
+                    })
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// TorchServe's scale-workers: `workers` forward threads for `tenant`'s model `name` (its
+    /// `version`, or the default); 0 unloads it. A resident version is reloaded with the new
+    /// count when idle (409 while it serves); otherwise the count applies at its next load.
+    /// Returns whether a reload happened.
+    pub async fn scale_workers(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        name: &str,
+        version: Option<&str>,
+        workers: u32,
+    ) -> Result<bool, Error> {
+        const MAX_WORKERS: u32 = 64;
+        if workers > MAX_WORKERS {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                format!("at most {MAX_WORKERS} workers per model"),
+            ));
+        }
+        self.known(tenant, name)?;
+        let reg = self.registry.resolve(&tenant.name, name, version)?;
+        let resident = self.residency.peek(&reg.key).await;
+        if let Some(m) = &resident {
+            if m.busy() > 0 {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("'{name}' is serving requests: scale it when idle"),
+                ));
+            }
+        }
+        if workers == 0 {
+            self.workers.clear(&reg.key);
+            self.residency.remove(&reg.key).await;
+            return Ok(false);
+        }
+        self.workers.set(reg.key.clone(), workers);
+        match resident {
+            Some(m) if m.engine.workers() != workers as usize => {
+                self.residency.remove(&reg.key).await;
+                self.resident(&reg, tenant).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// TorchServe's unregister of one version: an uploaded version is deleted (see
+    /// [`Server::delete_version`]); the version of a model registered by url is unregistered.
+    pub async fn unregister_version(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        version: &str,
+    ) -> Result<(), Error> {
+        self.known(tenant, name)?;
+        let stored = self.registry.store().versions(&tenant.name, name);
+        if stored.iter().any(|v| v == version) {
+            return self.delete_version(tenant, name, version).await;
+        }
+        let reg = self.registry.resolve(&tenant.name, name, Some(version))?;
+        self.workers.clear(&reg.key);
+        self.unload(tenant, name).await.map(|_| ())
     }
 }

@@ -10,21 +10,21 @@ mod invoke;
 mod manage;
 mod upload;
 
-pub use invoke::Timings;
-pub use manage::{ModelInfo, ModelList, Resident};
+pub use invoke::{oip_spec, Timings};
+pub use manage::{ModelInfo, ModelList, Resident, VersionInfo, Versions, WorkerInfo};
 pub use upload::{drain, Installed, UploadError};
 
 use crate::archive::Limits;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::residency::{Loader, LoaderConfig, Residency};
+use crate::residency::{Loader, LoaderConfig, Residency, WorkerOverrides};
 use crate::runtime;
 use crate::sandbox::Sandbox;
 use crate::store::LocalStore;
 use crate::tenancy::Tenants;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,19 +36,27 @@ pub struct Server {
     pub residency: Residency,
     pub sandbox: Arc<Sandbox>,
     pub metrics: Arc<Metrics>,
+    /// Worker counts set by the management API, applied at a model's next load.
+    pub workers: Arc<WorkerOverrides>,
     /// Where archives are unpacked; removed at shutdown when the server chose it.
     pub work_dir: PathBuf,
     next_id: AtomicU64,
+    ready: AtomicBool,
+    draining: AtomicBool,
 }
 
 impl Server {
     /// Builds the server from its config: tenants, device and budget, work dir, sandbox,
     /// libtorch settings.
     pub fn new(config: Config) -> anyhow::Result<Arc<Server>> {
-        let tenants = Arc::new(match &config.tenants {
-            Some(path) => Tenants::from_file(path)?,
-            None => Tenants::single(),
-        });
+        let tenants = Arc::new(
+            Tenants::for_mode(
+                config.auth_mode,
+                config.tenants.as_deref(),
+                config.admin_tokens.as_deref(),
+            )
+            .map_err(anyhow::Error::msg)?,
+        );
         crate::tenancy::check_bind(config.bind, &tenants).map_err(anyhow::Error::msg)?;
         let device = runtime::parse_device(&config.device).map_err(anyhow::Error::msg)?;
         if device.is_cuda() && !tch::Cuda::is_available() {
@@ -72,6 +80,7 @@ impl Server {
             tracing::warn!("could not install the CPU tensor memory cap");
         }
         let metrics = Arc::new(Metrics::new());
+        let workers = Arc::new(WorkerOverrides::default());
         let loader = Loader {
             config: LoaderConfig {
                 work_dir: work_dir.clone(),
@@ -89,6 +98,7 @@ impl Server {
                 grad_mode: config.forward_grad_mode,
             },
             sandbox: sandbox.clone(),
+            workers: workers.clone(),
         };
         tracing::info!(
             backend = runtime::configure(config.cudnn_benchmark, config.torchscript_executor),
@@ -106,9 +116,12 @@ impl Server {
             tenants,
             sandbox,
             metrics,
+            workers,
             work_dir,
             config,
             next_id: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }))
     }
 
@@ -119,21 +132,28 @@ impl Server {
         }
     }
 
-    /// Counts a finished request for `tenant`'s model `name` in the request metrics. Only
-    /// models the tenant knows get a label, so junk names cannot grow the metric set.
-    pub fn record_request(&self, tenant: &str, name: &str, status: u16, elapsed: Duration) {
+    /// Counts a finished request for `tenant`'s model `name` (`version`: the one that served
+    /// it, empty when none was resolved) in the request metrics. Only models the tenant knows
+    /// get a label, so junk names cannot grow the metric set.
+    pub fn record_request(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: &str,
+        status: u16,
+        elapsed: Duration,
+    ) {
         if !self.registry.knows(tenant, name) {
             return;
         }
-        let label = crate::names::model_label(tenant, name);
         let code = status.to_string();
         self.metrics
             .requests
-            .with_label_values(&[label.as_str(), code.as_str()])
+            .with_label_values(&[tenant, name, version, code.as_str()])
             .inc();
         self.metrics
             .request_seconds
-            .with_label_values(&[label.as_str()])
+            .with_label_values(&[tenant, name, version])
             .observe(elapsed.as_secs_f64());
     }
 
@@ -141,6 +161,51 @@ impl Server {
     pub fn request_id(&self) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{:x}-{n}", std::process::id())
+    }
+
+    /// Prometheus text: counters as they stand, state (queues, memory, process) read now.
+    pub async fn render_metrics(&self) -> String {
+        let models = self
+            .residency
+            .resident()
+            .iter()
+            .map(|m| crate::metrics::ModelState {
+                labels: m.key.labels().map(str::to_string),
+                queue_depth: m.engine.queue_depth(),
+                in_flight: m.engine.admitted(),
+            })
+            .collect();
+        let gpus = match self.residency.device() {
+            tch::Device::Cuda(n) => runtime::cuda_mem_info(n)
+                .map(|(free, total)| {
+                    let reserved = runtime::cuda_memory(n).map_or(0, |(_, r)| r);
+                    vec![(format!("cuda:{n}"), total - free, total, reserved)]
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let snapshot = crate::metrics::Snapshot {
+            models,
+            budget_bytes: self.residency.budget(),
+            used_bytes: self.residency.used().await,
+            gpus,
+        };
+        self.metrics.render(&snapshot)
+    }
+
+    /// Ready to serve: started, `--preload` models warm, not draining.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// Called once the `--preload` models are warm (or failed, logged).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Called on SIGTERM: readiness answers 503 from now on.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 }
 
