@@ -1,12 +1,16 @@
 # Tessera as a SageMaker multi-model container (also a plain image: `docker run IMAGE serve
-# --auth-mode ...`). SageMaker starts it as `docker run IMAGE serve`; the image's environment
-# switches on SageMaker mode (0.0.0.0:$SAGEMAKER_BIND_TO_PORT or 8080, no tokens: SageMaker
-# isolates the container's network; LoadModel takes the folder SageMaker unpacked a model
-# archive into, /opt/ml/models/<name>/model). Each model.tar.gz is a Tessera archive
-# (`tessera pack`). README.md, section "SageMaker", has the whole contract.
+# --auth-mode ...`). SageMaker starts it as `docker run IMAGE serve` with SAGEMAKER_MULTI_MODEL=
+# true in its environment, which switches on SageMaker mode (0.0.0.0:$SAGEMAKER_BIND_TO_PORT or
+# 8080, no tokens: SageMaker isolates the container's network; LoadModel takes the folder
+# SageMaker unpacked a model archive into, /opt/ml/models/<name>/model). The image itself does
+# not set it: run anywhere else, it starts in the safe default (loopback only) unless told
+# otherwise. Each model.tar.gz is a Tessera archive (`tessera pack`). README.md, section
+# "Deployment", has the whole contract.
 #
 #   docker build -t tessera .
-#   docker run --rm -p 8080:8080 -v /path/to/models:/opt/ml/models tessera serve
+#   # SageMaker's way, on a machine of your own (anyone reaching port 8080 can load models):
+#   docker run --rm -p 127.0.0.1:8080:8080 -e SAGEMAKER_MULTI_MODEL=true \
+#     -v /path/to/models:/opt/ml/models tessera serve
 
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
@@ -30,7 +34,7 @@ COPY --from=build /opt/tessera/venv/lib /opt/tessera/venv/lib
 COPY --from=build /src/target/release/tessera /usr/local/bin/tessera
 LABEL com.amazonaws.sagemaker.capabilities.multi-models=true
 LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true
-ENV TESSERA_SAGEMAKER=true TESSERA_WORK_DIR=/tmp/tessera
+ENV TESSERA_WORK_DIR=/tmp/tessera
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/tessera"]
 CMD ["serve"]

@@ -134,6 +134,13 @@ fn sagemaker_directories_follow_the_archive_rules() {
         assert_eq!(r.status, 422, "{name}: {}", r.text());
         assert!(r.text().contains(why), "{name}: {}", r.text());
     }
+    // No uploads in SageMaker mode (the model root is the platform's).
+    let r = post(
+        &server.url("/models/up/versions/1"),
+        &[("content-type", "application/octet-stream")],
+        &std::fs::read(&fits).unwrap(),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
     let unpacked = work.path().join("unpacked");
     let left: Vec<_> = std::fs::read_dir(&unpacked)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
@@ -167,8 +174,11 @@ fn open_inference_mode_splits_inference_from_management() {
             admins.to_str().unwrap(),
             "--metrics-address",
             "127.0.0.1:0",
+            "--preload",
+            "example",
         ],
     );
+    assert!(server.log().contains("preloaded"), "{}", server.log());
     assert!(
         server.stdout().contains("open-inference"),
         "{}",
@@ -255,7 +265,7 @@ fn readiness_waits_for_preloads_and_ends_with_the_drain() {
     assert!(ok, "{err}");
     let mut server = Server::launch(
         store.path(),
-        &["--preload", "slow"],
+        &["--preload", "slow", "--drain-delay-seconds", "2"],
         Launch {
             listening_only: true,
             ..Default::default()
@@ -281,12 +291,15 @@ fn readiness_waits_for_preloads_and_ends_with_the_drain() {
     assert_eq!(conn.get("/v2/health/ready"), 200);
     std::thread::sleep(Duration::from_millis(300));
     server.signal(libc::SIGTERM);
-    // Not ready: 503 on a connection that stays open, or the connection closed (axum ends
-    // idle keep-alive connections when the drain starts); new connections are refused.
-    assert!(wait_until(Duration::from_secs(5), || matches!(
-        conn.get("/v2/health/ready"),
-        503 | 0
-    )));
+    // For --drain-delay-seconds the server still takes connections and answers not ready, on
+    // open connections and new ones alike, so a load balancer stops sending before they are
+    // refused; then new connections are refused while the running request finishes.
+    assert!(wait_until(Duration::from_secs(1), || conn
+        .get("/v2/health/ready")
+        == 503));
+    assert_eq!(get(&server.url("/v2/health/ready")).status, 503);
+    assert_eq!(get(&server.url("/ping")).status, 503);
+    assert_eq!(get(&server.url("/v2/health/live")).status, 200);
     let addr = server.base.trim_start_matches("http://").to_string();
     assert!(wait_until(Duration::from_secs(5), || {
         std::net::TcpStream::connect(&addr).is_err()
@@ -592,6 +605,25 @@ fn torchserve_management_dialect() {
     );
     assert_eq!(get(&m("/models/lazy")).json()[0]["loaded"], true);
 
+    // Scaling a registered model that is not loaded loads it with that many workers.
+    let r = call(
+        "POST",
+        &m("/models?url=example.tar.gz&model_name=lazy2"),
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = call(
+        "PUT",
+        &m("/models/lazy2?min_worker=2&max_worker=2&synchronous=true"),
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let d = get(&m("/models/lazy2")).json();
+    assert_eq!(d[0]["loaded"], true, "{d}");
+    assert_eq!(d[0]["workers"].as_array().unwrap().len(), 2, "{d}");
+
     // Lists page with limit / next_page_token.
     let page = get(&m("/models?limit=1")).json();
     assert_eq!(page["models"].as_array().unwrap().len(), 1, "{page}");
@@ -748,4 +780,39 @@ fn openapi_description_survives_schemathesis() {
     assert!(report.contains("passed"), "{report}");
     assert!(server.is_alive(), "the server died under schemathesis");
     assert_eq!(get(&server.url("/v2/health/ready")).status, 200);
+}
+
+/// An OIP response that would be over --max-response-mib is refused before it is encoded: as
+/// JSON text (up to 16 characters per FP32 value) the outputs do not fit, as binary they do.
+#[test]
+fn oip_responses_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    oip_archive(dir.path(), store.path());
+    let server = Server::start(store.path(), &["--max-response-mib", "1"]);
+    let rows = 20_000usize; // y: 20000 x 4 FP32 = 320 KB binary, over 1 MiB as JSON text
+    let request = |binary: bool| {
+        json!({
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [rows, 4], "data": vec![0.5f32; rows * 4]},
+                {"name": "img", "datatype": "UINT8", "shape": [1, 1, 1], "data": [7]},
+                {"name": "ids", "datatype": "INT64", "shape": [1, 1], "data": [41]},
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": binary}}],
+        })
+    };
+    let r = post_json(&server.url("/v2/models/oip/infer"), &request(false));
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("binary"), "{}", r.text());
+    let r = post_json(&server.url("/v2/models/oip/infer"), &request(true));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let header: usize = r
+        .header("inference-header-content-length")
+        .expect("binary response")
+        .parse()
+        .unwrap();
+    let bytes = r.body.len() - header;
+    assert_eq!(bytes, rows * 4 * 4);
+    let y = f32::from_le_bytes(r.body[header..header + 4].try_into().unwrap());
+    assert_eq!(y, 2.0);
 }

@@ -584,6 +584,7 @@ pub fn import_dir(src: &Path, entries: &[DirEntry], dest: &Path) -> Result<Unpac
         PARTIAL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = fs::remove_dir_all(&tmp);
+    let real_src = src.canonicalize().map_err(io_err(src))?;
     fs::create_dir(&tmp).map_err(io_err(&tmp))?;
     let copy = || -> Result<(), ArchiveError> {
         let mut buf = vec![0u8; 256 << 10];
@@ -593,14 +594,28 @@ pub fn import_dir(src: &Path, entries: &[DirEntry], dest: &Path) -> Result<Unpac
             if let Some(p) = to.parent() {
                 fs::create_dir_all(p).map_err(io_err(p))?;
             }
+            // Never a link at the end, never blocking (a file swapped for a fifo), and the file
+            // opened must really lie inside `src` (a folder on the way swapped for a link
+            // would lead elsewhere): the kernel's name for the open file says where it is.
             let mut input = {
                 use std::os::unix::fs::OpenOptionsExt;
                 fs::OpenOptions::new()
                     .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                     .open(&from)
                     .map_err(io_err(&from))?
             };
+            let opened = {
+                use std::os::fd::AsRawFd;
+                fs::read_link(format!("/proc/self/fd/{}", input.as_raw_fd()))
+                    .map_err(io_err(&from))?
+            };
+            if !opened.starts_with(&real_src) {
+                return Err(ArchiveError::UnsafeEntry(
+                    e.rel.display().to_string(),
+                    "it leads outside the model folder",
+                ));
+            }
             let meta = input.metadata().map_err(io_err(&from))?;
             if !meta.is_file() || meta.len() != e.len {
                 return Err(ArchiveError::Invalid(format!(

@@ -204,6 +204,12 @@ pub struct Config {
     #[arg(long, env = "TESSERA_DRAIN_SECONDS", default_value_t = 30)]
     pub drain_seconds: u64,
 
+    /// On SIGTERM: seconds to go on taking connections while readiness already answers 503, so
+    /// that a load balancer (a Kubernetes Service) stops routing here before connections are
+    /// refused. Then the drain above starts.
+    #[arg(long, env = "TESSERA_DRAIN_DELAY_SECONDS", default_value_t = 0)]
+    pub drain_delay_seconds: u64,
+
     /// Models listed per page by `GET /models`.
     #[arg(long, env = "TESSERA_PAGE_SIZE", default_value_t = 100)]
     pub page_size: usize,
@@ -263,7 +269,9 @@ impl Config {
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(8080);
         }
-        if !explicit("auth_mode") {
+        // Open, as the platform isolates the container's network, unless the operator set up
+        // tokens.
+        if !explicit("auth_mode") && self.tenants.is_none() && self.admin_tokens.is_none() {
             self.auth_mode = crate::tenancy::AuthMode::Open;
         }
         if !explicit("model_store") {

@@ -130,15 +130,25 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         let local = listener.local_addr()?;
+        // Every listener stops taking connections together, when the drain starts.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
         if let Some(maddr) = app.config.metrics_address {
             let metrics = tokio::net::TcpListener::bind(maddr)
                 .await
                 .with_context(|| format!("binding the metrics address {maddr}"))?;
             let at = metrics.local_addr()?;
             println!("tessera metrics on http://{at}/metrics");
-            tracing::info!(%at, "metrics served without a token");
+            if at.ip().is_loopback() {
+                tracing::info!(%at, "metrics served without a token");
+            } else {
+                tracing::warn!(%at, "metrics served without a token beyond loopback: they name every tenant's models; bind it where only the scraper reaches");
+            }
             let router = http::metrics_router(app.clone());
-            tokio::spawn(async move { axum::serve(metrics, router).await });
+            let stop = stopped(stop_rx.clone());
+            tokio::spawn(async move { axum::serve(metrics, router).with_graceful_shutdown(stop).await });
         }
         if let Some(maddr) = app.config.management_address {
             tessera::tenancy::check_bind(maddr.ip(), &app.tenants).map_err(anyhow::Error::msg)?;
@@ -149,7 +159,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
             println!("tessera management (TorchServe API) on http://{at}");
             tracing::info!(%at, "TorchServe management API");
             let router = http::torchserve::router(app.clone());
-            tokio::spawn(async move { axum::serve(mgmt, router).await });
+            let stop = stopped(stop_rx.clone());
+            tokio::spawn(async move { axum::serve(mgmt, router).with_graceful_shutdown(stop).await });
         }
         tracing::info!(mode = ?app.tenants.mode(), sagemaker = app.config.sagemaker,
             "auth: {}", app.tenants.describe());
@@ -159,13 +170,17 @@ fn serve(config: Config) -> anyhow::Result<()> {
         println!("tessera listening on http://{local}");
         tracing::info!(%local, "listening");
         let signalled = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(shutdown(signalled.clone(), app.clone(), stop_tx));
         let serve = axum::serve(listener, http::router(app.clone()))
-            .with_graceful_shutdown(shutdown(signalled.clone(), app.clone()))
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future();
         let preloads = app.clone();
         tokio::spawn(async move {
             for name in preloads.config.preload.clone() {
-                let tenant = preloads.tenants.authenticate(None).ok();
+                let tenant = preloads
+                    .tenants
+                    .authenticate_for(None, tessera::tenancy::Scope::Inference)
+                    .ok();
                 let Some(tenant) = tenant.filter(|_| !preloads.tenants.multi_tenant()) else {
                     tracing::warn!(
                         model = name,
@@ -238,9 +253,14 @@ fn print_banner(app: &Server, local: std::net::SocketAddr) {
     );
 }
 
-/// Resolves on SIGTERM or Ctrl-C (axum then stops taking connections and waits for those in
-/// flight); tells `signalled`, which starts the drain deadline.
-async fn shutdown(signalled: Arc<tokio::sync::Notify>, app: Arc<Server>) {
+/// On SIGTERM or Ctrl-C: marks the server draining (not ready), waits `--drain-delay-seconds`,
+/// then tells every listener to stop taking connections (axum waits for those in flight) and
+/// `signalled`, which starts the drain deadline.
+async fn shutdown(
+    signalled: Arc<tokio::sync::Notify>,
+    app: Arc<Server>,
+    stop: tokio::sync::watch::Sender<bool>,
+) {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("signal handler");
@@ -248,8 +268,19 @@ async fn shutdown(signalled: Arc<tokio::sync::Notify>, app: Arc<Server>) {
         _ = ctrl_c => {},
         _ = term.recv() => {},
     }
-    tracing::info!("shutting down: draining requests in flight");
+    // Readiness answers 503 from now on; connections are still taken for --drain-delay-seconds
+    // so that a load balancer sees it and stops sending before they are refused.
     app.begin_drain();
+    let delay = Duration::from_secs(app.config.drain_delay_seconds);
+    if !delay.is_zero() {
+        tracing::info!(
+            delay_s = delay.as_secs(),
+            "shutting down: not ready; still serving until the load balancer notices"
+        );
+        tokio::time::sleep(delay).await;
+    }
+    tracing::info!("shutting down: draining requests in flight");
+    let _ = stop.send(true);
     signalled.notify_one();
 }
 

@@ -14,6 +14,30 @@ use std::sync::Mutex;
 /// The labels of every per-model family.
 pub const MODEL_LABELS: [&str; 3] = ["tenant", "model", "version"];
 
+/// Status codes kept as they are in `code` labels; any other (a handler may answer any status)
+/// is counted under its class (`2xx`, `4xx`, ...), so clients cannot grow the label set.
+const CODES: [&str; 18] = [
+    "200", "201", "202", "204", "400", "401", "403", "404", "408", "409", "413", "415", "422",
+    "429", "500", "503", "504", "507",
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The `code` label of a status.
+pub fn code_label(status: u16) -> &'static str {
+    let s = status.to_string();
+    CODES
+        .iter()
+        .find(|c| **c == s)
+        .copied()
+        .unwrap_or(match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        })
+}
+
 /// Reads one figure of [`ProcessStats`].
 type ProcessField = fn(&ProcessStats) -> f64;
 
@@ -277,6 +301,39 @@ impl Metrics {
         let _ = self.resident_bytes.remove_label_values(&labels);
     }
 
+    /// Forgets every series of a model version that is gone (unloaded, unregistered, deleted),
+    /// so that churn through names and versions does not grow the metric set without bound.
+    pub fn forget_model(&self, labels: [&str; 3]) {
+        fn with<'a>(labels: [&'a str; 3], extra: &'a str) -> [&'a str; 4] {
+            [labels[0], labels[1], labels[2], extra]
+        }
+        for code in CODES.iter().chain(&CLASSES) {
+            let _ = self.requests.remove_label_values(&with(labels, code));
+        }
+        for outcome in ["ok", "error"] {
+            let _ = self.loads.remove_label_values(&with(labels, outcome));
+        }
+        for cause in crate::residency::EvictionCause::ALL {
+            let _ = self
+                .evictions
+                .remove_label_values(&with(labels, cause.as_str()));
+        }
+        for result in ["hit", "miss"] {
+            let _ = self.stage_cache.remove_label_values(&with(labels, result));
+        }
+        for h in [
+            &self.request_seconds,
+            &self.queue_seconds,
+            &self.inference_seconds,
+            &self.load_seconds,
+            &self.batch_size,
+        ] {
+            let _ = h.remove_label_values(&labels);
+        }
+        let _ = self.rejected.remove_label_values(&labels);
+        let _ = self.resident_bytes.remove_label_values(&labels);
+    }
+
     /// The text exposition format, state gauges read from `snapshot` and `/proc`.
     pub fn render(&self, snapshot: &Snapshot) -> String {
         let _one = self.render_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -414,5 +471,34 @@ mod tests {
             gpus: vec![],
         });
         assert!(!text.contains(r#"version="1""#), "{text}");
+    }
+
+    #[test]
+    fn codes_are_bounded_and_gone_models_forgotten() {
+        assert_eq!(code_label(200), "200");
+        assert_eq!(code_label(299), "2xx");
+        assert_eq!(code_label(999), "5xx");
+        let m = Metrics::new();
+        for v in ["1", "2"] {
+            m.requests
+                .with_label_values(&["t", "m", v, code_label(418)])
+                .inc();
+            m.loads.with_label_values(&["t", "m", v, "ok"]).inc();
+            m.request_seconds
+                .with_label_values(&["t", "m", v])
+                .observe(0.1);
+        }
+        m.forget_model(["t", "m", "1"]);
+        let text = m.render(&Snapshot {
+            models: vec![],
+            budget_bytes: 0,
+            used_bytes: 0,
+            gpus: vec![],
+        });
+        assert!(!text.contains(r#"version="1""#), "{text}");
+        assert!(
+            text.contains(r#"code="4xx",model="m",tenant="t",version="2""#),
+            "{text}"
+        );
     }
 }

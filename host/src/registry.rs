@@ -151,6 +151,18 @@ impl Registry {
             .is_some()
     }
 
+    /// Forgets `name`'s registration only if it is still `reg` (a load that failed must not
+    /// drop a registration made meanwhile by someone else).
+    pub fn forget_if(&self, tenant: &str, name: &str, reg: &Registration) {
+        let mut models = self.models.write().unwrap();
+        let id = (tenant.to_string(), name.to_string());
+        if let Some(Some(current)) = models.get(&id) {
+            if current.key == reg.key && current.archive == reg.archive && current.url == reg.url {
+                models.remove(&id);
+            }
+        }
+    }
+
     /// A tenant's models (registered, seen or uploaded) in name order, starting after `after`.
     pub fn page(
         &self,

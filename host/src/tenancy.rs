@@ -401,8 +401,10 @@ impl Tenants {
                     tracing::info!(file = %path.display(), tokens = d.len(), "admin tokens reloaded");
                     *self.admin_digests.write().unwrap() = d;
                 }
+                // Failing closed: emptying or removing the file revokes every admin token.
                 Err(e) => {
-                    tracing::error!(error = %e, "admin tokens file changed but is invalid; keeping the previous tokens")
+                    tracing::error!(error = %e, "admin tokens file changed and holds no valid tokens: management is closed until it does");
+                    self.admin_digests.write().unwrap().clear();
                 }
             }
             return;
@@ -566,5 +568,18 @@ mod tests {
             Tenants::for_mode(AuthMode::OpenInference, None, Some(file("# none\n").path()))
                 .is_err()
         );
+        // Emptying the file revokes every admin token.
+        std::fs::write(admins.path(), "").unwrap();
+        let later = std::time::SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(admins.path())
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        t.reload_if_changed();
+        assert!(t
+            .authenticate_for(Some("Bearer root"), Scope::Management)
+            .is_err());
     }
 }

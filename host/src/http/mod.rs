@@ -474,6 +474,16 @@ async fn upload_version(
     Query(q): Query<UploadQuery>,
     body: Body,
 ) -> Result<Response, Error> {
+    // SageMaker's contract brings models by LoadModel only, and its model root is the
+    // platform's: no uploads there (its auth mode is open).
+    let caller = if app.config.sagemaker {
+        Err(Error::new(
+            ErrorKind::Forbidden,
+            "uploads are off in SageMaker mode: SageMaker loads models with POST /models",
+        ))
+    } else {
+        caller
+    };
     let tenant = match caller {
         Ok(Caller(t)) => t,
         Err(e) => {

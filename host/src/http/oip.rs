@@ -216,6 +216,7 @@ async fn run(
     let started = Instant::now();
     ctx.note(|l| l.model = Some(name.clone()));
     let mut served_version = String::new();
+    let name_for_encode = name.clone();
     let result = async {
         crate::store::validate_name(&name)?;
         let header_len = match headers.get("inference-header-content-length") {
@@ -240,14 +241,33 @@ async fn run(
             .infer_tensors(&tenant, &name, version.as_deref(), request.inputs)
             .await?;
         served_version = timings.version.clone();
-        let encoded = oip::encode_infer(
-            &name,
-            Some(&timings.version),
-            request.id.as_deref(),
-            outputs,
-            &request.outputs,
-            request.binary_output,
-        )?;
+        let bound = encoded_bound(&outputs, &request.outputs, request.binary_output);
+        let max = app.config.max_response_bytes() as u64;
+        if bound > max {
+            return Err(Error::new(
+                ErrorKind::Unprocessable,
+                format!(
+                    "the outputs would take up to {} MiB encoded, over the response limit of {} MiB: send smaller inputs{}",
+                    bound >> 20,
+                    max >> 20,
+                    if request.binary_output { "" } else { " or request the outputs as binary data" }
+                ),
+            ));
+        }
+        // Encoding tens of MiB of numbers as text is CPU work: off the async runtime.
+        let version = timings.version.clone();
+        let encoded = crate::blocking(move || {
+            oip::encode_infer(
+                &name_for_encode,
+                Some(&version),
+                request.id.as_deref(),
+                outputs,
+                &request.outputs,
+                request.binary_output,
+            )
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("encoding failed: {e}")))??;
         Ok::<_, Error>((encoded, timings))
     }
     .await;
@@ -287,4 +307,46 @@ async fn run(
         started.elapsed(),
     );
     response
+}
+
+/// Most bytes the encoded response can take: binary outputs their data, JSON ones the longest
+/// text of each element, plus the JSON around them.
+fn encoded_bound(
+    outputs: &[crate::runtime::HostTensor],
+    requested: &[oip::RequestedOutput],
+    binary_output: bool,
+) -> u64 {
+    use crate::runtime::DType;
+    let chars = |d: DType| -> u64 {
+        match d {
+            DType::F64 => 25,
+            DType::F32 | DType::F16 | DType::BF16 => 16,
+            DType::I64 => 21,
+            DType::I32 => 12,
+            DType::I16 => 7,
+            DType::I8 => 5,
+            DType::U8 => 4,
+            DType::Bool => 6,
+        }
+    };
+    let size = |t: &crate::runtime::HostTensor, binary: bool| -> u64 {
+        let numel = (t.data.len() / t.dtype.size().max(1)) as u64;
+        let data = if binary {
+            t.data.len() as u64
+        } else {
+            numel.saturating_mul(chars(t.dtype))
+        };
+        data.saturating_add(1024)
+    };
+    if requested.is_empty() {
+        outputs.iter().map(|t| size(t, binary_output)).sum()
+    } else {
+        requested
+            .iter()
+            .filter_map(|r| {
+                let t = outputs.iter().find(|t| t.name == r.name)?;
+                Some(size(t, r.binary.unwrap_or(binary_output)))
+            })
+            .sum()
+    }
 }

@@ -116,7 +116,8 @@ async fn register(
         };
         if q.synchronous {
             if let Err(e) = loading.await {
-                app.registry.forget(&tenant.name, &name);
+                app.registry.forget_if(&tenant.name, &name, &reg);
+                app.workers.clear(&reg.key);
                 return Err(e);
             }
         } else {

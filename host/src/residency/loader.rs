@@ -67,6 +67,13 @@ impl WorkerOverrides {
     pub fn clear(&self, key: &crate::names::ModelKey) {
         self.0.write().unwrap().remove(key);
     }
+    /// Clears every version's count of `tenant`'s model `name`.
+    pub fn clear_model(&self, tenant: &str, name: &str) {
+        self.0
+            .write()
+            .unwrap()
+            .retain(|k, _| !k.is_version_of(tenant, name));
+    }
 }
 
 /// Why an archive's contents were refused by [`check_unpacked`].

@@ -69,6 +69,12 @@ pub enum EvictionCause {
 }
 
 impl EvictionCause {
+    pub const ALL: [EvictionCause; 3] = [
+        EvictionCause::Budget,
+        EvictionCause::OutOfMemory,
+        EvictionCause::Unload,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EvictionCause::Budget => "budget",

@@ -36,6 +36,21 @@ pub struct Timings {
 /// the problem (each retry would otherwise evict another tenant's idle model).
 const MAX_OOM_EVICTIONS: u32 = 2;
 
+/// A forward that failed: the error for the client, and the runtime's own when it was one.
+struct Failed {
+    error: Error,
+    runtime: Option<RuntimeError>,
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Failed {
+        Failed {
+            error,
+            runtime: None,
+        }
+    }
+}
+
 /// Why a forward produced no outputs.
 enum ForwardError {
     Runtime(RuntimeError),
@@ -103,6 +118,12 @@ impl Server {
             if let Some(model) = self.residency.peek(&reg.key).await {
                 return Ok((model, false));
             }
+        }
+        if self.is_draining() {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "the server is shutting down: no model is loaded any more; retry on another instance",
+            ));
         }
         let (server, reg, tenant) = (self.clone(), reg.clone(), tenant.clone());
         let load = tokio::spawn(async move {
@@ -223,7 +244,8 @@ impl Server {
         );
         let outputs = self
             .forward(model, slot, input, deadline, timeout, timings)
-            .await?;
+            .await
+            .map_err(|e| e.error)?;
 
         let t = Instant::now();
         let rid = request_id.to_string();
@@ -267,7 +289,16 @@ impl Server {
             self.forward(&model, &slot, input, deadline, timeout, &mut timings),
         )
         .await
-        .map_err(|_| timed_out(timeout))??;
+        .map_err(|_| timed_out(timeout))?
+        .map_err(|e| match e.runtime {
+            // The client chose these tensors (within the spec's -1 dimensions): a model that
+            // cannot run them is told so as a refusal of the input, not as our failure.
+            Some(RuntimeError::Forward(m) | RuntimeError::Input(m)) => Error::new(
+                ErrorKind::Unprocessable,
+                format!("the model could not run these inputs: {m}"),
+            ),
+            _ => e.error,
+        })?;
         if outputs.len() != spec.outputs.len() {
             return Err(RuntimeError::Output(format!(
                 "the model returned {} outputs, its tessera.oip lists {}",
@@ -311,7 +342,7 @@ impl Server {
         deadline: Instant,
         timeout: Duration,
         timings: &mut Timings,
-    ) -> Result<Vec<HostTensor>, Error> {
+    ) -> Result<Vec<HostTensor>, Failed> {
         let labels = model.key.labels();
         let t = Instant::now();
         let input = Arc::new(input);
@@ -339,17 +370,25 @@ impl Server {
         let (outputs, hit): (Vec<HostTensor>, Option<bool>) = match forward {
             Ok(done) => done,
             Err(ForwardError::Runtime(RuntimeError::OutOfMemory { message, .. })) => {
-                return Err(ResidencyError::InsufficientMemory(format!(
+                return Err(Error::from(ResidencyError::InsufficientMemory(format!(
                     "forward of '{}' ran out of memory, also after evicting what it may evict: {}",
                     model.key.name,
                     message.lines().next().unwrap_or_default()
-                ))
+                )))
                 .into())
             }
-            Err(ForwardError::Runtime(e)) => return Err(e.into()),
-            Err(ForwardError::NotRun(NotRun::Expired)) => return Err(timed_out(timeout)),
+            Err(ForwardError::Runtime(e)) => {
+                return Err(Failed {
+                    error: e.clone().into(),
+                    runtime: Some(e),
+                })
+            }
+            Err(ForwardError::NotRun(NotRun::Expired)) => return Err(timed_out(timeout).into()),
             Err(ForwardError::NotRun(NotRun::Closed)) => {
-                return Err(RuntimeError::Forward("the model's workers have stopped".into()).into())
+                return Err(Error::from(RuntimeError::Forward(
+                    "the model's workers have stopped".into(),
+                ))
+                .into())
             }
         };
         timings.stage_cache = hit;

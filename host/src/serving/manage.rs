@@ -135,7 +135,8 @@ impl Server {
             return Ok(());
         }
         if let Err(e) = self.resident(&reg, tenant).await {
-            self.registry.forget(&tenant.name, name);
+            self.registry.forget_if(&tenant.name, name, &reg);
+            self.workers.clear(&reg.key);
             return Err(e);
         }
         Ok(())
@@ -156,8 +157,22 @@ impl Server {
     /// many versions were resident.
     pub async fn unload(&self, tenant: &Tenant, name: &str) -> Result<usize, Error> {
         self.known(tenant, name)?;
+        let mut versions: Vec<String> = self
+            .residency
+            .resident_versions(&tenant.name, name)
+            .iter()
+            .map(|m| m.key.version.clone())
+            .collect();
         self.registry.forget(&tenant.name, name);
-        Ok(self.residency.remove_model(&tenant.name, name).await)
+        self.workers.clear_model(&tenant.name, name);
+        let unloaded = self.residency.remove_model(&tenant.name, name).await;
+        // Its metric series go with it (a version served again starts them afresh).
+        versions.extend(self.registry.store().versions(&tenant.name, name));
+        versions.extend([crate::registry::UNVERSIONED.to_string(), String::new()]);
+        for v in versions {
+            self.metrics.forget_model([&tenant.name, name, &v]);
+        }
+        Ok(unloaded)
     }
 
     /// SageMaker DescribeModel.
@@ -245,6 +260,8 @@ impl Server {
         }
         self.residency.remove(&key).await;
         store.remove_version(&tenant.name, name, version)?;
+        self.workers.clear(&key);
+        self.metrics.forget_model(key.labels());
         Ok(())
     }
 }
@@ -311,8 +328,9 @@ impl Server {
 
     /// TorchServe's scale-workers: `workers` forward threads for `tenant`'s model `name` (its
     /// `version`, or the default); 0 unloads it. A resident version is reloaded with the new
-    /// count when idle (409 while it serves); otherwise the count applies at its next load.
-    /// Returns whether a reload happened.
+    /// count when idle (409 while it serves); one not resident is loaded with it. Returns
+    /// whether a load happened. (A scale racing a load of the same version may leave the
+    /// load's count: scale again.)
     pub async fn scale_workers(
         self: &Arc<Self>,
         tenant: &Tenant,
@@ -345,12 +363,17 @@ impl Server {
         }
         self.workers.set(reg.key.clone(), workers);
         match resident {
-            Some(m) if m.engine.workers() != workers as usize => {
+            Some(m) if m.engine.workers() == workers as usize => Ok(false),
+            Some(_) => {
                 self.residency.remove(&reg.key).await;
                 self.resident(&reg, tenant).await?;
                 Ok(true)
             }
-            _ => Ok(false),
+            // Not resident: loaded now with that many workers (TorchServe starts them).
+            None => {
+                self.resident(&reg, tenant).await?;
+                Ok(true)
+            }
         }
     }
 

@@ -146,10 +146,10 @@ impl Server {
         if !self.registry.knows(tenant, name) {
             return;
         }
-        let code = status.to_string();
+        let code = crate::metrics::code_label(status);
         self.metrics
             .requests
-            .with_label_values(&[tenant, name, version, code.as_str()])
+            .with_label_values(&[tenant, name, version, code])
             .inc();
         self.metrics
             .request_seconds
@@ -201,6 +201,11 @@ impl Server {
     /// Called once the `--preload` models are warm (or failed, logged).
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// Whether SIGTERM started the drain.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Called on SIGTERM: readiness answers 503 from now on.
