@@ -210,6 +210,24 @@ pub struct Config {
     #[arg(long, env = "TESSERA_DRAIN_DELAY_SECONDS", default_value_t = 0)]
     pub drain_delay_seconds: u64,
 
+    /// Seconds a client has to send a request's headers; also how long a kept-alive connection
+    /// may wait for its next request. Slow-header and idle sockets are closed past it.
+    #[arg(long, env = "TESSERA_HEADER_TIMEOUT_SECONDS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_seconds: u64,
+
+    /// Seconds a request body may go without sending anything before the request fails (a
+    /// stalled upload releases its staging file).
+    #[arg(long, env = "TESSERA_BODY_STALL_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_stall_seconds: u64,
+
+    /// Connections held at once per listener; at the cap the oldest one without a request in
+    /// progress is closed for the newcomer. 0: the open-files limit (raised to its hard limit
+    /// at start) less 256, at most 10 000.
+    #[arg(long, env = "TESSERA_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
     /// Models listed per page by `GET /models`.
     #[arg(long, env = "TESSERA_PAGE_SIZE", default_value_t = 100)]
     pub page_size: usize,

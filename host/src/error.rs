@@ -108,7 +108,8 @@ impl StoreError {
             StoreError::NotFound(_) => ErrorKind::NotFound,
             StoreError::VersionExists(..) => ErrorKind::Conflict,
             StoreError::Io(e) if archive::is_out_of_space(e) => ErrorKind::InsufficientStorage,
-            StoreError::Io(_) => ErrorKind::Internal,
+            // The store's trouble (a lost mount, permissions), not the request's: retryable.
+            StoreError::Io(_) | StoreError::Unavailable(_) => ErrorKind::Unavailable,
         }
     }
 }

@@ -1,7 +1,6 @@
 //! `tessera`: serve models (`tessera serve`) or build a model archive (`tessera pack`).
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,6 +129,18 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         let local = listener.local_addr()?;
+        let fd_limit = http::conn::raise_fd_limit();
+        let limits = http::conn::ConnLimits {
+            header_timeout: Duration::from_secs(app.config.header_timeout_seconds),
+            body_stall: Duration::from_secs(app.config.body_stall_seconds),
+            max_connections: match app.config.max_connections {
+                0 => http::conn::default_max_connections(fd_limit),
+                n => n,
+            },
+        };
+        tracing::info!(fd_limit, max_connections = limits.max_connections,
+            header_timeout_s = app.config.header_timeout_seconds,
+            body_stall_s = app.config.body_stall_seconds, "connection limits");
         // Every listener stops taking connections together, when the drain starts.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -148,7 +159,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             }
             let router = http::metrics_router(app.clone());
             let stop = stopped(stop_rx.clone());
-            tokio::spawn(async move { axum::serve(metrics, router).with_graceful_shutdown(stop).await });
+            tokio::spawn(http::conn::serve(metrics, router, limits, stop));
         }
         if let Some(maddr) = app.config.management_address {
             tessera::tenancy::check_bind(maddr.ip(), &app.tenants).map_err(anyhow::Error::msg)?;
@@ -160,7 +171,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             tracing::info!(%at, "TorchServe management API");
             let router = http::torchserve::router(app.clone());
             let stop = stopped(stop_rx.clone());
-            tokio::spawn(async move { axum::serve(mgmt, router).with_graceful_shutdown(stop).await });
+            tokio::spawn(http::conn::serve(mgmt, router, limits, stop));
         }
         tracing::info!(mode = ?app.tenants.mode(), sagemaker = app.config.sagemaker,
             "auth: {}", app.tenants.describe());
@@ -171,9 +182,12 @@ fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(%local, "listening");
         let signalled = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(shutdown(signalled.clone(), app.clone(), stop_tx));
-        let serve = axum::serve(listener, http::router(app.clone()))
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future();
+        let serve = http::conn::serve(
+            listener,
+            http::router(app.clone()),
+            limits,
+            stopped(stop_rx.clone()),
+        );
         let preloads = app.clone();
         tokio::spawn(async move {
             for name in preloads.config.preload.clone() {
@@ -200,7 +214,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let drain = Duration::from_secs(app.config.drain_seconds);
         let mut deadline = None;
         tokio::select! {
-            served = serve => served?,
+            _ = serve => {},
             _ = async {
                 signalled.notified().await;
                 deadline = Some(Instant::now() + drain);

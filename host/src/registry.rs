@@ -70,7 +70,14 @@ impl Registry {
             (Some(r), Some(v)) if v == r.key.version => Some(r),
             _ => self.lookup_store(tenant, name, version),
         };
-        let reg = found.ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
+        let reg = match found {
+            Some(r) => r,
+            None => {
+                // Missing from a store that cannot be read says nothing about the model.
+                self.store.check_readable()?;
+                return Err(RegistryError::NotFound(name.to_string()));
+            }
+        };
         if !known {
             self.models.write().unwrap().entry(id).or_insert(None);
         }

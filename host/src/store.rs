@@ -30,6 +30,10 @@ pub enum StoreError {
     VersionExists(String, String),
     #[error("model store I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The store itself cannot be read (its directory gone or unreadable): not the model's
+    /// absence, and worth retrying.
+    #[error("the model store cannot be read ({0}); retry later")]
+    Unavailable(String),
 }
 
 /// Checks a model (or tenant) name with the one name rule ([`names::is_plain_name`]).
@@ -70,6 +74,14 @@ pub struct LocalStore {
 impl LocalStore {
     pub fn new(root: PathBuf) -> LocalStore {
         LocalStore { root }
+    }
+
+    /// Ok when the store's directory can be listed: a name missing from a readable store is
+    /// "not found", from an unreadable one [`StoreError::Unavailable`].
+    pub fn check_readable(&self) -> Result<(), StoreError> {
+        std::fs::read_dir(&self.root)
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", self.root.display())))
     }
 
     /// The archive for model `name`.

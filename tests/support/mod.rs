@@ -111,6 +111,8 @@ pub struct Launch {
     pub memory_limit: Option<u64>,
     /// Return once it listens, before it is ready (its preloads warm).
     pub listening_only: bool,
+    /// Limit on open files (soft and hard), as a service manager would set it.
+    pub fd_limit: Option<u64>,
 }
 
 impl Server {
@@ -133,6 +135,22 @@ impl Server {
         let cage = how.memory_limit.map(MemoryCage::new);
         if let Some(c) = &cage {
             c.confine(&mut cmd);
+        }
+        if let Some(n) = how.fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn tessera");
         let log = Arc::new(Mutex::new(String::new()));

@@ -21,6 +21,7 @@
 //!
 //! This layer only parses, authenticates and calls the [`Server`]'s verbs: it never loads,
 //! evicts or runs anything itself.
+pub mod conn;
 mod oip;
 mod openapi;
 pub mod torchserve;

@@ -200,6 +200,21 @@ impl Residency {
         self.cache.iter().map(|(_, m)| m).collect()
     }
 
+    /// The resident version of `tenant`'s model `name` a request may use when the store cannot
+    /// say which is current: `version` if resident, else (no version named) the one used last.
+    pub fn resident_fallback(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Option<Arc<LoadedModel>> {
+        self.resident_versions(tenant, name)
+            .into_iter()
+            .filter(|m| version.is_none_or(|v| m.key.version == v))
+            .filter(|m| !self.is_quarantined(&m.key))
+            .max_by_key(|m| m.last_used())
+    }
+
     /// Resident versions of `tenant`'s model `name`.
     pub fn resident_versions(&self, tenant: &str, name: &str) -> Vec<Arc<LoadedModel>> {
         self.cache

@@ -5,10 +5,11 @@
 use super::Server;
 use crate::engine::{queue::NotRun, Slot};
 use crate::error::{Error, ErrorKind};
-use crate::registry::Registration;
+use crate::registry::{Registration, RegistryError};
 use crate::residency::{LoadedModel, OutOfMemory, ResidencyError};
 use crate::runtime::{HostTensor, PipelineInput, RuntimeError};
 use crate::sandbox::{Handler, HandlerRequest, HandlerResponse, Sandbox};
+use crate::store::StoreError;
 use crate::tenancy::Tenant;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -81,9 +82,8 @@ impl Server {
         request_id: &str,
     ) -> Result<(HandlerResponse, Timings), Error> {
         let mut timings = Timings::default();
-        let reg = self.registry.resolve(&tenant.name, name, version)?;
         let load_started = Instant::now();
-        let (model, loaded_now) = self.resident(&reg, tenant).await?;
+        let (model, loaded_now) = self.resolve_resident(tenant, name, version).await?;
         if loaded_now {
             timings.load = Some(load_started.elapsed());
         }
@@ -102,6 +102,43 @@ impl Server {
         {
             Ok(result) => result.map(|r| (r, timings)),
             Err(_) => Err(timed_out(timeout)),
+        }
+    }
+
+    /// `tenant`'s model `name` (at `version`, or its default) resident: resolved against the
+    /// store, then [`Server::resident`]. When the store cannot be read, a resident version keeps
+    /// serving (the one named, or the one used last); with none, 503.
+    pub async fn resolve_resident(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(Arc<LoadedModel>, bool), Error> {
+        match self.registry.resolve(&tenant.name, name, version) {
+            Ok(reg) => self.resident(&reg, tenant).await,
+            Err(RegistryError::Store(StoreError::Unavailable(why))) => {
+                match self
+                    .residency
+                    .resident_fallback(&tenant.name, name, version)
+                {
+                    Some(model) => {
+                        // Once a minute at most: every request of the outage passes here.
+                        static WARNED: AtomicU64 = AtomicU64::new(0);
+                        let now = self.residency.clock().elapsed().as_secs() + 60;
+                        let last = WARNED.load(Ordering::Relaxed);
+                        if now >= last + 60
+                            && WARNED
+                                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                                .is_ok()
+                        {
+                            tracing::warn!(model = %model.key, why, "model store unreadable: serving resident versions");
+                        }
+                        Ok((model, false))
+                    }
+                    None => Err(RegistryError::Store(StoreError::Unavailable(why)).into()),
+                }
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -269,9 +306,8 @@ impl Server {
         tensors: Vec<HostTensor>,
     ) -> Result<(Vec<HostTensor>, Timings), Error> {
         let mut timings = Timings::default();
-        let reg = self.registry.resolve(&tenant.name, name, version)?;
         let load_started = Instant::now();
-        let (model, loaded_now) = self.resident(&reg, tenant).await?;
+        let (model, loaded_now) = self.resolve_resident(tenant, name, version).await?;
         if loaded_now {
             timings.load = Some(load_started.elapsed());
         }

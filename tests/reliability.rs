@@ -1,0 +1,229 @@
+//! Reliability under hostile clients and faults, against a real `tessera serve`: slow, idle and
+//! stalled clients cannot crowd out normal ones; a store that cannot be read is 503, not 404,
+//! and resident models keep serving through it.
+mod support;
+
+use base64::Engine;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::*;
+
+const CONFIG: &str =
+    "maxWorkers: 1\nresponseTimeout: 30\ntessera:\n  model: model.pt\nhandler:\n  max_pixels: 1000000\n";
+
+fn example(store: &Path, name: &str) {
+    pack(
+        store,
+        name,
+        CONFIG,
+        &artifact("example/model.pt"),
+        &artifact("handlers/example.wasm"),
+    );
+}
+
+fn request() -> serde_json::Value {
+    let png = png_rgb(8, 6, &noise(8 * 6 * 3, 1));
+    json!({ "image": B64.encode(png), "gen_args": {"strength": 0.5} })
+}
+
+/// Raises this test process's own open-files limit (it holds hundreds of sockets).
+fn raise_own_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain out-pointer; raising the soft limit to the hard one.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+}
+
+/// Whether the server closes `stream` within `within` (reads end or fail).
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a response (e.g. 408/400) before the close
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return started.elapsed() <= within,
+        }
+    }
+}
+
+/// With the open-files limit a service manager commonly sets (here 512, soft and hard), 600
+/// idle sockets and 50 slow-header ones used to leave no descriptor for anyone else; now
+/// the oldest idle connection makes room for each newcomer, so a normal client is served
+/// throughout, and slow or idle sockets are closed after the header timeout.
+#[test]
+fn idle_and_slow_clients_cannot_crowd_out_a_normal_one() {
+    raise_own_fd_limit();
+    let store = tempfile::tempdir().unwrap();
+    example(store.path(), "example");
+    let server = Server::launch(
+        store.path(),
+        &["--header-timeout-seconds", "3"],
+        Launch {
+            fd_limit: Some(512),
+            ..Default::default()
+        },
+    );
+    assert!(
+        server.log().contains("max_connections=256"),
+        "{}",
+        server.log()
+    );
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let body = request();
+    assert_eq!(
+        post_json(&server.url("/predictions/example"), &body).status,
+        200
+    );
+
+    let mut idle = Vec::new();
+    let mut slow = Vec::new();
+    for i in 0..650 {
+        let Ok(mut s) = TcpStream::connect(&addr) else {
+            continue;
+        };
+        if i % 13 == 0 {
+            let _ = s.write_all(b"GET /ping HTTP/1.1\r\nHo");
+            slow.push(s);
+        } else {
+            idle.push(s);
+        }
+        if i % 100 == 99 {
+            // A normal client, in the middle of the flood.
+            let r = get(&server.url("/ping"));
+            assert_eq!(r.status, 200, "ping during the flood ({i} sockets)");
+        }
+    }
+    let r = post_json(&server.url("/predictions/example"), &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Those still open are closed by the header timeout.
+    let mut survivor = slow.pop().unwrap();
+    assert!(
+        closed_within(&mut survivor, Duration::from_secs(6)),
+        "a slow-header socket stayed open"
+    );
+    let mut still = idle.pop().unwrap();
+    assert!(
+        closed_within(&mut still, Duration::from_secs(6)),
+        "an idle socket stayed open"
+    );
+    // A kept-alive connection waiting for its next request is closed the same way.
+    let mut conn = KeepAlive::connect(&server.base);
+    assert_eq!(conn.get("/ping"), 200);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        conn.get("/ping"),
+        0,
+        "an idle kept-alive connection stayed open"
+    );
+    assert_eq!(get(&server.url("/ping")).status, 200);
+}
+
+/// A body that stops arriving ends the request after --body-stall-seconds: an inference
+/// answers 400 and frees its place, an upload removes its staging file.
+#[test]
+fn stalled_bodies_release_what_they_hold() {
+    let store = tempfile::tempdir().unwrap();
+    example(store.path(), "example");
+    let server = Server::start(store.path(), &["--body-stall-seconds", "2"]);
+    let addr = server.base.trim_start_matches("http://").to_string();
+
+    let mut c = TcpStream::connect(&addr).unwrap();
+    c.write_all(
+        b"POST /predictions/example HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{\"image\": \"",
+    )
+    .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "the stalled request was held"
+    );
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("stalled"), "{text}");
+
+    let mut up = TcpStream::connect(&addr).unwrap();
+    up.write_all(
+        b"POST /models/up/versions/1 HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: 1000000\r\n\r\n",
+    )
+    .unwrap();
+    up.write_all(&[0u8; 4096]).unwrap();
+    let staging = store.path().join(".staging");
+    assert!(wait_until(Duration::from_secs(3), || std::fs::read_dir(
+        &staging
+    )
+    .map(|d| d.count() > 0)
+    .unwrap_or(false)));
+    assert!(
+        wait_until(Duration::from_secs(8), || std::fs::read_dir(&staging)
+            .map(|d| d.count() == 0)
+            .unwrap_or(true)),
+        "the stalled upload's staging file stayed"
+    );
+    assert_eq!(
+        post_json(&server.url("/predictions/example"), &request()).status,
+        200
+    );
+}
+
+/// With the store's directory gone (a lost mount), resident models keep serving; a model that
+/// would have to be read from the store answers 503 with a retryable message, not 404; once the
+/// store is back, everything is as before.
+#[test]
+fn store_trouble_is_503_and_resident_models_keep_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let store = root.path().join("store");
+    example(&store, "resident");
+    example(&store, "cold");
+    let server = Server::start(&store, &[]);
+    let body = request();
+    assert_eq!(
+        post_json(&server.url("/predictions/resident"), &body).status,
+        200
+    );
+
+    let away = root.path().join("away");
+    std::fs::rename(&store, &away).unwrap();
+    let r = post_json(&server.url("/predictions/resident"), &body);
+    assert_eq!(
+        r.status,
+        200,
+        "a resident model stopped serving: {}",
+        r.text()
+    );
+    for name in ["cold", "never-was"] {
+        let r = post_json(&server.url(&format!("/predictions/{name}")), &body);
+        assert_eq!(r.status, 503, "{name}: {}", r.text());
+        assert!(r.text().contains("retry later"), "{}", r.text());
+    }
+    assert!(server.wait_log("model store unreadable", Duration::from_secs(5)));
+
+    std::fs::rename(&away, &store).unwrap();
+    assert_eq!(
+        post_json(&server.url("/predictions/cold"), &body).status,
+        200
+    );
+    assert_eq!(
+        post_json(&server.url("/predictions/never-was"), &body).status,
+        404
+    );
+}
