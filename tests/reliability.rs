@@ -227,3 +227,105 @@ fn store_trouble_is_503_and_resident_models_keep_serving() {
         404
     );
 }
+
+/// Processes whose command line mentions `needle` (the check child of a server, say).
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmd)
+                .contains(needle)
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// kill -9 at several moments of a first load (unpacking, the sandboxed TorchScript check,
+/// loading), then a restart on the same work dir: nothing half-unpacked is left or used, no
+/// check process outlives its server, and the model loads cleanly and answers.
+#[test]
+fn kill_9_during_a_first_load_then_restart() {
+    let store = tempfile::tempdir().unwrap();
+    pack(
+        store.path(),
+        "large",
+        CONFIG,
+        &artifact("example/model-large.pt"),
+        &artifact("handlers/example.wasm"),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let launch = || {
+        Server::launch(
+            store.path(),
+            &[],
+            Launch {
+                work_dir: Some(work.path().to_path_buf()),
+                ..Default::default()
+            },
+        )
+    };
+    let body = request();
+    for delay_ms in [5, 60, 250, 600] {
+        let mut server = launch();
+        let url = server.url("/predictions/large");
+        let b = body.clone();
+        let client = std::thread::spawn(move || post_json(&url, &b).status);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        server.signal(libc::SIGKILL);
+        assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+        let _ = client.join();
+        let needle = work.path().to_string_lossy().into_owned();
+        assert!(
+            wait_until(Duration::from_secs(5), || processes_mentioning(&needle)
+                .is_empty()),
+            "a process of the killed server outlived it (kill at {delay_ms} ms)"
+        );
+    }
+    let server = launch();
+    let unpacked = work.path().join("unpacked");
+    let partials = || {
+        std::fs::read_dir(&unpacked)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(".partial-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(partials(), 0, "an interrupted unpack was left");
+    let r = post_json(&server.url("/predictions/large"), &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// An operator archive replaced in the store while its model is resident is reloaded at the
+/// next request (its new bytes served); one removed is unloaded and answers 404.
+#[test]
+fn archives_replaced_or_removed_while_resident() {
+    let store = tempfile::tempdir().unwrap();
+    let archives = tempfile::tempdir().unwrap();
+    example(store.path(), "m");
+    let other = archives.path().join("other");
+    pack(
+        &other,
+        "m",
+        &CONFIG.replace("max_pixels: 1000000", "max_pixels: 10"),
+        &artifact("example/model.pt"),
+        &artifact("handlers/example.wasm"),
+    );
+    let server = Server::start(store.path(), &[]);
+    let body = request();
+    assert_eq!(post_json(&server.url("/predictions/m"), &body).status, 200);
+    // The replacement allows 10 pixels: the same request is now refused by it.
+    std::fs::copy(other.join("m.tar.gz"), store.path().join("m.tar.gz")).unwrap();
+    let r = post_json(&server.url("/predictions/m"), &body);
+    assert_eq!(r.status, 413, "the old archive kept serving: {}", r.text());
+    assert!(server.wait_log("archive was replaced", Duration::from_secs(5)));
+    std::fs::remove_file(store.path().join("m.tar.gz")).unwrap();
+    let r = post_json(&server.url("/predictions/m"), &body);
+    assert_eq!(r.status, 404, "{}", r.text());
+    let listed = get(&server.url("/metrics")).text();
+    assert!(listed.contains("tessera_resident_models 0"), "{listed}");
+}

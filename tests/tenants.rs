@@ -188,6 +188,9 @@ fn versions_default_and_explicit() {
     let described = authed(server, "GET", ALICE, "/models/m").json();
     assert_eq!(described["versions"], json!(["1", "2"]));
     assert_eq!(described["defaultVersion"], "2");
+    // The default of a model with other versions stays (requests without a version need it).
+    let refused = authed(server, "DELETE", ALICE, "/models/m/versions/2");
+    assert_eq!(refused.status, 409, "{}", refused.text());
     assert_eq!(
         authed(server, "DELETE", ALICE, "/models/m/versions/1").status,
         200

@@ -106,7 +106,7 @@ impl StoreError {
                 ErrorKind::BadRequest
             }
             StoreError::NotFound(_) => ErrorKind::NotFound,
-            StoreError::VersionExists(..) => ErrorKind::Conflict,
+            StoreError::VersionExists(..) | StoreError::IsDefault(..) => ErrorKind::Conflict,
             StoreError::Io(e) if archive::is_out_of_space(e) => ErrorKind::InsufficientStorage,
             // The store's trouble (a lost mount, permissions), not the request's: retryable.
             StoreError::Io(_) | StoreError::Unavailable(_) => ErrorKind::Unavailable,

@@ -125,6 +125,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let addr = std::net::SocketAddr::new(app.config.bind, app.config.port);
         app.registry.store().clean_staging();
         app.tenants.watch(std::time::Duration::from_secs(2));
+        app.residency.trim_after_evictions(std::time::Duration::from_secs(2));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;

@@ -30,6 +30,8 @@ pub enum StoreError {
     VersionExists(String, String),
     #[error("model store I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("version '{1}' is the default of '{0}': make another version the default first")]
+    IsDefault(String, String),
     /// The store itself cannot be read (its directory gone or unreadable): not the model's
     /// absence, and worth retrying.
     #[error("the model store cannot be read ({0}); retry later")]
@@ -69,11 +71,17 @@ pub fn name_from_target(target: &str) -> Result<String, StoreError> {
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
+    /// Serialises changes of versions and default pointers (rare), so that a default never
+    /// names a version being deleted and two set-defaults never mix.
+    changes: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl LocalStore {
     pub fn new(root: PathBuf) -> LocalStore {
-        LocalStore { root }
+        LocalStore {
+            root,
+            changes: Default::default(),
+        }
     }
 
     /// Ok when the store's directory can be listed: a name missing from a readable store is
@@ -174,6 +182,7 @@ impl LocalStore {
 
     /// Points the default at `version` (which must exist), atomically.
     pub fn set_default(&self, tenant: &str, name: &str, version: &str) -> Result<(), StoreError> {
+        let _one = self.changes.lock().unwrap_or_else(|e| e.into_inner());
         self.version_archive(tenant, name, version)?;
         let dir = self.model_dir(tenant, name)?;
         let tmp = dir.join(".default.tmp");
@@ -263,6 +272,7 @@ impl LocalStore {
         version: &str,
     ) -> Result<PathBuf, StoreError> {
         validate_version(version)?;
+        let _one = self.changes.lock().unwrap_or_else(|e| e.into_inner());
         let dir = self.model_dir(tenant, name)?;
         std::fs::create_dir_all(&dir)?;
         let dest = dir.join(format!("{version}{ARCHIVE_SUFFIX}"));
@@ -286,7 +296,15 @@ impl LocalStore {
         name: &str,
         version: &str,
     ) -> Result<(), StoreError> {
+        let _one = self.changes.lock().unwrap_or_else(|e| e.into_inner());
         let path = self.version_archive(tenant, name, version)?;
+        // The default of a model with other versions stays (requests without a version need
+        // it); checked under the lock, so no set-default can slip in between.
+        if self.default_version(tenant, name).as_deref() == Some(version)
+            && self.versions(tenant, name).len() > 1
+        {
+            return Err(StoreError::IsDefault(name.to_string(), version.to_string()));
+        }
         std::fs::remove_file(path)?;
         let dir = self.model_dir(tenant, name)?;
         if self.default_version(tenant, name).as_deref() == Some(version) {

@@ -159,6 +159,8 @@ impl Loader {
     ) -> Result<LoadedModel, ResidencyError> {
         let started = Instant::now();
         let key = &reg.key;
+        // Stamped before unpacking: a replacement during the load is noticed at the next use.
+        let source = super::model::archive_stamp(&reg.archive);
         let unpacked = {
             let (archive, config, sandbox) = (
                 reg.archive.clone(),
@@ -247,7 +249,8 @@ impl Loader {
             handler,
             started.elapsed(),
             residency.now_ms(),
-        ))
+        )
+        .with_source(source))
     }
 
     /// What the handler may see and use: assets, parameters, its memory cap (the archive's,

@@ -24,7 +24,7 @@ mod model;
 pub mod policy;
 
 pub use loader::{check_unpacked, CheckError, Loader, LoaderConfig, WorkerOverrides};
-pub use model::{InUse, LoadedModel};
+pub use model::{InUse, LoadedModel, Source};
 
 use crate::archive::ArchiveError;
 use crate::metrics::Metrics;
@@ -112,6 +112,9 @@ pub struct Residency {
     loader: Loader,
     metrics: Arc<Metrics>,
     clock: Instant,
+    /// Set when a model leaves residency: its weights went back to the C heap, which
+    /// [`Residency::trim_after_evictions`] hands back to the system.
+    freed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Residency {
@@ -122,12 +125,15 @@ impl Residency {
         metrics: Arc<Metrics>,
     ) -> Residency {
         let m = metrics.clone();
+        let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let freed_by_eviction = freed.clone();
         let cache = Cache::builder()
             .eviction_listener(
                 move |key: Arc<ModelKey>, model: Arc<LoadedModel>, cause: RemovalCause| {
                     if cause == RemovalCause::Replaced {
                         return;
                     }
+                    freed_by_eviction.store(true, Ordering::Release);
                     m.forget_resident(key.labels());
                     m.resident_models.dec();
                     tracing::info!(
@@ -153,6 +159,7 @@ impl Residency {
             clock: Instant::now(),
             evictions: Default::default(),
             quarantined: Default::default(),
+            freed,
         }
     }
 
@@ -193,6 +200,21 @@ impl Residency {
             m.engine.close();
         }
         crate::engine::join_all(deadline)
+    }
+
+    /// Every `every`, if a model left residency since the last look, returns the C heap's
+    /// free memory to the system (`malloc_trim`): the weights of evicted CPU models otherwise
+    /// stay in the process's RSS, which then only grows with churn (measured by bench/soak.py).
+    pub fn trim_after_evictions(&self, every: std::time::Duration) {
+        let freed = self.freed.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if freed.swap(false, Ordering::AcqRel) {
+                    let _ = tokio::task::spawn_blocking(runtime::release_host_memory).await;
+                }
+            }
+        });
     }
 
     /// Every resident model.

@@ -25,6 +25,26 @@ pub struct LoadedModel {
     in_use: AtomicUsize,
     /// Milliseconds since residency's clock when it last began serving.
     last_used: AtomicU64,
+    /// Size and mtime of the archive file it was loaded from (none for a folder), to notice an
+    /// archive replaced or removed while the model is resident.
+    source: Option<(u64, std::time::SystemTime)>,
+}
+
+/// Whether a resident model's archive is still the one it was loaded from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Source {
+    Current,
+    Replaced,
+    Gone,
+}
+
+/// Size and mtime of an archive file (none for a folder or what cannot be read).
+pub fn archive_stamp(path: &std::path::Path) -> Option<(u64, std::time::SystemTime)> {
+    let m = std::fs::metadata(path).ok()?;
+    if !m.is_file() {
+        return None;
+    }
+    Some((m.len(), m.modified().ok()?))
 }
 
 impl LoadedModel {
@@ -46,6 +66,25 @@ impl LoadedModel {
             load_time,
             in_use: AtomicUsize::new(0),
             last_used: AtomicU64::new(now_ms),
+            source: None,
+        }
+    }
+
+    /// Records the archive file it was loaded from (see [`LoadedModel::source_at`]).
+    pub fn with_source(mut self, stamp: Option<(u64, std::time::SystemTime)>) -> LoadedModel {
+        self.source = stamp;
+        self
+    }
+
+    /// Whether `archive` is still what this model was loaded from.
+    pub fn source_at(&self, archive: &std::path::Path) -> Source {
+        let Some(loaded) = self.source else {
+            return Source::Current;
+        };
+        match std::fs::metadata(archive) {
+            Err(_) => Source::Gone,
+            Ok(m) if m.len() == loaded.0 && m.modified().ok() == Some(loaded.1) => Source::Current,
+            Ok(_) => Source::Replaced,
         }
     }
 

@@ -6,7 +6,7 @@ use super::Server;
 use crate::engine::{queue::NotRun, Slot};
 use crate::error::{Error, ErrorKind};
 use crate::registry::{Registration, RegistryError};
-use crate::residency::{LoadedModel, OutOfMemory, ResidencyError};
+use crate::residency::{LoadedModel, OutOfMemory, ResidencyError, Source};
 use crate::runtime::{HostTensor, PipelineInput, RuntimeError};
 use crate::sandbox::{Handler, HandlerRequest, HandlerResponse, Sandbox};
 use crate::store::StoreError;
@@ -138,6 +138,23 @@ impl Server {
                     None => Err(RegistryError::Store(StoreError::Unavailable(why)).into()),
                 }
             }
+            // Nothing in a readable store answers to the name any more (its archive was
+            // removed): resident versions of it are orphans, unloaded now.
+            Err(RegistryError::NotFound(n)) if version.is_none() => {
+                if !self
+                    .residency
+                    .resident_versions(&tenant.name, name)
+                    .is_empty()
+                    && self.residency.remove_model(&tenant.name, name).await > 0
+                {
+                    tracing::info!(
+                        model = name,
+                        tenant = tenant.name,
+                        "its archive was removed from the store: unloaded"
+                    );
+                }
+                Err(RegistryError::NotFound(n).into())
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -153,7 +170,25 @@ impl Server {
     ) -> Result<(Arc<LoadedModel>, bool), Error> {
         if !self.residency.is_quarantined(&reg.key) {
             if let Some(model) = self.residency.peek(&reg.key).await {
-                return Ok((model, false));
+                match model.source_at(&reg.archive) {
+                    Source::Current => return Ok((model, false)),
+                    // An unreadable store says nothing about the archive: keep serving.
+                    Source::Gone if self.registry.store().check_readable().is_err() => {
+                        return Ok((model, false))
+                    }
+                    Source::Gone => {
+                        tracing::info!(model = %reg.key, "its archive was removed from the store: unloaded");
+                        self.residency.remove(&reg.key).await;
+                        return Err(Error::new(
+                            ErrorKind::NotFound,
+                            format!("model '{}' was removed from the model store", reg.key.name),
+                        ));
+                    }
+                    Source::Replaced => {
+                        tracing::info!(model = %reg.key, "its archive was replaced in the store: reloading");
+                        self.residency.remove(&reg.key).await;
+                    }
+                }
             }
         }
         if self.is_draining() {

@@ -249,6 +249,13 @@ impl Server {
         store
             .version_archive(&tenant.name, name, version)
             .map_err(|_| RegistryError::NotFound(name.to_string()))?;
+        // Asked first so that the default is not unloaded for nothing; the store checks again
+        // under its lock when it removes the file.
+        if store.default_version(&tenant.name, name).as_deref() == Some(version)
+            && store.versions(&tenant.name, name).len() > 1
+        {
+            return Err(StoreError::IsDefault(name.to_string(), version.to_string()).into());
+        }
         let key = ModelKey::new(&tenant.name, name, version);
         if let Some(m) = self.residency.peek(&key).await {
             if m.busy() > 0 {

@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Soak with churn (CPU, small models): many requests at high concurrency over three times more
+models than the residency budget holds, with uploads, version switches, unloads, version deletes
+and clients that leave mid-request interleaved. Checks every answer byte for byte against a
+reference server that sees no churn, the statuses (only the designed 429/503/504/507 besides 2xx
+and 4xx answers to our own deliberate mistakes), the server's RSS after the run against after
+warm-up, and what is left in the store's staging and the work dir.
+
+    python bench/soak.py [--requests 10000] [--concurrency 64] [--out bench/results/soak_cpu]
+
+Needs a release build (target/release/tessera, or TESSERA_BIN) and the test artifacts
+(TESSERA_ARTIFACTS: handlers/example.wasm, example/model.pt, example/model-large.pt), as
+`bash scripts/test.sh` leaves them. Writes OUT.md and OUT.json.
+"""
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DESIGNED = {429, 503, 504, 507}
+CONFIG = "maxWorkers: 2\nresponseTimeout: 60\ntessera:\n  model: model.pt\nhandler:\n  max_pixels: 1000000\n"
+
+
+def artifacts():
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    return os.environ.get("TESSERA_ARTIFACTS", os.path.join(target, "artifacts"))
+
+
+def binary():
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    return os.environ.get("TESSERA_BIN", os.path.join(target, "release", "tessera"))
+
+
+def pack(out_dir, name, model):
+    """A `<name>.tar.gz` of the example handler with `model` (a TorchScript file)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = os.path.join(tmp, "model-config.yaml")
+        open(cfg, "w").write(CONFIG)
+        pt = os.path.join(tmp, "model.pt")
+        shutil.copy(model, pt)
+        out = os.path.join(out_dir, f"{name}.tar.gz")
+        subprocess.run([binary(), "pack", "--config", cfg, "--model", pt, "--handler",
+                        os.path.join(artifacts(), "handlers", "example.wasm"), "-o", out],
+                       check=True, capture_output=True)
+    return out
+
+
+class Server:
+    def __init__(self, store, work, extra):
+        self.proc = subprocess.Popen(
+            [binary(), "serve", "--port", "0", "--device", "cpu", "--model-store", store,
+             "--work-dir", work, *extra],
+            stdout=subprocess.PIPE, stderr=open(os.path.join(work, "..", os.path.basename(work) + ".log"), "w"),
+            text=True, env={"RUST_LOG": "warn", **os.environ})
+        self.addr = None
+        for line in self.proc.stdout:
+            if line.startswith("tessera listening on http://"):
+                host, port = line.strip().rsplit("/", 1)[-1].split(":")
+                self.addr = (host, int(port))
+            if line.strip() == "tessera ready":
+                break
+        if not self.addr:
+            sys.exit("server did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def call(self, method, path, body=None, headers=None, timeout=120):
+        c = http.client.HTTPConnection(*self.addr, timeout=timeout)
+        try:
+            c.request(method, path, body=body, headers=headers or {})
+            r = c.getresponse()
+            return r.status, r.read(), dict(r.getheaders())
+        finally:
+            c.close()
+
+    def rss(self):
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None
+
+
+def bodies(n):
+    rng = random.Random(7)
+    out = []
+    for i in range(n):
+        w, h = rng.choice([(24, 16), (33, 21), (48, 32), (17, 40)])
+        img = Image.frombytes("RGB", (w, h), bytes(rng.randrange(256) for _ in range(w * h * 3)))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(json.dumps({"image": base64.b64encode(buf.getvalue()).decode(),
+                               "gen_args": {"strength": round(0.1 + 0.1 * (i % 8), 2)}}).encode())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=10000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--models", type=int, default=9)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "soak_cpu"))
+    args = ap.parse_args()
+    art = artifacts()
+    variants = {"small": os.path.join(art, "example", "model.pt"),
+                "large": os.path.join(art, "example", "model-large.pt")}
+    tmp = tempfile.mkdtemp(prefix="tessera-soak-")
+    store, work = os.path.join(tmp, "store"), os.path.join(tmp, "work")
+    ref_store, ref_work = os.path.join(tmp, "ref-store"), os.path.join(tmp, "ref-work")
+    for d in (store, work, ref_work):
+        os.makedirs(d)
+    archives = {v: pack(os.path.join(tmp, "archives"), v, p) for v, p in variants.items()}
+    for v, a in archives.items():
+        os.makedirs(ref_store, exist_ok=True)
+        shutil.copy(a, os.path.join(ref_store, f"{v}.tar.gz"))
+    # Operator archives m0..m8, large (3.5 MB of weights each): the budget holds three.
+    names = [f"m{i}" for i in range(args.models)]
+    for n in names:
+        shutil.copy(archives["large"], os.path.join(store, f"{n}.tar.gz"))
+    large = os.path.getsize(variants["large"])
+    budget_mib = max(1, (3 * large + large // 2) >> 20)
+
+    reqs = bodies(16)
+    ref = Server(ref_store, ref_work, [])
+    reference = {}
+    for v in variants:
+        for i, b in enumerate(reqs):
+            s, body, _ = ref.call("POST", f"/predictions/{v}", b, {"content-type": "application/json"})
+            assert s == 200, (v, s, body[:200])
+            reference[(v, i)] = body
+    ref.stop()
+
+    srv = Server(store, work, ["--memory-budget-mib", str(budget_mib), "--max-queue", "16",
+                               "--header-timeout-seconds", "5", "--body-stall-seconds", "5"])
+    # Uploaded models u0..u2 with versions whose variant we know.
+    lock = threading.Lock()
+    versions = {}  # (name, version) -> variant (kept after a delete: a request begun before it
+    gone = set()  # may still be answered by it)
+    installed = set()  # versions the server confirmed (201) and not deleted
+    next_version = Counter()
+    last_upload_error = [b""]
+
+    def upload(name, variant, default):
+        with lock:
+            next_version[name] += 1
+            v = str(next_version[name])
+            # Known before the server can serve it (a request may meet it as soon as it is in).
+            versions[(name, v)] = variant
+        data = open(archives[variant], "rb").read()
+        s, body, _ = srv.call("POST", f"/models/{name}/versions/{v}" + ("?default=true" if default else ""),
+                              data, {"content-type": "application/octet-stream"})
+        with lock:
+            if s == 201:
+                installed.add((name, v))
+            else:
+                versions.pop((name, v), None)
+                last_upload_error[0] = body[:300]
+        return s
+
+    uploads = [f"u{i}" for i in range(3)]
+    for u in uploads:
+        assert upload(u, "small", True) == 201
+
+    stats = Counter()
+    ops = Counter()
+    mismatches = []
+    unexpected = []
+    done = [0]
+    rss = {}
+    samples = []
+    started = time.time()
+
+    def check(kind, status, body, headers, variant_of):
+        stats[status] += 1
+        if status == 200:
+            variant = variant_of(headers)
+            want = reference.get(variant)
+            if want is None or body != want:
+                mismatches.append((kind, str(variant), headers.get("x-model-version"), len(body),
+                                   body[:120].decode(errors="replace")))
+        elif status not in DESIGNED:
+            unexpected.append((kind, status, body[:200]))
+
+    def worker(seed):
+        rng = random.Random(seed)
+        while True:
+            with lock:
+                if done[0] >= args.requests:
+                    return
+                done[0] += 1
+                n = done[0]
+                if n % 500 == 0:
+                    samples.append((n, round(srv.rss() / 2**20, 1)))
+                # Warm: every model loaded and evicted several times over at full concurrency.
+                if n == min(2000, args.requests // 5):
+                    rss["warm"] = srv.rss()
+            r = rng.random()
+            i = rng.randrange(len(reqs))
+            hdr = {"content-type": "application/json"}
+            try:
+                if r < 0.75:
+                    ops["infer-operator"] += 1
+                    s, body, h = srv.call("POST", f"/predictions/{rng.choice(names)}", reqs[i], hdr)
+                    check("operator", s, body, h, lambda h: ("large", i))
+                elif r < 0.88:
+                    ops["infer-uploaded"] += 1
+                    u = rng.choice(uploads)
+                    s, body, h = srv.call("POST", f"/predictions/{u}", reqs[i], hdr)
+
+                    def variant_of(h, u=u):
+                        v = h.get("x-model-version")
+                        with lock:
+                            return (versions.get((u, v)), i)
+                    check("uploaded", s, body, h, variant_of)
+                elif r < 0.92:
+                    ops["disconnect"] += 1
+                    with socket.create_connection(srv.addr, timeout=10) as c:
+                        c.sendall(f"POST /predictions/{rng.choice(names)} HTTP/1.1\r\nhost: x\r\n"
+                                  f"content-type: application/json\r\ncontent-length: {len(reqs[i])}\r\n\r\n".encode())
+                        if rng.random() < 0.5:
+                            c.sendall(reqs[i][: len(reqs[i]) // 2])
+                        else:
+                            c.sendall(reqs[i])
+                elif r < 0.95:
+                    ops["upload"] += 1
+                    u = rng.choice(uploads)
+                    s = upload(u, rng.choice(["small", "large"]), rng.random() < 0.5)
+                    stats[f"upload {s}"] += 1
+                    if s not in (201, 429, 503, 507):
+                        unexpected.append(("upload", s, last_upload_error[0]))
+                elif r < 0.97:
+                    ops["set-default"] += 1
+                    u = rng.choice(uploads)
+                    with lock:
+                        vs = sorted(v for (n2, v) in installed if n2 == u)
+                    s, body, _ = srv.call("PUT", f"/models/{u}/{rng.choice(vs)}/set-default")
+                    stats[f"set-default {s}"] += 1
+                    if s not in (200, 404):  # 404: deleted meanwhile
+                        unexpected.append(("set-default", s, body[:200]))
+                elif r < 0.985:
+                    ops["delete-version"] += 1
+                    u = rng.choice(uploads)
+                    # Only versions the server confirmed, and never the last ones: the model must
+                    # keep existing (its default cannot be deleted while others exist).
+                    with lock:
+                        vs = sorted(v for (n2, v) in installed if n2 == u)
+                    if len(vs) > 2:
+                        v = rng.choice(vs[:-1])
+                        s, body, _ = srv.call("DELETE", f"/models/{u}/versions/{v}")
+                        stats[f"delete-version {s}"] += 1
+                        if s == 200:
+                            with lock:
+                                gone.add((u, v))
+                                installed.discard((u, v))
+                        elif s not in (404, 409):  # 409: busy, or the default
+                            unexpected.append(("delete-version", s, body[:200]))
+                else:
+                    ops["unload"] += 1
+                    s, body, _ = srv.call("DELETE", f"/models/{rng.choice(names)}")
+                    stats[f"unload {s}"] += 1
+                    if s not in (200, 404):
+                        unexpected.append(("unload", s, body[:200]))
+            except (OSError, http.client.HTTPException) as e:
+                unexpected.append(("connection", str(e), b""))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.time() - started
+    time.sleep(6)  # past the header and stall timeouts: every abandoned connection closed
+    rss["end"] = srv.rss()
+    alive = srv.proc.poll() is None
+    s, metrics, _ = srv.call("GET", "/metrics")
+    resident = [l for l in metrics.decode().splitlines() if l.startswith("tessera_resident_models ")]
+    code = srv.stop()
+    staging = os.path.join(store, ".staging")
+    staged = os.listdir(staging) if os.path.isdir(staging) else []
+    unpacked_dir = os.path.join(work, "unpacked")
+    unpacked = sorted(os.listdir(unpacked_dir)) if os.path.isdir(unpacked_dir) else []
+    partials = [u for u in unpacked if u.startswith(".partial-")]
+    result = {
+        "machine": os.uname().nodename + f", {os.cpu_count()} CPUs",
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "models": args.models,
+        "budget_mib": budget_mib,
+        "seconds": round(elapsed, 1),
+        "ops": dict(ops),
+        "statuses": {str(k): v for k, v in stats.items()},
+        "mismatches": len(mismatches),
+        "mismatch_examples": mismatches[:10],
+        "unexpected": [(k, str(s), b.decode(errors="replace")) for k, s, b in unexpected[:20]],
+        "unexpected_count": len(unexpected),
+        "unexpected_kinds": {f"{k} {s}": n for (k, s), n in Counter((k, str(s)) for k, s, _ in unexpected).items()},
+        "rss_after_warmup_mib": round(rss.get("warm", 0) / 2**20, 1),
+        "rss_end_mib": round(rss["end"] / 2**20, 1),
+        "rss_samples_mib": samples,
+        "rss_growth_pct": round(100 * (rss["end"] - rss.get("warm", rss["end"])) / max(rss.get("warm", 1), 1), 1),
+        "alive_at_end": alive,
+        "exit_code_on_sigterm": code,
+        "resident_at_end": resident,
+        "staging_left": staged,
+        "partials_left": partials,
+        "unpacked_dirs": len([u for u in unpacked if not u.endswith(".checked")]),
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    json.dump(result, open(args.out + ".json", "w"), indent=2)
+    with open(args.out + ".md", "w") as f:
+        f.write("# Soak with churn (CPU)\n\n")
+        f.write(f"`python bench/soak.py --requests {args.requests} --concurrency {args.concurrency}` on "
+                f"{result['machine']}: {args.models} operator models of 3.5 MB weights with a budget of "
+                f"{budget_mib} MiB (three fit), three uploaded models whose versions are uploaded, switched "
+                "and deleted while they serve, unloads, and clients that leave mid-request.\n\n")
+        f.write("| figure | value |\n|---|---|\n")
+        for k in ["seconds", "mismatches", "unexpected_count", "rss_after_warmup_mib", "rss_end_mib",
+                  "rss_growth_pct", "alive_at_end", "exit_code_on_sigterm", "staging_left",
+                  "partials_left", "unpacked_dirs"]:
+            f.write(f"| {k} | {result[k]} |\n")
+        f.write(f"| operations | {dict(ops)} |\n| statuses | {result['statuses']} |\n")
+        f.write(f"| RSS every 500 requests (MiB) | {samples} |\n")
+    print(json.dumps(result, indent=2))
+    ok = (not mismatches and not unexpected and alive and code == 0 and not staged and not partials
+          and result["rss_growth_pct"] <= 10)
+    if os.environ.get("SOAK_KEEP"):
+        print(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
