@@ -27,6 +27,26 @@ fn example_request() -> serde_json::Value {
     json!({ "image": B64.encode(png), "gen_args": {"strength": 0.5} })
 }
 
+/// Runs a Python client script of `tests/` against `server`; it must end "all checks passed".
+fn run_client(server: &Server, script: &str, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(python())
+        .arg(workspace().join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{report}\nserver log:\n{}",
+        server.log()
+    );
+    assert!(report.contains("all checks passed"), "{report}");
+}
+
 /// The platform's side of the SageMaker contract (tests/sagemaker_contract.py) against the
 /// server in SageMaker mode, switched on by SageMaker's own environment variable: LoadModel
 /// from the unpacked directory, 409/404/507, invoke, unload and reload.
@@ -61,26 +81,17 @@ fn sagemaker_multi_model_contract() {
         server.stdout()
     );
 
-    let out = Command::new(python())
-        .arg(workspace().join("tests/sagemaker_contract.py"))
-        .arg(&server.base)
-        .arg(root.path())
-        .arg(&fits)
-        .arg(&big)
-        .arg(&request)
-        .output()
-        .unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    run_client(
+        &server,
+        "tests/sagemaker_contract.py",
+        &[
+            server.base.as_ref(),
+            root.path().as_os_str(),
+            fits.as_os_str(),
+            big.as_os_str(),
+            request.as_os_str(),
+        ],
     );
-    assert!(
-        out.status.success(),
-        "{report}\nserver log:\n{}",
-        server.log()
-    );
-    assert!(report.contains("all checks passed"), "{report}");
 }
 
 /// A directory holding a link, or more than the unpacked-size limit, is refused as an archive
@@ -475,23 +486,11 @@ fn open_inference_protocol_with_tritonclient() {
     example_archive(store.path(), "example", "example/model.pt");
     let server = Server::start(store.path(), &[]);
     let hostport = server.base.trim_start_matches("http://").to_string();
-    let out = Command::new(python())
-        .arg(workspace().join("tests/oip_client.py"))
-        .arg(&hostport)
-        .arg("oip")
-        .output()
-        .unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    run_client(
+        &server,
+        "tests/oip_client.py",
+        &[hostport.as_ref(), "oip".as_ref()],
     );
-    assert!(
-        out.status.success(),
-        "{report}\nserver log:\n{}",
-        server.log()
-    );
-    assert!(report.contains("all checks passed"), "{report}");
 
     // A handler-only model: 400 naming the route to use.
     let r = post_json(

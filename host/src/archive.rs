@@ -461,17 +461,9 @@ pub fn remove_partials(dir: &Path) {
     }
 }
 
-/// Unpacks `archive` into `dest` (which must not exist), validating every entry. The work is
-/// done in a sibling temporary directory renamed into place at the end, so `dest` either holds a
-/// complete archive or does not exist.
-pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, ArchiveError> {
-    let size = fs::metadata(archive).map_err(io_err(archive))?.len();
-    if size > limits.max_archive_bytes {
-        return Err(ArchiveError::TooLarge(format!(
-            "{size} bytes, over the limit of {}",
-            limits.max_archive_bytes
-        )));
-    }
+/// A fresh, empty sibling of `dest` to fill and rename into place (removed at start if a crash
+/// leaves it: [`remove_partials`]).
+fn partial_dir(dest: &Path) -> Result<PathBuf, ArchiveError> {
     let parent = dest
         .parent()
         .ok_or_else(|| ArchiveError::Invalid("bad destination".into()))?;
@@ -484,6 +476,21 @@ pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, A
     ));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+    Ok(tmp)
+}
+
+/// Unpacks `archive` into `dest` (which must not exist), validating every entry. The work is
+/// done in a sibling temporary directory renamed into place at the end, so `dest` either holds a
+/// complete archive or does not exist.
+pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, ArchiveError> {
+    let size = fs::metadata(archive).map_err(io_err(archive))?.len();
+    if size > limits.max_archive_bytes {
+        return Err(ArchiveError::TooLarge(format!(
+            "{size} bytes, over the limit of {}",
+            limits.max_archive_bytes
+        )));
+    }
+    let tmp = partial_dir(dest)?;
     let result = extract(archive, &tmp, limits).and_then(|()| inspect(&tmp));
     match result {
         Ok(_) => {
@@ -573,19 +580,8 @@ pub fn scan_dir(src: &Path, limits: Limits) -> Result<Vec<DirEntry>, ArchiveErro
 /// a sibling folder renamed into place. A file that changed size since the scan, or became a
 /// link, is refused.
 pub fn import_dir(src: &Path, entries: &[DirEntry], dest: &Path) -> Result<Unpacked, ArchiveError> {
-    let parent = dest
-        .parent()
-        .ok_or_else(|| ArchiveError::Invalid("bad destination".into()))?;
-    fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let tmp = parent.join(format!(
-        "{PARTIAL_PREFIX}{}-{}-{}",
-        dest.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
-        std::process::id(),
-        PARTIAL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let _ = fs::remove_dir_all(&tmp);
     let real_src = src.canonicalize().map_err(io_err(src))?;
-    fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+    let tmp = partial_dir(dest)?;
     let copy = || -> Result<(), ArchiveError> {
         let mut buf = vec![0u8; 256 << 10];
         for e in entries {

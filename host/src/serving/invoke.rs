@@ -81,13 +81,7 @@ impl Server {
         request: HandlerRequest,
         request_id: &str,
     ) -> Result<(HandlerResponse, Timings), Error> {
-        let mut timings = Timings::default();
-        let load_started = Instant::now();
-        let (model, loaded_now) = self.resolve_resident(tenant, name, version).await?;
-        if loaded_now {
-            timings.load = Some(load_started.elapsed());
-        }
-        timings.version = model.key.version.clone();
+        let (model, mut timings) = self.model_for(tenant, name, version).await?;
         let _busy = model.begin(self.residency.clock());
         let timeout = model.timeout_for(tenant);
         let slot = self.admit(&model, name)?;
@@ -103,6 +97,24 @@ impl Server {
             Ok(result) => result.map(|r| (r, timings)),
             Err(_) => Err(timed_out(timeout)),
         }
+    }
+
+    /// The resident model for a request, and its timings so far (the load, if this request
+    /// did it; the version).
+    async fn model_for(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(Arc<LoadedModel>, Timings), Error> {
+        let mut timings = Timings::default();
+        let load_started = Instant::now();
+        let (model, loaded_now) = self.resolve_resident(tenant, name, version).await?;
+        if loaded_now {
+            timings.load = Some(load_started.elapsed());
+        }
+        timings.version = model.key.version.clone();
+        Ok((model, timings))
     }
 
     /// `tenant`'s model `name` (at `version`, or its default) resident: resolved against the
@@ -340,13 +352,7 @@ impl Server {
         version: Option<&str>,
         tensors: Vec<HostTensor>,
     ) -> Result<(Vec<HostTensor>, Timings), Error> {
-        let mut timings = Timings::default();
-        let load_started = Instant::now();
-        let (model, loaded_now) = self.resolve_resident(tenant, name, version).await?;
-        if loaded_now {
-            timings.load = Some(load_started.elapsed());
-        }
-        timings.version = model.key.version.clone();
+        let (model, mut timings) = self.model_for(tenant, name, version).await?;
         let spec = oip_spec(&model)?;
         let inputs = order_inputs(&spec, tensors)?;
         let _busy = model.begin(self.residency.clock());
