@@ -81,7 +81,7 @@ fn idle_and_slow_clients_cannot_crowd_out_a_normal_one() {
         },
     );
     assert!(
-        server.log().contains("max_connections=256"),
+        server.wait_log("max_connections=256", Duration::from_secs(5)),
         "{}",
         server.log()
     );
