@@ -83,7 +83,7 @@ def main():
     out_dir = os.path.join(work, "sd")
     tokenizer_files.write(__import__("pathlib").Path(out_dir) / "tokenizer")
     export.export(parts, out_dir, "cuda", True, 100)
-    export.write_warmup(os.path.join(out_dir, "warmup.json"))
+    export.write_warmup(out_dir)
     results["export_s"] = time.perf_counter() - t
     print("exported", results["params_m"], f"{results['export_s']:.1f} s", flush=True)
 
@@ -91,7 +91,7 @@ def main():
     subprocess.check_call([args.bin, "pack", "--config", os.path.join(ROOT, "models/sd/model-config.yaml"),
                            "--model", os.path.join(out_dir, "sd.pt"), "--handler", args.handler,
                            "--asset", os.path.join(out_dir, "tokenizer"),
-                           "--asset", os.path.join(out_dir, "warmup.json"),
+                           *[a for f in export.WARMUP_FILES for a in ("--asset", os.path.join(out_dir, f))],
                            "--output", os.path.join(store, "sd.tar.gz"), "--skip-model-check"])
     results["pack_s"] = time.perf_counter() - t
     results["archive_mib"] = os.path.getsize(os.path.join(store, "sd.tar.gz")) / 2**20

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=src/runtime/cuda_shim.cpp");
     println!("cargo:rerun-if-changed=src/runtime/torch_shim.cpp");
+    println!("cargo:rerun-if-changed=src/runtime/graph_shim.cpp");
     let lib = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
         Ok(lib) => PathBuf::from(lib),
         Err(_) => {
@@ -39,6 +40,43 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations");
     build.compile("tessera_cuda_shim");
+
+    // CUDA graphs need libtorch's CUDA headers, which include the CUDA runtime's: the wheel's
+    // NVIDIA packages carry them (site-packages/nvidia/*/include). Without both, the graph shim
+    // is built to report that graphs are unsupported.
+    let mut graphs = cc::Build::new();
+    graphs
+        .cpp(true)
+        .file("src/runtime/graph_shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations");
+    match cuda_include(&lib) {
+        Some(dir) if has_cuda => {
+            graphs.include(dir);
+            println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        }
+        _ => {
+            println!("cargo:warning=no CUDA headers next to libtorch: CUDA graphs unsupported in this build");
+            graphs.define("TESSERA_NO_CUDA_GRAPHS", None);
+        }
+    }
+    graphs.compile("tessera_graph_shim");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10");
+}
+
+/// The include folder holding `cuda_runtime_api.h` and `crt/` (nvidia-cuda-crt) among the wheel's NVIDIA packages
+/// (`<site-packages>/nvidia/<package>/include`; libtorch's lib dir is `<site-packages>/torch/lib`).
+fn cuda_include(lib: &std::path::Path) -> Option<PathBuf> {
+    let nvidia = lib.parent()?.parent()?.join("nvidia");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(nvidia)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("include")))
+        .filter(|d| d.join("cuda_runtime_api.h").is_file() && d.join("crt/host_config.h").is_file())
+        .collect();
+    dirs.sort();
+    dirs.into_iter().next()
 }

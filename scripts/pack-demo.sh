@@ -23,7 +23,7 @@ BIN="${TESSERA_BIN:-$TARGET/release/tessera}"
 
 missing=()
 for f in "$BIN" "$A"/handlers/{example,sam,lama,sd}.wasm "$A/example/model.pt" \
-  "$A"/sam/{encoder,decoder}.pt "$A/sam/warmup.json" "$A/lama/model.pt" "$A"/sd/{sd.pt,tokenizer,warmup.json}; do
+  "$A"/sam/{encoder,decoder}.pt "$A/sam/warmup.json" "$A/lama/model.pt" "$A"/sd/{sd.pt,tokenizer,warmup.json,warmup-unguided.json}; do
   [ -e "$f" ] || missing+=("$f")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -49,4 +49,4 @@ pack() {
 pack example --model "$A/example/model.pt"
 pack sam --model "$A/sam/encoder.pt" --model "$A/sam/decoder.pt" --asset "$A/sam/warmup.json"
 pack lama --model "$A/lama/model.pt"
-pack sd --model "$A/sd/sd.pt" --asset "$A/sd/tokenizer" --asset "$A/sd/warmup.json"
+pack sd --model "$A/sd/sd.pt" --asset "$A/sd/tokenizer" --asset "$A/sd/warmup.json" --asset "$A/sd/warmup-unguided.json"

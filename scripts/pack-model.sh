@@ -79,7 +79,7 @@ case "$family" in
     ;;
   sd)
     python models/sd/export.py --pretrained "$src" --out-dir "$tmp" ${extra[@]+"${extra[@]}"}
-    files=(--model "$tmp/sd.pt" --asset "$tmp/tokenizer" --asset "$tmp/warmup.json")
+    files=(--model "$tmp/sd.pt" --asset "$tmp/tokenizer" --asset "$tmp/warmup.json" --asset "$tmp/warmup-unguided.json")
     ;;
 esac
 

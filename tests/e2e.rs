@@ -583,13 +583,26 @@ fn out_of_memory_evicts_idle_models_then_answers_507() {
 /// Packs the example model with `tessera.warmup` naming `warmup.json`, shipped as an asset with
 /// `body` (not shipped when `None`); returns whether pack succeeded and its stderr.
 fn pack_with_warmup(store: &Path, name: &str, body: Option<&[u8]>, times: u32) -> (bool, String) {
+    let shipped: Vec<(&str, &[u8])> = body.map(|b| ("warmup.json", b)).into_iter().collect();
+    pack_with_warmups(store, name, "warmup.json", &shipped, times)
+}
+
+/// Packs the example model with `tessera.warmup.request: listed` (YAML), shipping `shipped`
+/// (file name, body) as assets.
+fn pack_with_warmups(
+    store: &Path,
+    name: &str,
+    listed: &str,
+    shipped: &[(&str, &[u8])],
+    times: u32,
+) -> (bool, String) {
     let config = format!(
-        "responseTimeout: 30\ntessera:\n  model: model.pt\n  warmup:\n    request: warmup.json\n    times: {times}\n"
+        "responseTimeout: 30\ntessera:\n  model: model.pt\n  warmup:\n    request: {listed}\n    times: {times}\n"
     );
     let assets = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
-    if let Some(body) = body {
-        let f = assets.path().join("warmup.json");
+    for (file, body) in shipped {
+        let f = assets.path().join(file);
         std::fs::write(&f, body).unwrap();
         files.push(f);
     }
@@ -626,8 +639,22 @@ fn warmup_requests_run_after_a_load_before_users() {
         "{err}"
     );
 
+    // Several requests (of different shapes: a CUDA graph is captured for each before users
+    // come), each run `times` times, in order; each listed one must be packed.
+    let other = serde_json::to_vec(&example_request(40, 32, 6, json!({"strength": 0.25}))).unwrap();
+    let both: [(&str, &[u8]); 2] = [("a.json", &good), ("b.json", &other)];
+    assert!(pack_with_warmups(store.path(), "pair", "[a.json, b.json]", &both, 1).0);
+    let (ok, err) = pack_with_warmups(store.path(), "half", "[a.json, c.json]", &both, 1);
+    assert!(
+        !ok && err.contains("warmup.request 'c.json' is not among the packed assets"),
+        "{err}"
+    );
+
     let server = Server::start(store.path(), &[]);
     let request = example_request(20, 12, 9, json!({"strength": 0.75}));
+    let reply = post_json(&server.url("/predictions/pair"), &request);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(forwards(&server, "pair"), Some(3));
     let reply = post_json(&server.url("/predictions/warm"), &request);
     assert_eq!(reply.status, 200, "{}", reply.text());
     // The user's forward came after both warm-up forwards: three by the time it answered.
@@ -637,7 +664,7 @@ fn warmup_requests_run_after_a_load_before_users() {
         .log()
         .matches("warm-up request done")
         .count()
-        == 2));
+        == 4));
     assert_eq!(
         post_json(&server.url("/predictions/warm"), &request).status,
         200

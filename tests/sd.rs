@@ -1,5 +1,6 @@
 //! Stable Diffusion 2 inpainting end to end: the seed's request through the real server (CLIP
-//! tokenizer and crop-for-filling in the Wasm handler, the denoising loop in TorchScript),
+//! tokenizer and crop-for-filling in the Wasm handler, the denoising loop driven by the server
+//! through the model's prepare/step/finish, and inside TorchScript),
 //! compared with the seed's flow in Python — OpenCV crop-for-filling around diffusers'
 //! StableDiffusionInpaintPipeline — on the same tiny weights, CPU.
 mod support;
@@ -8,19 +9,30 @@ use base64::Engine;
 use serde_json::json;
 use support::*;
 
+/// `sd`: the loop driven by the server (`prepare`, `step`s, `finish`; each step a CUDA-graph
+/// replay on a GPU), as the shipped config has it. `sd-forward`: the same file's `forward`, the
+/// whole loop inside TorchScript.
 const CONFIG: &str =
-    "maxWorkers: 1\nresponseTimeout: 120\ntessera:\n  model: sd.pt\n  handlerMemoryMiB: 1024\n\
+    "maxWorkers: 1\nresponseTimeout: 120\ntessera:\n  model: sd.pt\n  handlerMemoryMiB: 1024\n  loop: true\n  cudaGraphs: true\n\
 handler:\n  max_pixels: 2000000\n  max_steps: 20\n";
 
 fn sd_server(store: &tempfile::TempDir) -> Server {
-    let (ok, err) = pack_archive(
-        &store.path().join("sd.tar.gz"),
-        CONFIG,
-        &[artifact("sd/sd.pt")],
-        &artifact("handlers/sd.wasm"),
-        &[artifact("sd/tokenizer")],
-    );
-    assert!(ok, "pack: {err}");
+    for (name, config) in [
+        ("sd", CONFIG.to_string()),
+        (
+            "sd-forward",
+            CONFIG.replace("  loop: true\n  cudaGraphs: true\n", ""),
+        ),
+    ] {
+        let (ok, err) = pack_archive(
+            &store.path().join(format!("{name}.tar.gz")),
+            &config,
+            &[artifact("sd/sd.pt")],
+            &artifact("handlers/sd.wasm"),
+            &[artifact("sd/tokenizer")],
+        );
+        assert!(ok, "pack {name}: {err}");
+    }
     Server::start(store.path(), &[])
 }
 
@@ -139,8 +151,14 @@ fn inpaints_like_the_diffusers_pipeline_through_crop_for_filling() {
         let (image, mask) = scene(w, h, bx, i as u64);
         let body = request(w, h, &image, &mask, args);
         let want = reference(&body);
-        let (gw, gh, got) = generated(&post_json(&url, &body));
+        let reply = post_json(&url, &body);
+        let (gw, gh, got) = generated(&reply);
         assert_eq!((gw, gh), (w, h), "case {i}");
+        assert_eq!(
+            post_json(&server.url("/predictions/sd-forward"), &body).json()["generated_image"],
+            reply.json()["generated_image"],
+            "case {i}: the server-driven loop and the TorchScript loop differ"
+        );
         let max = max_abs_diff(&got, &want);
         assert!(
             max <= 2,

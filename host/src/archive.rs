@@ -174,7 +174,23 @@ pub struct TesseraConfig {
     /// served through its handler only; with it, OIP requests go straight to the model.
     #[serde(default)]
     pub oip: Option<OipSpec>,
+    /// The forward is a loop the server drives: the TorchScript file's `prepare`, then `step`
+    /// as many times as `prepare` says, then `finish` (see `runtime::LOOP_METHODS`). Each step
+    /// can then be one CUDA-graph replay (`cudaGraphs`).
+    #[serde(default, rename = "loop")]
+    pub looped: bool,
+    /// On a GPU, calls are replayed as CUDA graphs, captured per input shape off the request
+    /// path (a loop's `step`; otherwise `forward`). For models whose calls make no
+    /// host synchronisation; one that does is logged and runs uncaptured.
+    #[serde(default)]
+    pub cuda_graphs: bool,
+    /// Most graphs (input shapes) kept per model, 1..=64 (default 8); each holds its own memory.
+    #[serde(default)]
+    pub max_cuda_graphs: Option<u32>,
 }
+
+/// Graphs kept per model when `maxCudaGraphs` is not set.
+pub const DEFAULT_MAX_CUDA_GRAPHS: u32 = 8;
 
 /// `tessera.oip`: what a model takes and returns, as OIP metadata shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,15 +227,38 @@ impl TensorSpec {
     }
 }
 
-/// `tessera.warmup`: a request body under `assets/`, sent through handler and model `times`
-/// times (default 2) after each load.
+/// `tessera.warmup`: request bodies under `assets/`, each sent through handler and model `times`
+/// times (default 2) after each load, in order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Warmup {
-    /// Path under `assets/` of the body (JSON, as a client would POST it).
-    pub request: String,
+    /// Path under `assets/` of the body (JSON, as a client would POST it), or a list of them
+    /// (requests of different shapes: each CUDA-graph signature they bring is captured before
+    /// the model is published).
+    pub request: WarmupRequests,
     #[serde(default = "two")]
     pub times: u32,
+}
+
+/// One warm-up request path, or several.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WarmupRequests {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Most warm-up requests an archive may list.
+pub const MAX_WARMUP_REQUESTS: usize = 4;
+
+impl Warmup {
+    /// The request paths, in order.
+    pub fn requests(&self) -> Vec<&str> {
+        match &self.request {
+            WarmupRequests::One(r) => vec![r.as_str()],
+            WarmupRequests::Many(rs) => rs.iter().map(String::as_str).collect(),
+        }
+    }
 }
 
 fn two() -> u32 {
@@ -372,11 +411,30 @@ impl ModelConfig {
                 return bad("tessera.oip cannot be combined with a cachedStage".into());
             }
         }
-        if let Some(w) = &self.tessera.warmup {
-            if !matches!(names::relative_inside(&w.request), Ok(Some(_))) {
+        if self.tessera.looped && (self.tessera.cached_stage.is_some() || self.tessera.batchable) {
+            return bad("tessera.loop cannot be combined with a cachedStage or batchable".into());
+        }
+        if let Some(n) = self.tessera.max_cuda_graphs {
+            if !self.tessera.cuda_graphs || !(1..=64).contains(&n) {
                 return bad(format!(
-                    "warmup.request '{}' must be a relative path under assets/",
-                    w.request
+                    "maxCudaGraphs must be 1..=64 and needs cudaGraphs: true, got {n}"
+                ));
+            }
+        }
+        if let Some(w) = &self.tessera.warmup {
+            let requests = w.requests();
+            if requests.is_empty() || requests.len() > MAX_WARMUP_REQUESTS {
+                return bad(format!(
+                    "warmup.request must name 1..={MAX_WARMUP_REQUESTS} requests, got {}",
+                    requests.len()
+                ));
+            }
+            if let Some(r) = requests
+                .iter()
+                .find(|r| !matches!(names::relative_inside(r), Ok(Some(_))))
+            {
+                return bad(format!(
+                    "warmup.request '{r}' must be a relative path under assets/"
                 ));
             }
             if w.times == 0 || w.times > 10 {
@@ -969,10 +1027,13 @@ pub fn pack(spec: &PackSpec, output: &Path) -> Result<(), ArchiveError> {
         }
     }
     if let Some(w) = &config.tessera.warmup {
-        if !assets.iter().any(|(_, name)| name == &w.request) {
+        if let Some(r) = w
+            .requests()
+            .into_iter()
+            .find(|r| !assets.iter().any(|(_, name)| name == r))
+        {
             return Err(ArchiveError::Invalid(format!(
-                "tessera.warmup.request '{}' is not among the packed assets (--asset)",
-                w.request
+                "tessera.warmup.request '{r}' is not among the packed assets (--asset)"
             )));
         }
     }
@@ -1115,5 +1176,28 @@ mod tests {
         )
         .is_err());
         assert!(ModelConfig::parse("tessera:\n  executor: turbo\n").is_err());
+        let c =
+            ModelConfig::parse("tessera:\n  warmup:\n    request: [a.json, b/c.json]\n").unwrap();
+        assert_eq!(c.tessera.warmup.unwrap().requests(), ["a.json", "b/c.json"]);
+        let c = ModelConfig::parse("tessera:\n  warmup:\n    request: a.json\n").unwrap();
+        assert_eq!(c.tessera.warmup.unwrap().requests(), ["a.json"]);
+        for bad in ["[]", "[a, b, c, d, e]", "[a.json, ../x.json]", "{x: 1}"] {
+            let yaml = format!("tessera:\n  warmup:\n    request: {bad}\n");
+            assert!(ModelConfig::parse(&yaml).is_err(), "{bad}");
+        }
+        let c =
+            ModelConfig::parse("tessera:\n  loop: true\n  cudaGraphs: true\n  maxCudaGraphs: 2\n")
+                .unwrap();
+        assert!(c.tessera.looped && c.tessera.cuda_graphs);
+        assert_eq!(c.tessera.max_cuda_graphs, Some(2));
+        for bad in [
+            "tessera:\n  maxCudaGraphs: 2\n",
+            "tessera:\n  cudaGraphs: true\n  maxCudaGraphs: 0\n",
+            "tessera:\n  cudaGraphs: true\n  maxCudaGraphs: 65\n",
+            "tessera:\n  loop: true\n  batchable: true\n",
+            "tessera:\n  model: b.pt\n  loop: true\n  cachedStage:\n    model: a.pt\n    inputs: [x]\n",
+        ] {
+            assert!(ModelConfig::parse(bad).is_err(), "{bad}");
+        }
     }
 }

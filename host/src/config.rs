@@ -107,6 +107,11 @@ pub struct Config {
     )]
     pub torchscript_executor: crate::runtime::Executor,
 
+    /// `off` runs every model's calls uncaptured, even those whose archive asks for CUDA graphs
+    /// (`tessera.cudaGraphs`): a switch for operators (and comparisons).
+    #[arg(long, env = "TESSERA_CUDA_GRAPHS", value_enum, default_value = "on")]
+    pub cuda_graphs: Switch,
+
     /// OpenMP threads each CPU op of a forward may use, for models whose config names none
     /// (`tessera.intraOpThreads`). Default: libtorch's (the machine's physical cores).
     #[arg(long, env = "TESSERA_INTRA_OP_THREADS", value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -391,4 +396,11 @@ mod tests {
         assert!(c.bind.is_loopback() && c.port == 8080);
         assert_eq!(c.model_store, PathBuf::from("mine"));
     }
+}
+
+/// An on/off setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }

@@ -11,12 +11,27 @@ checkpoint's scheduler_config.json names (DDIM, PNDM or Euler discrete). The noi
 CPU torch.Generator seeded with `seed` and is drawn in diffusers' order (initial latents, then the
 masked image's VAE sample), so a seed gives the same noise as
 `StableDiffusionInpaintPipeline(..., generator=torch.Generator("cpu").manual_seed(seed))`.
-The schedules (timesteps, sigmas) for every step count up to --max-steps are computed by
-diffusers' own scheduler class at export time and stored in the module.
+The schedules for every step count up to --max-steps are computed by diffusers' own scheduler class
+at export time and stored in the module as tables indexed by (step count, step index).
+
+`forward` is `prepare`, `step` for each i, then `finish`; a server may drive them itself and replay
+`step` as a CUDA graph:
+
+  prepare(forward's inputs) -> (count, state)   everything before the loop; state: list of tensors,
+                                                all on the module's device (layout: SDInpaint.step)
+  step(i i64 [] on the device, state) -> state  one denoising step, device ops only (no host
+                                                reads, no host-made tensors); the same length, shapes
+                                                and dtypes; entries it leaves alone come back as the
+                                                same tensors, and no output aliases another input
+  finish(state) -> image u8 [H, W, 3]           VAE decode, device ops only
+
+Replayed, `step` gives forward's bits exactly unless TorchScript's GPU fuser (NNC) is on: its fused
+kernels round differently, and which ones run depends on the executor's history.
 
 Weights: --pretrained DIR (a folder saved with `save_pretrained`, as the seed stores it),
 --random (full size) or --tiny (the same architecture, CI-sized). The tokenizer files go to
-OUT_DIR/tokenizer/ and a small warm-up request to OUT_DIR/warmup.json (the archive's assets).
+OUT_DIR/tokenizer/ and small warm-up requests to OUT_DIR/warmup.json and warmup-unguided.json (the
+archive's assets).
 
     python models/sd/export.py --random --device cuda --fp16 --out-dir build/sd
 """
@@ -25,7 +40,7 @@ import json
 import os
 import shutil
 import sys
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -159,25 +174,46 @@ class VaeDecode(nn.Module):
 
 
 def schedule_tables(cfg: dict, max_steps: int):
-    """Per step count n (1..max_steps): the timesteps diffusers' scheduler runs and, for Euler, its
-    sigmas and initial noise scale; padded into [max_steps + 1, L] tables."""
+    """What diffusers' scheduler uses at loop index i of an n-step run (n in 1..max_steps), padded
+    into [max_steps + 1, L] tables: the UNet's timestep; alphas_cumprod at the step's t and prev_t
+    (DDIM, PNDM: step_plms' counter is i, so its second step's swapped pair is known ahead); the
+    sigmas (Euler, one column more). Per n: the loop length and the initial noise scale."""
     sched = SCHEDULERS[cfg["_class_name"]].from_config(cfg)
-    rows_t, rows_s, init = [], [], []
+    alphas = sched.alphas_cumprod.to(torch.float32)
+    final = torch.as_tensor(getattr(sched, "final_alpha_cumprod", 1.0), dtype=torch.float32)
+    plms = isinstance(sched, PNDMScheduler)
+    euler = isinstance(sched, EulerDiscreteScheduler)
+    rows, init = [], []
     for n in range(1, max_steps + 1):
         sched.set_timesteps(n)
-        rows_t.append(sched.timesteps.to(torch.float64))
-        rows_s.append(sched.sigmas.to(torch.float32) if hasattr(sched, "sigmas") else torch.zeros(1))
+        ratio = sched.config.num_train_timesteps // n
+        ts = sched.timesteps.tolist()
+        a_t, a_prev = [], []
+        for i, t in enumerate([] if euler else ts):
+            t = int(t)
+            prev = t - ratio
+            if plms and i == 1:
+                t, prev = t + ratio, t
+            a_t.append(alphas[t])
+            a_prev.append(alphas[prev] if prev >= 0 else final)
+        sigmas = sched.sigmas.to(torch.float32) if euler else torch.zeros(1)
+        rows.append((ts, a_t, a_prev, sigmas))
         init.append(float(sched.init_noise_sigma))
-    width_t = max(len(r) for r in rows_t)
-    width_s = max(len(r) for r in rows_s)
-    timesteps = torch.zeros(max_steps + 1, width_t, dtype=torch.float64)
-    sigmas = torch.zeros(max_steps + 1, width_s, dtype=torch.float32)
+    width = max(len(r[0]) for r in rows)
+    unet_t = torch.zeros(max_steps + 1, width, dtype=torch.float32)
+    alpha_t = torch.zeros(max_steps + 1, width, dtype=torch.float32)
+    alpha_prev = torch.zeros(max_steps + 1, width, dtype=torch.float32)
+    sigmas = torch.zeros(max_steps + 1, max(len(r[3]) for r in rows), dtype=torch.float32)
     counts = torch.zeros(max_steps + 1, dtype=torch.int64)
-    for n, (t, s) in enumerate(zip(rows_t, rows_s), start=1):
-        timesteps[n, : len(t)] = t
+    for n, (ts, a_t, a_prev, s) in enumerate(rows, start=1):
+        unet_t[n, : len(ts)] = torch.tensor(ts, dtype=torch.float32)
+        if a_t:
+            alpha_t[n, : len(a_t)] = torch.stack(a_t)
+            alpha_prev[n, : len(a_prev)] = torch.stack(a_prev)
         sigmas[n, : len(s)] = s
-        counts[n] = len(t)
-    return sched, timesteps, sigmas, counts, torch.tensor([0.0] + init, dtype=torch.float32)
+        counts[n] = len(ts)
+    return sched, dict(unet_t=unet_t, alpha_t=alpha_t, alpha_prev=alpha_prev, sigmas=sigmas, counts=counts,
+                       init_sigma=torch.tensor([0.0] + init, dtype=torch.float32))
 
 
 class SDInpaint(nn.Module):
@@ -187,7 +223,7 @@ class SDInpaint(nn.Module):
         kind = cfg["_class_name"]
         if kind not in SCHEDULERS:
             raise SystemExit(f"scheduler {kind} is not supported (DDIM, PNDM, Euler discrete are)")
-        sched, timesteps, sigmas, counts, init = schedule_tables(cfg, max_steps)
+        sched, tables = schedule_tables(cfg, max_steps)
         prediction = sched.config.prediction_type
         if prediction not in ("epsilon", "v_prediction"):
             raise SystemExit(f"prediction_type {prediction} is not supported")
@@ -205,29 +241,15 @@ class SDInpaint(nn.Module):
         self.vae_encode = vae_encode
         self.vae_decode = vae_decode
         self.dtype = dtype
-        self.num_train = int(sched.config.num_train_timesteps)
         self.max_steps = max_steps
         self.latent_channels = int(parts.vae.config.latent_channels)
         self.scale_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
         self.scaling = float(parts.vae.config.scaling_factor)
-        self.register_buffer("alphas_cumprod", sched.alphas_cumprod.to(torch.float32).clone())
-        final = getattr(sched, "final_alpha_cumprod", torch.tensor(1.0))
-        self.register_buffer("final_alpha_cumprod", torch.as_tensor(final, dtype=torch.float32).clone())
-        self.register_buffer("timesteps", timesteps)
-        self.register_buffer("sigmas", sigmas)
-        self.register_buffer("counts", counts)
-        self.register_buffer("init_sigma", init)
+        for name, table in tables.items():
+            self.register_buffer(name, table)
         self.register_buffer("anchor", torch.zeros(1, dtype=dtype))
 
-    def alpha(self, t: int) -> Tensor:
-        if t >= 0:
-            return self.alphas_cumprod[t]
-        return self.final_alpha_cumprod
-
-    def ddim_step(self, eps: Tensor, t: int, sample: Tensor, n: int) -> Tensor:
-        prev_t = t - self.num_train // n
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alpha(prev_t)
+    def ddim_step(self, eps: Tensor, alpha_prod_t: Tensor, alpha_prod_t_prev: Tensor, sample: Tensor) -> Tensor:
         beta_prod_t = 1 - alpha_prod_t
         if self.prediction == "epsilon":
             pred_original_sample = (sample - beta_prod_t ** (0.5) * eps) / alpha_prod_t ** (0.5)
@@ -242,9 +264,7 @@ class SDInpaint(nn.Module):
         pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_epsilon
         return alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
 
-    def pndm_prev(self, sample: Tensor, t: int, prev_t: int, eps: Tensor) -> Tensor:
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alpha(prev_t)
+    def pndm_prev(self, sample: Tensor, alpha_prod_t: Tensor, alpha_prod_t_prev: Tensor, eps: Tensor) -> Tensor:
         beta_prod_t = 1 - alpha_prod_t
         beta_prod_t_prev = 1 - alpha_prod_t_prev
         if self.prediction == "v_prediction":
@@ -253,21 +273,35 @@ class SDInpaint(nn.Module):
         denom = alpha_prod_t * beta_prod_t_prev ** (0.5) + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** (0.5)
         return sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * eps / denom
 
-    def euler_step(self, eps: Tensor, i: int, sample: Tensor, sigmas: Tensor) -> Tensor:
+    def euler_step(self, eps: Tensor, sigma: Tensor, sigma_next: Tensor, sample: Tensor) -> Tensor:
         out_dtype = eps.dtype
         sample = sample.to(torch.float32)
-        sigma = sigmas[i]
         sigma_hat = sigma * (0.0 + 1)
         if self.prediction == "epsilon":
             pred_original_sample = sample - sigma_hat * eps
         else:
             pred_original_sample = eps * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
         derivative = (sample - pred_original_sample) / sigma_hat
-        dt = sigmas[i + 1] - sigma_hat
+        dt = sigma_next - sigma_hat
         return (sample + derivative * dt).to(out_dtype)
 
-    def forward(self, input_ids: Tensor, image: Tensor, mask: Tensor, steps: Tensor, guidance: Tensor,
-                seed: Tensor) -> Tensor:
+    def plms(self, eps: Tensor, i: Tensor, latents: Tensor, cur_sample: Tensor,
+             ets: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """diffusers' step_plms (skip_prk_steps) for the (eps, sample) it feeds _get_prev_sample, and
+        the new cur_sample and ets (ets[0] is its ets[-1]). Its counter is i, so each branch is
+        computed and the one for i selected."""
+        first, second = i == 0, i == 1
+        ets = torch.where(second, ets, torch.cat([eps.unsqueeze(0), ets[:3]]))
+        e1, e2, e3, e4 = ets[0], ets[1], ets[2], ets[3]
+        later = torch.where(i == 2, (3 * e1 - e2) / 2, torch.where(
+            i == 3, (23 * e1 - 16 * e2 + 5 * e3) / 12, (1 / 24) * (55 * e1 - 59 * e2 + 37 * e3 - 9 * e4)))
+        eps = torch.where(first, eps, torch.where(second, (eps + e1) / 2, later))
+        sample = torch.where(second, cur_sample, latents)
+        return eps, sample, torch.where(first, latents, cur_sample), ets
+
+    @torch.jit.export
+    def prepare(self, input_ids: Tensor, image: Tensor, mask: Tensor, steps: Tensor, guidance: Tensor,
+                seed: Tensor) -> Tuple[int, List[Tensor]]:
         device = self.anchor.device
         n = int(steps.item())
         if n < 1 or n > self.max_steps:
@@ -308,57 +342,53 @@ class SDInpaint(nn.Module):
             masked_latents = torch.cat([masked_latents, masked_latents])
         masked_latents = masked_latents.to(self.dtype)
 
-        count = int(self.counts[n].item())
-        table = self.timesteps[n]
-        sigmas = self.sigmas[n]
-        ets: List[Tensor] = []
-        cur_sample = latents
-        counter = 0
-        for i in range(count):
-            t_value = float(table[i].item())
-            model_in = torch.cat([latents, latents]) if cfg else latents
-            if self.kind == "EulerDiscreteScheduler":
-                sigma = sigmas[i]
-                model_in = model_in / ((sigma**2 + 1) ** 0.5)
-            model_in = torch.cat([model_in, small_mask, masked_latents], dim=1)
-            t_tensor = torch.full([1], t_value, dtype=torch.float32, device=device)
-            eps = self.unet(model_in, t_tensor, embeds)
-            if cfg:
-                chunks = eps.chunk(2)
-                eps = chunks[0] + scale * (chunks[1] - chunks[0])
-            if self.kind == "DDIMScheduler":
-                latents = self.ddim_step(eps, int(t_value), latents, n)
-            elif self.kind == "EulerDiscreteScheduler":
-                latents = self.euler_step(eps, i, latents, sigmas)
-            else:
-                t = int(t_value)
-                prev_t = t - self.num_train // n
-                if counter != 1:
-                    if len(ets) > 3:
-                        ets = ets[-3:]
-                    ets.append(eps)
-                else:
-                    prev_t = t
-                    t = t + self.num_train // n
-                sample = latents
-                if len(ets) == 1 and counter == 0:
-                    cur_sample = latents
-                elif len(ets) == 1 and counter == 1:
-                    eps = (eps + ets[-1]) / 2
-                    sample = cur_sample
-                elif len(ets) == 2:
-                    eps = (3 * ets[-1] - ets[-2]) / 2
-                elif len(ets) == 3:
-                    eps = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
-                else:
-                    eps = (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
-                latents = self.pndm_prev(sample, t, prev_t, eps)
-                counter += 1
+        ets = torch.zeros([4] + latents.shape, dtype=self.dtype, device=device)
+        state = [latents, torch.zeros_like(latents), ets, embeds, small_mask, masked_latents,
+                 torch.full([], n, dtype=torch.int64, device=device),
+                 torch.full([], scale, dtype=torch.float32, device=device)]
+        return int(self.counts[n].item()), state
 
-        decoded = self.vae_decode(latents / self.scaling)
+    @torch.jit.export
+    def step(self, i: Tensor, state: List[Tensor]) -> List[Tensor]:
+        """Step i (0..count-1) of the loop. state, with B = 2 under guidance (scale > 1), else 1:
+        0 latents [1, C, h, w]  1 PNDM's cur_sample [1, C, h, w]  2 PNDM's ets, newest first
+        [4, 1, C, h, w]  3 embeds [B, 77, D]  4 small_mask [B, 1, h, w]  5 masked_latents
+        [B, C, h, w] (all in the model's dtype)  6 steps n i64 []  7 guidance scale f32 []. Only 0-2
+        change (1 and 2 under PNDM alone)."""
+        latents, cur_sample, ets, embeds = state[0], state[1], state[2], state[3]
+        small_mask, masked_latents, n, scale = state[4], state[5], state[6], state[7]
+        cfg = embeds.size(0) == 2
+        model_in = torch.cat([latents, latents]) if cfg else latents
+        if self.kind == "EulerDiscreteScheduler":
+            model_in = model_in / ((self.sigmas[n, i] ** 2 + 1) ** 0.5)
+        model_in = torch.cat([model_in, small_mask, masked_latents], dim=1)
+        eps = self.unet(model_in, self.unet_t[n, i].reshape([1]), embeds)
+        if cfg:
+            chunks = eps.chunk(2)
+            # In float32, as diffusers' Python-float scale multiplies (fp16 included).
+            eps = chunks[0] + (scale * (chunks[1] - chunks[0]).to(torch.float32)).to(eps.dtype)
+        if self.kind == "DDIMScheduler":
+            latents = self.ddim_step(eps, self.alpha_t[n, i], self.alpha_prev[n, i], latents)
+        elif self.kind == "EulerDiscreteScheduler":
+            latents = self.euler_step(eps, self.sigmas[n, i], self.sigmas[n, i + 1], latents)
+        else:
+            eps, sample, cur_sample, ets = self.plms(eps, i, latents, cur_sample, ets)
+            latents = self.pndm_prev(sample, self.alpha_t[n, i], self.alpha_prev[n, i], eps)
+        return [latents, cur_sample, ets, embeds, small_mask, masked_latents, n, scale]
+
+    @torch.jit.export
+    def finish(self, state: List[Tensor]) -> Tensor:
+        decoded = self.vae_decode(state[0] / self.scaling)
         decoded = (decoded * 0.5 + 0.5).clamp(0, 1)
         out = decoded[0].permute(1, 2, 0).to(torch.float32)
         return (out * 255).round().to(torch.uint8)
+
+    def forward(self, input_ids: Tensor, image: Tensor, mask: Tensor, steps: Tensor, guidance: Tensor,
+                seed: Tensor) -> Tensor:
+        count, state = self.prepare(input_ids, image, mask, steps, guidance, seed)
+        for i in range(count):
+            state = self.step(torch.full([], i, dtype=torch.int64, device=self.anchor.device), state)
+        return self.finish(state)
 
 
 def export(parts: Parts, out_dir: str, device: str, fp16: bool, max_steps: int) -> None:
@@ -386,10 +416,15 @@ def export(parts: Parts, out_dir: str, device: str, fp16: bool, max_steps: int) 
     module.save(os.path.join(out_dir, "sd.pt"))
 
 
-def write_warmup(path: str) -> None:
-    """A small request for `tessera.warmup`: run after each load so that TorchScript's one-time
-    optimisation of the loop (seconds on a GPU) happens before users arrive. Crop-for-filling
-    scales it to the 512² window, so the model sees the shapes every request gives it."""
+# The archive's warm-up requests (tessera.warmup): with and without classifier-free guidance,
+# the two loop-state shapes every 512² window gives the model.
+WARMUP_FILES = {"warmup.json": 7.5, "warmup-unguided.json": 1.0}
+
+
+def write_warmup(out_dir: str) -> None:
+    """Small requests for `tessera.warmup`, run after each load so that one-time work (the CUDA
+    graph of each loop-state shape, cuDNN's plans) happens before users arrive. Crop-for-filling
+    scales them to the 512² window, so the model sees the shapes every request gives it."""
     import base64
     import io
 
@@ -405,10 +440,11 @@ def write_warmup(path: str) -> None:
     image = np.stack([x * 4, y * 5, (x + y) * 2], -1).astype(np.uint8)
     mask = np.zeros((48, 64), np.uint8)
     mask[12:36, 20:44] = 255
-    with open(path, "w") as f:
-        json.dump({"image": b64png(image), "mask_image": b64png(mask), "prompt": "a vase on a table",
-                   "negative_prompt": "", "gen_args": {"num_inference_steps": 2, "guidance_scale": 7.5,
-                                                       "seed": 0}}, f)
+    for name, guidance in WARMUP_FILES.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump({"image": b64png(image), "mask_image": b64png(mask), "prompt": "a vase on a table",
+                       "negative_prompt": "", "gen_args": {"num_inference_steps": 2, "guidance_scale": guidance,
+                                                           "seed": 0}}, f)
 
 
 def main() -> None:
@@ -438,8 +474,9 @@ def main() -> None:
     else:
         tokenizer_files.write(__import__("pathlib").Path(tok_out))
     export(parts, args.out_dir, args.device, args.fp16, args.max_steps)
-    write_warmup(os.path.join(args.out_dir, "warmup.json"))
-    print(f"wrote {args.out_dir}/sd.pt ({parts.scheduler_config['_class_name']}), {tok_out}/ and warmup.json")
+    write_warmup(args.out_dir)
+    print(f"wrote {args.out_dir}/sd.pt ({parts.scheduler_config['_class_name']}), {tok_out}/ and "
+          f"{', '.join(WARMUP_FILES)}")
 
 
 if __name__ == "__main__":

@@ -171,6 +171,9 @@ impl Engine {
                                 batch,
                             });
                         }
+                        // Between requests: CUDA graphs for the input shapes just seen, one
+                        // at a time, while nothing waits.
+                        while queue.depth() == 0 && model.capture_pending() {}
                     }
                 })?;
             if let Ok(mut all) = THREADS.lock() {

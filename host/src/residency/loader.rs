@@ -30,6 +30,8 @@ pub struct LoaderConfig {
     pub executor: runtime::Executor,
     /// How forward threads keep autograd out.
     pub grad_mode: runtime::GradMode,
+    /// Whether models may use CUDA graphs (`--cuda-graphs`).
+    pub cuda_graphs: bool,
 }
 
 /// A model's intra-op threads: its `tessera.intraOpThreads`, at most the machine's logical CPUs (a
@@ -205,9 +207,19 @@ impl Loader {
             }),
             _ => None,
         };
-        let entry = self
+        let mut entry = self
             .load_torch(residency, &unpacked.model_file, device, reg)
             .await?;
+        let tessera = &unpacked.config.tessera;
+        if tessera.looped {
+            entry = entry.with_loop().map_err(ResidencyError::Runtime)?;
+        }
+        if tessera.cuda_graphs && self.config.cuda_graphs {
+            let max = tessera
+                .max_cuda_graphs
+                .unwrap_or(archive::DEFAULT_MAX_CUDA_GRAPHS);
+            entry = entry.with_cuda_graphs(&key.to_string(), max as usize);
+        }
         let pipeline = runtime::Pipeline { stage, entry };
         if pipeline.held_bytes() > budget {
             return Err(too_big(

@@ -192,13 +192,25 @@ impl Pipeline {
         }
     }
 
-    /// Bytes held on the device, with the stage cache's full capacity reserved.
+    /// Bytes held on the device (CUDA graphs included), with the stage cache's full capacity
+    /// reserved.
     pub fn held_bytes(&self) -> u64 {
-        self.entry.held_bytes
+        self.entry.device_bytes()
             + self
                 .stage
                 .as_ref()
                 .map_or(0, |s| s.model.held_bytes + s.cache.capacity())
+    }
+
+    /// Captures one call waiting for its CUDA graph; whether there was one (see
+    /// [`TorchModel::capture_pending`]).
+    pub fn capture_pending(&self) -> bool {
+        self.entry.capture_pending()
+    }
+
+    /// Calls waiting for their CUDA graph.
+    pub fn pending_captures(&self) -> usize {
+        self.entry.pending_captures()
     }
 
     /// Names of the handler tensors the cached stage consumes (none without a stage).

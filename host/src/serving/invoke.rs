@@ -225,7 +225,7 @@ impl Server {
         }
     }
 
-    /// Replays the archive's warm-up request (`tessera.warmup`) through handler and model, under
+    /// Replays the archive's warm-up requests (`tessera.warmup`) through handler and model, under
     /// the time limit of a request of `tenant`. A failure is logged and serving goes on: warm-up
     /// only moves one-time costs off users.
     async fn warm_up(&self, model: Arc<LoadedModel>, tenant: &Tenant) {
@@ -233,67 +233,93 @@ impl Server {
             return;
         };
         let timeout = model.timeout_for(tenant);
+        let mut run = 0;
+        for name in w.requests() {
+            let Some(body) = self.warm_up_body(&model, name).await else {
+                return;
+            };
+            for _ in 0..w.times {
+                run += 1;
+                if !self.warm_up_once(&model, &body, run, timeout).await {
+                    return;
+                }
+            }
+        }
+        // The CUDA graphs for the warm-up's shapes are captured by the model's forward thread
+        // once it is idle: wait for them, so that they too are ready before users arrive.
+        let deadline = Instant::now() + timeout;
+        while model.pipeline.pending_captures() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A warm-up request's body, read from the archive's assets (bounded like any request body:
+    /// it is the tenant's); `None` (logged) when it cannot be.
+    async fn warm_up_body(&self, model: &LoadedModel, name: &str) -> Option<Vec<u8>> {
         let path = model
             .unpacked
             .dir
             .join(crate::archive::ASSETS_DIR)
-            .join(&w.request);
-        // The body is the tenant's: bounded like any request body before it is read.
+            .join(name);
         let limit = self.config.max_request_bytes() as u64;
         let body = match tokio::fs::metadata(&path).await {
             Ok(m) if !m.is_file() || m.len() > limit => {
                 tracing::warn!(model = %model.key, bytes = m.len(), limit,
-                    "warm-up request {} is not a file within the request size limit; serving without warm-up", w.request);
-                return;
+                    "warm-up request {name} is not a file within the request size limit; serving without warm-up");
+                return None;
             }
             Ok(_) => tokio::fs::read(&path).await,
             Err(e) => Err(e),
         };
-        let body = match body {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(model = %model.key, "warm-up request {}: {e}", w.request);
-                return;
-            }
+        body.map_err(|e| tracing::warn!(model = %model.key, "warm-up request {name}: {e}"))
+            .ok()
+    }
+
+    /// Runs one warm-up request; whether warm-up may go on.
+    async fn warm_up_once(
+        &self,
+        model: &Arc<LoadedModel>,
+        body: &[u8],
+        run: u32,
+        timeout: Duration,
+    ) -> bool {
+        let started = Instant::now();
+        let request = HandlerRequest {
+            body: body.to_vec(),
+            content_type: "application/json".into(),
+            headers: Vec::new(),
         };
-        for i in 0..w.times {
-            let started = Instant::now();
-            let request = HandlerRequest {
-                body: body.clone(),
-                content_type: "application/json".into(),
-                headers: Vec::new(),
-            };
-            let Ok(slot) = model.engine.admit() else {
-                tracing::warn!(model = %model.key, "warm-up found the queue full; serving without warm-up");
-                return;
-            };
-            let rid = format!("warmup-{}", i + 1);
-            let mut timings = Timings::default();
-            let result = tokio::time::timeout(
-                timeout,
-                self.run(&model, &slot, request, &rid, timeout, &mut timings),
-            )
-            .await;
-            let ms = started.elapsed().as_millis() as u64;
-            // Every run goes through the whole pipeline (a cached stage's outputs would
-            // otherwise answer the second), and no warm-up output stays cached.
-            model.pipeline.clear_stage_cache();
-            match result {
-                Ok(Ok(r)) if r.status < 400 => {
-                    tracing::info!(model = %model.key, run = i + 1, ms, "warm-up request done")
-                }
-                Ok(Ok(r)) => {
-                    tracing::warn!(model = %model.key, status = r.status, body = %String::from_utf8_lossy(&r.body[..r.body.len().min(300)]), "warm-up request refused by the handler; serving without warm-up");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(model = %model.key, error = %e, "warm-up request failed; serving without warm-up");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(model = %model.key, "warm-up request timed out; serving without warm-up");
-                    return;
-                }
+        let Ok(slot) = model.engine.admit() else {
+            tracing::warn!(model = %model.key, "warm-up found the queue full; serving without warm-up");
+            return false;
+        };
+        let rid = format!("warmup-{run}");
+        let mut timings = Timings::default();
+        let result = tokio::time::timeout(
+            timeout,
+            self.run(model, &slot, request, &rid, timeout, &mut timings),
+        )
+        .await;
+        let ms = started.elapsed().as_millis() as u64;
+        // Every run goes through the whole pipeline (a cached stage's outputs would otherwise
+        // answer the second), and no warm-up output stays cached.
+        model.pipeline.clear_stage_cache();
+        match result {
+            Ok(Ok(r)) if r.status < 400 => {
+                tracing::info!(model = %model.key, run, ms, "warm-up request done");
+                true
+            }
+            Ok(Ok(r)) => {
+                tracing::warn!(model = %model.key, status = r.status, body = %String::from_utf8_lossy(&r.body[..r.body.len().min(300)]), "warm-up request refused by the handler; serving without warm-up");
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(model = %model.key, error = %e, "warm-up request failed; serving without warm-up");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(model = %model.key, "warm-up request timed out; serving without warm-up");
+                false
             }
         }
     }

@@ -1,0 +1,352 @@
+//! CUDA-graph replay of a model's static-shape calls (`tessera.cudaGraphs`).
+//!
+//! A graph is captured per method and input signature (names of the method, then every input's
+//! dtype and shape), off the request path: a call whose signature has no graph runs as usual and
+//! leaves the signature (with copies of its inputs) to be captured by the model's forward thread
+//! once its queue is empty ([`Graphs::capture_pending`]). Later calls with that signature copy
+//! their inputs into the graph's static buffers and replay it: one launch for the whole call,
+//! no TorchScript interpreter and no per-op dispatch. A signature that cannot be captured (an op
+//! that synchronises with the host, say) is logged once and always runs uncaptured. A graph's
+//! memory (private pool and static inputs) counts in the model's residency weight and is freed
+//! with the model.
+use super::{device_name, module_ptr, RuntimeError};
+use std::collections::{HashMap, HashSet};
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tch::{CModule, Device, Tensor};
+
+mod ffi {
+    use std::ffi::{c_char, c_void};
+    extern "C" {
+        pub fn tessera_graph_capture(
+            module: *mut c_void,
+            method: *const c_char,
+            inputs: *mut *mut c_void,
+            n_inputs: i32,
+            list_from: i32,
+            warmup: i32,
+            bytes: *mut i64,
+            err: *mut *mut c_char,
+        ) -> *mut c_void;
+        pub fn tessera_graph_set_input(g: *mut c_void, k: i32, src: *mut c_void) -> i32;
+        pub fn tessera_graph_replay(g: *mut c_void) -> i32;
+        pub fn tessera_graph_outputs_to_inputs(g: *mut c_void, offset: i32) -> i32;
+        pub fn tessera_graph_tensor(g: *mut c_void, j: i32, input: i32) -> *mut c_void;
+        pub fn tessera_graph_counts(g: *mut c_void, inputs: *mut i32, outputs: *mut i32) -> i32;
+        pub fn tessera_graph_output_names(g: *mut c_void) -> *mut c_char;
+        pub fn tessera_graph_free(g: *mut c_void);
+        pub fn tessera_module_has_method(module: *mut c_void, name: *const c_char) -> i32;
+        pub fn tessera_module_shape_constants_to_host(module: *mut c_void) -> i64;
+        pub fn tessera_free(p: *mut c_char);
+    }
+}
+
+/// Uncaptured calls run before a capture: lazy initialisation (cuBLAS workspaces, cuDNN plans)
+/// and, under the profiling executor, its profiling runs and optimisation.
+const CAPTURE_WARMUP: i32 = 3;
+
+/// Takes a malloc'd C string from the shim.
+fn take_text(p: *mut c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: the shim returns NUL-terminated strings from malloc; freed once, here.
+    unsafe {
+        let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+        ffi::tessera_free(p);
+        s
+    }
+}
+
+/// What a failed capture said: its first line and those naming the error (a CUDA error sits in
+/// the middle of TorchScript's traceback, ahead of generic advice).
+fn error_lines(text: &str) -> String {
+    let mut lines: Vec<&str> = text.lines().take(1).collect();
+    for line in text.lines().skip(1) {
+        if line.to_ascii_lowercase().contains("error") && !lines.contains(&line) && lines.len() < 6
+        {
+            lines.push(line.trim());
+        }
+    }
+    lines.join(" | ")
+}
+
+/// Moves the 0-dim constants of `module`'s shape arithmetic back to the CPU (loading onto a GPU
+/// moved them there, and reading a size back from the GPU synchronises with the host, which a
+/// CUDA graph cannot capture). Before the module's first run; returns how many moved.
+pub fn shape_constants_to_host(module: &CModule) -> Option<u64> {
+    // SAFETY: a live module pointer; the shim catches C++ exceptions.
+    let n = unsafe { ffi::tessera_module_shape_constants_to_host(module_ptr(module)) };
+    (n >= 0).then_some(n as u64)
+}
+
+/// Whether `module` has a method called `name`.
+pub fn has_method(module: &CModule, name: &str) -> bool {
+    let Ok(c) = CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a live module pointer and a NUL-terminated name; the shim catches exceptions.
+    unsafe { ffi::tessera_module_has_method(module_ptr(module), c.as_ptr()) == 1 }
+}
+
+/// How a method takes its tensors: all positional, or the first `n` positional and the rest as
+/// one `List[Tensor]` (a loop's state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallForm {
+    Positional,
+    ListFrom(usize),
+}
+
+/// One captured call: static inputs and outputs on the device, replayed in place.
+pub struct CudaGraph {
+    ptr: NonNull<c_void>,
+    inputs: usize,
+    outputs: Vec<String>,
+    bytes: u64,
+}
+
+// SAFETY: the graph is only used under its `Mutex`; libtorch's CUDAGraph may be replayed from
+// any thread.
+unsafe impl Send for CudaGraph {}
+
+impl CudaGraph {
+    /// Captures `method` on copies of `inputs` (CUDA tensors of one device).
+    pub fn capture(
+        module: &CModule,
+        method: &str,
+        inputs: &[Tensor],
+        form: CallForm,
+    ) -> Result<CudaGraph, String> {
+        let name = CString::new(method).map_err(|e| e.to_string())?;
+        let mut ptrs: Vec<*mut c_void> = inputs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let list_from = match form {
+            CallForm::Positional => -1,
+            CallForm::ListFrom(n) => n as i32,
+        };
+        let (mut bytes, mut err) = (0i64, std::ptr::null_mut());
+        // SAFETY: the module and tensor pointers are live for the call (the shim copies the
+        // tensors); the error string is taken below.
+        let raw = unsafe {
+            ffi::tessera_graph_capture(
+                module_ptr(module),
+                name.as_ptr(),
+                ptrs.as_mut_ptr(),
+                ptrs.len() as i32,
+                list_from,
+                CAPTURE_WARMUP,
+                &mut bytes,
+                &mut err,
+            )
+        };
+        let Some(ptr) = NonNull::new(raw) else {
+            return Err(error_lines(&take_text(err)));
+        };
+        let (mut n_in, mut n_out) = (0i32, 0i32);
+        // SAFETY: a graph the shim just returned.
+        let names = unsafe {
+            ffi::tessera_graph_counts(ptr.as_ptr(), &mut n_in, &mut n_out);
+            take_text(ffi::tessera_graph_output_names(ptr.as_ptr()))
+        };
+        Ok(CudaGraph {
+            ptr,
+            inputs: n_in.max(0) as usize,
+            outputs: names.lines().map(str::to_string).collect(),
+            bytes: bytes.max(0) as u64,
+        })
+    }
+
+    /// Copies `t` into static input `k` (shape and dtype must match).
+    pub fn set_input(&mut self, k: usize, t: &Tensor) -> Result<(), String> {
+        // SAFETY: a live graph and tensor; the shim checks the index, shape and dtype.
+        match unsafe {
+            ffi::tessera_graph_set_input(self.ptr.as_ptr(), k as i32, t.as_ptr() as *mut c_void)
+        } {
+            0 => Ok(()),
+            -2 => Err(format!("graph input {k} does not match the captured shape")),
+            _ => Err(format!("copying graph input {k} failed")),
+        }
+    }
+
+    pub fn replay(&mut self) -> Result<(), String> {
+        // SAFETY: a live graph.
+        match unsafe { ffi::tessera_graph_replay(self.ptr.as_ptr()) } {
+            0 => Ok(()),
+            _ => Err("graph replay failed".into()),
+        }
+    }
+
+    /// Copies each output `j` into input `j + offset` (a loop step feeding the next).
+    pub fn outputs_to_inputs(&mut self, offset: usize) -> Result<(), String> {
+        // SAFETY: a live graph; the shim checks counts, shapes and dtypes.
+        match unsafe { ffi::tessera_graph_outputs_to_inputs(self.ptr.as_ptr(), offset as i32) } {
+            0 => Ok(()),
+            _ => Err("a loop step's outputs do not match its inputs".into()),
+        }
+    }
+
+    /// A reference to static output `j` (valid until the next replay overwrites it).
+    pub fn output(&self, j: usize) -> Tensor {
+        self.tensor(j, false)
+    }
+
+    /// A reference to static input `j`.
+    pub fn input(&self, j: usize) -> Tensor {
+        self.tensor(j, true)
+    }
+
+    fn tensor(&self, j: usize, input: bool) -> Tensor {
+        // SAFETY: a live graph; the shim returns a new at::Tensor handle (tch's C_tensor),
+        // which the returned Tensor owns.
+        let p = unsafe { ffi::tessera_graph_tensor(self.ptr.as_ptr(), j as i32, input as i32) };
+        assert!(!p.is_null(), "graph tensor {j} out of range");
+        // SAFETY: see above.
+        unsafe { Tensor::from_ptr(p as *mut torch_sys::C_tensor) }
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: frees the graph once; no references to its tensors remain outside the model.
+        unsafe { ffi::tessera_graph_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// The signature a graph is captured for.
+pub fn signature(method: &str, inputs: &[Tensor]) -> String {
+    let mut s = method.to_string();
+    for t in inputs {
+        let dims: Vec<String> = t.size().iter().map(i64::to_string).collect();
+        s.push_str(&format!("|{:?}[{}]", t.kind(), dims.join("x")));
+    }
+    s
+}
+
+/// A signature waiting for its capture, with inputs to capture it on.
+struct Pending {
+    signature: String,
+    method: String,
+    inputs: Vec<Tensor>,
+    form: CallForm,
+}
+
+#[derive(Default)]
+struct Inner {
+    ready: HashMap<String, Arc<Mutex<CudaGraph>>>,
+    pending: Vec<Pending>,
+    failed: HashSet<String>,
+    full_logged: bool,
+}
+
+/// A model's graphs, at most `max` of them.
+pub struct Graphs {
+    model: String,
+    device: Device,
+    max: usize,
+    bytes: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+// SAFETY: pending inputs are device tensors only read (copied) by the capture, under the lock.
+unsafe impl Send for Graphs {}
+unsafe impl Sync for Graphs {}
+
+impl Graphs {
+    pub fn new(model: &str, device: Device, max: usize) -> Graphs {
+        Graphs {
+            model: model.to_string(),
+            device,
+            max: max.max(1),
+            bytes: AtomicU64::new(0),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// Bytes the captured graphs hold on the device.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The graph for `method` on `inputs`, if captured; otherwise notes the signature for a
+    /// capture (unless it failed before or the model has its most graphs).
+    pub fn lookup(
+        &self,
+        method: &str,
+        inputs: &[Tensor],
+        form: CallForm,
+    ) -> Option<Arc<Mutex<CudaGraph>>> {
+        let sig = signature(method, inputs);
+        let mut inner = self.inner.lock().ok()?;
+        if let Some(g) = inner.ready.get(&sig) {
+            return Some(g.clone());
+        }
+        if inner.failed.contains(&sig) || inner.pending.iter().any(|p| p.signature == sig) {
+            return None;
+        }
+        if inner.ready.len() + inner.pending.len() >= self.max {
+            if !inner.full_logged {
+                inner.full_logged = true;
+                tracing::info!(model = %self.model, max = self.max,
+                    "model has its most CUDA graphs; new input shapes run uncaptured");
+            }
+            return None;
+        }
+        inner.pending.push(Pending {
+            signature: sig,
+            method: method.to_string(),
+            inputs: inputs.iter().map(|t| t.copy()).collect(),
+            form,
+        });
+        None
+    }
+
+    /// Signatures waiting for a capture.
+    pub fn pending(&self) -> usize {
+        self.inner.lock().map_or(0, |i| i.pending.len())
+    }
+
+    /// Captures one pending signature (on a forward thread, between requests); whether one was.
+    pub fn capture_pending(&self, module: &CModule) -> bool {
+        let next = match self.inner.lock() {
+            Ok(mut inner) if !inner.pending.is_empty() => inner.pending.remove(0),
+            _ => return false,
+        };
+        let started = std::time::Instant::now();
+        let result = CudaGraph::capture(module, &next.method, &next.inputs, next.form);
+        drop(next.inputs);
+        let Ok(mut inner) = self.inner.lock() else {
+            return true;
+        };
+        match result {
+            Ok(graph) => {
+                self.bytes.fetch_add(graph.bytes, Ordering::Relaxed);
+                tracing::info!(model = %self.model, device = device_name(self.device),
+                    signature = %next.signature, bytes = graph.bytes,
+                    ms = started.elapsed().as_millis() as u64, "captured a CUDA graph");
+                inner
+                    .ready
+                    .insert(next.signature, Arc::new(Mutex::new(graph)));
+            }
+            Err(e) => {
+                tracing::warn!(model = %self.model, signature = %next.signature, error = %e,
+                    "this call cannot be captured as a CUDA graph; it runs uncaptured");
+                inner.failed.insert(next.signature);
+            }
+        }
+        true
+    }
+}
+
+/// A replay failure: the graph's inputs were checked at capture, so this is a CUDA fault.
+pub fn replay_error(e: String) -> RuntimeError {
+    RuntimeError::Forward(format!("CUDA graph: {e}"))
+}
