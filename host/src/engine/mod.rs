@@ -160,7 +160,9 @@ impl Engine {
                         let deadline = jobs.iter().map(|j| j.deadline).max().expect("a job");
                         shared.set_busy(i, Some(Busy { deadline, tid }));
                         let queued: Vec<Duration> = jobs.iter().map(|j| j.waited()).collect();
+                        runtime::set_thread_deadline(Some(deadline));
                         let results = run_batch(&model, &jobs);
+                        runtime::set_thread_deadline(None);
                         shared.set_busy(i, None);
                         for ((job, (result, batch)), queued) in
                             jobs.into_iter().zip(results).zip(queued)
@@ -172,8 +174,21 @@ impl Engine {
                             });
                         }
                         // Between requests: CUDA graphs for the input shapes just seen, one
-                        // at a time, while nothing waits.
-                        while queue.depth() == 0 && model.capture_pending() {}
+                        // at a time, while nothing waits. A capture runs the model's code: the
+                        // watchdog watches it like a forward (a model's response timeout).
+                        while queue.depth() == 0 && !queue.is_closed() {
+                            let deadline = Instant::now() + shared.grace;
+                            shared.set_busy(i, Some(Busy { deadline, tid }));
+                            let captured =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    model.capture_pending()
+                                }))
+                                .unwrap_or(false);
+                            shared.set_busy(i, None);
+                            if !captured {
+                                break;
+                            }
+                        }
                     }
                 })?;
             if let Ok(mut all) = THREADS.lock() {

@@ -273,6 +273,11 @@ impl<I, R> Queue<I, R> {
         }
     }
 
+    /// Whether [`Queue::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Refuses new jobs and wakes every waiting worker; jobs already queued still run.
     pub fn close(&self) {
         self.lock().closed = true;

@@ -7,6 +7,7 @@
 // Built without CUDA headers (TESSERA_NO_CUDA_GRAPHS), every entry point reports "unsupported".
 #include <torch/script.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -30,8 +31,29 @@ char* dup_text(const std::string& s) {
 
 namespace {
 
+// libtorch's CUDAGraph, with what a failed capture needs: in torch 2.11 capture_end throws (when
+// a call synchronised with the host and invalidated the capture) before it ends the allocator's
+// recording into the graph's pool, and reset() releases the pool only after a successful capture.
+// Left so, the allocator would go on recording into a pool whose filter points at a freed graph,
+// and could no longer free cached memory.
+struct Capture : at::cuda::CUDAGraph {
+  void abandon() {
+    if (capture_dev_ < 0) return;  // capture_begin failed before touching the allocator
+    try {
+      c10::cuda::CUDACachingAllocator::endAllocateToPool(capture_dev_, mempool_id_);
+    } catch (...) {  // already ended
+    }
+    if (!capture_ended_) {
+      try {
+        c10::cuda::CUDACachingAllocator::releasePool(capture_dev_, mempool_id_);
+      } catch (...) {  // no pool was created
+      }
+    }
+  }
+};
+
 struct Graph {
-  at::cuda::CUDAGraph graph;
+  Capture graph;
   std::vector<at::Tensor> inputs;
   std::vector<at::Tensor> outputs;
   std::string output_names;  // newline-separated, one per output
@@ -104,9 +126,9 @@ extern "C" void* tessera_graph_capture(void* module_ptr, const char* method, voi
                                        int list_from, int warmup, int64_t* bytes, char** err) {
   *err = nullptr;
   *bytes = 0;
-  std::lock_guard<std::mutex> lock(g_capture);
   std::optional<c10::cuda::CUDAStream> restore;  // the caller's stream while the side one is current
   try {
+    std::lock_guard<std::mutex> lock(g_capture);
     auto* module = static_cast<torch::jit::Module*>(module_ptr);
     if (n_inputs < 1) throw std::runtime_error("a graphed method needs at least one tensor input");
     auto graph = std::make_unique<Graph>();
@@ -138,9 +160,15 @@ extern "C" void* tessera_graph_capture(void* module_ptr, const char* method, voi
         graph->graph.capture_end();
       } catch (...) {
       }
+      graph->graph.abandon();
       throw;
     }
-    graph->graph.capture_end();
+    try {
+      graph->graph.capture_end();
+    } catch (...) {
+      graph->graph.abandon();
+      throw;
+    }
     flatten(result, graph->outputs, graph->output_names);
     c10::cuda::device_synchronize();
     c10::cuda::setCurrentCUDAStream(previous);
@@ -192,12 +220,42 @@ extern "C" int tessera_graph_outputs_to_inputs(void* g, int offset) {
       at::Tensor& dst = graph->inputs[j + offset];
       const at::Tensor& src = graph->outputs[j];
       if (src.sizes() != dst.sizes() || src.scalar_type() != dst.scalar_type()) return -2;
-      if (src.data_ptr() != dst.data_ptr()) dst.copy_(src);
+      if (!src.is_same(dst)) dst.copy_(src);
     }
     return 0;
   } catch (...) {
     return -3;
   }
+}
+
+// Whether a loop step's graph can feed its outputs back into its inputs from `offset` on: as many
+// outputs as inputs there, each of its input's shape and dtype, and none sharing memory with
+// another input (copied back one after the other, it would overwrite what a later copy reads).
+// 0 when it can; otherwise -1, with the reason in *err (freed with tessera_free).
+extern "C" int tessera_graph_check_feedback(void* g, int offset, char** err) {
+  *err = nullptr;
+  try {
+    auto* graph = static_cast<Graph*>(g);
+    const auto& in = graph->inputs;
+    const auto& out = graph->outputs;
+    if (offset < 0 || out.size() + offset != in.size())
+      throw std::runtime_error("step returns " + std::to_string(out.size()) + " tensors for a state of " +
+                               std::to_string(in.size() - std::min<size_t>(in.size(), offset)));
+    for (size_t j = 0; j < out.size(); ++j) {
+      if (out[j].sizes() != in[j + offset].sizes() || out[j].scalar_type() != in[j + offset].scalar_type())
+        throw std::runtime_error("step output " + std::to_string(j) + " changes its state entry's shape or dtype");
+      for (size_t k = 0; k < in.size(); ++k) {
+        if (k != j + static_cast<size_t>(offset) && out[j].is_alias_of(in[k]))
+          throw std::runtime_error("step output " + std::to_string(j) + " shares memory with another input");
+      }
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    *err = dup_text(e.what());
+  } catch (...) {
+    *err = dup_text("unknown C++ exception");
+  }
+  return -1;
 }
 
 // A new reference to static output j (an at::Tensor* the caller owns, tch's tensor handle), or
@@ -227,12 +285,7 @@ extern "C" char* tessera_graph_output_names(void* g) {
 
 // Frees the graph, its static tensors and its private memory pool (returned to the caching
 // allocator, which hands it to the driver at the next empty_cache).
-extern "C" void tessera_graph_free(void* g) {
-  try {
-    delete static_cast<Graph*>(g);
-  } catch (...) {
-  }
-}
+extern "C" void tessera_graph_free(void* g) { delete static_cast<Graph*>(g); }
 
 #else  // TESSERA_NO_CUDA_GRAPHS
 
@@ -244,6 +297,10 @@ extern "C" void* tessera_graph_capture(void*, const char*, void**, int, int, int
 extern "C" int tessera_graph_set_input(void*, int, void*) { return -1; }
 extern "C" int tessera_graph_replay(void*) { return -1; }
 extern "C" int tessera_graph_outputs_to_inputs(void*, int) { return -1; }
+extern "C" int tessera_graph_check_feedback(void*, int, char** err) {
+  *err = dup_text("unsupported");
+  return -1;
+}
 extern "C" void* tessera_graph_tensor(void*, int, int) { return nullptr; }
 extern "C" int tessera_graph_counts(void*, int* inputs, int* outputs) {
   *inputs = 0;
@@ -264,13 +321,41 @@ extern "C" int tessera_module_has_method(void* module_ptr, const char* name) {
   }
 }
 
-// Moves back to the CPU the 0-dim tensor constants that loading onto a GPU moved there and that
-// take part in shape arithmetic (an operand beside a size turned into a tensor, prim::NumToTensor:
-// diffusers' attention computes `inner_dim // heads`). On the GPU the quotient lands there, and
-// reading it back as an int synchronises with the host at every call: no CUDA graph can capture
-// that, and uncaptured it stalls the launch queue. Call before the module's first run (executors
-// copy their graphs then). Returns how many moved, or -1.
+// Gives the shape arithmetic of a module loaded onto a GPU its 0-dim constants back on the CPU:
+// loading on the device moved them there, so `size // heads` (diffusers' attention) lands on the
+// GPU and reading it as an int synchronises with the host at every call, which no CUDA graph can
+// capture and which stalls the launch queue uncaptured. Only a use whose result is only read back
+// as a number (aten::Int/Float/ScalarImplicit, directly or through more arithmetic) gets a fresh
+// CPU copy of the constant; the constant itself, which other operations may share, stays. Call before the module's first
+// run (executors copy their graphs then). Returns how many uses changed, or -1.
 #include <functional>
+namespace {
+bool reads_a_number(const torch::jit::Node* node) {
+  using namespace torch::jit;
+  const auto kind = node->kind();
+  return kind == aten::Int || kind == aten::Float || kind == aten::ScalarImplicit;
+}
+
+bool is_arithmetic(const torch::jit::Node* node) {
+  using namespace torch::jit;
+  const auto kind = node->kind();
+  return node->outputs().size() == 1 &&
+         (kind == aten::add || kind == aten::sub || kind == aten::mul || kind == aten::floor_divide ||
+          kind == aten::div || kind == aten::remainder);
+}
+
+// Whether every use of `v` reads it back as a number, directly or through more arithmetic.
+bool read_back_as_number(const torch::jit::Value* v, int depth) {
+  if (depth > 8 || v->uses().empty()) return false;
+  for (const torch::jit::Use& use : v->uses()) {
+    if (reads_a_number(use.user)) continue;
+    if (is_arithmetic(use.user) && read_back_as_number(use.user->output(), depth + 1)) continue;
+    return false;
+  }
+  return true;
+}
+}  // namespace
+
 extern "C" int64_t tessera_module_shape_constants_to_host(void* module_ptr) {
   using namespace torch::jit;
   try {
@@ -284,12 +369,14 @@ extern "C" int64_t tessera_module_shape_constants_to_host(void* module_ptr) {
           continue;
         const at::Tensor value = node->t(attr::value);
         if (value.dim() != 0 || value.is_cpu()) continue;
-        bool shape = false;
-        for (const Use& use : node->output()->uses()) {
-          for (const Value* in : use.user->inputs()) shape |= in->node()->kind() == prim::NumToTensor;
-        }
-        if (shape) {
-          node->t_(attr::value, value.cpu());
+        const std::vector<Use> uses = node->output()->uses();
+        for (const Use& use : uses) {
+          const bool host_only =
+              reads_a_number(use.user) || (is_arithmetic(use.user) && read_back_as_number(use.user->output(), 0));
+          if (!host_only) continue;
+          torch::jit::Graph* graph = block->owningGraph();
+          WithInsertPoint guard(use.user);
+          use.user->replaceInput(use.offset, graph->insertConstant(value.cpu()));
           ++moved;
         }
       }

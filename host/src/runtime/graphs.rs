@@ -33,6 +33,11 @@ mod ffi {
         pub fn tessera_graph_set_input(g: *mut c_void, k: i32, src: *mut c_void) -> i32;
         pub fn tessera_graph_replay(g: *mut c_void) -> i32;
         pub fn tessera_graph_outputs_to_inputs(g: *mut c_void, offset: i32) -> i32;
+        pub fn tessera_graph_check_feedback(
+            g: *mut c_void,
+            offset: i32,
+            err: *mut *mut c_char,
+        ) -> i32;
         pub fn tessera_graph_tensor(g: *mut c_void, j: i32, input: i32) -> *mut c_void;
         pub fn tessera_graph_counts(g: *mut c_void, inputs: *mut i32, outputs: *mut i32) -> i32;
         pub fn tessera_graph_output_names(g: *mut c_void) -> *mut c_char;
@@ -186,23 +191,38 @@ impl CudaGraph {
         }
     }
 
+    /// Whether outputs can be copied back into inputs `offset..` (see [`Self::outputs_to_inputs`]):
+    /// one per input, each of its shape and dtype, none sharing memory with another input.
+    pub fn check_feedback(&self, offset: usize) -> Result<(), String> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: a live graph; the error string is taken below.
+        match unsafe {
+            ffi::tessera_graph_check_feedback(self.ptr.as_ptr(), offset as i32, &mut err)
+        } {
+            0 => Ok(()),
+            _ => Err(take_text(err)),
+        }
+    }
+
     /// A reference to static output `j` (valid until the next replay overwrites it).
-    pub fn output(&self, j: usize) -> Tensor {
+    pub fn output(&self, j: usize) -> Result<Tensor, String> {
         self.tensor(j, false)
     }
 
     /// A reference to static input `j`.
-    pub fn input(&self, j: usize) -> Tensor {
+    pub fn input(&self, j: usize) -> Result<Tensor, String> {
         self.tensor(j, true)
     }
 
-    fn tensor(&self, j: usize, input: bool) -> Tensor {
+    fn tensor(&self, j: usize, input: bool) -> Result<Tensor, String> {
         // SAFETY: a live graph; the shim returns a new at::Tensor handle (tch's C_tensor),
-        // which the returned Tensor owns.
+        // which the returned Tensor owns, or null when `j` is out of range.
         let p = unsafe { ffi::tessera_graph_tensor(self.ptr.as_ptr(), j as i32, input as i32) };
-        assert!(!p.is_null(), "graph tensor {j} out of range");
+        if p.is_null() {
+            return Err(format!("graph has no tensor {j}"));
+        }
         // SAFETY: see above.
-        unsafe { Tensor::from_ptr(p as *mut torch_sys::C_tensor) }
+        Ok(unsafe { Tensor::from_ptr(p as *mut torch_sys::C_tensor) })
     }
 
     pub fn inputs(&self) -> usize {
@@ -243,9 +263,32 @@ struct Pending {
 struct Inner {
     ready: HashMap<String, Arc<Mutex<CudaGraph>>>,
     pending: Vec<Pending>,
+    /// Being captured now (taken off `pending`).
+    capturing: Option<String>,
     failed: HashSet<String>,
     full_logged: bool,
 }
+
+impl Inner {
+    /// Signatures that count toward the model's most graphs: captured, waiting, being captured,
+    /// and failed (so that new shapes cannot bring failing captures without end).
+    fn counted(&self) -> usize {
+        self.ready.len()
+            + self.pending.len()
+            + self.capturing.is_some() as usize
+            + self.failed.len()
+    }
+
+    fn known(&self, sig: &str) -> bool {
+        self.failed.contains(sig)
+            || self.capturing.as_deref() == Some(sig)
+            || self.pending.iter().any(|p| p.signature == sig)
+    }
+}
+
+/// One capture at a time in the process: a model whose forward thread finds another capture
+/// under way leaves its own for later instead of waiting (and blocking its queue).
+static CAPTURING: Mutex<()> = Mutex::new(());
 
 /// A model's graphs, at most `max` of them.
 pub struct Graphs {
@@ -289,10 +332,10 @@ impl Graphs {
         if let Some(g) = inner.ready.get(&sig) {
             return Some(g.clone());
         }
-        if inner.failed.contains(&sig) || inner.pending.iter().any(|p| p.signature == sig) {
+        if inner.known(&sig) {
             return None;
         }
-        if inner.ready.len() + inner.pending.len() >= self.max {
+        if inner.counted() >= self.max {
             if !inner.full_logged {
                 inner.full_logged = true;
                 tracing::info!(model = %self.model, max = self.max,
@@ -309,23 +352,43 @@ impl Graphs {
         None
     }
 
-    /// Signatures waiting for a capture.
+    /// Signatures waiting for a capture or being captured.
     pub fn pending(&self) -> usize {
-        self.inner.lock().map_or(0, |i| i.pending.len())
+        self.inner
+            .lock()
+            .map_or(0, |i| i.pending.len() + i.capturing.is_some() as usize)
     }
 
     /// Captures one pending signature (on a forward thread, between requests); whether one was.
+    /// While another model's capture is under way, none is (it is tried again later).
     pub fn capture_pending(&self, module: &CModule) -> bool {
+        let Ok(_one_at_a_time) = CAPTURING.try_lock() else {
+            return false;
+        };
         let next = match self.inner.lock() {
-            Ok(mut inner) if !inner.pending.is_empty() => inner.pending.remove(0),
+            Ok(mut inner) if !inner.pending.is_empty() => {
+                let next = inner.pending.remove(0);
+                inner.capturing = Some(next.signature.clone());
+                next
+            }
             _ => return false,
         };
         let started = std::time::Instant::now();
-        let result = CudaGraph::capture(module, &next.method, &next.inputs, next.form);
+        let result =
+            CudaGraph::capture(module, &next.method, &next.inputs, next.form).and_then(|graph| {
+                match next.form {
+                    // A loop step's outputs are copied back into its inputs, one after the other.
+                    CallForm::ListFrom(offset) if next.method == "step" => {
+                        graph.check_feedback(offset).map(|()| graph)
+                    }
+                    _ => Ok(graph),
+                }
+            });
         drop(next.inputs);
         let Ok(mut inner) = self.inner.lock() else {
             return true;
         };
+        inner.capturing = None;
         match result {
             Ok(graph) => {
                 self.bytes.fetch_add(graph.bytes, Ordering::Relaxed);

@@ -477,17 +477,6 @@ impl TorchModel {
             }
         })?;
         module.set_eval();
-        if device.is_cuda() {
-            // Before the first run: executors copy the graphs then.
-            match graphs::shape_constants_to_host(&module) {
-                Some(0) => {}
-                Some(n) => tracing::info!(path = %path.display(), constants = n,
-                    "shape arithmetic's constants moved back to the CPU (no host sync per call)"),
-                None => {
-                    tracing::warn!(path = %path.display(), "could not move shape constants to the CPU")
-                }
-            }
-        }
         // SAFETY: a live module pointer; the shim only reads it and catches C++ exceptions.
         let held = unsafe { cuda::tessera_module_tensor_bytes(module_ptr(&module)) };
         let held_bytes = if held >= 0 {
@@ -521,6 +510,16 @@ impl TorchModel {
     /// this changes nothing (said in the log).
     pub fn with_cuda_graphs(mut self, name: &str, max: usize) -> TorchModel {
         if self.device.is_cuda() {
+            // Before the first run: executors copy the graphs then.
+            let module = self.module.as_ref().expect("module present until drop");
+            match graphs::shape_constants_to_host(module) {
+                Some(0) => {}
+                Some(n) => {
+                    tracing::info!(model = name, uses = n,
+                    "shape arithmetic's constants copied back to the CPU (no host sync per call)")
+                }
+                None => tracing::warn!(model = name, "could not copy shape constants to the CPU"),
+            }
             self.graphs = Some(graphs::Graphs::new(name, self.device, max));
         } else {
             tracing::info!(
@@ -591,20 +590,21 @@ impl TorchModel {
     }
 
     /// The loop of [`LOOP_METHODS`] on `inputs`. Each step is one graph replay when its
-    /// state's signature has been captured (`prepare` and `finish` run once, uncaptured): the step index is copied into the graph's first
-    /// input from a device tensor of all indices (no host synchronisation per step), and each
-    /// step's outputs into the next step's inputs.
+    /// state's signature has been captured (`prepare` and `finish` run once, uncaptured): the
+    /// step index is filled into a device tensor (a kernel, no host synchronisation), each
+    /// step's outputs are copied into the next step's inputs. The loop stops between steps once
+    /// the request's time is up ([`set_thread_deadline`]).
     fn forward_loop(&self, inputs: Vec<Tensor>) -> Result<Vec<HostTensor>, RuntimeError> {
         let args: Vec<IValue> = inputs.into_iter().map(IValue::Tensor).collect();
         let (count, state) = match self.call("prepare", &args)? {
             IValue::Tuple(mut parts) if parts.len() == 2 => {
                 let state = tensor_list(parts.pop().expect("two parts"), "prepare's state")?;
                 match parts.pop() {
-                    Some(IValue::Int(n)) if n >= 0 => (n, state),
+                    Some(IValue::Int(n)) if (0..=MAX_LOOP_STEPS).contains(&n) => (n, state),
                     other => {
                         return Err(RuntimeError::Output(format!(
-                        "prepare must return (int steps, List[Tensor] state), got {other:?} steps"
-                    )))
+                            "prepare must return (int steps, List[Tensor] state) with 0..={MAX_LOOP_STEPS} steps, got {other:?} steps"
+                        )))
                     }
                 }
             }
@@ -615,9 +615,9 @@ impl TorchModel {
                 )))
             }
         };
-        let indices = Tensor::arange(count, (Kind::Int64, self.device));
+        let err = |e: tch::TchError| self.runtime_error(e.to_string());
         let mut step_inputs = Vec::with_capacity(state.len() + 1);
-        step_inputs.push(Tensor::zeros([], (Kind::Int64, self.device)));
+        step_inputs.push(Tensor::f_zeros([], (Kind::Int64, self.device)).map_err(err)?);
         step_inputs.extend(state);
         let form = graphs::CallForm::ListFrom(1);
         let state: Vec<Tensor> = match self.graph("step", &step_inputs, form) {
@@ -628,19 +628,28 @@ impl TorchModel {
                 for (k, t) in step_inputs.iter().enumerate().skip(1) {
                     g.set_input(k, t).map_err(graphs::replay_error)?;
                 }
+                let mut index = g.input(0).map_err(graphs::replay_error)?;
                 for i in 0..count {
-                    g.set_input(0, &indices.get(i))
-                        .map_err(graphs::replay_error)?;
+                    check_thread_deadline(i, count)?;
+                    let _ = index.f_fill_(i).map_err(err)?;
                     g.replay().map_err(graphs::replay_error)?;
                     g.outputs_to_inputs(1).map_err(graphs::replay_error)?;
                 }
                 // The state leaves the graph's buffers before its lock is released.
-                (1..g.inputs()).map(|k| g.input(k).copy()).collect()
+                (1..g.inputs())
+                    .map(|k| g.input(k).map(|t| t.copy()).map_err(graphs::replay_error))
+                    .collect::<Result<_, _>>()?
             }
             None => {
+                let mut index = step_inputs[0].shallow_clone();
                 let mut state: Vec<Tensor> = step_inputs.split_off(1);
                 for i in 0..count {
-                    let args = [IValue::Tensor(indices.get(i)), IValue::TensorList(state)];
+                    check_thread_deadline(i, count)?;
+                    let _ = index.f_fill_(i).map_err(err)?;
+                    let args = [
+                        IValue::Tensor(index.shallow_clone()),
+                        IValue::TensorList(state),
+                    ];
                     state = tensor_list(self.call("step", &args)?, "step's state")?;
                 }
                 state
@@ -685,6 +694,29 @@ impl TorchModel {
     }
 }
 
+/// Most steps a loop model's `prepare` may ask for.
+pub const MAX_LOOP_STEPS: i64 = 10_000;
+
+thread_local! {
+    /// When the request the calling forward thread serves must be answered by.
+    static DEADLINE: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Tells this thread's loop forwards when their request's time is up (engines set it per
+/// forward): a loop stops between steps past it instead of running on for nobody.
+pub fn set_thread_deadline(deadline: Option<std::time::Instant>) {
+    DEADLINE.with(|d| d.set(deadline));
+}
+
+fn check_thread_deadline(step: i64, count: i64) -> Result<(), RuntimeError> {
+    match DEADLINE.with(|d| d.get()) {
+        Some(deadline) if std::time::Instant::now() >= deadline => Err(RuntimeError::Forward(
+            format!("the request's time ran out after {step} of {count} steps"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// One call replayed from `graph`: `inputs` copied into its static inputs, the outputs copied
 /// to the host before the graph is released.
 fn replay_call(
@@ -701,7 +733,10 @@ fn replay_call(
     g.output_names()
         .iter()
         .enumerate()
-        .map(|(j, name)| HostTensor::from_tch(name.clone(), &g.output(j)))
+        .map(|(j, name)| {
+            let t = g.output(j).map_err(graphs::replay_error)?;
+            HostTensor::from_tch(name.clone(), &t)
+        })
         .collect()
 }
 
@@ -987,6 +1022,36 @@ mod tests {
             0,
             "a failed signature is not tried again"
         );
+        // The allocator is left as it was: it frees cached memory, and another capture works.
+        // SAFETY: see `cuda_empty_cache`.
+        assert_eq!(unsafe { cuda::tessera_cuda_empty_cache() }, 0);
+        let good = dir.path().join("good.pt");
+        traced(&good, |x| x * 3.0);
+        let other = TorchModel::load(&good, Device::Cuda(0))
+            .unwrap()
+            .with_cuda_graphs("good", 2);
+        let want = other.forward(&[input(2, 3)]).unwrap();
+        assert!(other.capture_pending());
+        assert!(
+            other.device_bytes() > other.held_bytes,
+            "the second capture failed"
+        );
+        assert_eq!(other.forward(&[input(2, 3)]).unwrap(), want);
+    }
+
+    #[test]
+    fn a_loop_stops_once_its_request_is_out_of_time() {
+        set_thread_deadline(Some(
+            std::time::Instant::now() + std::time::Duration::from_secs(60),
+        ));
+        assert!(check_thread_deadline(0, 5).is_ok());
+        set_thread_deadline(Some(std::time::Instant::now()));
+        assert!(matches!(
+            check_thread_deadline(3, 5),
+            Err(RuntimeError::Forward(m)) if m.contains("after 3 of 5 steps")
+        ));
+        set_thread_deadline(None);
+        assert!(check_thread_deadline(3, 5).is_ok());
     }
 
     /// On the CPU, `cudaGraphs` changes nothing.
