@@ -279,11 +279,14 @@ impl Residency {
         let loaded_here = loaded_here.load(Ordering::Relaxed);
         if loaded_here {
             self.metrics.resident_models.inc();
+        }
+        // Now that the real size is known (after the load, or after CUDA graphs captured while it
+        // served), bring the total back within the budget.
+        if let Some(weight) = model.weight_changed() {
             self.metrics
                 .resident_bytes
                 .with_label_values(&key.labels())
-                .set(model.weight() as i64);
-            // Now that the real size is known, bring the total back within the budget.
+                .set(weight as i64);
             if !self.make_room(key, 0).await {
                 tracing::warn!(model = %key, budget = self.budget,
                     "over the residency budget: every other model is busy or within its tenant's share");

@@ -28,6 +28,9 @@ pub struct LoadedModel {
     /// Size and mtime of the archive file it was loaded from (none for a folder), to notice an
     /// archive replaced or removed while the model is resident.
     source: Option<(u64, std::time::SystemTime)>,
+    /// Its weight when residency last checked the budget for it (it grows with CUDA graphs
+    /// captured while it serves).
+    charged: AtomicU64,
 }
 
 /// Whether a resident model's archive is still the one it was loaded from.
@@ -67,6 +70,7 @@ impl LoadedModel {
             in_use: AtomicUsize::new(0),
             last_used: AtomicU64::new(now_ms),
             source: None,
+            charged: AtomicU64::new(0),
         }
     }
 
@@ -95,6 +99,12 @@ impl LoadedModel {
     /// Bytes it holds on its device, its cached stage's capacity included (the cache weight).
     pub fn weight(&self) -> u64 {
         self.pipeline.held_bytes()
+    }
+
+    /// Its weight, if it changed since the last call (the first call always answers).
+    pub fn weight_changed(&self) -> Option<u64> {
+        let now = self.weight();
+        (self.charged.swap(now, Ordering::Relaxed) != now).then_some(now)
     }
 
     /// How long one of `tenant`'s requests may take: the model's responseTimeout, lowered to
