@@ -11,7 +11,8 @@ For each precision and size, in one run:
   - GPU memory held (the server's allocator-measured residentBytes, nvidia-smi).
 Writes results.json / results.md under --out.
 
-    python bench/lama_gpu.py --bin ./tessera --handler lama.wasm --out $OUT
+    python bench/lama_gpu.py --bin ./tessera --handler lama.wasm --out $OUT \
+        [--tessera 'cudaGraphs: true' --tessera 'executor: simple'] [--server-arg ...]
 """
 import argparse
 import base64
@@ -71,12 +72,16 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--server-arg", action="append", default=[], help="extra `tessera serve` argument")
+    ap.add_argument("--tessera", action="append", default=[],
+                    help="extra `tessera:` key of the archive config, as `key: value` (e.g. `cudaGraphs: true`)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp()
+    extra = "".join(f"  {kv}\n" for kv in args.tessera)
     store, cfg = make_store(work, "maxWorkers: 1\nresponseTimeout: 300\ndeviceType: gpu\ntessera:\n  model: model.pt\n"
-                                  "  handlerMemoryMiB: 2048\nhandler:\n  max_pixels: 4194304\n")
+                                  f"  handlerMemoryMiB: 2048\n{extra}handler:\n  max_pixels: 4194304\n")
     results = {"gpu": torch.cuda.get_device_name(0), "runs": [], "server_args": args.server_arg,
+               "tessera_keys": args.tessera,
                "python_math": {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                                "cudnn_benchmark": torch.backends.cudnn.benchmark,
                                "cudnn_deterministic": torch.backends.cudnn.deterministic,
@@ -162,7 +167,8 @@ def main():
         del eager, scripted, g
         torch.cuda.empty_cache()
 
-    lines = [f"GPU: {results['gpu']}; big-lama generator {results['params_m']:.1f} M params, random weights", "",
+    lines = [f"GPU: {results['gpu']}; big-lama generator {results['params_m']:.1f} M params, random weights; "
+             f"server args {args.server_arg or '(none)'}; archive keys {args.tessera or '(none)'}", "",
              "| precision | size | Tessera HTTP median / p99 ms | handler pre / post ms | server forward ms "
              "| bare eager PyTorch median / p99 ms | TorchScript from Python ms | with idle gaps: eager / TorchScript ms "
              "| ratio HTTP / eager | resident MiB | parity max diff (px > 1) |",
