@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "models/sd"))
-from common import b64png, request, start_server, summary, write_results  # noqa: E402
+from common import b64png, request, start_server, write_results  # noqa: E402
 import export  # noqa: E402
 import tokenizer_files  # noqa: E402
 from sd_gpu import NEGATIVE, PROMPT, scene  # noqa: E402

@@ -109,8 +109,9 @@ pub struct Config {
 
     /// `off` runs every model's calls uncaptured, even those whose archive asks for CUDA graphs
     /// (`tessera.cudaGraphs`): a switch for operators (and comparisons).
-    #[arg(long, env = "TESSERA_CUDA_GRAPHS", value_enum, default_value = "on")]
-    pub cuda_graphs: Switch,
+    #[arg(long, env = "TESSERA_CUDA_GRAPHS", default_value = "on", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub cuda_graphs: bool,
 
     /// OpenMP threads each CPU op of a forward may use, for models whose config names none
     /// (`tessera.intraOpThreads`). Default: libtorch's (the machine's physical cores).
@@ -396,11 +397,4 @@ mod tests {
         assert!(c.bind.is_loopback() && c.port == 8080);
         assert_eq!(c.model_store, PathBuf::from("mine"));
     }
-}
-
-/// An on/off setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Switch {
-    On,
-    Off,
 }

@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -57,12 +56,7 @@ struct Graph {
   std::vector<at::Tensor> inputs;
   std::vector<at::Tensor> outputs;
   std::string output_names;  // newline-separated, one per output
-  int64_t bytes = 0;
 };
-
-// One capture at a time in the process: captures are rare (off the request path) and the
-// memory measured for one must not include another's.
-std::mutex g_capture;
 
 // The method's arguments: tensors [0, list_from) positional, the rest as one List[Tensor]
 // (list_from < 0: all positional).
@@ -128,7 +122,6 @@ extern "C" void* tessera_graph_capture(void* module_ptr, const char* method, voi
   *bytes = 0;
   std::optional<c10::cuda::CUDAStream> restore;  // the caller's stream while the side one is current
   try {
-    std::lock_guard<std::mutex> lock(g_capture);
     auto* module = static_cast<torch::jit::Module*>(module_ptr);
     if (n_inputs < 1) throw std::runtime_error("a graphed method needs at least one tensor input");
     auto graph = std::make_unique<Graph>();
@@ -174,7 +167,6 @@ extern "C" void* tessera_graph_capture(void* module_ptr, const char* method, voi
     c10::cuda::setCurrentCUDAStream(previous);
     restore.reset();
     *bytes += pool_bytes(graph->graph.pool());
-    graph->bytes = *bytes;
     return graph.release();
   } catch (const std::exception& e) {
     if (restore) c10::cuda::setCurrentCUDAStream(*restore);
@@ -211,7 +203,8 @@ extern "C" int tessera_graph_replay(void* g) {
 }
 
 // Copies each output j into static input j + offset, except where they are one tensor already
-// (a loop step's unchanged state). For a loop: one step's outputs are the next step's inputs.
+// (a loop step's unchanged state). For a loop: one step's outputs are the next step's inputs
+// (shapes and aliasing checked once, at capture: tessera_graph_check_feedback).
 extern "C" int tessera_graph_outputs_to_inputs(void* g, int offset) {
   try {
     auto* graph = static_cast<Graph*>(g);
@@ -219,7 +212,6 @@ extern "C" int tessera_graph_outputs_to_inputs(void* g, int offset) {
     for (size_t j = 0; j < graph->outputs.size(); ++j) {
       at::Tensor& dst = graph->inputs[j + offset];
       const at::Tensor& src = graph->outputs[j];
-      if (src.sizes() != dst.sizes() || src.scalar_type() != dst.scalar_type()) return -2;
       if (!src.is_same(dst)) dst.copy_(src);
     }
     return 0;

@@ -97,7 +97,8 @@ pub fn has_method(module: &CModule, name: &str) -> bool {
 }
 
 /// How a method takes its tensors: all positional, or the first `n` positional and the rest as
-/// one `List[Tensor]` (a loop's state).
+/// one `List[Tensor]` (a loop's state, which the method returns updated: its graph feeds its
+/// outputs back into those inputs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CallForm {
     Positional,
@@ -117,8 +118,10 @@ pub struct CudaGraph {
 unsafe impl Send for CudaGraph {}
 
 impl CudaGraph {
-    /// Captures `method` on copies of `inputs` (CUDA tensors of one device).
-    pub fn capture(
+    /// Captures `method` on copies of `inputs` (CUDA tensors of one device); a loop step's graph
+    /// only if its outputs can be fed back ([`Self::check_feedback`]). One capture at a time:
+    /// callers hold [`CAPTURING`] (the memory measured for one must not include another's).
+    fn capture(
         module: &CModule,
         method: &str,
         inputs: &[Tensor],
@@ -154,12 +157,16 @@ impl CudaGraph {
             ffi::tessera_graph_counts(ptr.as_ptr(), &mut n_in, &mut n_out);
             take_text(ffi::tessera_graph_output_names(ptr.as_ptr()))
         };
-        Ok(CudaGraph {
+        let graph = CudaGraph {
             ptr,
             inputs: n_in.max(0) as usize,
             outputs: names.lines().map(str::to_string).collect(),
             bytes: bytes.max(0) as u64,
-        })
+        };
+        if let CallForm::ListFrom(offset) = form {
+            graph.check_feedback(offset)?;
+        }
+        Ok(graph)
     }
 
     /// Copies `t` into static input `k` (shape and dtype must match).
@@ -193,7 +200,7 @@ impl CudaGraph {
 
     /// Whether outputs can be copied back into inputs `offset..` (see [`Self::outputs_to_inputs`]):
     /// one per input, each of its shape and dtype, none sharing memory with another input.
-    pub fn check_feedback(&self, offset: usize) -> Result<(), String> {
+    fn check_feedback(&self, offset: usize) -> Result<(), String> {
         let mut err = std::ptr::null_mut();
         // SAFETY: a live graph; the error string is taken below.
         match unsafe {
@@ -242,7 +249,7 @@ impl Drop for CudaGraph {
 }
 
 /// The signature a graph is captured for.
-pub fn signature(method: &str, inputs: &[Tensor]) -> String {
+fn signature(method: &str, inputs: &[Tensor]) -> String {
     let mut s = method.to_string();
     for t in inputs {
         let dims: Vec<String> = t.size().iter().map(i64::to_string).collect();
@@ -374,16 +381,7 @@ impl Graphs {
             _ => return false,
         };
         let started = std::time::Instant::now();
-        let result =
-            CudaGraph::capture(module, &next.method, &next.inputs, next.form).and_then(|graph| {
-                match next.form {
-                    // A loop step's outputs are copied back into its inputs, one after the other.
-                    CallForm::ListFrom(offset) if next.method == "step" => {
-                        graph.check_feedback(offset).map(|()| graph)
-                    }
-                    _ => Ok(graph),
-                }
-            });
+        let result = CudaGraph::capture(module, &next.method, &next.inputs, next.form);
         drop(next.inputs);
         let Ok(mut inner) = self.inner.lock() else {
             return true;
@@ -407,6 +405,15 @@ impl Graphs {
         }
         true
     }
+}
+
+/// The graph, for one replay at a time (its static buffers are shared).
+pub fn lock(
+    graph: &Mutex<CudaGraph>,
+) -> Result<std::sync::MutexGuard<'_, CudaGraph>, RuntimeError> {
+    graph
+        .lock()
+        .map_err(|_| replay_error("lock poisoned".into()))
 }
 
 /// A replay failure: the graph's inputs were checked at capture, so this is a CUDA fault.

@@ -622,9 +622,7 @@ impl TorchModel {
         let form = graphs::CallForm::ListFrom(1);
         let state: Vec<Tensor> = match self.graph("step", &step_inputs, form) {
             Some(graph) => {
-                let mut g = graph
-                    .lock()
-                    .map_err(|_| graphs::replay_error("lock poisoned".into()))?;
+                let mut g = graphs::lock(&graph)?;
                 for (k, t) in step_inputs.iter().enumerate().skip(1) {
                     g.set_input(k, t).map_err(graphs::replay_error)?;
                 }
@@ -723,9 +721,7 @@ fn replay_call(
     graph: &Mutex<graphs::CudaGraph>,
     inputs: &[Tensor],
 ) -> Result<Vec<HostTensor>, RuntimeError> {
-    let mut g = graph
-        .lock()
-        .map_err(|_| graphs::replay_error("lock poisoned".into()))?;
+    let mut g = graphs::lock(graph)?;
     for (k, t) in inputs.iter().enumerate() {
         g.set_input(k, t).map_err(graphs::replay_error)?;
     }

@@ -96,7 +96,7 @@ impl Server {
                 check_memory_mib: config.model_check_memory_mib,
                 executor: config.torchscript_executor,
                 grad_mode: config.forward_grad_mode,
-                cuda_graphs: config.cuda_graphs == crate::config::Switch::On,
+                cuda_graphs: config.cuda_graphs,
             },
             sandbox: sandbox.clone(),
             workers: workers.clone(),
