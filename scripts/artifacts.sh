@@ -14,6 +14,10 @@ for h in example chaos lama sam sd classify; do
   cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_handler_$h.wasm" "$A/handlers/$h.wasm"
 done
 cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_test_other_world.wasm" "$A/handlers/other-world.wasm"
+# The example handler built against the previous contract (wit/v0.1): a build of its own, since
+# its SDK feature would otherwise switch every handler above to the old contract.
+cargo build -q --profile guest --target wasm32-wasip2 -p tessera-handler-example-v0-1
+cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_handler_example_v0_1.wasm" "$A/handlers/example-v0-1.wasm"
 
 echo "==> exporting the example model"
 python models/example/export.py --out "$A/example/model.pt"

@@ -19,4 +19,4 @@ bash scripts/artifacts.sh
 echo "==> python tests (export scripts, checkpoint layouts)"
 python -m pytest -q models
 echo "==> cargo test"
-cargo test -p tessera -p tessera-sdk -p tessera-handler-sd -- --test-threads 2
+cargo test -p tessera -p tessera-sdk -p tessera-imaging -p tessera-handler-sd -- --test-threads 2

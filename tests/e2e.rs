@@ -116,6 +116,38 @@ fn output_matches_python_reference_through_every_api() {
     assert_eq!(get(&server.url("/ping")).status, 200);
 }
 
+/// A handler built against the previous contract (0.1.0, before host imaging) is served
+/// unchanged: the example handler compiled both ways answers the same bytes.
+#[test]
+fn handlers_built_against_the_previous_contract_still_run() {
+    let store = tempfile::tempdir().unwrap();
+    example_store(store.path());
+    pack(
+        store.path(),
+        "example-old",
+        EXAMPLE_CONFIG,
+        &artifact("example/model.pt"),
+        &artifact("handlers/example-v0-1.wasm"),
+    );
+    let server = Server::start(store.path(), &[]);
+    let requests = [
+        example_request(37, 23, 7, json!({"strength": 0.5})),
+        example_request(16, 9, 8, json!({"output_format": "jpeg"})),
+        example_request(8, 8, 9, json!({"strength": 2.0})),
+        example_request(1001, 1000, 9, json!({})),
+        json!({"image": "not base64!"}),
+    ];
+    let mut statuses = Vec::new();
+    for request in &requests {
+        let new = post_json(&server.url("/predictions/example"), request);
+        let old = post_json(&server.url("/predictions/example-old"), request);
+        assert_eq!(old.status, new.status, "{}", old.text());
+        assert_eq!(old.body, new.body);
+        statuses.push(new.status);
+    }
+    assert_eq!(statuses, [200, 200, 400, 413, 400]);
+}
+
 #[test]
 fn three_models_with_budget_for_two_all_succeed_and_evict() {
     let store = tempfile::tempdir().unwrap();
@@ -332,6 +364,10 @@ fn misbehaving_handlers_fail_alone() {
 
     let expect = [
         ("hog", 500, "memory limit"),
+        // Images the host holds for a handler count against its memory limit too.
+        ("image-hog", 500, "memory limit"),
+        ("image-stage", 500, "staged under that name"),
+        ("image-loop", 504, "time limit"),
         ("stack", 500, ""),
         ("trap", 500, "trapped"),
         ("big", 500, "exceeds the limit"),

@@ -313,6 +313,7 @@ fn quotas_and_per_tenant_handler_limits() {
     assert!(started.elapsed() < Duration::from_secs(10));
     let expect = [
         ("hog", 500, "memory limit of 64 MiB"),
+        ("image-hog", 500, "memory limit of 64 MiB"),
         ("stack", 500, "trapped"),
         ("trap", 500, "trapped"),
         ("big", 500, "exceeds the limit"),

@@ -3,9 +3,16 @@
 //! The JSON body's `mode` picks the misbehaviour: `loop` spins forever, `hog` allocates without
 //! bound, `stack` recurses without bound, `trap` hits `unreachable`, `log` floods the log,
 //! `asset` reads `assets/<path>` and returns it, `escape` tries to read `../model-config.yaml`;
-//! `big` (in postprocess) answers a huge body. Anything else passes a small image through the
-//! example model.
+//! `big` (in postprocess) answers a huge body; with host images, `image-hog` keeps making
+//! 12 MB images, `image-loop` resizes forever (dropping each), `image-stage` returns a staged
+//! input with another shape. Anything else passes a small image through the example model.
+use tessera_sdk::host_img::{Image, ResizeFilter};
 use tessera_sdk::{json, HandlerError, LogLevel, ModelInput, Request, Response, Tensor};
+
+/// A 2x2 RGB image held by the host.
+fn small_image() -> Result<Image, HandlerError> {
+    Image::from_tensor(&Tensor::from_u8("px", &[2, 2, 3], vec![9u8; 12])?)
+}
 
 struct Chaos;
 
@@ -35,6 +42,29 @@ impl tessera_sdk::Handler for Chaos {
                     keep.push(vec![1u8; 16 << 20]);
                     std::hint::black_box(&keep);
                 }
+            }
+            "image-hog" => {
+                let small = small_image()?;
+                let mut keep = Vec::new();
+                loop {
+                    keep.push(small.resize(2000, 2000, ResizeFilter::Nearest)?);
+                }
+            }
+            "image-loop" => {
+                let small = small_image()?;
+                loop {
+                    std::hint::black_box(small.resize(500, 500, ResizeFilter::PilBilinear)?);
+                }
+            }
+            "image-stage" => {
+                let mut staged = small_image()?.as_input("image");
+                staged.shape = vec![3, 2, 2];
+                let inputs = vec![staged, Tensor::from_f32("strength", &[1], &[0.0])?];
+                return Ok(ModelInput {
+                    inputs,
+                    context: mode.into_bytes(),
+                    cache_key: None,
+                });
             }
             "stack" => {
                 let mut buf = [0u8; 256];

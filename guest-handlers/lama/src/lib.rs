@@ -7,7 +7,11 @@
 //! to a multiple of 8 with symmetric padding, as LaMa's reference does; the model (see
 //! `models/lama`) returns the composite and we crop it back to the original size.
 //! Response: `{"generated_image": <base64 PNG or JPEG>}`.
+//!
+//! The pixel work is the host's (`host_img`): the photo is decoded, padded and handed to the
+//! model without entering the handler's memory.
 use serde::{Deserialize, Serialize};
+use tessera_sdk::host_img::{self, Image, PadMode, PixelFormat};
 use tessera_sdk::{img, json, HandlerError, ModelInput, Request, Response, Tensor};
 
 const MODULO: usize = 8;
@@ -32,19 +36,22 @@ impl tessera_sdk::Handler for Lama {
     fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
         let body = json::body(&req)?;
         let jpeg = img::wants_jpeg(&body)?;
-        let (image, mask) = img::decode_image_and_mask(&body)?;
-        let (w, h) = (image.width() as usize, image.height() as usize);
+        let image = host_img::decode_field(&body, "image", PixelFormat::Rgb)?;
+        let mask = host_img::decode_field(&body, "mask_image", PixelFormat::Luma)?;
+        let (w, h) = (image.width(), image.height());
+        if (mask.width(), mask.height()) != (w, h) {
+            return Err(img::size_mismatch((w, h), (mask.width(), mask.height())));
+        }
+        let (w, h) = (w as usize, h as usize);
         if w < MIN_SIDE || h < MIN_SIDE {
             return Err(HandlerError::bad(format!(
                 "image is {w}x{h}; LaMa needs at least {MIN_SIDE}x{MIN_SIDE} pixels"
             )));
         }
-        let (pw, ph) = (round_up(w), round_up(h));
-        let image = img::pad_symmetric(image.as_raw(), w, h, 3, pw, ph);
-        let mask = img::pad_symmetric(mask.as_raw(), w, h, 1, pw, ph);
+        let (pw, ph) = (round_up(w) as u32, round_up(h) as u32);
         let inputs = vec![
-            Tensor::from_u8("image", &[ph as u64, pw as u64, 3], image)?,
-            Tensor::from_u8("mask", &[ph as u64, pw as u64], mask)?,
+            image.pad(pw, ph, PadMode::Symmetric)?.as_input("image"),
+            mask.pad(pw, ph, PadMode::Symmetric)?.as_input("mask"),
         ];
         let context = json::to_context(&Context {
             width: w as u32,
@@ -61,9 +68,8 @@ impl tessera_sdk::Handler for Lama {
     fn postprocess(outputs: Vec<Tensor>, context: Vec<u8>) -> Result<Response, HandlerError> {
         let ctx: Context = json::from_context(&context)?;
         let out = tessera_sdk::first_output(&outputs)?;
-        let image = img::rgb_from_tensor(out, Some((ctx.width, ctx.height)))?;
-        let encoded = img::encode(&image, ctx.jpeg)?;
-        Response::base64_field("generated_image", &encoded)
+        let image = Image::from_tensor(out)?.crop(0, 0, ctx.width, ctx.height)?;
+        host_img::base64_response("generated_image", &image, ctx.jpeg)
     }
 }
 

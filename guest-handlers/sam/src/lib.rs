@@ -11,9 +11,13 @@
 //! The image encoder is the archive's cached stage: the request's image (its base64 text,
 //! hashed) is the cache key, so a second click on the same photo skips decoding, resizing and
 //! the encoder, and runs only the prompt decoder.
+//!
+//! The pixel work is the host's (`host_img`): decoding, resizing and padding the photo, and
+//! dilating and encoding the mask, run natively outside the sandbox.
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::borrow::Cow;
+use tessera_sdk::host_img::{Encoding, Image, PadMode, PixelFormat, ResizeFilter};
 use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
 
 const MAX_POINTS: usize = 64;
@@ -149,12 +153,15 @@ impl tessera_sdk::Handler for Sam {
             .flatten()
             .and_then(|prefix| b64::decode("image", prefix).ok())
             .and_then(|bytes| img::dimensions("image", &bytes).ok());
-        let (w, h, pixels) = match header_only {
+        let (w, h, photo) = match header_only {
             Some((w, h)) => (w, h, None),
+            None if cached => {
+                let (w, h) = img::dimensions("image", &b64::decode("image", &encoded)?)?;
+                (w, h, None)
+            }
             None => {
-                let bytes = b64::decode("image", &encoded)?;
-                let (w, h) = img::dimensions("image", &bytes)?;
-                (w, h, (!cached).then_some(bytes))
+                let photo = Image::decode_base64("image", &encoded, PixelFormat::Rgb)?;
+                (photo.width(), photo.height(), Some(photo))
             }
         };
         let (rw, rh) = img::longest_side_shape(w, h, SIDE);
@@ -171,16 +178,11 @@ impl tessera_sdk::Handler for Sam {
             }
         }
         let mut inputs = Vec::with_capacity(4);
-        if let Some(bytes) = pixels {
-            let rgb = img::decode_rgb("image", &bytes)?;
-            let resized = img::resize_longest_side(&rgb, SIDE);
-            drop(rgb);
-            let (rw, rh) = resized.dimensions();
-            inputs.push(Tensor::from_u8(
-                "image",
-                &[SIDE as u64, SIDE as u64, 3],
-                pad_to_square(resized.as_raw(), rw as usize, rh as usize),
-            )?);
+        if let Some(photo) = photo {
+            // What `img::resize_longest_side` does, then zeros to the square.
+            let resized = photo.resize(rw, rh, ResizeFilter::PilBilinear)?;
+            drop(photo);
+            inputs.push(resized.pad(SIDE, SIDE, PadMode::Zero)?.as_input("image"));
             inputs.push(Tensor::from_i64("image_hw", &[2], &[rh as i64, rw as i64])?);
         }
         // The decoder's tensors are one row of a batch (the host batches clicks along
@@ -239,13 +241,10 @@ impl tessera_sdk::Handler for Sam {
         }
         // The photo's mask is the plane's first h*w bytes (a batch pads to its largest mask).
         let plane = &mask.view().u8()?[..h * w];
-        let dilated = img::dilate_square(plane, w, h, ctx.dilate as usize);
-        let mask: Vec<u8> = dilated
-            .iter()
-            .map(|&v| if v > 0 { 255 } else { 0 })
-            .collect();
-        let gray = img::GrayImage::from_raw(w as u32, h as u32, mask).expect("size matches");
-        let png = img::encode_png(&img::DynamicImage::from(gray))?;
+        let plane = Tensor::from_u8("mask", &[h as u64, w as u64], plane.to_vec())?;
+        let png = Image::from_tensor(&plane)?
+            .dilate(ctx.dilate)?
+            .encode(Encoding::Png, 0)?;
         Response::json(&serde_json::json!({
             "generated_image": b64::encode(&png),
             "scores": scores,
@@ -255,17 +254,3 @@ impl tessera_sdk::Handler for Sam {
 }
 
 tessera_sdk::export_handler!(Sam);
-
-/// `rgb` (`w` x `h` x 3, both at most [`SIDE`]) in the top-left corner of a zeroed
-/// `SIDE` x `SIDE` x 3 square.
-fn pad_to_square(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
-    let side = SIDE as usize;
-    let mut out = vec![0u8; side * side * 3];
-    for (row, src) in out
-        .chunks_exact_mut(side * 3)
-        .zip(rgb.chunks_exact(w * 3).take(h))
-    {
-        row[..w * 3].copy_from_slice(src);
-    }
-    out
-}

@@ -5,30 +5,7 @@ use base64::Engine;
 /// Decodes standard base64; accepts missing padding, embedded whitespace and a
 /// `data:...;base64,` prefix. `field` names the JSON field in the error message.
 pub fn decode(field: &str, text: &str) -> Result<Vec<u8>, HandlerError> {
-    // Images are megabytes of text: look for the data-URL prefix only at the start, and take
-    // the common case (no whitespace) straight to the decoder without copying.
-    let text = match text.strip_prefix("data:") {
-        Some(rest) => match rest
-            .get(..rest.len().min(256))
-            .and_then(|head| head.find(";base64,"))
-        {
-            Some(i) => &rest[i + 8..],
-            None => text,
-        },
-        None => text,
-    };
-    let engine = base64::engine::GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        base64::engine::GeneralPurposeConfig::new()
-            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-    );
-    if let Ok(bytes) = engine.decode(text) {
-        return Ok(bytes);
-    }
-    let cleaned: Vec<u8> = text.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
-    engine
-        .decode(&cleaned)
-        .map_err(|e| HandlerError::bad(format!("field '{field}' is not valid base64: {e}")))
+    Ok(tessera_imaging::base64_decode(field, text)?)
 }
 
 /// Encodes as standard padded base64.

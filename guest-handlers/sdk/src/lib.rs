@@ -12,8 +12,9 @@
 //! ```
 //!
 //! Helpers cover the usual request shapes: JSON bodies ([`json`]), base64 ([`b64`]), PNG/JPEG
-//! images ([`img`]) and tensors ([`Tensor`] constructors and readers). Everything here runs
-//! inside the sandbox; the only host calls are [`asset`], [`param`] and [`log`].
+//! images decoded in the sandbox ([`img`]) or by the host ([`host_img`]), and tensors
+//! ([`Tensor`] constructors and readers). Host calls are [`asset`], [`param`], [`log`],
+//! [`is_cached`] and the images of [`host_img`].
 
 pub mod b64;
 pub mod clip;
@@ -21,11 +22,29 @@ pub mod img;
 pub mod json;
 mod tensor;
 
+#[cfg(not(feature = "wit-v0-1"))]
+pub mod host_img;
+
 #[doc(hidden)]
+#[cfg(not(feature = "wit-v0-1"))]
 pub mod bindings {
     wit_bindgen::generate!({
         world: "handler",
         path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_handler",
+        default_bindings_module: "tessera_sdk::bindings",
+    });
+}
+
+/// The previous contract (`wit/v0.1`, no `imaging` import), for checking that handlers built
+/// against it keep working (`guest-handlers/example-v0-1`).
+#[doc(hidden)]
+#[cfg(feature = "wit-v0-1")]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "handler",
+        path: "../../wit/v0.1",
         pub_export_macro: true,
         export_macro_name: "export_handler",
         default_bindings_module: "tessera_sdk::bindings",

@@ -23,10 +23,25 @@ use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+mod imaging;
+
 mod bindings {
     wasmtime::component::bindgen!({
         world: "handler",
         path: "../wit",
+        // Imaging calls may trap: over the store's memory limit, as a memory.grow would.
+        imports: { "tessera:handler/imaging": trappable },
+        with: { "tessera:handler/imaging.image": super::imaging::HostImage },
+    });
+}
+
+/// The previous contract (0.1.0): its handlers import `host@0.1.0`, which the linker lends
+/// too. Its exports and types are the same records as 0.2.0's, so one set of call bindings
+/// serves both.
+mod bindings_v0_1 {
+    wasmtime::component::bindgen!({
+        world: "handler",
+        path: "../wit/v0.1",
     });
 }
 
@@ -172,7 +187,7 @@ struct MemoryPool {
 
 /// Which memory bound a growth hit; the limiter's error, found again by type in the trap.
 #[derive(Debug, thiserror::Error)]
-enum MemoryExceeded {
+pub(crate) enum MemoryExceeded {
     #[error("handler memory limit reached")]
     Instance,
     #[error("server-wide handler memory limit reached")]
@@ -187,6 +202,30 @@ struct Limiter {
     charged: u64,
 }
 
+impl Limiter {
+    /// Charges `bytes` (linear memory, or host memory held for the handler) to this store's
+    /// cap and to the server's pool.
+    fn charge(&mut self, bytes: u64) -> Result<(), MemoryExceeded> {
+        if self.charged + bytes > self.cap {
+            return Err(MemoryExceeded::Instance);
+        }
+        let before = self.pool.used.fetch_add(bytes, Ordering::SeqCst);
+        if before + bytes > self.pool.cap {
+            self.pool.used.fetch_sub(bytes, Ordering::SeqCst);
+            return Err(MemoryExceeded::Server);
+        }
+        self.charged += bytes;
+        Ok(())
+    }
+
+    /// Gives back host memory charged with [`Limiter::charge`].
+    fn release(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.charged);
+        self.charged -= bytes;
+        self.pool.used.fetch_sub(bytes, Ordering::SeqCst);
+    }
+}
+
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
@@ -194,16 +233,8 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let delta = desired.saturating_sub(current) as u64;
-        if self.charged + delta > self.cap {
-            return Err(wasmtime::Error::new(MemoryExceeded::Instance));
-        }
-        let before = self.pool.used.fetch_add(delta, Ordering::SeqCst);
-        if before + delta > self.pool.cap {
-            self.pool.used.fetch_sub(delta, Ordering::SeqCst);
-            return Err(wasmtime::Error::new(MemoryExceeded::Server));
-        }
-        self.charged += delta;
+        self.charge(desired.saturating_sub(current) as u64)
+            .map_err(wasmtime::Error::new)?;
         Ok(true)
     }
 
@@ -243,6 +274,8 @@ struct State {
     dropped: usize,
     /// Stage outputs `is-cached` answered true for, held until the forward.
     pinned: Option<(String, Arc<CachedOutputs>)>,
+    /// Model inputs the handler staged with the imaging interface's `as-input`.
+    staged: Vec<HostTensor>,
 }
 
 impl WasiView for State {
@@ -255,6 +288,34 @@ impl WasiView for State {
 }
 
 impl wit::Host for State {}
+
+impl bindings_v0_1::tessera::handler::types::Host for State {}
+
+/// 0.1.0's host interface is 0.2.0's.
+impl bindings_v0_1::tessera::handler::host::Host for State {
+    fn read_asset(&mut self, path: String) -> Result<Vec<u8>, String> {
+        bindings::tessera::handler::host::Host::read_asset(self, path)
+    }
+
+    fn is_cached(&mut self, key: String) -> bool {
+        bindings::tessera::handler::host::Host::is_cached(self, key)
+    }
+
+    fn config_param(&mut self, key: String) -> Option<String> {
+        bindings::tessera::handler::host::Host::config_param(self, key)
+    }
+
+    fn log(&mut self, level: bindings_v0_1::tessera::handler::types::LogLevel, message: String) {
+        use bindings_v0_1::tessera::handler::types::LogLevel as V0;
+        let level = match level {
+            V0::Debug => wit::LogLevel::Debug,
+            V0::Info => wit::LogLevel::Info,
+            V0::Warn => wit::LogLevel::Warn,
+            V0::Error => wit::LogLevel::Error,
+        };
+        bindings::tessera::handler::host::Host::log(self, level, message)
+    }
+}
 
 impl bindings::tessera::handler::host::Host for State {
     fn read_asset(&mut self, path: String) -> Result<Vec<u8>, String> {
@@ -390,6 +451,7 @@ impl Sandbox {
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         HandlerBindings::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        bindings_v0_1::Handler::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         let sandbox = Arc::new(Sandbox {
             engine,
             linker,
@@ -523,6 +585,7 @@ impl Sandbox {
             logged: 0,
             dropped: 0,
             pinned: None,
+            staged: Vec::new(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -557,10 +620,14 @@ impl Sandbox {
             &handler.env,
             deadline.saturating_duration_since(started),
         )?;
+        let state = store.data_mut();
         let inputs = out
             .inputs
             .into_iter()
-            .map(to_host)
+            .map(|t| match state.take_staged(&t.name) {
+                Some(staged) if t.data.is_empty() => filled_in(t, staged),
+                _ => to_host(t),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let pinned = match (store.data_mut().pinned.take(), &out.cache_key) {
             (Some((key, outputs)), Some(wanted)) if &key == wanted => Some(outputs),
@@ -716,6 +783,19 @@ fn dtype_to_wit(d: DType) -> wit::Dtype {
 fn to_host(t: wit::Tensor) -> Result<HostTensor, SandboxError> {
     let dtype = dtype_from_wit(t.dtype);
     HostTensor::new(t.name, dtype, t.shape, t.data).map_err(SandboxError::BadTensor)
+}
+
+/// An input the handler returned without data in place of what it staged under that name
+/// (`as-input`), which must still describe it.
+fn filled_in(t: wit::Tensor, staged: HostTensor) -> Result<HostTensor, SandboxError> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    if dtype_from_wit(t.dtype) != staged.dtype || shape != staged.shape {
+        return Err(SandboxError::BadTensor(format!(
+            "input '{}' is {:?} {:?} but the image staged under that name is {:?} {:?}",
+            t.name, t.dtype, t.shape, staged.dtype, staged.shape
+        )));
+    }
+    Ok(staged)
 }
 
 fn from_host(t: HostTensor) -> wit::Tensor {

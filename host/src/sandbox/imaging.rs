@@ -1,0 +1,438 @@
+//! The WIT `imaging` interface: images held by the host on a handler's behalf.
+//!
+//! The pixel code is `tessera-imaging`, the same the guest SDK compiles into handlers, here
+//! running natively. Every image is charged to the calling store's memory limit (its own cap
+//! and the server-wide handler pool) for as long as its handle lives, and so is the transient
+//! buffer a decode needs; nothing may grow past the archive's pixel limit. Time spent here is
+//! the handler's: the epoch deadline interrupts the handler as soon as a call returns.
+use super::{bindings::tessera::handler::imaging as wit_img, wit, MemoryExceeded, State};
+use crate::runtime::{DType, HostTensor};
+use tessera_imaging::{self as imaging, Failure};
+use wasmtime::component::Resource;
+
+/// Least bytes charged per live image, so that handles alone cannot pile up uncharged.
+const MIN_CHARGE: u64 = 256;
+
+/// An image owned by the host: 8-bit interleaved pixels, 1 (luma) or 3 (rgb) channels.
+pub struct HostImage {
+    width: usize,
+    height: usize,
+    format: wit_img::PixelFormat,
+    data: Vec<u8>,
+    /// Bytes charged to the store for this image.
+    charged: u64,
+}
+
+impl HostImage {
+    fn channels(&self) -> usize {
+        channels(self.format)
+    }
+
+    fn shape(&self) -> Vec<u64> {
+        match self.format {
+            wit_img::PixelFormat::Rgb => vec![self.height as u64, self.width as u64, 3],
+            wit_img::PixelFormat::Luma => vec![self.height as u64, self.width as u64],
+        }
+    }
+
+    fn dynamic(&self) -> imaging::DynamicImage {
+        let (w, h) = (self.width as u32, self.height as u32);
+        match self.format {
+            wit_img::PixelFormat::Rgb => imaging::DynamicImage::ImageRgb8(
+                imaging::Rgb::from_raw(w, h, self.data.clone()).expect("size matches"),
+            ),
+            wit_img::PixelFormat::Luma => imaging::DynamicImage::ImageLuma8(
+                imaging::GrayImage::from_raw(w, h, self.data.clone()).expect("size matches"),
+            ),
+        }
+    }
+}
+
+fn channels(format: wit_img::PixelFormat) -> usize {
+    match format {
+        wit_img::PixelFormat::Rgb => 3,
+        wit_img::PixelFormat::Luma => 1,
+    }
+}
+
+fn to_wit(f: Failure) -> wit::HandlerError {
+    match f {
+        Failure::BadRequest(m) => wit::HandlerError::BadRequest(m),
+        Failure::UnsupportedMediaType(m) => wit::HandlerError::UnsupportedMediaType(m),
+        Failure::PayloadTooLarge(m) => wit::HandlerError::PayloadTooLarge(m),
+        Failure::Internal(m) => wit::HandlerError::Internal(m),
+    }
+}
+
+/// What an imaging call returns: the WIT result inside, a trap (memory over the limit) outside.
+type Call<T> = wasmtime::Result<Result<T, wit::HandlerError>>;
+
+impl State {
+    fn max_pixels(&self) -> u64 {
+        self.env
+            .params
+            .get("max_pixels")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(imaging::DEFAULT_MAX_PIXELS)
+    }
+
+    /// A `w`x`h` result against the pixel limit (a 413 over it, as decoding says).
+    fn check_output(&self, what: &str, w: usize, h: usize) -> Result<(), wit::HandlerError> {
+        let max = self.max_pixels();
+        if (w as u64).saturating_mul(h as u64) > max {
+            return Err(wit::HandlerError::PayloadTooLarge(format!(
+                "{what} would be {w}x{h}, over the limit of {max} pixels"
+            )));
+        }
+        if w == 0 || h == 0 {
+            return Err(wit::HandlerError::BadRequest(format!(
+                "{what} would be {w}x{h}: empty"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Charges `bytes` to the store (a trap over its limits) for as long as the caller holds
+    /// them; [`State::release`] gives them back.
+    fn charge(&mut self, bytes: u64) -> wasmtime::Result<()> {
+        self.limits
+            .charge(bytes)
+            .map_err(|e: MemoryExceeded| wasmtime::Error::new(e))
+    }
+
+    fn release(&mut self, bytes: u64) {
+        self.limits.release(bytes);
+    }
+
+    /// Keeps `data` as a new image handle, charged to the store.
+    fn keep(
+        &mut self,
+        (width, height): (usize, usize),
+        format: wit_img::PixelFormat,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Resource<HostImage>> {
+        debug_assert_eq!(data.len(), width * height * channels(format));
+        let charged = (data.len() as u64).max(MIN_CHARGE);
+        self.charge(charged)?;
+        let image = HostImage {
+            width,
+            height,
+            format,
+            data,
+            charged,
+        };
+        match self.table.push(image) {
+            Ok(handle) => Ok(handle),
+            Err(e) => {
+                self.release(charged);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Runs `f` with `bytes` of transient working memory charged while it runs.
+    fn with_scratch<T>(&mut self, bytes: u64, f: impl FnOnce(&Self) -> T) -> wasmtime::Result<T> {
+        self.charge(bytes)?;
+        let out = f(self);
+        self.release(bytes);
+        Ok(out)
+    }
+
+    fn decode_bytes(
+        &mut self,
+        field: &str,
+        bytes: &[u8],
+        format: wit_img::PixelFormat,
+    ) -> Call<Resource<HostImage>> {
+        let max = self.max_pixels();
+        let (w, h) = match imaging::dimensions(field, bytes, max) {
+            Ok(size) => size,
+            Err(e) => return Ok(Err(to_wit(e))),
+        };
+        // The decoder's buffer (at most 4 bytes a pixel within the limit) and the conversion.
+        let scratch = w as u64 * h as u64 * (4 + channels(format) as u64);
+        let decoded = self.with_scratch(scratch, |_| {
+            imaging::decode(field, bytes, max).map(|img| match format {
+                wit_img::PixelFormat::Rgb => img.into_rgb8().into_raw(),
+                wit_img::PixelFormat::Luma => imaging::luma_pil(img).into_raw(),
+            })
+        })?;
+        match decoded {
+            Ok(data) => Ok(Ok(self.keep((w as usize, h as usize), format, data)?)),
+            Err(e) => Ok(Err(to_wit(e))),
+        }
+    }
+
+    fn image(&self, handle: &Resource<HostImage>) -> wasmtime::Result<&HostImage> {
+        Ok(self.table.get(handle)?)
+    }
+
+    /// A new image made from `handle`'s by `f` (which returns the new size and pixels), checked
+    /// against the pixel limit first.
+    fn derive(
+        &mut self,
+        handle: &Resource<HostImage>,
+        what: &str,
+        (w, h): (usize, usize),
+        f: impl FnOnce(&HostImage) -> Result<Vec<u8>, wit::HandlerError>,
+    ) -> Call<Resource<HostImage>> {
+        if let Err(e) = self.check_output(what, w, h) {
+            return Ok(Err(e));
+        }
+        let image = self.image(handle)?;
+        let format = image.format;
+        let bytes = (w * h * image.channels()) as u64;
+        let made = self.with_scratch(bytes, |s| f(s.image(handle).expect("checked above")))?;
+        match made {
+            Ok(data) => Ok(Ok(self.keep((w, h), format, data)?)),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// Staged model inputs (`as-input`), taken by the sandbox after `preprocess` returns.
+    pub(super) fn take_staged(&mut self, name: &str) -> Option<HostTensor> {
+        let i = self.staged.iter().position(|t| t.name == name)?;
+        let t = self.staged.swap_remove(i);
+        self.release(t.data.len() as u64);
+        Some(t)
+    }
+}
+
+impl wit_img::Host for State {}
+
+impl wit_img::HostImage for State {
+    fn decode(
+        &mut self,
+        field: String,
+        bytes: Vec<u8>,
+        format: wit_img::PixelFormat,
+    ) -> Call<Resource<HostImage>> {
+        self.decode_bytes(&field, &bytes, format)
+    }
+
+    fn decode_base64(
+        &mut self,
+        field: String,
+        text: String,
+        format: wit_img::PixelFormat,
+    ) -> Call<Resource<HostImage>> {
+        // The decoded bytes are 3/4 of the text: charged while they exist.
+        let scratch = (text.len() as u64).div_ceil(4) * 3;
+        let bytes = self.with_scratch(scratch, |_| imaging::base64_decode(&field, &text))?;
+        drop(text);
+        match bytes {
+            Ok(bytes) => {
+                self.charge(scratch)?;
+                let out = self.decode_bytes(&field, &bytes, format);
+                self.release(scratch);
+                out
+            }
+            Err(e) => Ok(Err(to_wit(e))),
+        }
+    }
+
+    fn dimensions(&mut self, field: String, bytes: Vec<u8>) -> Call<(u32, u32)> {
+        Ok(imaging::dimensions(&field, &bytes, self.max_pixels()).map_err(to_wit))
+    }
+
+    fn from_tensor(&mut self, t: wit::Tensor) -> Call<Resource<HostImage>> {
+        let shape: Vec<u64> = t.shape.clone();
+        let format = match (t.dtype, &shape[..]) {
+            (wit::Dtype::U8, [_, _, 3]) => wit_img::PixelFormat::Rgb,
+            (wit::Dtype::U8, [_, _] | [_, _, 1]) => wit_img::PixelFormat::Luma,
+            _ => {
+                return Ok(Err(wit::HandlerError::Internal(format!(
+                    "tensor '{}' is not an image: {:?} {:?} (want u8 [H, W, 3], [H, W] or \
+                     [H, W, 1])",
+                    t.name, t.dtype, shape
+                ))))
+            }
+        };
+        let (h, w) = (shape[0] as usize, shape[1] as usize);
+        let want = (h as u64)
+            .checked_mul(w as u64)
+            .and_then(|n| n.checked_mul(channels(format) as u64));
+        if want != Some(t.data.len() as u64) {
+            return Ok(Err(wit::HandlerError::Internal(format!(
+                "tensor '{}' is shaped {shape:?} but holds {} bytes",
+                t.name,
+                t.data.len()
+            ))));
+        }
+        if let Err(e) = self.check_output("the image", w, h) {
+            return Ok(Err(e));
+        }
+        Ok(Ok(self.keep((w, h), format, t.data)?))
+    }
+
+    fn width(&mut self, handle: Resource<HostImage>) -> wasmtime::Result<u32> {
+        Ok(self.image(&handle)?.width as u32)
+    }
+
+    fn height(&mut self, handle: Resource<HostImage>) -> wasmtime::Result<u32> {
+        Ok(self.image(&handle)?.height as u32)
+    }
+
+    fn format(&mut self, handle: Resource<HostImage>) -> wasmtime::Result<wit_img::PixelFormat> {
+        Ok(self.image(&handle)?.format)
+    }
+
+    fn resize(
+        &mut self,
+        handle: Resource<HostImage>,
+        width: u32,
+        height: u32,
+        filter: wit_img::ResizeFilter,
+    ) -> Call<Resource<HostImage>> {
+        let (w, h) = (width as usize, height as usize);
+        self.derive(&handle, "the resized image", (w, h), |img| {
+            if (w, h) == (img.width, img.height) {
+                // PIL and OpenCV copy an image resized to its own size.
+                return Ok(img.data.clone());
+            }
+            Ok(match filter {
+                wit_img::ResizeFilter::Cv2Linear => imaging::resize_cv2_linear(
+                    &img.data,
+                    (img.width, img.height),
+                    img.channels(),
+                    (w, h),
+                    None,
+                ),
+                wit_img::ResizeFilter::PilBilinear | wit_img::ResizeFilter::Nearest => {
+                    let filter = match filter {
+                        wit_img::ResizeFilter::Nearest => imaging::FilterType::Nearest,
+                        _ => imaging::FilterType::Triangle,
+                    };
+                    imaging::resize(&img.dynamic(), width, height, filter).into_bytes()
+                }
+            })
+        })
+    }
+
+    fn pad(
+        &mut self,
+        handle: Resource<HostImage>,
+        width: u32,
+        height: u32,
+        mode: wit_img::PadMode,
+    ) -> Call<Resource<HostImage>> {
+        let (pw, ph) = (width as usize, height as usize);
+        let img = self.image(&handle)?;
+        if pw < img.width || ph < img.height {
+            return Ok(Err(wit::HandlerError::Internal(format!(
+                "cannot pad a {}x{} image to {pw}x{ph}",
+                img.width, img.height
+            ))));
+        }
+        self.derive(&handle, "the padded image", (pw, ph), |img| {
+            let (w, h, c) = (img.width, img.height, img.channels());
+            Ok(match mode {
+                wit_img::PadMode::Symmetric => imaging::pad_symmetric(&img.data, w, h, c, pw, ph),
+                wit_img::PadMode::Zero => imaging::pad_zero(&img.data, w, h, c, pw, ph),
+            })
+        })
+    }
+
+    fn crop(
+        &mut self,
+        handle: Resource<HostImage>,
+        x: u32,
+        y: u32,
+        width: u32,
+        height: u32,
+    ) -> Call<Resource<HostImage>> {
+        let (x, y, cw, ch) = (x as usize, y as usize, width as usize, height as usize);
+        let img = self.image(&handle)?;
+        if x.saturating_add(cw) > img.width || y.saturating_add(ch) > img.height {
+            return Ok(Err(wit::HandlerError::Internal(format!(
+                "cannot crop {cw}x{ch} at ({x}, {y}) from a {}x{} image",
+                img.width, img.height
+            ))));
+        }
+        self.derive(&handle, "the cropped image", (cw, ch), |img| {
+            let size = (img.width, img.height, img.channels());
+            Ok(imaging::crop(&img.data, size, (x, y, cw, ch)).expect("checked above"))
+        })
+    }
+
+    fn dilate(&mut self, handle: Resource<HostImage>, kernel: u32) -> Call<Resource<HostImage>> {
+        let img = self.image(&handle)?;
+        if img.format != wit_img::PixelFormat::Luma {
+            return Ok(Err(wit::HandlerError::Internal(
+                "dilate needs a luma image (a mask)".into(),
+            )));
+        }
+        let size = (img.width, img.height);
+        self.derive(&handle, "the dilated mask", size, |img| {
+            let k = kernel as usize;
+            let mut out = imaging::dilate_square(&img.data, img.width, img.height, k);
+            out.iter_mut().for_each(|v| *v *= 255);
+            Ok(out)
+        })
+    }
+
+    fn encode(
+        &mut self,
+        handle: Resource<HostImage>,
+        encoding: wit_img::Encoding,
+        quality: u8,
+    ) -> Call<Vec<u8>> {
+        let img = self.image(&handle)?;
+        // The encoder's copy of the pixels, and its output (at most about the pixels again).
+        let scratch = img.data.len() as u64 * 2;
+        let encoded = self.with_scratch(scratch, |s| {
+            let img = s.image(&handle).expect("checked above").dynamic();
+            match encoding {
+                wit_img::Encoding::Png => imaging::encode_png(&img),
+                wit_img::Encoding::Jpeg => imaging::encode_jpeg(&img, quality),
+            }
+        })?;
+        Ok(encoded.map_err(to_wit))
+    }
+
+    fn pixels(&mut self, handle: Resource<HostImage>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.image(&handle)?.data.clone())
+    }
+
+    fn to_tensor(
+        &mut self,
+        handle: Resource<HostImage>,
+        name: String,
+    ) -> wasmtime::Result<wit::Tensor> {
+        let img = self.image(&handle)?;
+        Ok(wit::Tensor {
+            name,
+            dtype: wit::Dtype::U8,
+            shape: img.shape(),
+            data: img.data.clone(),
+        })
+    }
+
+    fn as_input(
+        &mut self,
+        handle: Resource<HostImage>,
+        name: String,
+    ) -> wasmtime::Result<wit::Tensor> {
+        let img = self.image(&handle)?;
+        let (shape, data) = (img.shape(), img.data.clone());
+        self.charge(data.len() as u64)?;
+        let staged = HostTensor::new(name.clone(), DType::U8, shape.clone(), data)
+            .expect("an image's shape matches its pixels");
+        if let Some(old) = self.take_staged(&name) {
+            drop(old);
+        }
+        self.staged.push(staged);
+        Ok(wit::Tensor {
+            name,
+            dtype: wit::Dtype::U8,
+            shape,
+            data: Vec::new(),
+        })
+    }
+
+    fn drop(&mut self, handle: Resource<HostImage>) -> wasmtime::Result<()> {
+        let image = self.table.delete(handle)?;
+        self.release(image.charged);
+        Ok(())
+    }
+}
