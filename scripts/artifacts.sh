@@ -19,6 +19,12 @@ cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_test_other_world.wasm" "$A/han
 cargo build -q --profile guest --target wasm32-wasip2 -p tessera-handler-example-v0-1
 cp "$CARGO_TARGET_DIR/wasm32-wasip2/guest/tessera_handler_example_v0_1.wasm" "$A/handlers/example-v0-1.wasm"
 
+echo "==> building the Python handler components (componentize-py)"
+# --stub-wasi: the component imports no WASI at all (print, clocks and os.urandom trap inside it;
+# handlers log through the host), where by default CPython would import wasi:sockets.
+componentize-py -d wit -w handler componentize --stub-wasi app -p guest-handlers/python/lama \
+  -o "$A/handlers/lama-py.wasm" >/dev/null
+
 echo "==> exporting the example model"
 python models/example/export.py --out "$A/example/model.pt"
 python models/example/export.py --width 128 --depth 6 --seed 1 --out "$A/example/model-large.pt"

@@ -174,3 +174,124 @@ fn jpeg_output_and_bad_inputs() {
     assert_eq!(post_json(&url, &bad_format).status, 400);
     assert_eq!(post_json(&url, &good).status, 200);
 }
+
+/// The LaMa handler written in other languages (guest-handlers/python, guest-handlers/js), on
+/// the host's imaging: the same response bytes as the Rust handler, errors included.
+#[test]
+fn handlers_in_other_languages_answer_like_the_rust_one() {
+    let store = tempfile::tempdir().unwrap();
+    let languages = ["py"];
+    for lang in languages {
+        pack(
+            store.path(),
+            &format!("lama-{lang}"),
+            CONFIG,
+            &artifact("lama/model.pt"),
+            &artifact(&format!("handlers/lama-{lang}.wasm")),
+        );
+    }
+    let server = lama_server(&store);
+    let (good, _, _) = request(61, 45, 4);
+    let (other, _, _) = request(41, 32, 1);
+    let (big, _, _) = request(600, 500, 2);
+    let (tiny, _, _) = request(12, 40, 3);
+    let with = |base: &serde_json::Value, key: &str, value: serde_json::Value| {
+        let mut v = base.clone();
+        v[key] = value;
+        v
+    };
+    let mut no_mask = good.clone();
+    no_mask.as_object_mut().unwrap().remove("mask_image");
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("png", serde_json::to_vec(&good).unwrap(), 200),
+        (
+            "jpeg",
+            serde_json::to_vec(&with(&good, "output_format", json!("jpeg"))).unwrap(),
+            200,
+        ),
+        (
+            "format not a string",
+            serde_json::to_vec(&with(&good, "output_format", json!(5))).unwrap(),
+            200,
+        ),
+        (
+            "data url",
+            serde_json::to_vec(&with(
+                &good,
+                "image",
+                json!(format!(
+                    "data:image/png;base64,{}",
+                    good["image"].as_str().unwrap()
+                )),
+            ))
+            .unwrap(),
+            200,
+        ),
+        (
+            "webp",
+            serde_json::to_vec(&with(&good, "output_format", json!("webp"))).unwrap(),
+            400,
+        ),
+        (
+            "mismatched",
+            serde_json::to_vec(&with(&good, "mask_image", other["mask_image"].clone())).unwrap(),
+            400,
+        ),
+        ("no mask", serde_json::to_vec(&no_mask).unwrap(), 400),
+        (
+            "mask a number",
+            serde_json::to_vec(&with(&good, "mask_image", json!(3))).unwrap(),
+            400,
+        ),
+        (
+            "gif",
+            serde_json::to_vec(&with(
+                &good,
+                "mask_image",
+                json!(B64.encode(b"GIF89a nope")),
+            ))
+            .unwrap(),
+            415,
+        ),
+        (
+            "not base64",
+            serde_json::to_vec(&with(&good, "image", json!("%%%"))).unwrap(),
+            400,
+        ),
+        (
+            "corrupt png",
+            serde_json::to_vec(&with(
+                &good,
+                "image",
+                json!(B64.encode(&png_rgb(20, 20, &[7; 1200])[..60])),
+            ))
+            .unwrap(),
+            400,
+        ),
+        (
+            "over the pixel limit",
+            serde_json::to_vec(&big).unwrap(),
+            413,
+        ),
+        ("too small", serde_json::to_vec(&tiny).unwrap(), 400),
+        ("array body", b"[1, 2]".to_vec(), 400),
+        ("not json", b"{\"image\": ".to_vec(), 400),
+    ];
+    for (case, body, status) in &cases {
+        let rust = post(
+            &server.url("/predictions/lama"),
+            &[("content-type", "application/json")],
+            body,
+        );
+        assert_eq!(rust.status, *status, "{case}: {}", rust.text());
+        for lang in languages {
+            let url = server.url(&format!("/predictions/lama-{lang}"));
+            let other = post(&url, &[("content-type", "application/json")], body);
+            assert_eq!(other.status, rust.status, "{lang} {case}: {}", other.text());
+            // JSON parsers word their errors differently; everything else is the same bytes.
+            if *case != "not json" {
+                assert_eq!(other.text(), rust.text(), "{lang} {case}");
+            }
+        }
+    }
+}

@@ -51,6 +51,8 @@ use bindings::Handler as HandlerBindings;
 /// Handler instances alive at once (each request holds one during preprocess and one during
 /// postprocess); the blocking thread pool that runs them is smaller.
 const MAX_LIVE_INSTANCES: u32 = 600;
+/// Core instances one handler instance may make (a Rust handler makes a few, a Python one ~40).
+const CORE_INSTANCES_PER_STORE: usize = 64;
 /// Compiled handler components kept for reuse (by content hash).
 const MAX_COMPILED: u64 = 256;
 /// Bytes of each pooled linear memory kept mapped between instances.
@@ -248,7 +250,9 @@ impl ResourceLimiter for Limiter {
     }
 
     fn instances(&self) -> usize {
-        16
+        // componentize-py's components are ~40 core instances (CPython, its libraries, and
+        // one small module per stubbed WASI interface).
+        CORE_INSTANCES_PER_STORE
     }
     fn tables(&self) -> usize {
         16
@@ -434,7 +438,7 @@ impl Sandbox {
         // handler does not page-fault its way through fresh memory (costly on VMs).
         let mut pool = wasmtime::PoolingAllocationConfig::default();
         pool.total_component_instances(MAX_LIVE_INSTANCES)
-            .total_core_instances(MAX_LIVE_INSTANCES * 4)
+            .total_core_instances(MAX_LIVE_INSTANCES * 16)
             .total_memories(MAX_LIVE_INSTANCES * 2)
             .total_tables(MAX_LIVE_INSTANCES * 4)
             .max_memories_per_module(2)
