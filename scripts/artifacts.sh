@@ -25,6 +25,9 @@ echo "==> building the Python handler components (componentize-py)"
 componentize-py -d wit -w handler componentize --stub-wasi app -p guest-handlers/python/lama \
   -o "$A/handlers/lama-py.wasm" >/dev/null
 
+echo "==> building the JavaScript handler components (componentize-js)"
+node guest-handlers/js/build.mjs guest-handlers/js/lama/handler.js wit "$A/handlers/lama-js.wasm" >/dev/null
+
 echo "==> exporting the example model"
 python models/example/export.py --out "$A/example/model.pt"
 python models/example/export.py --width 128 --depth 6 --seed 1 --out "$A/example/model-large.pt"

@@ -28,6 +28,16 @@ else
     need "python3 -m venv with pip (Debian: apt install python3-venv)"
   fi
 fi
+# Node.js builds the JavaScript handler components (componentize-js, from npm).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing Node.js and npm (JavaScript handlers are built with them)"
+    (apt-get install -y -qq nodejs npm >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }) || true
+  fi
+  command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
+    || need "Node.js 18+ with npm (Debian: apt install nodejs npm): JavaScript handlers are built with it"
+fi
 # The venv (~5 GiB with torch and its CUDA libraries) and a cold target dir (~12 GiB).
 free_gib() { df -Pk "$1" 2>/dev/null | awk 'NR==2 {print int($4 / 1048576)}'; }
 probe="$VENV"; while [ ! -d "$probe" ]; do probe="$(dirname "$probe")"; done
@@ -68,6 +78,14 @@ if [ ! -x "$VENV/bin/python" ] || [ "$wanted" != "$(cat "$stamp" 2>/dev/null)" ]
   "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
   "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements-nodeps.txt"
   printf '%s' "$wanted" > "$stamp"
+fi
+
+# componentize-js and its dependencies, pinned by guest-handlers/js/package-lock.json.
+js="$ROOT/guest-handlers/js"
+if ! cmp -s "$js/package-lock.json" "$js/node_modules/.tessera-lock" 2>/dev/null; then
+  echo "==> installing componentize-js from npm (builds JavaScript handlers)"
+  (cd "$js" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  cp "$js/package-lock.json" "$js/node_modules/.tessera-lock"
 fi
 
 # .cargo/config.toml points plain cargo builds (no env.sh) at this link.

@@ -180,7 +180,7 @@ fn jpeg_output_and_bad_inputs() {
 #[test]
 fn handlers_in_other_languages_answer_like_the_rust_one() {
     let store = tempfile::tempdir().unwrap();
-    let languages = ["py"];
+    let languages = ["py", "js"];
     for lang in languages {
         pack(
             store.path(),
