@@ -189,6 +189,14 @@ pub struct Config {
     )]
     pub wasm_keep_resident_mib: u64,
 
+    /// Where compiled handler components are kept between runs (machine code for this build
+    /// of the server, by the component's sha256), so a restart does not compile them again:
+    /// a Python or JavaScript handler takes seconds to compile. `off` keeps none. Default:
+    /// `$XDG_CACHE_HOME/tessera/components`, else `~/.cache/tessera/components`. The folder
+    /// holds code the server runs: it must be writable by the server's user alone.
+    #[arg(long, env = "TESSERA_COMPONENT_CACHE")]
+    pub component_cache: Option<String>,
+
     /// Profiling knob: allocate handler instances on demand instead of from the pool.
     #[arg(long, env = "TESSERA_WASM_ON_DEMAND", hide = true,
           action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
@@ -339,6 +347,19 @@ impl Config {
             keep_resident_bytes: (self.wasm_keep_resident_mib * MIB) as usize,
             pooling: !self.wasm_on_demand,
             perfmap: self.wasm_perfmap,
+            compile_cache: self.component_cache_dir(),
+        }
+    }
+    /// The folder for compiled handler components, if any (see `--component-cache`).
+    pub fn component_cache_dir(&self) -> Option<PathBuf> {
+        match self.component_cache.as_deref() {
+            Some("off") => None,
+            Some(dir) => Some(PathBuf::from(dir)),
+            None => std::env::var_os("XDG_CACHE_HOME")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .map(|base| base.join("tessera/components")),
         }
     }
     pub fn max_cpu_tensor_bytes(&self) -> u64 {

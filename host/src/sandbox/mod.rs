@@ -23,7 +23,10 @@ use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+mod cache;
 mod imaging;
+
+use cache::CompileCache;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -179,6 +182,8 @@ pub struct Sandbox {
     /// Compiled components by sha256, bounded (a handler in use keeps its own reference).
     compiled: moka::sync::Cache<String, bindings::HandlerPre<State>>,
     pool: Arc<MemoryPool>,
+    /// Compiled components on disk, if kept.
+    disk: Option<CompileCache>,
 }
 
 /// Linear memory charged to all live handler instances together, bounded.
@@ -406,6 +411,8 @@ pub struct SandboxConfig {
     pub pooling: bool,
     /// Name handler functions for `perf` (`/tmp/perf-<pid>.map`); for profiling only.
     pub perfmap: bool,
+    /// Folder keeping compiled components between runs (None: compile at every start).
+    pub compile_cache: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -416,6 +423,7 @@ impl SandboxConfig {
             keep_resident_bytes: (KEEP_RESIDENT_MIB << 20) as usize,
             pooling: true,
             perfmap: false,
+            compile_cache: None,
         }
     }
 }
@@ -456,10 +464,15 @@ impl Sandbox {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         HandlerBindings::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         bindings_v0_1::Handler::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        let disk = settings
+            .compile_cache
+            .as_ref()
+            .and_then(|dir| CompileCache::open(dir, &engine));
         let sandbox = Arc::new(Sandbox {
             engine,
             linker,
             compiled: moka::sync::Cache::new(MAX_COMPILED),
+            disk,
             pool: Arc::new(MemoryPool {
                 used: AtomicU64::new(0),
                 cap: settings.total_memory_bytes,
@@ -508,7 +521,7 @@ impl Sandbox {
             .try_get_with(hash.to_string(), || {
                 let bytes = std::fs::read(path)
                     .map_err(|e| SandboxError::InvalidComponent(e.to_string()))?;
-                let pre = self.link(&bytes)?;
+                let pre = self.link(&bytes, Some(hash))?;
                 tracing::info!(
                     handler = &hash[..hash.len().min(12)],
                     "compiled handler component"
@@ -523,17 +536,25 @@ impl Sandbox {
 
     /// Validates handler bytes without caching (used by `tessera pack`).
     pub fn validate(&self, bytes: &[u8]) -> Result<(), SandboxError> {
-        self.link(bytes).map(|_| ())
+        self.link(bytes, None).map(|_| ())
     }
 
-    fn link(&self, bytes: &[u8]) -> Result<bindings::HandlerPre<State>, SandboxError> {
+    /// Compiles (or loads from the disk cache, for a known `hash`) and links a component.
+    fn link(
+        &self,
+        bytes: &[u8],
+        hash: Option<&str>,
+    ) -> Result<bindings::HandlerPre<State>, SandboxError> {
         if wasmparser_is_core_module(bytes) {
             return Err(SandboxError::InvalidComponent(
                 "it is a core wasm module, not a component (build for wasm32-wasip2)".into(),
             ));
         }
-        let component = WasmComponent::from_binary(&self.engine, bytes)
-            .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
+        let component = match (&self.disk, hash) {
+            (Some(disk), Some(hash)) => disk.component(&self.engine, hash, bytes),
+            _ => WasmComponent::from_binary(&self.engine, bytes),
+        }
+        .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
         let refused: Vec<String> = component
             .component_type()
             .imports(&self.engine)

@@ -1,0 +1,186 @@
+//! Compiled handler components kept on disk between runs.
+//!
+//! Compiling a handler is the slow part of its first use (a CPython or SpiderMonkey component
+//! takes seconds), and its machine code depends only on the component's bytes and this build
+//! of the engine. Files are named by the component's sha256 and the engine's compatibility
+//! fingerprint, written whole (temporary file + rename) so that a crash never leaves half a
+//! file under a real name, and loaded with `Component::deserialize_file`, which refuses files
+//! from another engine build. A file that fails to load is compiled again and replaced.
+//!
+//! The folder holds code the server runs: it is created owner-only, and a folder others can
+//! write is refused (no cache is used, with a warning).
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use wasmtime::component::Component;
+use wasmtime::Engine;
+
+/// Compiled components kept; the oldest are removed past this.
+const MAX_FILES: usize = 128;
+
+pub struct CompileCache {
+    dir: PathBuf,
+    /// The engine build and settings the files are valid for.
+    fingerprint: String,
+}
+
+impl CompileCache {
+    /// The cache in `dir` (created if missing), or `None` when it cannot be used safely.
+    pub fn open(dir: &Path, engine: &Engine) -> Option<CompileCache> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        let made = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir);
+        let meta = made.and_then(|_| std::fs::metadata(dir));
+        let usable = match &meta {
+            Ok(m) => {
+                // SAFETY: getuid has no preconditions.
+                let uid = unsafe { libc::getuid() };
+                m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o022 == 0
+            }
+            Err(_) => false,
+        };
+        if !usable {
+            tracing::warn!(
+                dir = %dir.display(),
+                "not keeping compiled handlers: the folder cannot be created, is not ours, or \
+                 others may write it"
+            );
+            return None;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        env!("CARGO_PKG_VERSION").hash(&mut h);
+        Some(CompileCache {
+            dir: dir.to_path_buf(),
+            fingerprint: format!("{:016x}", h.finish()),
+        })
+    }
+
+    fn path(&self, hash: &str) -> PathBuf {
+        self.dir.join(format!("{hash}-{}.cwasm", self.fingerprint))
+    }
+
+    /// The component whose sha256 is `hash`: loaded if kept, else compiled from `bytes` and
+    /// kept.
+    pub fn component(
+        &self,
+        engine: &Engine,
+        hash: &str,
+        bytes: &[u8],
+    ) -> wasmtime::Result<Component> {
+        let path = self.path(hash);
+        if path.is_file() {
+            // SAFETY: the file is one this server wrote (whole, by rename) into a folder only
+            // its user can write; deserialize_file checks the engine fingerprint and format.
+            match unsafe { Component::deserialize_file(engine, &path) } {
+                Ok(c) => return Ok(c),
+                Err(e) => tracing::warn!(path = %path.display(),
+                    "compiled handler could not be loaded, compiling again: {e:#}"),
+            }
+        }
+        let component = Component::from_binary(engine, bytes)?;
+        if let Err(e) = self.keep(&path, &component) {
+            tracing::warn!(path = %path.display(), "could not keep the compiled handler: {e:#}");
+        }
+        Ok(component)
+    }
+
+    fn keep(&self, path: &Path, component: &Component) -> anyhow::Result<()> {
+        let code = component.serialize()?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &code)?;
+        std::fs::rename(&tmp, path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+        self.prune();
+        Ok(())
+    }
+
+    /// Removes the oldest files past [`MAX_FILES`].
+    fn prune(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if files.len() <= MAX_FILES {
+            return;
+        }
+        files.sort();
+        for (_, path) in &files[..files.len() - MAX_FILES] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> Engine {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        Engine::new(&config).unwrap()
+    }
+
+    #[test]
+    fn components_are_kept_reloaded_and_recompiled_when_damaged() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("components");
+        let engine = engine();
+        let bytes = wat::parse_str(
+            r#"(component (core module $m (func (export "f") (result i32) i32.const 7))
+                          (core instance $i (instantiate $m)))"#,
+        )
+        .unwrap();
+        let cache = CompileCache::open(&folder, &engine).unwrap();
+        let mode = std::fs::metadata(&folder).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        cache.component(&engine, "abc", &bytes).unwrap();
+        let kept = cache.path("abc");
+        let code = std::fs::read(&kept).unwrap();
+        assert!(!code.is_empty());
+        // A later run loads the file: bytes that do not even parse still give the component.
+        let again = CompileCache::open(&folder, &engine).unwrap();
+        again.component(&engine, "abc", b"not wasm").unwrap();
+        // A damaged file is compiled again and replaced.
+        std::fs::write(&kept, b"garbage").unwrap();
+        again.component(&engine, "abc", &bytes).unwrap();
+        assert_eq!(std::fs::read(&kept).unwrap(), code);
+        // Another engine build (other settings) does not share files.
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true).epoch_interruption(true);
+        let other = Engine::new(&config).unwrap();
+        let cache_other = CompileCache::open(&folder, &other).unwrap();
+        assert_ne!(cache_other.path("abc"), kept);
+        // A folder others may write is not used.
+        std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(CompileCache::open(&folder, &engine).is_none());
+    }
+
+    #[test]
+    fn the_oldest_files_go_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache::open(dir.path(), &engine()).unwrap();
+        for i in 0..MAX_FILES + 3 {
+            let path = cache.path(&format!("{i:04}"));
+            std::fs::write(&path, b"x").unwrap();
+            let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(i as u64);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        cache.prune();
+        let left = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, MAX_FILES);
+        assert!(!cache.path("0000").exists() && cache.path("0003").exists());
+    }
+}
