@@ -24,6 +24,8 @@ echo "==> building the Python handler components (componentize-py)"
 # handlers log through the host), where by default CPython would import wasi:sockets.
 componentize-py -d wit -w handler componentize --stub-wasi app -p guest-handlers/python/lama \
   -o "$A/handlers/lama-py.wasm" >/dev/null
+componentize-py -d wit -w handler componentize --stub-wasi app -p guest-handlers/python/chaos \
+  -o "$A/handlers/chaos-py.wasm" >/dev/null
 
 echo "==> building the JavaScript handler components (componentize-js)"
 node guest-handlers/js/build.mjs guest-handlers/js/lama/handler.js wit "$A/handlers/lama-js.wasm" >/dev/null

@@ -519,3 +519,48 @@ fn open_bind_without_tenants_refuses_to_start() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("refusing to listen on 0.0.0.0 without authentication"));
 }
+
+/// A tenant's Python handler is uploaded, validated and held to the tenant's handler limits
+/// like a Rust one: a loop is cut at the time limit, unbounded allocation at the memory limit,
+/// an escaping exception is a 500, and the tenant's other requests and others' go on.
+#[test]
+fn a_tenants_python_handler_is_held_to_its_limits() {
+    let yaml = format!(
+        "{}- name: carol\n  tokens: ['{}']\n  limits:\n    handlerMemoryMiB: 64\n    handlerTimeoutSeconds: 2\n",
+        tenants_yaml(BOB),
+        digest("carol-token")
+    );
+    // A Python component is ~18 MB: room for it in uploads and unpacked archives.
+    let s = setup_with(
+        &yaml,
+        &["--max-upload-mib", "32", "--max-unpacked-mib", "64"],
+    );
+    let server = &s.server;
+    let bystander = Bystander::start(server.base.clone());
+    let chaos = archive(
+        s.packs.path(),
+        "chaos-py",
+        "example/model.pt",
+        "handlers/chaos-py.wasm",
+    );
+    let up = upload(server, "carol-token", "chaos-py", "1", &chaos);
+    assert_eq!(up.status, 201, "{}", up.text());
+    let expect = [
+        ("ok", 200, "\"bytes\": 12"),
+        ("loop", 504, "time limit"),
+        ("hog", 500, "memory limit of 64 MiB"),
+        ("raise", 500, "trapped"),
+        ("ok", 200, "\"bytes\": 12"),
+    ];
+    for (mode, status, text) in expect {
+        let r = invoke(
+            server,
+            "carol-token",
+            "/predictions/chaos-py",
+            &json!({ "mode": mode }),
+        );
+        assert_eq!(r.status, status, "{mode}: {}", r.text());
+        assert!(r.text().contains(text), "{mode}: {}", r.text());
+    }
+    bystander.finish();
+}
