@@ -24,11 +24,15 @@ echo "==> building the Python handler components (componentize-py)"
 # handlers log through the host), where by default CPython would import wasi:sockets.
 componentize-py -d wit -w handler componentize --stub-wasi app -p guest-handlers/python/lama \
   -o "$A/handlers/lama-py.wasm" >/dev/null
-componentize-py -d wit -w handler componentize --stub-wasi app -p guest-handlers/python/chaos \
-  -o "$A/handlers/chaos-py.wasm" >/dev/null
+for h in chaos template; do
+  componentize-py -d wit -w handler componentize --stub-wasi app -p "guest-handlers/python/$h" \
+    -o "$A/handlers/$h-py.wasm" >/dev/null
+done
 
 echo "==> building the JavaScript handler components (componentize-js)"
-node guest-handlers/js/build.mjs guest-handlers/js/lama/handler.js wit "$A/handlers/lama-js.wasm" >/dev/null
+for h in lama template; do
+  node guest-handlers/js/build.mjs "guest-handlers/js/$h/handler.js" wit "$A/handlers/$h-js.wasm" >/dev/null
+done
 
 echo "==> exporting the example model"
 python models/example/export.py --out "$A/example/model.pt"

@@ -148,6 +148,41 @@ fn handlers_built_against_the_previous_contract_still_run() {
     assert_eq!(statuses, [200, 200, 400, 413, 400]);
 }
 
+/// The Python and JavaScript template handlers (guest-handlers/{python,js}/template) serve
+/// the example model as the Rust handler does.
+#[test]
+fn the_python_and_javascript_templates_serve_the_example_model() {
+    let store = tempfile::tempdir().unwrap();
+    example_store(store.path());
+    for lang in ["py", "js"] {
+        pack(
+            store.path(),
+            &format!("template-{lang}"),
+            EXAMPLE_CONFIG,
+            &artifact("example/model.pt"),
+            &artifact(&format!("handlers/template-{lang}.wasm")),
+        );
+    }
+    let server = Server::start(store.path(), &[]);
+    let rust = example_request(37, 23, 7, json!({"strength": 0.25}));
+    let template = json!({"image": rust["image"], "strength": 0.25});
+    let want = post_json(&server.url("/predictions/example"), &rust);
+    assert_eq!(want.status, 200, "{}", want.text());
+    let oversize = example_request(1001, 1000, 1, json!({}));
+    for lang in ["py", "js"] {
+        let url = server.url(&format!("/predictions/template-{lang}"));
+        let got = post_json(&url, &template);
+        assert_eq!(got.status, 200, "{lang}: {}", got.text());
+        assert_eq!(got.json(), want.json(), "{lang}");
+        let missing = post_json(&url, &json!({"strength": 0.5}));
+        assert_eq!(missing.status, 400, "{lang}: {}", missing.text());
+        let weak = post_json(&url, &json!({"image": rust["image"], "strength": 3}));
+        assert_eq!(weak.status, 400, "{lang}: {}", weak.text());
+        let big = post_json(&url, &oversize);
+        assert_eq!(big.status, 413, "{lang}: {}", big.text());
+    }
+}
+
 #[test]
 fn three_models_with_budget_for_two_all_succeed_and_evict() {
     let store = tempfile::tempdir().unwrap();
