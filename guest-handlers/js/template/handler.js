@@ -7,7 +7,7 @@
 // Build (componentize-js is installed by scripts/env.sh):
 //   node guest-handlers/js/build.mjs handler.js wit handler.wasm
 // then pack it with your model: tessera pack --config model-config.yaml --model model.pt \
-//   --handler handler.wasm --out my-model.tar.gz
+//   --handler handler.wasm --output my-model.tar.gz
 //
 // Rules of the sandbox: the component sees only the `tessera:handler` world (no WASI: console
 // output is dropped, Math.random and Date.now are fixed); log with `log` from the host

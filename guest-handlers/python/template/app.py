@@ -7,7 +7,7 @@ This one serves an image-to-image model (`models/example`: inputs `image` u8 [H,
 Build (componentize-py is installed by scripts/env.sh):
     componentize-py -d wit -w handler componentize --stub-wasi app -p <this folder> -o handler.wasm
 then pack it with your model: tessera pack --config model-config.yaml --model model.pt \
-    --handler handler.wasm --out my-model.tar.gz
+    --handler handler.wasm --output my-model.tar.gz
 
 Rules of the sandbox: the component sees only the `tessera:handler` world. `--stub-wasi`
 leaves every WASI interface out, so print(), clocks and os.urandom trap: log with host.log.
