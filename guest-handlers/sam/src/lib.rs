@@ -13,11 +13,12 @@
 //! the encoder, and runs only the prompt decoder.
 //!
 //! The pixel work is the host's (`host_img`): decoding, resizing and padding the photo, and
-//! dilating and encoding the mask, run natively outside the sandbox.
+//! dilating and encoding the mask, run natively outside the sandbox. Built with the
+//! `in-sandbox` feature, the same work runs inside the handler on the SDK's `img` (the same
+//! code, compiled to Wasm): only the handler benchmark (`bench/handlers_cpu.py`) builds it so.
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::borrow::Cow;
-use tessera_sdk::host_img::{Encoding, Image, PadMode, PixelFormat, ResizeFilter};
 use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
 
 const MAX_POINTS: usize = 64;
@@ -160,8 +161,8 @@ impl tessera_sdk::Handler for Sam {
                 (w, h, None)
             }
             None => {
-                let photo = Image::decode_base64("image", &encoded, PixelFormat::Rgb)?;
-                (photo.width(), photo.height(), Some(photo))
+                let (w, h, photo) = pixels::decode(&encoded)?;
+                (w, h, Some(photo))
             }
         };
         let (rw, rh) = img::longest_side_shape(w, h, SIDE);
@@ -179,10 +180,7 @@ impl tessera_sdk::Handler for Sam {
         }
         let mut inputs = Vec::with_capacity(4);
         if let Some(photo) = photo {
-            // What `img::resize_longest_side` does, then zeros to the square.
-            let resized = photo.resize(rw, rh, ResizeFilter::PilBilinear)?;
-            drop(photo);
-            inputs.push(resized.pad(SIDE, SIDE, PadMode::Zero)?.as_input("image"));
+            inputs.push(pixels::input(photo, (rw, rh))?);
             inputs.push(Tensor::from_i64("image_hw", &[2], &[rh as i64, rw as i64])?);
         }
         // The decoder's tensors are one row of a batch (the host batches clicks along
@@ -241,10 +239,7 @@ impl tessera_sdk::Handler for Sam {
         }
         // The photo's mask is the plane's first h*w bytes (a batch pads to its largest mask).
         let plane = &mask.view().u8()?[..h * w];
-        let plane = Tensor::from_u8("mask", &[h as u64, w as u64], plane.to_vec())?;
-        let png = Image::from_tensor(&plane)?
-            .dilate(ctx.dilate)?
-            .encode(Encoding::Png, 0)?;
+        let png = pixels::mask_png(plane, (w, h), ctx.dilate)?;
         Response::json(&serde_json::json!({
             "generated_image": b64::encode(&png),
             "scores": scores,
@@ -254,3 +249,73 @@ impl tessera_sdk::Handler for Sam {
 }
 
 tessera_sdk::export_handler!(Sam);
+
+/// The pixel work on the host's images.
+#[cfg(not(feature = "in-sandbox"))]
+mod pixels {
+    use super::*;
+    use tessera_sdk::host_img::{Encoding, Image, PadMode, PixelFormat, ResizeFilter};
+
+    pub type Photo = Image;
+
+    /// The photo's size and pixels.
+    pub fn decode(encoded: &str) -> Result<(u32, u32, Photo), HandlerError> {
+        let photo = Image::decode_base64("image", encoded, PixelFormat::Rgb)?;
+        Ok((photo.width(), photo.height(), photo))
+    }
+
+    /// The encoder's input: the photo resized to `(rw, rh)` (what `img::resize_longest_side`
+    /// does), zero-padded to the `SIDE` square.
+    pub fn input(photo: Photo, (rw, rh): (u32, u32)) -> Result<Tensor, HandlerError> {
+        let resized = photo.resize(rw, rh, ResizeFilter::PilBilinear)?;
+        drop(photo);
+        Ok(resized.pad(SIDE, SIDE, PadMode::Zero)?.as_input("image"))
+    }
+
+    /// The `w` x `h` 0/1 mask dilated and encoded as a 0/255 PNG.
+    pub fn mask_png(
+        plane: &[u8],
+        (w, h): (usize, usize),
+        dilate: u32,
+    ) -> Result<Vec<u8>, HandlerError> {
+        let plane = Tensor::from_u8("mask", &[h as u64, w as u64], plane.to_vec())?;
+        Image::from_tensor(&plane)?
+            .dilate(dilate)?
+            .encode(Encoding::Png, 0)
+    }
+}
+
+/// The same pixel work inside the sandbox.
+#[cfg(feature = "in-sandbox")]
+mod pixels {
+    use super::*;
+
+    pub type Photo = img::Rgb;
+
+    pub fn decode(encoded: &str) -> Result<(u32, u32, Photo), HandlerError> {
+        let photo = img::decode_rgb("image", &b64::decode("image", encoded)?)?;
+        Ok((photo.width(), photo.height(), photo))
+    }
+
+    pub fn input(photo: Photo, _: (u32, u32)) -> Result<Tensor, HandlerError> {
+        let resized = img::resize_longest_side(&photo, SIDE);
+        drop(photo);
+        let (rw, rh) = (resized.width() as usize, resized.height() as usize);
+        let side = SIDE as usize;
+        let square = img::pad_zero(resized.as_raw(), rw, rh, 3, side, side);
+        Tensor::from_u8("image", &[SIDE as u64, SIDE as u64, 3], square)
+    }
+
+    pub fn mask_png(
+        plane: &[u8],
+        (w, h): (usize, usize),
+        dilate: u32,
+    ) -> Result<Vec<u8>, HandlerError> {
+        let mask: Vec<u8> = img::dilate_square(plane, w, h, dilate as usize)
+            .iter()
+            .map(|&v| if v > 0 { 255 } else { 0 })
+            .collect();
+        let gray = img::GrayImage::from_raw(w as u32, h as u32, mask).expect("size matches");
+        Ok(img::encode_png(&img::DynamicImage::from(gray))?)
+    }
+}
