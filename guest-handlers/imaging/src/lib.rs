@@ -268,14 +268,15 @@ fn decode_within(field: &str, bytes: &[u8], max_pixels: u64) -> Result<DynamicIm
 /// Decodes standard base64 as clients send images in JSON: missing padding, embedded
 /// whitespace and a `data:...;base64,` prefix are accepted. `field` names the JSON field in
 /// the error message (a 400).
-pub fn base64_decode(field: &str, text: &str) -> Result<Vec<u8>, Failure> {
+pub fn base64_decode(field: &str, text: impl AsRef<[u8]>) -> Result<Vec<u8>, Failure> {
     use base64::Engine;
+    let text = text.as_ref();
     // Images are megabytes of text: look for the data-URL prefix only at the start, and take
     // the common case (no whitespace) straight to the decoder without copying.
-    let text = match text.strip_prefix("data:") {
-        Some(rest) => match rest
-            .get(..rest.len().min(256))
-            .and_then(|head| head.find(";base64,"))
+    let text = match text.strip_prefix(b"data:") {
+        Some(rest) => match rest[..rest.len().min(256)]
+            .windows(8)
+            .position(|w| w == b";base64,")
         {
             Some(i) => &rest[i + 8..],
             None => text,
@@ -290,7 +291,11 @@ pub fn base64_decode(field: &str, text: &str) -> Result<Vec<u8>, Failure> {
     if let Ok(bytes) = engine.decode(text) {
         return Ok(bytes);
     }
-    let cleaned: Vec<u8> = text.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    let cleaned: Vec<u8> = text
+        .iter()
+        .copied()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
     engine
         .decode(&cleaned)
         .map_err(|e| Failure::bad(format!("field '{field}' is not valid base64: {e}")))

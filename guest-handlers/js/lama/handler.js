@@ -61,20 +61,26 @@ function using(images, f) {
   }
 }
 
-function base64(bytes) {
-  let binary = '';
-  for (let i = 0; i < bytes.length; i += 0x8000) {
-    binary += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+// The base64 text goes to the host as UTF-8 bytes: a plain copy, where a WIT string would be
+// re-encoded character by character.
+const utf8 = (text) => new TextEncoder().encode(text);
+
+function concat(...parts) {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
   }
-  return btoa(binary);
+  return out;
 }
 
 export function preprocess(req) {
   const body = jsonBody(req);
   const jpeg = wantsJpeg(body);
-  const image = Image.decodeBase64('image', strField(body, 'image'), 'rgb');
+  const image = Image.decodeBase64('image', utf8(strField(body, 'image')), 'rgb');
   return using([image], () => {
-    const mask = Image.decodeBase64('mask_image', strField(body, 'mask_image'), 'luma');
+    const mask = Image.decodeBase64('mask_image', utf8(strField(body, 'mask_image')), 'luma');
     return using([mask], () => {
       const [w, h] = [image.width(), image.height()];
       const [mw, mh] = [mask.width(), mask.height()];
@@ -97,10 +103,12 @@ export function postprocess(outputs, context) {
   const ctx = JSON.parse(new TextDecoder().decode(context));
   if (outputs.length === 0) fail('internal', 'model returned no output');
   const out = Image.fromTensor(outputs[0]);
-  const encoded = using([out], () => {
+  const text = using([out], () => {
     const image = out.crop(0, 0, ctx.width, ctx.height);
-    return using([image], () => (ctx.jpeg ? image.encode('jpeg', 95) : image.encode('png', 0)));
+    return using([image], () =>
+      ctx.jpeg ? image.encodeBase64('jpeg', 95) : image.encodeBase64('png', 0),
+    );
   });
-  const body = new TextEncoder().encode(`{"generated_image":"${base64(encoded)}"}`);
+  const body = concat(utf8('{"generated_image":"'), text, utf8('"}'));
   return { status: 200, contentType: 'application/json', body };
 }

@@ -12,7 +12,6 @@ component's memory; `as_input` hands the padded pixels to the model directly.
 Built with componentize-py (scripts/artifacts.sh):
     componentize-py -d wit -w handler componentize --stub-wasi app -p guest-handlers/python/lama -o lama-py.wasm
 """
-import base64
 import json
 
 import wit_world
@@ -71,8 +70,12 @@ class WitWorld(wit_world.WitWorld):
     def preprocess(self, req):
         body = json_body(req)
         jpeg = wants_jpeg(body)
-        with Image.decode_base64("image", str_field(body, "image"), PixelFormat.RGB) as image, \
-                Image.decode_base64("mask_image", str_field(body, "mask_image"), PixelFormat.LUMA) as mask:
+        # The base64 text goes to the host as bytes (a lone surrogate JSON let through is not
+        # base64 either: the host says so).
+        image_text = str_field(body, "image").encode("utf-8", "surrogatepass")
+        mask_text = str_field(body, "mask_image").encode("utf-8", "surrogatepass")
+        with Image.decode_base64("image", image_text, PixelFormat.RGB) as image, \
+                Image.decode_base64("mask_image", mask_text, PixelFormat.LUMA) as mask:
             w, h = image.width(), image.height()
             mw, mh = mask.width(), mask.height()
             if (mw, mh) != (w, h):
@@ -93,8 +96,8 @@ class WitWorld(wit_world.WitWorld):
         with Image.from_tensor(outputs[0]) as out, \
                 out.crop(0, 0, ctx["width"], ctx["height"]) as image:
             if ctx["jpeg"]:
-                encoded = image.encode(Encoding.JPEG, 95)
+                text = image.encode_base64(Encoding.JPEG, 95)
             else:
-                encoded = image.encode(Encoding.PNG, 0)
-        body = b'{"generated_image":"' + base64.b64encode(encoded) + b'"}'
+                text = image.encode_base64(Encoding.PNG, 0)
+        body = b'{"generated_image":"' + text + b'"}'
         return Response(status=200, content_type="application/json", body=body)

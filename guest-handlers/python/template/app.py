@@ -14,7 +14,6 @@ leaves every WASI interface out, so print(), clocks and os.urandom trap: log wit
 Pure-Python packages can be bundled with -p; native ones (numpy, Pillow) cannot, which is why
 pixel work goes through the host's `imaging` interface, natively and outside the sandbox.
 """
-import base64
 import json
 import struct
 
@@ -51,7 +50,9 @@ class WitWorld(wit_world.WitWorld):
         if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise bad("strength must be a number in [0, 1]")
         # Decoded by the host; a corrupt, foreign or oversize image raises the right 4xx.
-        with Image.decode_base64("image", body["image"], PixelFormat.RGB) as image:
+        # Base64 text goes to the host as bytes; the host decodes it and the image.
+        text = body["image"].encode("utf-8", "surrogatepass")
+        with Image.decode_base64("image", text, PixelFormat.RGB) as image:
             host.log(LogLevel.DEBUG, f"image {image.width()}x{image.height()}")
             inputs = [
                 # The pixels go to the model without passing through this component.
@@ -64,6 +65,6 @@ class WitWorld(wit_world.WitWorld):
         if not outputs:
             raise Err(HandlerError_Internal("model returned no output"))
         with Image.from_tensor(outputs[0]) as image:
-            png = image.encode(Encoding.PNG, 0)
-        body = b'{"generated_image":"' + base64.b64encode(png) + b'"}'
+            text = image.encode_base64(Encoding.PNG, 0)  # base64 as ASCII bytes
+        body = b'{"generated_image":"' + text + b'"}'
         return Response(status=200, content_type="application/json", body=body)

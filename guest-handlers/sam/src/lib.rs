@@ -260,7 +260,7 @@ mod pixels {
 
     /// The photo's size and pixels.
     pub fn decode(encoded: &str) -> Result<(u32, u32, Photo), HandlerError> {
-        let photo = Image::decode_base64("image", encoded, PixelFormat::Rgb)?;
+        let photo = Image::decode_base64("image", encoded.as_bytes(), PixelFormat::Rgb)?;
         Ok((photo.width(), photo.height(), photo))
     }
 

@@ -3,7 +3,7 @@
 //! are the same and the handler's memory never holds the encoded photo or the model's input.
 //!
 //! ```ignore
-//! let image = Image::decode_base64("image", json::str_field(&body, "image")?, PixelFormat::Rgb)?;
+//! let image = host_img::decode_field(&body, "image", PixelFormat::Rgb)?;
 //! let padded = image.pad(w8, h8, PadMode::Symmetric)?;
 //! inputs.push(padded.as_input("image")); // the host fills the pixels in
 //! ```
@@ -18,16 +18,32 @@ pub fn decode_field(
     field: &str,
     format: PixelFormat,
 ) -> Result<Image, HandlerError> {
-    Image::decode_base64(field, crate::json::str_field(body, field)?, format)
+    Image::decode_base64(
+        field,
+        crate::json::str_field(body, field)?.as_bytes(),
+        format,
+    )
 }
 
 /// `image` encoded as PNG, or as JPEG at quality 95 when `jpeg` (what [`crate::img::encode`]
 /// does), in a 200 response `{"<key>": "<base64>"}`.
 pub fn base64_response(key: &str, image: &Image, jpeg: bool) -> Result<Response, HandlerError> {
-    let encoded = if jpeg {
-        image.encode(Encoding::Jpeg, 95)?
+    let text = if jpeg {
+        image.encode_base64(Encoding::Jpeg, 95)?
     } else {
-        image.encode(Encoding::Png, 0)?
+        image.encode_base64(Encoding::Png, 0)?
     };
-    Response::base64_field(key, &encoded)
+    let key = serde_json::to_string(key)
+        .map_err(|e| HandlerError::Internal(format!("serialising response: {e}")))?;
+    let mut body = Vec::with_capacity(key.len() + text.len() + 5);
+    body.push(b'{');
+    body.extend_from_slice(key.as_bytes());
+    body.extend_from_slice(b":\"");
+    body.extend_from_slice(&text);
+    body.extend_from_slice(b"\"}");
+    Ok(Response {
+        status: 200,
+        content_type: "application/json".into(),
+        body,
+    })
 }

@@ -213,7 +213,7 @@ impl wit_img::HostImage for State {
     fn decode_base64(
         &mut self,
         field: String,
-        text: String,
+        text: Vec<u8>,
         format: wit_img::PixelFormat,
     ) -> Call<Resource<HostImage>> {
         // The decoded bytes are 3/4 of the text: charged while they exist.
@@ -388,6 +388,24 @@ impl wit_img::HostImage for State {
             }
         })?;
         Ok(encoded.map_err(to_wit))
+    }
+
+    fn encode_base64(
+        &mut self,
+        handle: Resource<HostImage>,
+        encoding: wit_img::Encoding,
+        quality: u8,
+    ) -> Call<Vec<u8>> {
+        use base64::Engine;
+        let encoded = match self.encode(handle, encoding, quality)? {
+            Ok(bytes) => bytes,
+            Err(e) => return Ok(Err(e)),
+        };
+        let text_len = encoded.len().div_ceil(3) as u64 * 4;
+        let text = self.with_scratch(text_len, |_| {
+            base64::engine::general_purpose::STANDARD.encode(&encoded)
+        })?;
+        Ok(Ok(text.into_bytes()))
     }
 
     fn pixels(&mut self, handle: Resource<HostImage>) -> wasmtime::Result<Vec<u8>> {
