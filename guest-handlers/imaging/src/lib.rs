@@ -461,14 +461,49 @@ pub fn longest_side_shape(w: u32, h: u32, target: u32) -> (u32, u32) {
     )
 }
 
-/// Resizes so the longest side is `target`, with a triangle (bilinear, antialiased when
-/// shrinking) filter — what PIL's `Image.resize(..., BILINEAR)` does for SAM's predictor.
+/// PIL's `Image.resize((dw, dh), BILINEAR)` on interleaved 8-bit pixels (`cn` 1, 3 or 4):
+/// Pillow's convolution (a triangle filter widened when shrinking, so it antialiases) in its
+/// fixed-point arithmetic, by `fast_image_resize`, which uses SIMD where the CPU has it and
+/// gives the same bytes without.
+pub fn resize_pil_bilinear(
+    src: &[u8],
+    (sw, sh): (usize, usize),
+    cn: usize,
+    (dw, dh): (usize, usize),
+) -> Vec<u8> {
+    use fast_image_resize as fr;
+    assert_eq!(
+        src.len(),
+        sw * sh * cn,
+        "pixel buffer does not match its size"
+    );
+    if (sw, sh) == (dw, dh) {
+        return src.to_vec();
+    }
+    let pixel = match cn {
+        1 => fr::PixelType::U8,
+        3 => fr::PixelType::U8x3,
+        4 => fr::PixelType::U8x4,
+        _ => panic!("{cn} channels"),
+    };
+    let input = fr::images::ImageRef::new(sw as u32, sh as u32, src, pixel).expect("size checked");
+    let mut out = fr::images::Image::new(dw as u32, dh as u32, pixel);
+    let options = fr::ResizeOptions::new()
+        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear))
+        .use_alpha(false);
+    fr::Resizer::new()
+        .resize(&input, &mut out, &options)
+        .expect("same pixel type, sizes checked");
+    out.into_vec()
+}
+
+/// Resizes so the longest side is `target` with PIL's bilinear ([`resize_pil_bilinear`]):
+/// what SAM's predictor does (`ResizeLongestSide`, PIL underneath).
 pub fn resize_longest_side(img: &RgbImage, target: u32) -> RgbImage {
     let (w, h) = longest_side_shape(img.width(), img.height(), target);
-    if (w, h) == img.dimensions() {
-        return img.clone();
-    }
-    image::imageops::resize(img, w, h, FilterType::Triangle)
+    let (sw, sh) = (img.width() as usize, img.height() as usize);
+    let data = resize_pil_bilinear(img.as_raw(), (sw, sh), 3, (w as usize, h as usize));
+    RgbImage::from_raw(w, h, data).expect("size matches")
 }
 
 /// Resizes to exactly `w`x`h` with the given filter.
@@ -1032,6 +1067,32 @@ mod tests {
                 .count(),
             9
         );
+    }
+
+    #[test]
+    fn pil_bilinear_is_the_same_with_and_without_simd() {
+        use fast_image_resize as fr;
+        for (cn, pixel) in [(1, fr::PixelType::U8), (3, fr::PixelType::U8x3)] {
+            for ((sw, sh), (dw, dh)) in [((517, 333), (256, 165)), ((40, 31), (97, 70))] {
+                let src: Vec<u8> = noise(sw as u32, sh as u32, 9)
+                    .into_raw()
+                    .into_iter()
+                    .cycle()
+                    .take(sw * sh * cn)
+                    .collect();
+                let got = resize_pil_bilinear(&src, (sw, sh), cn, (dw, dh));
+                let input = fr::images::ImageRef::new(sw as u32, sh as u32, &src, pixel).unwrap();
+                let mut out = fr::images::Image::new(dw as u32, dh as u32, pixel);
+                let mut scalar = fr::Resizer::new();
+                // SAFETY: no extension at all is supported everywhere.
+                unsafe { scalar.set_cpu_extensions(fr::CpuExtensions::None) };
+                let options = fr::ResizeOptions::new()
+                    .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear))
+                    .use_alpha(false);
+                scalar.resize(&input, &mut out, &options).unwrap();
+                assert_eq!(got, out.into_vec(), "{cn} channels {sw}x{sh} -> {dw}x{dh}");
+            }
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@
 use crate::{HandlerError, Tensor};
 pub use tessera_imaging::{
     crop, cv2_scaled_size, dilate_square, encode, encode_jpeg, encode_png, longest_side_shape,
-    pad_symmetric, pad_zero, resize, resize_cv2_linear, resize_longest_side, symmetric_index,
-    DynamicImage, FilterType, GrayImage, Rgb, DEFAULT_MAX_PIXELS,
+    pad_symmetric, pad_zero, resize, resize_cv2_linear, resize_longest_side, resize_pil_bilinear,
+    symmetric_index, DynamicImage, FilterType, GrayImage, Rgb, DEFAULT_MAX_PIXELS,
 };
 
 impl From<tessera_imaging::Failure> for HandlerError {

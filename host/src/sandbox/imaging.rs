@@ -290,20 +290,17 @@ impl wit_img::HostImage for State {
                 // PIL and OpenCV copy an image resized to its own size.
                 return Ok(img.data.clone());
             }
+            let (size, cn) = ((img.width, img.height), img.channels());
             Ok(match filter {
-                wit_img::ResizeFilter::Cv2Linear => imaging::resize_cv2_linear(
-                    &img.data,
-                    (img.width, img.height),
-                    img.channels(),
-                    (w, h),
-                    None,
-                ),
-                wit_img::ResizeFilter::PilBilinear | wit_img::ResizeFilter::Nearest => {
-                    let filter = match filter {
-                        wit_img::ResizeFilter::Nearest => imaging::FilterType::Nearest,
-                        _ => imaging::FilterType::Triangle,
-                    };
-                    imaging::resize(&img.dynamic(), width, height, filter).into_bytes()
+                wit_img::ResizeFilter::Cv2Linear => {
+                    imaging::resize_cv2_linear(&img.data, size, cn, (w, h), None)
+                }
+                wit_img::ResizeFilter::PilBilinear => {
+                    imaging::resize_pil_bilinear(&img.data, size, cn, (w, h))
+                }
+                wit_img::ResizeFilter::Nearest => {
+                    imaging::resize(&img.dynamic(), width, height, imaging::FilterType::Nearest)
+                        .into_bytes()
                 }
             })
         })
