@@ -35,8 +35,8 @@ fn round_up(n: usize) -> usize {
 
 impl tessera_sdk::Handler for Lama {
     fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
-        let body = json::body(&req)?;
-        let jpeg = img::wants_jpeg(&body)?;
+        let body = json::Fields::of(&req)?;
+        let jpeg = img::jpeg_format(body.opt_str("output_format"))?;
         let (inputs, w, h) = pixels::inputs(&body)?;
         let context = json::to_context(&Context {
             width: w,
@@ -73,9 +73,7 @@ mod pixels {
     use tessera_sdk::host_img::{self, Image, PadMode, PixelFormat};
 
     /// The padded image and mask as model inputs, and the photo's size.
-    pub fn inputs(
-        body: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(Vec<Tensor>, u32, u32), HandlerError> {
+    pub fn inputs(body: &json::Fields) -> Result<(Vec<Tensor>, u32, u32), HandlerError> {
         let image = host_img::decode_field(body, "image", PixelFormat::Rgb)?;
         let mask = host_img::decode_field(body, "mask_image", PixelFormat::Luma)?;
         let (w, h) = (image.width(), image.height());
@@ -102,10 +100,14 @@ mod pixels {
 mod pixels {
     use super::*;
 
-    pub fn inputs(
-        body: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(Vec<Tensor>, u32, u32), HandlerError> {
-        let (image, mask) = img::decode_image_and_mask(body)?;
+    pub fn inputs(body: &json::Fields) -> Result<(Vec<Tensor>, u32, u32), HandlerError> {
+        use tessera_sdk::b64;
+        let image = img::decode_rgb("image", &b64::decode("image", body.str("image")?)?)?;
+        let mask = b64::decode("mask_image", body.str("mask_image")?)?;
+        let mask = img::decode_luma_pil("mask_image", &mask)?;
+        if image.dimensions() != mask.dimensions() {
+            return Err(img::size_mismatch(image.dimensions(), mask.dimensions()));
+        }
         let (w, h) = image.dimensions();
         check_size(w, h)?;
         let (w, h) = (w as usize, h as usize);

@@ -14,15 +14,11 @@ use crate::{HandlerError, Response};
 
 /// Decodes the JSON string `field` of `body` (base64 PNG/JPEG) on the host.
 pub fn decode_field(
-    body: &serde_json::Map<String, serde_json::Value>,
+    body: &crate::json::Fields,
     field: &str,
     format: PixelFormat,
 ) -> Result<Image, HandlerError> {
-    Image::decode_base64(
-        field,
-        crate::json::str_field(body, field)?.as_bytes(),
-        format,
-    )
+    Image::decode_base64(field, body.str(field)?.as_bytes(), format)
 }
 
 /// `image` encoded as PNG, or as JPEG at quality 95 when `jpeg` (what [`crate::img::encode`]

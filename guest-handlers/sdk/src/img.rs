@@ -53,7 +53,12 @@ pub fn decode_luma_pil(field: &str, bytes: &[u8]) -> Result<GrayImage, HandlerEr
 /// The request's `output_format`: `false` for PNG (absent or `"png"`), `true` for JPEG
 /// (`"jpeg"`/`"jpg"`); anything else is a 400.
 pub fn wants_jpeg(body: &serde_json::Map<String, serde_json::Value>) -> Result<bool, HandlerError> {
-    match body.get("output_format").and_then(|v| v.as_str()) {
+    jpeg_format(body.get("output_format").and_then(|v| v.as_str()))
+}
+
+/// [`wants_jpeg`] for the `output_format` string, if the request had one.
+pub fn jpeg_format(output_format: Option<&str>) -> Result<bool, HandlerError> {
+    match output_format {
         None | Some("png") => Ok(false),
         Some("jpeg" | "jpg") => Ok(true),
         Some(other) => Err(HandlerError::bad(format!(
