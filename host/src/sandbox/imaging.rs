@@ -7,6 +7,7 @@
 //! the handler's: the epoch deadline interrupts the handler as soon as a call returns.
 use super::{bindings::tessera::handler::imaging as wit_img, wit, MemoryExceeded, State};
 use crate::runtime::{DType, HostTensor};
+use std::sync::Arc;
 use tessera_imaging::{self as imaging, Failure};
 use wasmtime::component::Resource;
 
@@ -18,9 +19,18 @@ pub struct HostImage {
     width: usize,
     height: usize,
     format: wit_img::PixelFormat,
-    data: Vec<u8>,
+    /// Shared with the model input `as-input` staged from it, so that an image whose handle
+    /// is dropped before `preprocess` returns becomes the input without a copy.
+    data: Arc<Vec<u8>>,
     /// Bytes charged to the store for this image.
     charged: u64,
+}
+
+/// A model input staged by `as-input`, until `preprocess` returns.
+pub struct Staged {
+    name: String,
+    shape: Vec<u64>,
+    data: Arc<Vec<u8>>,
 }
 
 impl HostImage {
@@ -39,10 +49,10 @@ impl HostImage {
         let (w, h) = (self.width as u32, self.height as u32);
         match self.format {
             wit_img::PixelFormat::Rgb => imaging::DynamicImage::ImageRgb8(
-                imaging::Rgb::from_raw(w, h, self.data.clone()).expect("size matches"),
+                imaging::Rgb::from_raw(w, h, self.data.to_vec()).expect("size matches"),
             ),
             wit_img::PixelFormat::Luma => imaging::DynamicImage::ImageLuma8(
-                imaging::GrayImage::from_raw(w, h, self.data.clone()).expect("size matches"),
+                imaging::GrayImage::from_raw(w, h, self.data.to_vec()).expect("size matches"),
             ),
         }
     }
@@ -118,7 +128,7 @@ impl State {
             width,
             height,
             format,
-            data,
+            data: Arc::new(data),
             charged,
         };
         match self.table.push(image) {
@@ -189,12 +199,17 @@ impl State {
         }
     }
 
-    /// Staged model inputs (`as-input`), taken by the sandbox after `preprocess` returns.
+    /// Staged model inputs (`as-input`), taken by the sandbox after `preprocess` returns:
+    /// the image's pixels themselves when its handle is gone, else a copy.
     pub(super) fn take_staged(&mut self, name: &str) -> Option<HostTensor> {
         let i = self.staged.iter().position(|t| t.name == name)?;
         let t = self.staged.swap_remove(i);
         self.release(t.data.len() as u64);
-        Some(t)
+        let data = Arc::try_unwrap(t.data).unwrap_or_else(|shared| shared.to_vec());
+        Some(
+            HostTensor::new(t.name, DType::U8, t.shape, data)
+                .expect("an image's shape matches its pixels"),
+        )
     }
 }
 
@@ -288,7 +303,7 @@ impl wit_img::HostImage for State {
         self.derive(&handle, "the resized image", (w, h), |img| {
             if (w, h) == (img.width, img.height) {
                 // PIL and OpenCV copy an image resized to its own size.
-                return Ok(img.data.clone());
+                return Ok(img.data.to_vec());
             }
             let (size, cn) = ((img.width, img.height), img.channels());
             Ok(match filter {
@@ -378,10 +393,14 @@ impl wit_img::HostImage for State {
         // The encoder's copy of the pixels, and its output (at most about the pixels again).
         let scratch = img.data.len() as u64 * 2;
         let encoded = self.with_scratch(scratch, |s| {
-            let img = s.image(&handle).expect("checked above").dynamic();
+            let img = s.image(&handle).expect("checked above");
             match encoding {
-                wit_img::Encoding::Png => imaging::encode_png(&img),
-                wit_img::Encoding::Jpeg => imaging::encode_jpeg(&img, quality),
+                wit_img::Encoding::Png => imaging::encode_png_pixels(
+                    &img.data,
+                    (img.width as u32, img.height as u32),
+                    img.channels(),
+                ),
+                wit_img::Encoding::Jpeg => imaging::encode_jpeg(&img.dynamic(), quality),
             }
         })?;
         Ok(encoded.map_err(to_wit))
@@ -406,7 +425,7 @@ impl wit_img::HostImage for State {
     }
 
     fn pixels(&mut self, handle: Resource<HostImage>) -> wasmtime::Result<Vec<u8>> {
-        Ok(self.image(&handle)?.data.clone())
+        Ok(self.image(&handle)?.data.to_vec())
     }
 
     fn to_tensor(
@@ -419,7 +438,7 @@ impl wit_img::HostImage for State {
             name,
             dtype: wit::Dtype::U8,
             shape: img.shape(),
-            data: img.data.clone(),
+            data: img.data.to_vec(),
         })
     }
 
@@ -430,13 +449,16 @@ impl wit_img::HostImage for State {
     ) -> wasmtime::Result<wit::Tensor> {
         let img = self.image(&handle)?;
         let (shape, data) = (img.shape(), img.data.clone());
+        // Charged again while staged: the handle may live on, and its pixels with it.
         self.charge(data.len() as u64)?;
-        let staged = HostTensor::new(name.clone(), DType::U8, shape.clone(), data)
-            .expect("an image's shape matches its pixels");
         if let Some(old) = self.take_staged(&name) {
             drop(old);
         }
-        self.staged.push(staged);
+        self.staged.push(Staged {
+            name: name.clone(),
+            shape: shape.clone(),
+            data,
+        });
         Ok(wit::Tensor {
             name,
             dtype: wit::Dtype::U8,

@@ -284,7 +284,7 @@ struct State {
     /// Stage outputs `is-cached` answered true for, held until the forward.
     pinned: Option<(String, Arc<CachedOutputs>)>,
     /// Model inputs the handler staged with the imaging interface's `as-input`.
-    staged: Vec<HostTensor>,
+    staged: Vec<imaging::Staged>,
 }
 
 impl WasiView for State {
