@@ -402,6 +402,7 @@ fn misbehaving_handlers_fail_alone() {
         // Images the host holds for a handler count against its memory limit too.
         ("image-hog", 500, "memory limit"),
         ("image-stage", 500, "staged under that name"),
+        ("image-stretch", 413, "goes through 40000000000 pixels"),
         ("image-loop", 504, "time limit"),
         ("stack", 500, ""),
         ("trap", 500, "trapped"),
@@ -449,6 +450,13 @@ fn full_queue_answers_429() {
         200,
         "load first"
     );
+    // The first request's slot is given back after its response is written: a request sent
+    // the moment the response arrives can still find the queue full.
+    assert!(wait_until(Duration::from_secs(10), || get(
+        &server.url("/models/chaos")
+    )
+    .json()["inFlight"]
+        == 0));
     let busy = {
         let url = url.clone();
         std::thread::spawn(move || post_json(&url, &json!({"mode": "loop"})))

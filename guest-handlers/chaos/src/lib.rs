@@ -4,7 +4,8 @@
 //! bound, `stack` recurses without bound, `trap` hits `unreachable`, `log` floods the log,
 //! `asset` reads `assets/<path>` and returns it, `escape` tries to read `../model-config.yaml`;
 //! `big` (in postprocess) answers a huge body; with host images, `image-hog` keeps making
-//! 12 MB images, `image-loop` resizes forever (dropping each), `image-stage` returns a staged
+//! 12 MB images, `image-loop` resizes forever (dropping each), `image-stretch` asks for a resize whose
+//! intermediate image is over the pixel limit, `image-stage` returns a staged
 //! input with another shape. Anything else passes a small image through the example model.
 use tessera_sdk::host_img::{Image, ResizeFilter};
 use tessera_sdk::{json, HandlerError, LogLevel, ModelInput, Request, Response, Tensor};
@@ -49,6 +50,16 @@ impl tessera_sdk::Handler for Chaos {
                 loop {
                     keep.push(small.resize(2000, 2000, ResizeFilter::Nearest)?);
                 }
+            }
+            "image-stretch" => {
+                // 600 KB in, 600 KB out, but Pillow's two passes would go through an image of
+                // 200 000 x 200 000: refused before anything is allocated.
+                let line = Image::from_tensor(&Tensor::from_u8(
+                    "px",
+                    &[1, 200_000, 3],
+                    vec![1; 600_000],
+                )?)?;
+                line.resize(1, 200_000, ResizeFilter::PilBilinear)?;
             }
             "image-loop" => {
                 let small = small_image()?;

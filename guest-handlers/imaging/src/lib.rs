@@ -316,13 +316,27 @@ const PARALLEL_BASE64_BYTES: usize = 512 << 10;
 #[cfg(not(target_arch = "wasm32"))]
 fn base64_decode_parallel(engine: &base64::engine::GeneralPurpose, text: &[u8]) -> Option<Vec<u8>> {
     use base64::Engine;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
-    let pieces = (text.len() / PARALLEL_BASE64_BYTES).min(threads);
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// Helper threads decoding base64 right now, in the whole process: at most one a core,
+    /// however many requests decode at once (the others decode on their own thread).
+    static BUSY: AtomicUsize = AtomicUsize::new(0);
+    struct Done(usize);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            BUSY.fetch_sub(self.0, Ordering::AcqRel);
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pieces = (text.len() / PARALLEL_BASE64_BYTES).min(8).min(cores);
     if pieces < 2 {
         return None;
     }
+    let helpers = pieces - 1;
+    if BUSY.fetch_add(helpers, Ordering::AcqRel) + helpers > cores {
+        BUSY.fetch_sub(helpers, Ordering::AcqRel);
+        return None;
+    }
+    let _done = Done(helpers);
     let piece = (text.len() / pieces).div_ceil(4) * 4;
     let chunks: Vec<&[u8]> = text.chunks(piece).collect();
     // Every piece but the last is whole groups without padding, so each decodes to exactly
@@ -332,6 +346,7 @@ fn base64_decode_parallel(engine: &base64::engine::GeneralPurpose, text: &[u8]) 
     let written = std::thread::scope(|scope| {
         let mut rest = &mut out[..];
         let mut jobs = Vec::with_capacity(chunks.len());
+        let (mut first, mut jobs_failed) = (None, false);
         for (i, chunk) in chunks.iter().enumerate() {
             let len = if i + 1 == chunks.len() {
                 rest.len()
@@ -340,11 +355,25 @@ fn base64_decode_parallel(engine: &base64::engine::GeneralPurpose, text: &[u8]) 
             };
             let (mine, tail) = rest.split_at_mut(len);
             rest = tail;
-            jobs.push(scope.spawn(move || engine.decode_slice(chunk, mine).ok()));
+            if i == 0 {
+                first = Some((*chunk, mine));
+                continue;
+            }
+            // A helper that cannot be started fails the lot: the caller decodes it whole.
+            match std::thread::Builder::new()
+                .spawn_scoped(scope, move || engine.decode_slice(chunk, mine).ok())
+            {
+                Ok(job) => jobs.push(job),
+                Err(_) => jobs_failed = true,
+            }
         }
-        jobs.into_iter()
-            .map(|j| j.join().ok().flatten())
-            .collect::<Option<Vec<usize>>>()
+        let mut written = Vec::with_capacity(chunks.len());
+        written.push(first.and_then(|(chunk, mine)| engine.decode_slice(chunk, mine).ok()));
+        written.extend(jobs.into_iter().map(|j| j.join().ok().flatten()));
+        if jobs_failed {
+            return None;
+        }
+        written.into_iter().collect::<Option<Vec<usize>>>()
     })?;
     let (full, tail) = written.split_at(written.len() - 1);
     if full.iter().any(|&n| n != piece / 4 * 3) {
@@ -704,22 +733,24 @@ pub fn resize_cv2_linear(
         out
     };
     let mut out = vec![0u8; dh * width];
-    // Each source row's horizontal pass, computed on first use (rows are shared by
-    // neighbouring output rows when scaling up, skipped when scaling down).
-    let mut rows: Vec<Option<Vec<i32>>> = vec![None; sh];
+    // The horizontal passes of the two source rows in use, computed on first use (rows are
+    // shared by neighbouring output rows when scaling up, skipped when scaling down; output
+    // rows read source rows in increasing order, so two are all that is ever kept).
+    let mut kept: Vec<(usize, Vec<i32>)> = Vec::with_capacity(2);
     for (dy, &(sy, sy1, b0, b1)) in yt.iter().enumerate() {
-        for y in [sy, sy1] {
-            if rows[y].is_none() {
-                rows[y] = Some(hrow(y));
-            }
-        }
-        let (r0, r1) = (rows[sy].as_deref().unwrap(), rows[sy1].as_deref().unwrap());
+        let mut take = |y: usize| match kept.iter().position(|(ky, _)| *ky == y) {
+            Some(i) => kept.swap_remove(i).1,
+            None => hrow(y),
+        };
+        let r0 = take(sy);
+        let r1 = if sy1 == sy { r0.clone() } else { take(sy1) };
         let dst = &mut out[dy * width..(dy + 1) * width];
         for x in 0..width {
             // OpenCV's SIMD rounding (VResizeLinearVec_32s8u), which covers whole rows there.
             let m = |s: i32, b: i32| ((s >> 4) * b) >> 16;
             dst[x] = ((m(r0[x], b0) + m(r1[x], b1) + 2) >> 2).clamp(0, 255) as u8;
         }
+        kept = vec![(sy, r0), (sy1, r1)];
     }
     out
 }

@@ -18,7 +18,9 @@ pub fn body(req: &Request) -> Result<serde_json::Map<String, Value>, HandlerErro
 
 /// A JSON object's fields with their string values borrowed from the request body where it
 /// holds them unescaped (base64 images always are): megabytes of photo are not copied to be
-/// read. Other values are only told apart from strings. Same errors as [`body`] and
+/// read. Other values are only told apart from strings, and skipped unvalidated (serde_json
+/// does not check the nesting depth, lone surrogates or number ranges of what it skips, where
+/// [`body`] refuses them): they are never read. Otherwise the same errors as [`body`] and
 /// [`str_field`].
 pub struct Fields<'a>(std::collections::HashMap<Cow<'a, str>, Field<'a>>);
 

@@ -17,6 +17,14 @@ use wasmtime::Engine;
 /// Compiled components kept; the oldest are removed past this.
 const MAX_FILES: usize = 128;
 
+/// Owned by this process's user, and writable by no one else.
+fn owned_by_us_alone(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    m.uid() == uid && m.permissions().mode() & 0o022 == 0
+}
+
 pub struct CompileCache {
     dir: PathBuf,
     /// The engine build and settings the files are valid for.
@@ -26,18 +34,15 @@ pub struct CompileCache {
 impl CompileCache {
     /// The cache in `dir` (created if missing), or `None` when it cannot be used safely.
     pub fn open(dir: &Path, engine: &Engine) -> Option<CompileCache> {
-        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         let made = std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir);
-        let meta = made.and_then(|_| std::fs::metadata(dir));
+        // The folder itself, not what a link would point to.
+        let meta = made.and_then(|_| std::fs::symlink_metadata(dir));
         let usable = match &meta {
-            Ok(m) => {
-                // SAFETY: getuid has no preconditions.
-                let uid = unsafe { libc::getuid() };
-                m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o022 == 0
-            }
+            Ok(m) => m.is_dir() && owned_by_us_alone(m),
             Err(_) => false,
         };
         if !usable {
@@ -70,7 +75,10 @@ impl CompileCache {
         bytes: &[u8],
     ) -> wasmtime::Result<Component> {
         let path = self.path(hash);
-        if path.is_file() {
+        // Checked at every load: a regular file (not a link) only this user can write.
+        let trusted = std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| m.file_type().is_file() && owned_by_us_alone(&m));
+        if trusted {
             // SAFETY: the file is one this server wrote (whole, by rename) into a folder only
             // its user can write; deserialize_file checks the engine fingerprint and format.
             match unsafe { Component::deserialize_file(engine, &path) } {
@@ -88,22 +96,49 @@ impl CompileCache {
 
     fn keep(&self, path: &Path, component: &Component) -> anyhow::Result<()> {
         let code = component.serialize()?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, &code)?;
-        std::fs::rename(&tmp, path).inspect_err(|_| {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&code)?;
+                // On disk before it has its real name: a crash leaves no torn file there.
+                f.sync_all()
+            })
+            .and_then(|_| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
-        })?;
+            return Err(e.into());
+        }
         self.prune();
         Ok(())
     }
 
-    /// Removes the oldest files past [`MAX_FILES`].
+    /// Removes the oldest files past [`MAX_FILES`], and temporary files a crash left.
     fn prune(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
+        let entries: Vec<_> = entries.filter_map(|e| e.ok()).collect();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for e in &entries {
+            let stale = e
+                .path()
+                .extension()
+                .is_some_and(|x| x.to_string_lossy().starts_with("tmp"))
+                && e.metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < hour_ago);
+            if stale {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
-            .filter_map(|e| e.ok())
+            .iter()
             .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
@@ -158,6 +193,16 @@ mod tests {
         let other = Engine::new(&config).unwrap();
         let cache_other = CompileCache::open(&folder, &other).unwrap();
         assert_ne!(cache_other.path("abc"), kept);
+        // A kept file others may write is not trusted: compiled again (and replaced).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o666)).unwrap();
+            assert!(again.component(&engine, "abc", b"not wasm").is_err());
+        }
+        // A link in place of the folder is not used.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&folder, &link).unwrap();
+        assert!(CompileCache::open(&link, &engine).is_none());
         // A folder others may write is not used.
         std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(CompileCache::open(&folder, &engine).is_none());

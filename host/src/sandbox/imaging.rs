@@ -13,6 +13,10 @@ use wasmtime::component::Resource;
 
 /// Least bytes charged per live image, so that handles alone cannot pile up uncharged.
 const MIN_CHARGE: u64 = 256;
+/// However high an archive sets `max_pixels`, no host image may have more pixels than this.
+const PIXELS_CEILING: u64 = 1 << 31;
+/// Model inputs a handler may stage at once with `as-input`.
+const MAX_STAGED: usize = 64;
 
 /// An image owned by the host: 8-bit interleaved pixels, 1 (luma) or 3 (rgb) channels.
 pub struct HostImage {
@@ -31,6 +35,8 @@ pub struct Staged {
     name: String,
     shape: Vec<u64>,
     data: Arc<Vec<u8>>,
+    /// Bytes charged to the store while staged.
+    charged: u64,
 }
 
 impl HostImage {
@@ -84,6 +90,7 @@ impl State {
             .get("max_pixels")
             .and_then(|v| v.parse().ok())
             .unwrap_or(imaging::DEFAULT_MAX_PIXELS)
+            .min(PIXELS_CEILING)
     }
 
     /// A `w`x`h` result against the pixel limit (a 413 over it, as decoding says).
@@ -121,7 +128,12 @@ impl State {
         format: wit_img::PixelFormat,
         data: Vec<u8>,
     ) -> wasmtime::Result<Resource<HostImage>> {
-        debug_assert_eq!(data.len(), width * height * channels(format));
+        if data.len() as u64 != width as u64 * height as u64 * channels(format) as u64 {
+            return Err(wasmtime::Error::msg(format!(
+                "internal error: a {width}x{height} image of {} bytes",
+                data.len()
+            )));
+        }
         let charged = (data.len() as u64).max(MIN_CHARGE);
         self.charge(charged)?;
         let image = HostImage {
@@ -159,8 +171,10 @@ impl State {
             Ok(size) => size,
             Err(e) => return Ok(Err(to_wit(e))),
         };
-        // The decoder's buffer (at most 4 bytes a pixel within the limit) and the conversion.
-        let scratch = w as u64 * h as u64 * (4 + channels(format) as u64);
+        // The decoder's buffer (up to 8 bytes a pixel, at most 4 bytes a pixel of the limit)
+        // and the conversion to RGB (and from it to luma).
+        let pixels = w as u64 * h as u64;
+        let scratch = (8 * pixels).min(4 * max) + pixels * (2 + channels(format) as u64);
         let decoded = self.with_scratch(scratch, |_| {
             imaging::decode(field, bytes, max).map(|img| match format {
                 wit_img::PixelFormat::Rgb => img.into_rgb8().into_raw(),
@@ -178,12 +192,14 @@ impl State {
     }
 
     /// A new image made from `handle`'s by `f` (which returns the new size and pixels), checked
-    /// against the pixel limit first.
+    /// against the pixel limit first; `extra` is the working memory `f` needs besides its
+    /// result, charged while it runs.
     fn derive(
         &mut self,
         handle: &Resource<HostImage>,
         what: &str,
         (w, h): (usize, usize),
+        extra: u64,
         f: impl FnOnce(&HostImage) -> Result<Vec<u8>, wit::HandlerError>,
     ) -> Call<Resource<HostImage>> {
         if let Err(e) = self.check_output(what, w, h) {
@@ -191,7 +207,8 @@ impl State {
         }
         let image = self.image(handle)?;
         let format = image.format;
-        let bytes = (w * h * image.channels()) as u64;
+        // Both at most PIXELS_CEILING pixels of 3 bytes: no overflow.
+        let bytes = w as u64 * h as u64 * image.channels() as u64 + extra;
         let made = self.with_scratch(bytes, |s| f(s.image(handle).expect("checked above")))?;
         match made {
             Ok(data) => Ok(Ok(self.keep((w, h), format, data)?)),
@@ -204,7 +221,7 @@ impl State {
     pub(super) fn take_staged(&mut self, name: &str) -> Option<HostTensor> {
         let i = self.staged.iter().position(|t| t.name == name)?;
         let t = self.staged.swap_remove(i);
-        self.release(t.data.len() as u64);
+        self.release(t.charged);
         let data = Arc::try_unwrap(t.data).unwrap_or_else(|shared| shared.to_vec());
         Some(
             HostTensor::new(t.name, DType::U8, t.shape, data)
@@ -231,8 +248,9 @@ impl wit_img::HostImage for State {
         text: Vec<u8>,
         format: wit_img::PixelFormat,
     ) -> Call<Resource<HostImage>> {
-        // The decoded bytes are 3/4 of the text: charged while they exist.
-        let scratch = (text.len() as u64).div_ceil(4) * 3;
+        // The text itself (copied out of the handler), a whitespace-free copy if it has
+        // whitespace, and the decoded bytes (3/4 of it): charged while they exist.
+        let scratch = 2 * text.len() as u64 + (text.len() as u64).div_ceil(4) * 3;
         let bytes = self.with_scratch(scratch, |_| imaging::base64_decode(&field, &text))?;
         drop(text);
         match bytes {
@@ -300,7 +318,30 @@ impl wit_img::HostImage for State {
         filter: wit_img::ResizeFilter,
     ) -> Call<Resource<HostImage>> {
         let (w, h) = (width as usize, height as usize);
-        self.derive(&handle, "the resized image", (w, h), |img| {
+        let img = self.image(&handle)?;
+        let (sw, sh, cn) = (img.width as u64, img.height as u64, img.channels() as u64);
+        let extra = match filter {
+            // Pillow's convolution runs one pass into an image as wide as one side and as
+            // tall as the other, plus a weight table per axis.
+            wit_img::ResizeFilter::PilBilinear => {
+                let between = (sw * height as u64).max(width as u64 * sh);
+                if between > self.max_pixels() {
+                    return Ok(Err(wit::HandlerError::PayloadTooLarge(format!(
+                        "resizing {sw}x{sh} to {width}x{height} goes through {between} pixels, \
+                         over the limit of {}",
+                        self.max_pixels()
+                    ))));
+                }
+                between * cn + 16 * (sw + sh + width as u64 + height as u64)
+            }
+            // Two rows of the horizontal pass and the taps.
+            wit_img::ResizeFilter::Cv2Linear => {
+                8 * width as u64 * cn + 32 * (width + height) as u64
+            }
+            // The source copied into an image first.
+            wit_img::ResizeFilter::Nearest => sw * sh * cn,
+        };
+        self.derive(&handle, "the resized image", (w, h), extra, |img| {
             if (w, h) == (img.width, img.height) {
                 // PIL and OpenCV copy an image resized to its own size.
                 return Ok(img.data.to_vec());
@@ -336,7 +377,7 @@ impl wit_img::HostImage for State {
                 img.width, img.height
             ))));
         }
-        self.derive(&handle, "the padded image", (pw, ph), |img| {
+        self.derive(&handle, "the padded image", (pw, ph), 0, |img| {
             let (w, h, c) = (img.width, img.height, img.channels());
             Ok(match mode {
                 wit_img::PadMode::Symmetric => imaging::pad_symmetric(&img.data, w, h, c, pw, ph),
@@ -361,7 +402,7 @@ impl wit_img::HostImage for State {
                 img.width, img.height
             ))));
         }
-        self.derive(&handle, "the cropped image", (cw, ch), |img| {
+        self.derive(&handle, "the cropped image", (cw, ch), 0, |img| {
             let size = (img.width, img.height, img.channels());
             Ok(imaging::crop(&img.data, size, (x, y, cw, ch)).expect("checked above"))
         })
@@ -375,7 +416,9 @@ impl wit_img::HostImage for State {
             )));
         }
         let size = (img.width, img.height);
-        self.derive(&handle, "the dilated mask", size, |img| {
+        // The 0/1 copy, the row pass and a count per column.
+        let extra = 2 * (img.width * img.height) as u64 + 4 * img.width as u64;
+        self.derive(&handle, "the dilated mask", size, extra, |img| {
             let k = kernel as usize;
             let mut out = imaging::dilate_square(&img.data, img.width, img.height, k);
             out.iter_mut().for_each(|v| *v *= 255);
@@ -390,8 +433,12 @@ impl wit_img::HostImage for State {
         quality: u8,
     ) -> Call<Vec<u8>> {
         let img = self.image(&handle)?;
-        // The encoder's copy of the pixels, and its output (at most about the pixels again).
-        let scratch = img.data.len() as u64 * 2;
+        // PNG: the output, about the pixels again, and row buffers; JPEG: a copy of the
+        // pixels as an image, as RGB, and the output.
+        let scratch = match encoding {
+            wit_img::Encoding::Png => img.data.len() as u64 * 2 + 64 * img.width as u64,
+            wit_img::Encoding::Jpeg => (img.data.len() + 6 * img.width * img.height) as u64,
+        };
         let encoded = self.with_scratch(scratch, |s| {
             let img = s.image(&handle).expect("checked above");
             match encoding {
@@ -417,7 +464,7 @@ impl wit_img::HostImage for State {
             Ok(bytes) => bytes,
             Err(e) => return Ok(Err(e)),
         };
-        let text_len = encoded.len().div_ceil(3) as u64 * 4;
+        let text_len = encoded.len().div_ceil(3) as u64 * 4 + encoded.len() as u64;
         let text = self.with_scratch(text_len, |_| {
             base64::engine::general_purpose::STANDARD.encode(&encoded)
         })?;
@@ -449,15 +496,23 @@ impl wit_img::HostImage for State {
     ) -> wasmtime::Result<wit::Tensor> {
         let img = self.image(&handle)?;
         let (shape, data) = (img.shape(), img.data.clone());
-        // Charged again while staged: the handle may live on, and its pixels with it.
-        self.charge(data.len() as u64)?;
-        if let Some(old) = self.take_staged(&name) {
-            drop(old);
+        if let Some(i) = self.staged.iter().position(|t| t.name == name) {
+            let old = self.staged.swap_remove(i);
+            self.release(old.charged);
         }
+        if self.staged.len() >= MAX_STAGED {
+            return Err(wasmtime::Error::msg(format!(
+                "a handler may stage at most {MAX_STAGED} model inputs"
+            )));
+        }
+        // Charged again while staged: the handle may live on, and its pixels with it.
+        let charged = (data.len() as u64).max(MIN_CHARGE) + name.len() as u64;
+        self.charge(charged)?;
         self.staged.push(Staged {
             name: name.clone(),
             shape: shape.clone(),
             data,
+            charged,
         });
         Ok(wit::Tensor {
             name,

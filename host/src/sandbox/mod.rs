@@ -213,11 +213,11 @@ impl Limiter {
     /// Charges `bytes` (linear memory, or host memory held for the handler) to this store's
     /// cap and to the server's pool.
     fn charge(&mut self, bytes: u64) -> Result<(), MemoryExceeded> {
-        if self.charged + bytes > self.cap {
+        if self.charged.saturating_add(bytes) > self.cap {
             return Err(MemoryExceeded::Instance);
         }
         let before = self.pool.used.fetch_add(bytes, Ordering::SeqCst);
-        if before + bytes > self.pool.cap {
+        if before.saturating_add(bytes) > self.pool.cap {
             self.pool.used.fetch_sub(bytes, Ordering::SeqCst);
             return Err(MemoryExceeded::Server);
         }
