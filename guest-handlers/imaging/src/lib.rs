@@ -759,18 +759,6 @@ pub fn resize_cv2_linear(
 mod tests {
     use super::*;
 
-    /// Fixtures the reference libraries wrote under `$TESSERA_ARTIFACTS` (scripts/artifacts.sh).
-    fn test_fixture(name: &str) -> Vec<u8> {
-        let dir = std::env::var("TESSERA_ARTIFACTS")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/artifacts")
-            });
-        let path = dir.join(name);
-        std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/artifacts.sh first)", path.display()))
-    }
-
     /// Counts this thread's heap bytes, so a test can see the peak a decode reaches (other
     /// tests run on other threads and do not disturb it).
     mod heap {
@@ -1093,7 +1081,7 @@ mod tests {
     #[test]
     fn linear_resize_matches_opencv() {
         use base64::Engine;
-        let bytes = test_fixture("sd/resize_cases.json");
+        let bytes = crate::test_fixture("sd/resize_cases.json");
         let cases: Vec<serde_json::Value> = serde_json::from_slice(&bytes).unwrap();
         assert!(cases.len() >= 10);
         let b64 = |v: &serde_json::Value| {
@@ -1273,4 +1261,18 @@ mod tests {
             vec![1, 2, 2, 3, 4, 4, 3, 4, 4]
         );
     }
+}
+
+/// Fixtures the reference libraries wrote under `$TESSERA_ARTIFACTS` (scripts/artifacts.sh),
+/// for this crate's and the SDK's tests.
+#[doc(hidden)]
+pub fn test_fixture(name: &str) -> Vec<u8> {
+    let dir = std::env::var("TESSERA_ARTIFACTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/artifacts")
+        });
+    let path = dir.join(name);
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/artifacts.sh first)", path.display()))
 }

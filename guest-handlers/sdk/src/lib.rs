@@ -121,18 +121,8 @@ impl Response {
     }
 }
 
-/// Fixtures the reference libraries wrote under `$TESSERA_ARTIFACTS` (scripts/artifacts.sh).
 #[cfg(test)]
-pub(crate) fn test_fixture(name: &str) -> Vec<u8> {
-    let dir = std::env::var("TESSERA_ARTIFACTS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/artifacts")
-        });
-    let path = dir.join(name);
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/artifacts.sh first)", path.display()))
-}
+pub(crate) use tessera_imaging::test_fixture;
 
 #[cfg(test)]
 mod tests {
