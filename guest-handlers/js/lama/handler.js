@@ -78,9 +78,12 @@ function concat(...parts) {
 export function preprocess(req) {
   const body = jsonBody(req);
   const jpeg = wantsJpeg(body);
-  const image = Image.decodeBase64('image', utf8(strField(body, 'image')), 'rgb');
+  // Both decoded side by side on the host.
+  const [image, mask] = Image.decodeBase64All([
+    { field: 'image', text: utf8(strField(body, 'image')), format: 'rgb' },
+    { field: 'mask_image', text: utf8(strField(body, 'mask_image')), format: 'luma' },
+  ]);
   return using([image], () => {
-    const mask = Image.decodeBase64('mask_image', utf8(strField(body, 'mask_image')), 'luma');
     return using([mask], () => {
       const [w, h] = [image.width(), image.height()];
       const [mw, mh] = [mask.width(), mask.height()];

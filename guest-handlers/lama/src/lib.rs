@@ -74,8 +74,13 @@ mod pixels {
 
     /// The padded image and mask as model inputs, and the photo's size.
     pub fn inputs(body: &json::Fields) -> Result<(Vec<Tensor>, u32, u32), HandlerError> {
-        let image = host_img::decode_field(body, "image", PixelFormat::Rgb)?;
-        let mask = host_img::decode_field(body, "mask_image", PixelFormat::Luma)?;
+        let [image, mask] = host_img::decode_fields(
+            body,
+            [
+                ("image", PixelFormat::Rgb),
+                ("mask_image", PixelFormat::Luma),
+            ],
+        )?;
         let (w, h) = (image.width(), image.height());
         if (mask.width(), mask.height()) != (w, h) {
             return Err(img::size_mismatch((w, h), (mask.width(), mask.height())));

@@ -16,7 +16,7 @@ import json
 
 import wit_world
 from componentize_py_types import Err
-from wit_world.imports.imaging import Encoding, Image, PadMode, PixelFormat
+from wit_world.imports.imaging import Base64Image, Encoding, Image, PadMode, PixelFormat
 from wit_world.imports.types import (
     HandlerError_BadRequest,
     HandlerError_Internal,
@@ -74,8 +74,12 @@ class WitWorld(wit_world.WitWorld):
         # base64 either: the host says so).
         image_text = str_field(body, "image").encode("utf-8", "surrogatepass")
         mask_text = str_field(body, "mask_image").encode("utf-8", "surrogatepass")
-        with Image.decode_base64("image", image_text, PixelFormat.RGB) as image, \
-                Image.decode_base64("mask_image", mask_text, PixelFormat.LUMA) as mask:
+        # Both decoded side by side on the host.
+        image, mask = Image.decode_base64_all([
+            Base64Image(field="image", text=image_text, format=PixelFormat.RGB),
+            Base64Image(field="mask_image", text=mask_text, format=PixelFormat.LUMA),
+        ])
+        with image, mask:
             w, h = image.width(), image.height()
             mw, mh = mask.width(), mask.height()
             if (mw, mh) != (w, h):

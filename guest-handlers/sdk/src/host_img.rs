@@ -8,7 +8,7 @@
 //! inputs.push(padded.as_input("image")); // the host fills the pixels in
 //! ```
 pub use crate::bindings::tessera::handler::imaging::{
-    Encoding, Image, PadMode, PixelFormat, ResizeFilter,
+    Base64Image, Encoding, Image, PadMode, PixelFormat, ResizeFilter,
 };
 use crate::{HandlerError, Response};
 
@@ -19,6 +19,27 @@ pub fn decode_field(
     format: PixelFormat,
 ) -> Result<Image, HandlerError> {
     Image::decode_base64(field, body.str(field)?.as_bytes(), format)
+}
+
+/// Decodes the JSON string fields `N` of `body` (base64 PNG/JPEG) on the host, side by side:
+/// the images in order, or the first error (a missing or non-string field before any decode).
+pub fn decode_fields<const N: usize>(
+    body: &crate::json::Fields,
+    fields: [(&str, PixelFormat); N],
+) -> Result<[Image; N], HandlerError> {
+    let items = fields
+        .iter()
+        .map(|&(field, format)| {
+            Ok(Base64Image {
+                field: field.to_string(),
+                text: body.str(field)?.as_bytes().to_vec(),
+                format,
+            })
+        })
+        .collect::<Result<Vec<_>, HandlerError>>()?;
+    Image::decode_base64_all(&items)?
+        .try_into()
+        .map_err(|_| HandlerError::Internal("the host decoded another number of images".into()))
 }
 
 /// `image` encoded as PNG, or as JPEG at quality 95 when `jpeg` (what [`crate::img::encode`]

@@ -17,6 +17,55 @@ const MIN_CHARGE: u64 = 256;
 const PIXELS_CEILING: u64 = 1 << 31;
 /// Model inputs a handler may stage at once with `as-input`.
 const MAX_STAGED: usize = 64;
+/// Images one `decode-base64-all` call decodes.
+const MAX_BATCH: usize = 8;
+
+/// Working memory a decode of a `w`x`h` image into `format` needs besides its result: the
+/// decoder's buffer (up to 8 bytes a pixel, at most 4 bytes a pixel of the limit) and the
+/// conversion to RGB (and from it to luma).
+fn decode_scratch((w, h): (u32, u32), format: wit_img::PixelFormat, max_pixels: u64) -> u64 {
+    let pixels = w as u64 * h as u64;
+    (8 * pixels).min(4 * max_pixels) + pixels * (2 + channels(format) as u64)
+}
+
+/// PNG/JPEG bytes decoded into `format`'s pixels.
+fn decode_pixels(
+    field: &str,
+    bytes: &[u8],
+    format: wit_img::PixelFormat,
+    max_pixels: u64,
+) -> Result<Vec<u8>, Failure> {
+    imaging::decode(field, bytes, max_pixels).map(|img| match format {
+        wit_img::PixelFormat::Rgb => img.into_rgb8().into_raw(),
+        wit_img::PixelFormat::Luma => imaging::luma_pil(img).into_raw(),
+    })
+}
+
+/// `f` over `items`, each on a thread of its own (the first on this one; one that cannot be
+/// started runs here too).
+fn side_by_side<I: Sync, T: Send>(items: &[I], f: impl Fn(&I) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|scope| {
+        let f = &f;
+        let jobs: Vec<_> = items
+            .iter()
+            .skip(1)
+            .map(|item| {
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, move || f(item))
+                    .map_err(|_| item)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        out.extend(items.first().map(f));
+        for job in jobs {
+            out.push(match job {
+                Ok(handle) => handle.join().expect("a decode thread panicked"),
+                Err(item) => f(item),
+            });
+        }
+        out
+    })
+}
 
 /// An image owned by the host: 8-bit interleaved pixels, 1 (luma) or 3 (rgb) channels.
 pub struct HostImage {
@@ -171,16 +220,8 @@ impl State {
             Ok(size) => size,
             Err(e) => return Ok(Err(to_wit(e))),
         };
-        // The decoder's buffer (up to 8 bytes a pixel, at most 4 bytes a pixel of the limit)
-        // and the conversion to RGB (and from it to luma).
-        let pixels = w as u64 * h as u64;
-        let scratch = (8 * pixels).min(4 * max) + pixels * (2 + channels(format) as u64);
-        let decoded = self.with_scratch(scratch, |_| {
-            imaging::decode(field, bytes, max).map(|img| match format {
-                wit_img::PixelFormat::Rgb => img.into_rgb8().into_raw(),
-                wit_img::PixelFormat::Luma => imaging::luma_pil(img).into_raw(),
-            })
-        })?;
+        let scratch = decode_scratch((w, h), format, max);
+        let decoded = self.with_scratch(scratch, |_| decode_pixels(field, bytes, format, max))?;
         match decoded {
             Ok(data) => Ok(Ok(self.keep((w as usize, h as usize), format, data)?)),
             Err(e) => Ok(Err(to_wit(e))),
@@ -262,6 +303,65 @@ impl wit_img::HostImage for State {
             }
             Err(e) => Ok(Err(to_wit(e))),
         }
+    }
+
+    fn decode_base64_all(
+        &mut self,
+        items: Vec<wit_img::Base64Image>,
+    ) -> Call<Vec<Resource<HostImage>>> {
+        if items.len() > MAX_BATCH {
+            return Ok(Err(wit::HandlerError::Internal(format!(
+                "decode-base64-all takes at most {MAX_BATCH} images, got {}",
+                items.len()
+            ))));
+        }
+        let max = self.max_pixels();
+        // The texts, whitespace-free copies and decoded bytes, as decode-base64 charges them.
+        let texts: u64 = items
+            .iter()
+            .map(|i| 2 * i.text.len() as u64 + (i.text.len() as u64).div_ceil(4) * 3)
+            .sum();
+        self.charge(texts)?;
+        let bytes = side_by_side(&items, |i| imaging::base64_decode(&i.field, &i.text));
+        let sizes: Vec<Result<(u32, u32), Failure>> = items
+            .iter()
+            .zip(&bytes)
+            .map(|(i, b)| {
+                b.as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|b| imaging::dimensions(&i.field, b, max))
+            })
+            .collect();
+        let scratch: u64 = items
+            .iter()
+            .zip(&sizes)
+            .filter_map(|(i, s)| Some(decode_scratch(*s.as_ref().ok()?, i.format, max)))
+            .sum();
+        if let Err(e) = self.charge(scratch) {
+            self.release(texts);
+            return Err(e);
+        }
+        let work: Vec<_> = items.iter().zip(&bytes).zip(&sizes).collect();
+        let pixels = side_by_side(&work, |((i, b), s)| match (b, s) {
+            (Ok(b), Ok(_)) => decode_pixels(&i.field, b, i.format, max),
+            (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+        });
+        drop(work);
+        drop(bytes);
+        self.release(scratch + texts);
+        let mut images = Vec::with_capacity(items.len());
+        for ((i, s), p) in items.iter().zip(&sizes).zip(pixels) {
+            // A failed earlier step failed the decode with its own error.
+            match (s, p) {
+                (Ok((w, h)), Ok(data)) => images.push((*w as usize, *h as usize, i.format, data)),
+                (_, p) => return Ok(Err(to_wit(p.err().expect("no size, no pixels")))),
+            }
+        }
+        let mut handles = Vec::with_capacity(images.len());
+        for (w, h, format, data) in images {
+            handles.push(self.keep((w, h), format, data)?);
+        }
+        Ok(Ok(handles))
     }
 
     fn dimensions(&mut self, field: String, bytes: Vec<u8>) -> Call<(u32, u32)> {
