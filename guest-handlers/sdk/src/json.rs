@@ -18,14 +18,18 @@ pub fn body(req: &Request) -> Result<serde_json::Map<String, Value>, HandlerErro
 
 /// A JSON object's fields with their string values borrowed from the request body where it
 /// holds them unescaped (base64 images always are): megabytes of photo are not copied to be
-/// read. Other values are only told apart from strings, and skipped unvalidated (serde_json
-/// does not check the nesting depth, lone surrogates or number ranges of what it skips, where
-/// [`body`] refuses them): they are never read. Otherwise the same errors as [`body`] and
+/// read. Other values are only told apart from strings; arrays are skipped unvalidated
+/// (serde_json does not check the nesting depth, lone surrogates or number ranges of what it
+/// skips, where [`body`] refuses them): they are never read. Otherwise the same errors as [`body`] and
 /// [`str_field`].
-pub struct Fields<'a>(std::collections::HashMap<Cow<'a, str>, Field<'a>>);
+pub struct Fields<'a>(Object<'a>);
 
+type Object<'a> = std::collections::HashMap<Cow<'a, str>, Field<'a>>;
+
+/// A JSON value as [`Fields`] reads it.
 enum Field<'a> {
     Str(Cow<'a, str>),
+    Object(Object<'a>),
     Other,
 }
 
@@ -72,11 +76,11 @@ impl<'de> serde::Deserialize<'de> for Field<'de> {
                 self,
                 mut a: A,
             ) -> Result<Self::Value, A::Error> {
-                while a
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(Field::Other)
+                let mut map = Object::new();
+                while let Some((k, v)) = a.next_entry::<Cow<'de, str>, Field<'de>>()? {
+                    map.insert(k, v);
+                }
+                Ok(Field::Object(map))
             }
         }
         d.deserialize_any(V)
@@ -86,57 +90,9 @@ impl<'de> serde::Deserialize<'de> for Field<'de> {
 impl<'a> Fields<'a> {
     /// Parses the request body as a JSON object (a 400 otherwise).
     pub fn of(req: &'a Request) -> Result<Fields<'a>, HandlerError> {
-        struct Top<'a>(Option<std::collections::HashMap<Cow<'a, str>, Field<'a>>>);
-        impl<'de> serde::Deserialize<'de> for Top<'de> {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl<'de> serde::de::Visitor<'de> for V {
-                    type Value = Top<'de>;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("a JSON object")
-                    }
-                    fn visit_map<A: serde::de::MapAccess<'de>>(
-                        self,
-                        mut a: A,
-                    ) -> Result<Self::Value, A::Error> {
-                        let mut map = std::collections::HashMap::new();
-                        while let Some((k, v)) = a.next_entry::<Cow<'de, str>, Field<'de>>()? {
-                            map.insert(k, v);
-                        }
-                        Ok(Top(Some(map)))
-                    }
-                    fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                        self,
-                        mut a: A,
-                    ) -> Result<Self::Value, A::Error> {
-                        while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                        Ok(Top(None))
-                    }
-                    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                        Ok(Top(None))
-                    }
-                    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                        Ok(Top(None))
-                    }
-                    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                        Ok(Top(None))
-                    }
-                    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                        Ok(Top(None))
-                    }
-                    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                        Ok(Top(None))
-                    }
-                    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                        Ok(Top(None))
-                    }
-                }
-                d.deserialize_any(V)
-            }
-        }
-        match serde_json::from_slice::<Top>(&req.body) {
-            Ok(Top(Some(map))) => Ok(Fields(map)),
-            Ok(Top(None)) => Err(HandlerError::bad("request body must be a JSON object")),
+        match serde_json::from_slice::<Field>(&req.body) {
+            Ok(Field::Object(map)) => Ok(Fields(map)),
+            Ok(_) => Err(HandlerError::bad("request body must be a JSON object")),
             Err(e) => Err(HandlerError::bad(format!(
                 "request body is not valid JSON: {e}"
             ))),
@@ -147,7 +103,7 @@ impl<'a> Fields<'a> {
     pub fn str(&self, key: &str) -> Result<&str, HandlerError> {
         match self.0.get(key) {
             Some(Field::Str(s)) => Ok(s),
-            Some(Field::Other) => Err(HandlerError::bad(format!("field '{key}' must be a string"))),
+            Some(_) => Err(HandlerError::bad(format!("field '{key}' must be a string"))),
             None => Err(HandlerError::bad(format!("missing field '{key}'"))),
         }
     }

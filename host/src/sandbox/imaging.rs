@@ -289,20 +289,14 @@ impl wit_img::HostImage for State {
         text: Vec<u8>,
         format: wit_img::PixelFormat,
     ) -> Call<Resource<HostImage>> {
-        // The text itself (copied out of the handler), a whitespace-free copy if it has
-        // whitespace, and the decoded bytes (3/4 of it): charged while they exist.
-        let scratch = 2 * text.len() as u64 + (text.len() as u64).div_ceil(4) * 3;
-        let bytes = self.with_scratch(scratch, |_| imaging::base64_decode(&field, &text))?;
-        drop(text);
-        match bytes {
-            Ok(bytes) => {
-                self.charge(scratch)?;
-                let out = self.decode_bytes(&field, &bytes, format);
-                self.release(scratch);
-                out
-            }
-            Err(e) => Ok(Err(to_wit(e))),
-        }
+        let one = wit_img::Base64Image {
+            field,
+            text,
+            format,
+        };
+        Ok(self
+            .decode_base64_all(vec![one])?
+            .map(|mut images| images.pop().expect("one image asked, one decoded")))
     }
 
     fn decode_base64_all(
