@@ -16,6 +16,8 @@ pub use image::DynamicImage;
 use image::{ImageBuffer, ImageDecoder, ImageError, ImageFormat, Pixel, RgbImage};
 use std::io::Cursor;
 
+mod png_out;
+
 pub use image::imageops::FilterType;
 pub use image::{GrayImage, RgbImage as Rgb};
 
@@ -305,82 +307,64 @@ pub fn base64_decode(field: &str, text: impl AsRef<[u8]>) -> Result<Vec<u8>, Fai
         .map_err(|e| Failure::bad(format!("field '{field}' is not valid base64: {e}")))
 }
 
-/// Text past which [`base64_decode`] splits the work across threads (natively; a handler in
-/// the sandbox has one).
+/// Text past which [`base64_decode`] and [`base64_encode`] split the work across threads
+/// (natively, on the process's one pool: at most one thread a core however many requests
+/// decode at once; a handler in the sandbox has one thread).
 #[cfg(not(target_arch = "wasm32"))]
 const PARALLEL_BASE64_BYTES: usize = 512 << 10;
 
 /// Decodes clean base64 (no whitespace, padding only at the end) in pieces of whole 4-character
-/// groups on several threads. `None` when the text is short, or not clean: the caller decodes
-/// it whole (and words any error).
+/// groups side by side. `None` when the text is short, or not clean: the caller decodes it
+/// whole (and words any error).
 #[cfg(not(target_arch = "wasm32"))]
 fn base64_decode_parallel(engine: &base64::engine::GeneralPurpose, text: &[u8]) -> Option<Vec<u8>> {
     use base64::Engine;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    /// Helper threads decoding base64 right now, in the whole process: at most one a core,
-    /// however many requests decode at once (the others decode on their own thread).
-    static BUSY: AtomicUsize = AtomicUsize::new(0);
-    struct Done(usize);
-    impl Drop for Done {
-        fn drop(&mut self) {
-            BUSY.fetch_sub(self.0, Ordering::AcqRel);
-        }
-    }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pieces = (text.len() / PARALLEL_BASE64_BYTES).min(8).min(cores);
-    if pieces < 2 {
+    use rayon::prelude::*;
+    if text.len() < 2 * PARALLEL_BASE64_BYTES {
         return None;
     }
-    let helpers = pieces - 1;
-    if BUSY.fetch_add(helpers, Ordering::AcqRel) + helpers > cores {
-        BUSY.fetch_sub(helpers, Ordering::AcqRel);
-        return None;
-    }
-    let _done = Done(helpers);
-    let piece = (text.len() / pieces).div_ceil(4) * 4;
-    let chunks: Vec<&[u8]> = text.chunks(piece).collect();
+    let piece = PARALLEL_BASE64_BYTES;
+    let (full, last) = text.split_at((text.len() - 1) / piece * piece);
     // Every piece but the last is whole groups without padding, so each decodes to exactly
     // three quarters of its length.
-    let last = chunks.last()?;
-    let mut out = vec![0u8; (chunks.len() - 1) * piece / 4 * 3 + last.len().div_ceil(4) * 3];
-    let written = std::thread::scope(|scope| {
-        let mut rest = &mut out[..];
-        let mut jobs = Vec::with_capacity(chunks.len());
-        let (mut first, mut jobs_failed) = (None, false);
-        for (i, chunk) in chunks.iter().enumerate() {
-            let len = if i + 1 == chunks.len() {
-                rest.len()
-            } else {
-                piece / 4 * 3
-            };
-            let (mine, tail) = rest.split_at_mut(len);
-            rest = tail;
-            if i == 0 {
-                first = Some((*chunk, mine));
-                continue;
-            }
-            // A helper that cannot be started fails the lot: the caller decodes it whole.
-            match std::thread::Builder::new()
-                .spawn_scoped(scope, move || engine.decode_slice(chunk, mine).ok())
-            {
-                Ok(job) => jobs.push(job),
-                Err(_) => jobs_failed = true,
-            }
-        }
-        let mut written = Vec::with_capacity(chunks.len());
-        written.push(first.and_then(|(chunk, mine)| engine.decode_slice(chunk, mine).ok()));
-        written.extend(jobs.into_iter().map(|j| j.join().ok().flatten()));
-        if jobs_failed {
-            return None;
-        }
-        written.into_iter().collect::<Option<Vec<usize>>>()
-    })?;
-    let (full, tail) = written.split_at(written.len() - 1);
-    if full.iter().any(|&n| n != piece / 4 * 3) {
+    let mut out = vec![0u8; full.len() / 4 * 3 + last.len().div_ceil(4) * 3];
+    let (head, tail) = out.split_at_mut(full.len() / 4 * 3);
+    let (heads, tail_len) = rayon::join(
+        || {
+            full.par_chunks(piece)
+                .zip(head.par_chunks_mut(piece / 4 * 3))
+                .all(|(text, out)| engine.decode_slice(text, out) == Ok(out.len()))
+        },
+        || engine.decode_slice(last, tail).ok(),
+    );
+    if !heads {
         return None;
     }
-    out.truncate(full.len() * piece / 4 * 3 + tail[0]);
+    out.truncate(full.len() / 4 * 3 + tail_len?);
     Some(out)
+}
+
+/// Standard base64 with padding, as responses carry images; long input is encoded in pieces
+/// side by side natively (the same text).
+pub fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    let engine = &base64::engine::general_purpose::STANDARD;
+    #[cfg(not(target_arch = "wasm32"))]
+    if bytes.len() >= 2 * PARALLEL_BASE64_BYTES {
+        use rayon::prelude::*;
+        // Pieces of whole 3-byte groups encode to exactly 4/3 their length, unpadded.
+        let piece = PARALLEL_BASE64_BYTES / 3 * 3;
+        let mut text = vec![0u8; bytes.len().div_ceil(3) * 4];
+        bytes
+            .par_chunks(piece)
+            .zip(text.par_chunks_mut(piece / 3 * 4))
+            .for_each(|(bytes, text)| {
+                let n = engine.encode_slice(bytes, text).expect("sized for it");
+                debug_assert_eq!(n, text.len());
+            });
+        return String::from_utf8(text).expect("base64 is ASCII");
+    }
+    engine.encode(bytes)
 }
 
 /// Width and height from the image header alone (no pixel decoding), checked against
@@ -504,8 +488,18 @@ pub fn dilate_square(mask: &[u8], w: usize, h: usize, k: usize) -> Vec<u8> {
 
 /// Encodes as PNG (lossless) with fast compression and the Sub filter: on photo-like content
 /// zlib's default level with adaptive filtering costs ~45x the time for ~45% fewer bytes
-/// (`examples/codec_bench.rs`), and a response is latency, not storage.
+/// (`examples/codec_bench.rs`), and a response is latency, not storage. 8-bit images are cut
+/// into strips compressed side by side natively (`png_out`), the same bytes in the sandbox;
+/// others (16-bit, float) go through the image crate's encoder.
 pub fn encode_png(img: &DynamicImage) -> Result<Vec<u8>, Failure> {
+    let size = (img.width(), img.height());
+    match img {
+        DynamicImage::ImageLuma8(i) => return encode_png_pixels(i.as_raw(), size, 1),
+        DynamicImage::ImageLumaA8(i) => return encode_png_pixels(i.as_raw(), size, 2),
+        DynamicImage::ImageRgb8(i) => return encode_png_pixels(i.as_raw(), size, 3),
+        DynamicImage::ImageRgba8(i) => return encode_png_pixels(i.as_raw(), size, 4),
+        _ => {}
+    }
     use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
     let mut out = Vec::new();
     let enc = PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Sub);
@@ -514,21 +508,15 @@ pub fn encode_png(img: &DynamicImage) -> Result<Vec<u8>, Failure> {
     Ok(out)
 }
 
-/// [`encode_png`] of 8-bit interleaved pixels (`cn` 1 or 3) without building an image first:
-/// the same bytes.
+/// [`encode_png`] of 8-bit interleaved pixels (`cn` 1 to 4 channels: grey, grey+alpha, RGB,
+/// RGBA) without building an image first: the same bytes.
 pub fn encode_png_pixels(data: &[u8], (w, h): (u32, u32), cn: usize) -> Result<Vec<u8>, Failure> {
-    use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
-    use image::{ExtendedColorType, ImageEncoder};
-    let color = match cn {
-        1 => ExtendedColorType::L8,
-        3 => ExtendedColorType::Rgb8,
-        _ => return Err(Failure::Internal(format!("PNG of {cn} channels"))),
-    };
-    let mut out = Vec::new();
-    PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Sub)
-        .write_image(data, w, h, color)
-        .map_err(|e| Failure::Internal(format!("encoding PNG: {e}")))?;
-    Ok(out)
+    png_out::encode(data, (w, h), cn).ok_or_else(|| {
+        Failure::Internal(format!(
+            "cannot encode {} bytes as a {w}x{h} PNG of {cn} channels",
+            data.len()
+        ))
+    })
 }
 
 /// Encodes as JPEG at the given quality (1-100).
@@ -1219,6 +1207,25 @@ mod tests {
         let mut padded = std.encode(vec![5u8; 3 << 20]).into_bytes();
         padded[1 << 20] = b'=';
         assert!(base64_decode("image", &padded).is_err());
+    }
+
+    #[test]
+    fn base64_encodes_the_same_in_pieces() {
+        use base64::Engine;
+        let std = base64::engine::general_purpose::STANDARD;
+        for len in [
+            0usize,
+            1,
+            2,
+            3,
+            (1 << 20) - 1,
+            1 << 20,
+            (1 << 20) + 1,
+            (3 << 20) + 2,
+        ] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 13 + i / 5) as u8).collect();
+            assert!(base64_encode(&bytes) == std.encode(&bytes), "{len}");
+        }
     }
 
     #[test]

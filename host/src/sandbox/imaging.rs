@@ -173,9 +173,20 @@ impl State {
     /// Keeps `data` as a new image handle, charged to the store.
     fn keep(
         &mut self,
-        (width, height): (usize, usize),
+        size: (usize, usize),
         format: wit_img::PixelFormat,
         data: Vec<u8>,
+    ) -> wasmtime::Result<Resource<HostImage>> {
+        self.keep_shared(size, format, Arc::new(data))
+    }
+
+    /// [`Self::keep`] of pixels another image may hold too (charged all the same: the
+    /// charge is per handle, so releasing one never frees what another still holds).
+    fn keep_shared(
+        &mut self,
+        (width, height): (usize, usize),
+        format: wit_img::PixelFormat,
+        data: Arc<Vec<u8>>,
     ) -> wasmtime::Result<Resource<HostImage>> {
         if data.len() as u64 != width as u64 * height as u64 * channels(format) as u64 {
             return Err(wasmtime::Error::msg(format!(
@@ -189,7 +200,7 @@ impl State {
             width,
             height,
             format,
-            data: Arc::new(data),
+            data,
             charged,
         };
         match self.table.push(image) {
@@ -230,6 +241,15 @@ impl State {
 
     fn image(&self, handle: &Resource<HostImage>) -> wasmtime::Result<&HostImage> {
         Ok(self.table.get(handle)?)
+    }
+
+    /// A new handle on `handle`'s pixels, unchanged: what a resize, pad or crop to the
+    /// image's own size makes (PIL and OpenCV copy; the pixels are never written, so sharing
+    /// them is the same).
+    fn same(&mut self, handle: &Resource<HostImage>) -> Call<Resource<HostImage>> {
+        let img = self.image(handle)?;
+        let (size, format, data) = ((img.width, img.height), img.format, img.data.clone());
+        Ok(Ok(self.keep_shared(size, format, data)?))
     }
 
     /// A new image made from `handle`'s by `f` (which returns the new size and pixels), checked
@@ -435,11 +455,10 @@ impl wit_img::HostImage for State {
             // The source copied into an image first.
             wit_img::ResizeFilter::Nearest => sw * sh * cn,
         };
+        if (w, h) == (img.width, img.height) {
+            return self.same(&handle);
+        }
         self.derive(&handle, "the resized image", (w, h), extra, |img| {
-            if (w, h) == (img.width, img.height) {
-                // PIL and OpenCV copy an image resized to its own size.
-                return Ok(img.data.to_vec());
-            }
             let (size, cn) = ((img.width, img.height), img.channels());
             Ok(match filter {
                 wit_img::ResizeFilter::Cv2Linear => {
@@ -471,6 +490,9 @@ impl wit_img::HostImage for State {
                 img.width, img.height
             ))));
         }
+        if (pw, ph) == (img.width, img.height) {
+            return self.same(&handle);
+        }
         self.derive(&handle, "the padded image", (pw, ph), 0, |img| {
             let (w, h, c) = (img.width, img.height, img.channels());
             Ok(match mode {
@@ -495,6 +517,9 @@ impl wit_img::HostImage for State {
                 "cannot crop {cw}x{ch} at ({x}, {y}) from a {}x{} image",
                 img.width, img.height
             ))));
+        }
+        if (x, y, cw, ch) == (0, 0, img.width, img.height) {
+            return self.same(&handle);
         }
         self.derive(&handle, "the cropped image", (cw, ch), 0, |img| {
             let size = (img.width, img.height, img.channels());
@@ -553,15 +578,12 @@ impl wit_img::HostImage for State {
         encoding: wit_img::Encoding,
         quality: u8,
     ) -> Call<Vec<u8>> {
-        use base64::Engine;
         let encoded = match self.encode(handle, encoding, quality)? {
             Ok(bytes) => bytes,
             Err(e) => return Ok(Err(e)),
         };
         let text_len = encoded.len().div_ceil(3) as u64 * 4 + encoded.len() as u64;
-        let text = self.with_scratch(text_len, |_| {
-            base64::engine::general_purpose::STANDARD.encode(&encoded)
-        })?;
+        let text = self.with_scratch(text_len, |_| imaging::base64_encode(&encoded))?;
         Ok(Ok(text.into_bytes()))
     }
 
