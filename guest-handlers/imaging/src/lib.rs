@@ -429,60 +429,84 @@ pub fn pad_zero(data: &[u8], w: usize, h: usize, c: usize, pw: usize, ph: usize)
     out
 }
 
+/// Runs `f(first_row, rows)` over `data` (rows of `row_len` bytes) in bands of `band` rows:
+/// side by side natively, one by one in the sandbox.
+fn for_bands(data: &mut [u8], row_len: usize, band: usize, f: impl Fn(usize, &mut [u8]) + Sync) {
+    let chunk = (row_len * band).max(1);
+    #[cfg(not(target_arch = "wasm32"))]
+    if data.len() > chunk {
+        use rayon::prelude::*;
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, rows)| f(i * band, rows));
+        return;
+    }
+    for (i, rows) in data.chunks_mut(chunk).enumerate() {
+        f(i * band, rows);
+    }
+}
+
 /// Dilates a binary `w`x`h` mask (nonzero = set) once with a `k`x`k` square of ones, as
 /// OpenCV's `cv2.dilate(mask, np.ones((k, k)))` does: anchor at the kernel's centre (`k / 2`),
 /// pixels outside the image ignored. Returns 0/1. Separable (rows, then columns), each pass a
-/// sliding count of set pixels, so the cost does not grow with `k`.
+/// sliding count of set pixels, so the cost does not grow with `k`; each pass works on bands
+/// of rows apart (side by side natively).
 pub fn dilate_square(mask: &[u8], w: usize, h: usize, k: usize) -> Vec<u8> {
-    let set: Vec<u8> = mask.iter().map(|&v| (v != 0) as u8).collect();
     if k <= 1 || w == 0 || h == 0 {
-        return set;
+        return mask.iter().map(|&v| (v != 0) as u8).collect();
     }
+    const BAND: usize = 64;
     let (before, after) = (k / 2, k - 1 - k / 2);
     // Rows: out[x] = any(row[x - before ..= x + after]), a sliding count along the row.
     let mut rows = vec![0u8; w * h];
-    for (src, dst) in set.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
-        let mut count: usize = src[..(after + 1).min(w)].iter().map(|&v| v as usize).sum();
-        for x in 0..w {
-            dst[x] = (count > 0) as u8;
-            if x + after + 1 < w {
-                count += src[x + after + 1] as usize;
-            }
-            if x >= before {
-                count -= src[x - before] as usize;
+    for_bands(&mut rows, w, BAND, |y0, band| {
+        for (i, dst) in band.chunks_exact_mut(w).enumerate() {
+            let src = &mask[(y0 + i) * w..(y0 + i + 1) * w];
+            let mut count = src[..(after + 1).min(w)]
+                .iter()
+                .filter(|&&v| v != 0)
+                .count();
+            for x in 0..w {
+                dst[x] = (count > 0) as u8;
+                if x + after + 1 < w {
+                    count += (src[x + after + 1] != 0) as usize;
+                }
+                if x >= before {
+                    count -= (src[x - before] != 0) as usize;
+                }
             }
         }
-    }
+    });
     // Columns: the same sliding count, kept per column and advanced a whole row at a time
-    // (row-major, so it streams through memory).
-    let mut count = vec![0u32; w];
-    for row in rows.chunks_exact(w).take(after + 1) {
-        for (c, &v) in count.iter_mut().zip(row) {
-            *c += v as u32;
-        }
-    }
+    // (row-major, so it streams through memory); a band starts from the rows in its first
+    // row's window.
+    let rows = &rows;
+    let row = |y: usize| &rows[y * w..(y + 1) * w];
     let mut out = vec![0u8; w * h];
-    for y in 0..h {
-        for (o, &c) in out[y * w..(y + 1) * w].iter_mut().zip(&count) {
-            *o = (c > 0) as u8;
-        }
-        if y + after + 1 < h {
-            for (c, &v) in count
-                .iter_mut()
-                .zip(&rows[(y + after + 1) * w..(y + after + 2) * w])
-            {
+    for_bands(&mut out, w, BAND, |y0, band| {
+        let mut count = vec![0u32; w];
+        for y in y0.saturating_sub(before)..(y0 + after + 1).min(h) {
+            for (c, &v) in count.iter_mut().zip(row(y)) {
                 *c += v as u32;
             }
         }
-        if y >= before {
-            for (c, &v) in count
-                .iter_mut()
-                .zip(&rows[(y - before) * w..(y - before + 1) * w])
-            {
-                *c -= v as u32;
+        for (i, dst) in band.chunks_exact_mut(w).enumerate() {
+            let y = y0 + i;
+            for (o, &c) in dst.iter_mut().zip(&count) {
+                *o = (c > 0) as u8;
+            }
+            if y + after + 1 < h {
+                for (c, &v) in count.iter_mut().zip(row(y + after + 1)) {
+                    *c += v as u32;
+                }
+            }
+            if y >= before {
+                for (c, &v) in count.iter_mut().zip(row(y - before)) {
+                    *c -= v as u32;
+                }
             }
         }
-    }
+    });
     out
 }
 
@@ -1104,7 +1128,13 @@ mod tests {
 
     #[test]
     fn dilation_equals_the_definition() {
-        let (w, h) = (37, 23);
+        // The second is taller than a band of rows: windows cross the bands' edges.
+        for (w, h) in [(37, 23), (29, 200)] {
+            dilation_case(w, h);
+        }
+    }
+
+    fn dilation_case(w: usize, h: usize) {
         let mut seed = 7u32;
         let mask: Vec<u8> = (0..w * h)
             .map(|_| {
@@ -1112,7 +1142,7 @@ mod tests {
                 ((seed >> 16) % 29 == 0) as u8 * 255
             })
             .collect();
-        for k in [1, 2, 3, 4, 15, 40] {
+        for k in [1, 2, 3, 4, 15, 40, 130] {
             let got = dilate_square(&mask, w, h, k);
             let (before, after) = (k / 2, k - 1 - k / 2);
             for y in 0..h {

@@ -18,7 +18,6 @@
 //! code, compiled to Wasm): only the handler benchmark (`bench/handlers_cpu.py`) builds it so.
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::borrow::Cow;
 use tessera_sdk::{b64, img, json, HandlerError, ModelInput, Request, Response, Tensor};
 
 const MAX_POINTS: usize = 64;
@@ -31,14 +30,6 @@ const DEFAULT_MASK: usize = 1;
 struct Sam;
 
 /// The request body, borrowing the (large) base64 image from the request bytes.
-#[derive(Deserialize)]
-struct Body<'a> {
-    #[serde(borrow)]
-    image: Option<Cow<'a, str>>,
-    #[serde(default)]
-    gen_args: Value,
-}
-
 /// Base64 characters enough to hold a PNG or baseline JPEG header (the image's size).
 const HEADER_PREFIX: usize = 4096;
 
@@ -118,18 +109,9 @@ fn mask_index(v: Option<&Value>) -> Result<Option<usize>, HandlerError> {
 
 impl tessera_sdk::Handler for Sam {
     fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
-        let body: Body = serde_json::from_slice(&req.body).map_err(|e| {
-            HandlerError::bad(format!("request body is not the expected JSON: {e}"))
-        })?;
-        let encoded = body
-            .image
-            .ok_or_else(|| HandlerError::bad("missing field 'image'"))?;
-        let args: GenArgs = match body.gen_args {
-            Value::Null => Ok(GenArgs::default()),
-            Value::String(s) => serde_json::from_str(&s),
-            v => serde_json::from_value(v),
-        }
-        .map_err(|e| HandlerError::bad(format!("field 'gen_args' is invalid: {e}")))?;
+        let body = json::Fields::of(&req)?;
+        let encoded = body.str("image")?;
+        let args: GenArgs = body.nested("gen_args")?;
         let points = points(args.point_coords.as_ref())?;
         let labels = labels(args.point_labels.as_ref(), points.len())?;
         let max_dilate = tessera_sdk::param::<u32>("max_dilate_kernel_size").unwrap_or(101);
@@ -157,11 +139,11 @@ impl tessera_sdk::Handler for Sam {
         let (w, h, photo) = match header_only {
             Some((w, h)) => (w, h, None),
             None if cached => {
-                let (w, h) = img::dimensions("image", &b64::decode("image", &encoded)?)?;
+                let (w, h) = img::dimensions("image", &b64::decode("image", encoded)?)?;
                 (w, h, None)
             }
             None => {
-                let (w, h, photo) = pixels::decode(&encoded)?;
+                let (w, h, photo) = pixels::decode(encoded)?;
                 (w, h, Some(photo))
             }
         };

@@ -20,17 +20,23 @@ pub fn body(req: &Request) -> Result<serde_json::Map<String, Value>, HandlerErro
 /// holds them unescaped (base64 images always are): megabytes of photo are not copied to be
 /// read. Other values are only told apart from strings; arrays are skipped unvalidated
 /// (serde_json does not check the nesting depth, lone surrogates or number ranges of what it
-/// skips, where [`body`] refuses them): they are never read. Otherwise the same errors as [`body`] and
-/// [`str_field`].
-pub struct Fields<'a>(Object<'a>);
+/// skips, where [`body`] refuses them): they are never read, but by [`Fields::nested`]. Otherwise
+/// the same errors as [`body`] and [`str_field`].
+pub struct Fields<'a> {
+    map: Object<'a>,
+    body: &'a [u8],
+}
 
 type Object<'a> = std::collections::HashMap<Cow<'a, str>, Field<'a>>;
 
 /// A JSON value as [`Fields`] reads it.
+#[derive(Debug, PartialEq)]
 enum Field<'a> {
     Str(Cow<'a, str>),
     Object(Object<'a>),
     Other,
+    /// A value other than a string as the quick read leaves it: its JSON text, checked.
+    Raw(&'a [u8]),
 }
 
 impl<'de> serde::Deserialize<'de> for Field<'de> {
@@ -90,8 +96,12 @@ impl<'de> serde::Deserialize<'de> for Field<'de> {
 impl<'a> Fields<'a> {
     /// Parses the request body as a JSON object (a 400 otherwise).
     pub fn of(req: &'a Request) -> Result<Fields<'a>, HandlerError> {
-        match serde_json::from_slice::<Field>(&req.body) {
-            Ok(Field::Object(map)) => Ok(Fields(map)),
+        let body = &req.body[..];
+        if let Some(map) = scan::object(body) {
+            return Ok(Fields { map, body });
+        }
+        match serde_json::from_slice::<Field>(body) {
+            Ok(Field::Object(map)) => Ok(Fields { map, body }),
             Ok(_) => Err(HandlerError::bad("request body must be a JSON object")),
             Err(e) => Err(HandlerError::bad(format!(
                 "request body is not valid JSON: {e}"
@@ -101,7 +111,7 @@ impl<'a> Fields<'a> {
 
     /// A required string field (400 when missing or not a string).
     pub fn str(&self, key: &str) -> Result<&str, HandlerError> {
-        match self.0.get(key) {
+        match self.map.get(key) {
             Some(Field::Str(s)) => Ok(s),
             Some(_) => Err(HandlerError::bad(format!("field '{key}' must be a string"))),
             None => Err(HandlerError::bad(format!("missing field '{key}'"))),
@@ -110,10 +120,153 @@ impl<'a> Fields<'a> {
 
     /// An optional field's string value (`None` when absent or not a string).
     pub fn opt_str(&self, key: &str) -> Option<&str> {
-        match self.0.get(key) {
+        match self.map.get(key) {
             Some(Field::Str(s)) => Some(s),
             _ => None,
         }
+    }
+
+    /// [`nested`] of this body: an optional field given as a JSON value or as a string holding
+    /// JSON; absent, null or a blank string gives `T::default()`.
+    pub fn nested<T: DeserializeOwned + Default>(&self, key: &str) -> Result<T, HandlerError> {
+        let parsed = match self.map.get(key) {
+            None => return Ok(T::default()),
+            Some(Field::Str(s)) if s.trim().is_empty() => return Ok(T::default()),
+            Some(Field::Str(s)) => serde_json::from_str::<T>(s),
+            Some(Field::Raw(b"null")) => return Ok(T::default()),
+            // Through a value, as `nested` reads it: the same errors (no position in the text).
+            Some(Field::Raw(text)) => {
+                serde_json::from_slice::<Value>(text).and_then(serde_json::from_value::<T>)
+            }
+            // Read by serde_json alone (see `scan`): read it again as a map of values.
+            Some(Field::Object(_) | Field::Other) => {
+                let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(self.body) else {
+                    return Err(HandlerError::bad("request body must be a JSON object"));
+                };
+                return nested(&map, key);
+            }
+        };
+        parsed.map_err(|e| HandlerError::bad(format!("field '{key}' is invalid: {e}")))
+    }
+}
+
+/// The top level of a body read quickly: its strings of plain ASCII (base64 images) are
+/// skipped over 16 bytes at a time inside the sandbox (Wasm SIMD) instead of byte by byte,
+/// anything else (escapes, non-ASCII, other values) is left to serde_json, and any doubt
+/// (invalid JSON, not an object) gives `None`, so that [`Fields::of`] reads the body again
+/// with serde_json alone and words the error as before. The one difference: a nested value
+/// starts with serde_json's full nesting budget of 128 levels, one more than under the top
+/// level object.
+mod scan {
+    use super::{Field, Object};
+    use std::borrow::Cow;
+
+    fn space(body: &[u8], mut i: usize) -> usize {
+        while matches!(body.get(i), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+            i += 1;
+        }
+        i
+    }
+
+    /// Whether a byte may stand for itself in a JSON string that borrows as plain ASCII.
+    fn plain(b: u8) -> bool {
+        (0x20..0x80).contains(&b) && b != b'"' && b != b'\\'
+    }
+
+    /// How many plain bytes `bytes` starts with.
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    fn plain_run(bytes: &[u8]) -> usize {
+        use core::arch::wasm32::*;
+        // Signed, a byte of 0x80 or more is below 0x20 too: one test for both.
+        let (low, quote, backslash) = (i8x16_splat(0x20), u8x16_splat(b'"'), u8x16_splat(b'\\'));
+        let mut n = 0;
+        for chunk in bytes.chunks_exact(16) {
+            // SAFETY: `chunk` is 16 readable bytes, and v128_load needs no alignment.
+            let v = unsafe { v128_load(chunk.as_ptr() as *const v128) };
+            let stop = v128_or(
+                i8x16_lt(v, low),
+                v128_or(u8x16_eq(v, quote), u8x16_eq(v, backslash)),
+            );
+            let mask = u8x16_bitmask(stop);
+            if mask != 0 {
+                return n + mask.trailing_zeros() as usize;
+            }
+            n += 16;
+        }
+        n + bytes[n..].iter().take_while(|&&b| plain(b)).count()
+    }
+
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    fn plain_run(bytes: &[u8]) -> usize {
+        bytes.iter().take_while(|&&b| plain(b)).count()
+    }
+
+    /// One value at `body[i..]`, checked by serde_json, and where it ends.
+    fn value<'a, T: serde::Deserialize<'a>>(body: &'a [u8], i: usize) -> Option<(T, usize)> {
+        let mut values = serde_json::Deserializer::from_slice(&body[i..]).into_iter::<T>();
+        let v = values.next()?.ok()?;
+        Some((v, i + values.byte_offset()))
+    }
+
+    /// The string at `body[i..]` (which starts with a quote), and where it ends.
+    fn string(body: &[u8], i: usize) -> Option<(Cow<'_, str>, usize)> {
+        let start = i + 1;
+        let end = start + plain_run(&body[start..]);
+        if body.get(end) == Some(&b'"') {
+            // SAFETY: every byte of it is ASCII (`plain`), so it is UTF-8: checking again
+            // would cost as much as finding its end did.
+            let text = unsafe { std::str::from_utf8_unchecked(&body[start..end]) };
+            return Some((Cow::Borrowed(text), end + 1));
+        }
+        match value::<Field>(body, i)? {
+            (Field::Str(s), end) => Some((s, end)),
+            _ => None,
+        }
+    }
+
+    pub(super) fn object(body: &[u8]) -> Option<Object<'_>> {
+        let mut map = Object::new();
+        let mut i = space(body, 0);
+        if body.get(i) != Some(&b'{') {
+            return None;
+        }
+        i = space(body, i + 1);
+        if body.get(i) == Some(&b'}') {
+            i += 1;
+        } else {
+            loop {
+                if body.get(i) != Some(&b'"') {
+                    return None;
+                }
+                let (key, after) = string(body, i)?;
+                i = space(body, after);
+                if body.get(i) != Some(&b':') {
+                    return None;
+                }
+                i = space(body, i + 1);
+                let (field, after) = match body.get(i)? {
+                    b'"' => {
+                        let (s, after) = string(body, i)?;
+                        (Field::Str(s), after)
+                    }
+                    _ => {
+                        let (_, after) = value::<serde::de::IgnoredAny>(body, i)?;
+                        (Field::Raw(&body[i..after]), after)
+                    }
+                };
+                map.insert(key, field);
+                i = space(body, after);
+                match body.get(i)? {
+                    b',' => i = space(body, i + 1),
+                    b'}' => {
+                        i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        (space(body, i) == body.len()).then_some(map)
     }
 }
 
@@ -176,7 +329,7 @@ mod tests {
         // The last of a repeated key, as serde_json's map keeps it.
         assert_eq!(f.str("image").unwrap(), "bGFzdA==");
         assert!(matches!(
-            f.0.get("image"),
+            f.map.get("image"),
             Some(Field::Str(Cow::Borrowed(_)))
         ));
         assert_eq!(f.str("esc").unwrap(), "a/b");
@@ -206,5 +359,93 @@ mod tests {
         );
         assert_eq!(a, b);
         assert!(a.starts_with("request body is not valid JSON"));
+    }
+
+    #[test]
+    fn the_quick_read_agrees_with_serde_json_or_steps_aside() {
+        let long = "QUJD".repeat(5000);
+        let valid = [
+            r#"{}"#.to_string(),
+            " \t\r\n{ } \n".to_string(),
+            r#"{"image": "aGk=", "mask_image": "bWFzaw=="}"#.to_string(),
+            format!(r#"{{"image":"{long}","gen_args":{{"point_coords":[1,2],"point_labels":1}}}}"#),
+            format!(r#"{{"image": "{long}", "image": "b"}}"#),
+            r#"{"esc": "a\/b\n\u00e9", "k\u0041": 1, "n": -1.5e3, "t": true, "z": null}"#
+                .to_string(),
+            "{\"utf8\": \"caf\u{e9} \u{1F600}\", \"x\": [1, {\"y\": [\"s\"]}]}".to_string(),
+            r#"{"a":{},"b":[],"c":"","d":0}"#.to_string(),
+            format!(r#"{{"prompt": "{long}\"quoted\"", "n": 1}}"#),
+        ];
+        let invalid = [
+            "",
+            "{",
+            "{\"a\"",
+            "{\"a\":",
+            "{\"a\": 1,}",
+            "{\"a\" 1}",
+            "{\"a\": 1} x",
+            "{\"a\": \"b\u{1}\"}",
+            "{a: 1}",
+            "{\"a\": 01}",
+            "{\"a\": \"\\x\"}",
+            "[1]",
+            "\"s\"",
+            "{\"a\": \"unterminated}",
+            "{\"a\": tru}",
+            "{,}",
+            "{\"a\": 1 \"b\": 2}",
+        ];
+        for body in &valid {
+            let fast = scan::object(body.as_bytes()).expect("a valid object is read quickly");
+            // What the quick read leaves as JSON text reads as serde_json reads it in place.
+            let fast = fast
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Field::Raw(text) => (k, serde_json::from_slice::<Field>(text).unwrap()),
+                    v => (k, v),
+                })
+                .collect();
+            let slow = serde_json::from_slice::<Field>(body.as_bytes()).unwrap();
+            assert!(slow == Field::Object(fast), "{body:.80}");
+        }
+        for body in invalid {
+            assert!(scan::object(body.as_bytes()).is_none(), "{body}");
+            let slow = serde_json::from_slice::<Field>(body.as_bytes());
+            assert!(!matches!(slow, Ok(Field::Object(_))), "{body}");
+        }
+        // Nested values, as `nested` reads them, either way.
+        #[derive(serde::Deserialize, Default, Debug, PartialEq)]
+        struct Args {
+            k: Option<u32>,
+        }
+        for body in [
+            r#"{"a": {"k": 3}, "b": "{\"k\": 4}", "c": null, "d": " ", "e": {"k": "x"}}"#,
+            r#"{"a": {"k": 3}, "b": "{\"k\": 4}", "c": null, "d": " ", "e": {"k": "x"}, "f": "\u0000"}"#,
+        ] {
+            let r = req(body);
+            let f = Fields::of(&r).unwrap();
+            assert_eq!(f.nested::<Args>("a").unwrap(), Args { k: Some(3) });
+            assert_eq!(f.nested::<Args>("b").unwrap(), Args { k: Some(4) });
+            for default in ["c", "d", "missing"] {
+                assert_eq!(f.nested::<Args>(default).unwrap(), Args::default());
+            }
+            let map = self::body(&r).unwrap();
+            let (a, b) = (
+                f.nested::<Args>("e").unwrap_err(),
+                nested::<Args>(&map, "e").unwrap_err(),
+            );
+            assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        }
+
+        // Non-UTF-8 inside a string: serde_json's error, by the slow path.
+        let mut bad = br#"{"a": "x"#.to_vec();
+        bad.extend_from_slice(&[0xff, b'"', b'}']);
+        assert!(scan::object(&bad).is_none());
+        assert!(Fields::of(&Request {
+            body: bad,
+            content_type: String::new(),
+            headers: vec![]
+        })
+        .is_err());
     }
 }
