@@ -6,7 +6,7 @@ doing the same work in-process. Each request carries a new photo (SAM's embeddin
 hits). Also: component size, first load of each handler with a cold and a warm compile cache,
 and the floor (a 16x16 LaMa request) per language.
 
-    python bench/handlers_cpu.py [--repeat 5] [--device cpu|cuda] [--out bench/results/handlers_cpu]
+    python bench/handlers_cpu.py [--repeat 5] [--out bench/results/handlers_cpu]
 
 Variants: `rust-before` (the handlers as they were before host imaging, commit BEFORE, built
 against WIT 0.1.0 and served as such), `rust-sandbox` (today's Rust handler with the SDK's pixel
@@ -191,9 +191,6 @@ def main():
     ap.add_argument("--handlers", help="folder with the *-sandbox.wasm variants (else built)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "handlers_cpu"))
     ap.add_argument("--machine", default=os.uname().nodename)
-    ap.add_argument("--device", default="cpu",
-                    help="where the models run (cuda on a GPU host: as deployed, leaving the CPU "
-                         "to the handlers instead of to libtorch's threads)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="tessera-handlers-")
     handlers = os.path.join(work, "handlers")
@@ -216,13 +213,12 @@ def main():
             sizes[f"{m}/{v}"] = os.path.getsize(path)
             pack(store, f"{m}-{v}", *models[m], path)
 
-    results = {"machine": args.machine, "device": args.device, "repeat": args.repeat,
-               "component_bytes": sizes,
+    results = {"machine": args.machine, "repeat": args.repeat, "component_bytes": sizes,
                "load_ms": {}, "requests": []}
     cache = os.path.join(work, "component-cache")
     for run in ("cold", "warm"):
         srv, base, log = start_server(BINARY, store, work, os.path.join(work, f"server-{run}.log"),
-                                      "--component-cache", cache, "--device", args.device)
+                                      "--component-cache", cache, "--device", "cpu")
         try:
             for m, variants in VARIANTS.items():
                 for v in variants:
@@ -268,7 +264,7 @@ def main():
             log.close()
     shutil.rmtree(work, ignore_errors=True)
 
-    lines = [f"# Handler time per request, CPU ({args.machine}; models on {args.device})", "",
+    lines = [f"# Handler time per request, CPU ({args.machine})", "",
              f"Each request a new photo; {args.repeat} per size; pre / post = the server's "
              "x-preprocess-time / x-postprocess-time (a fresh instance each, compiled code cached), "
              "seed-python = the seed's PIL/numpy/cv2 code in-process on the same body; "
