@@ -409,9 +409,15 @@ pub fn crop(
     if x.checked_add(cw)? > w || y.checked_add(ch)? > h || data.len() != w * h * c {
         return None;
     }
-    let mut pixels = Vec::with_capacity(cw * ch * c);
-    for row in data.chunks_exact((w * c).max(1)).skip(y).take(ch) {
-        pixels.extend_from_slice(&row[x * c..(x + cw) * c]);
+    let row = cw * c;
+    let mut pixels = vec![0u8; row * ch];
+    if row > 0 {
+        for_bands(&mut pixels, row, band_rows(row), |y0, band| {
+            for (i, dst) in band.chunks_exact_mut(row).enumerate() {
+                let from = ((y + y0 + i) * w + x) * c;
+                dst.copy_from_slice(&data[from..from + row]);
+            }
+        });
     }
     Some(pixels)
 }
@@ -419,14 +425,21 @@ pub fn crop(
 /// Pads an interleaved `w`x`h` image with `c` channels at the bottom and right to `pw`x`ph`
 /// with zeros.
 pub fn pad_zero(data: &[u8], w: usize, h: usize, c: usize, pw: usize, ph: usize) -> Vec<u8> {
-    let mut out = vec![0u8; pw * ph * c];
-    for (dst, src) in out
-        .chunks_exact_mut((pw * c).max(1))
-        .zip(data.chunks_exact((w * c).max(1)).take(h))
-    {
-        dst[..w * c].copy_from_slice(src);
+    let (row, src) = (pw * c, w * c);
+    let mut out = vec![0u8; row * ph];
+    if row > 0 {
+        for_bands(&mut out, row, band_rows(row), |y0, band| {
+            for (y, dst) in (y0..h).zip(band.chunks_exact_mut(row)) {
+                dst[..src].copy_from_slice(&data[y * src..(y + 1) * src]);
+            }
+        });
     }
     out
+}
+
+/// Rows in a band of [`for_bands`] for rows of `row_len` bytes: about 256 KiB.
+fn band_rows(row_len: usize) -> usize {
+    ((256 << 10) / row_len.max(1)).max(1)
 }
 
 /// Runs `f(first_row, rows)` over `data` (rows of `row_len` bytes) in bands of `band` rows:
@@ -637,15 +650,20 @@ pub fn symmetric_index(i: usize, n: usize) -> usize {
 /// Pads an interleaved `h`x`w` image with `c` channels at the bottom and right to
 /// `ph`x`pw` using symmetric padding (numpy `np.pad(..., mode="symmetric")`).
 pub fn pad_symmetric(data: &[u8], w: usize, h: usize, c: usize, pw: usize, ph: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(pw * ph * c);
-    for y in 0..ph {
-        let sy = symmetric_index(y, h);
-        let row = &data[sy * w * c..(sy + 1) * w * c];
-        out.extend_from_slice(row);
-        for x in w..pw {
-            let sx = symmetric_index(x, w);
-            out.extend_from_slice(&row[sx * c..(sx + 1) * c]);
-        }
+    let (out_row, src) = (pw * c, w * c);
+    let mut out = vec![0u8; out_row * ph];
+    if out_row > 0 {
+        for_bands(&mut out, out_row, band_rows(out_row), |y0, band| {
+            for (i, dst) in band.chunks_exact_mut(out_row).enumerate() {
+                let sy = symmetric_index(y0 + i, h);
+                let row = &data[sy * src..(sy + 1) * src];
+                dst[..src].copy_from_slice(row);
+                for x in w..pw {
+                    let sx = symmetric_index(x, w);
+                    dst[x * c..(x + 1) * c].copy_from_slice(&row[sx * c..(sx + 1) * c]);
+                }
+            }
+        });
     }
     out
 }
@@ -1285,6 +1303,34 @@ mod tests {
         assert_eq!(padded.len(), 4 * 3 * 2);
         assert_eq!(crop(&padded, (4, 3, 2), (0, 0, 3, 2)).unwrap(), img);
         assert!(padded[6..8].iter().chain(&padded[14..]).all(|&v| v == 0));
+    }
+
+    #[test]
+    fn padding_and_cropping_in_bands_match_the_definition() {
+        // Rows of 2100 bytes: bands of 124 rows, several of them.
+        let (w, h, c) = (700usize, 500usize, 3usize);
+        let img: Vec<u8> = (0..w * h * c).map(|i| (i * 7 + i / 2100) as u8).collect();
+        let px = |x: usize, y: usize| &img[(y * w + x) * c..(y * w + x + 1) * c];
+        let (pw, ph) = (716, 520);
+        let sym = pad_symmetric(&img, w, h, c, pw, ph);
+        let zero = pad_zero(&img, w, h, c, pw, ph);
+        for y in 0..ph {
+            for x in 0..pw {
+                let at = (y * pw + x) * c;
+                let want = px(symmetric_index(x, w), symmetric_index(y, h));
+                assert_eq!(&sym[at..at + c], want, "symmetric ({x}, {y})");
+                let want: &[u8] = if x < w && y < h { px(x, y) } else { &[0; 3] };
+                assert_eq!(&zero[at..at + c], want, "zero ({x}, {y})");
+            }
+        }
+        let (cx, cy, cw, ch) = (5, 7, 600, 450);
+        let cut = crop(&img, (w, h, c), (cx, cy, cw, ch)).unwrap();
+        for y in 0..ch {
+            for x in 0..cw {
+                let at = (y * cw + x) * c;
+                assert_eq!(&cut[at..at + c], px(cx + x, cy + y), "crop ({x}, {y})");
+            }
+        }
     }
 
     #[test]
