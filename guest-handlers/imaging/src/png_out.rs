@@ -253,7 +253,9 @@ impl Bits {
 
     fn into_bytes(mut self) -> Vec<u8> {
         debug_assert_eq!(self.n, 0);
+        // Strips wait for one another before they are laid end to end: hold no slack.
         self.out.truncate(self.pos);
+        self.out.shrink_to_fit();
         self.out
     }
 }

@@ -29,7 +29,6 @@ const DEFAULT_MASK: usize = 1;
 
 struct Sam;
 
-/// The request body, borrowing the (large) base64 image from the request bytes.
 /// Base64 characters enough to hold a PNG or baseline JPEG header (the image's size).
 const HEADER_PREFIX: usize = 4096;
 

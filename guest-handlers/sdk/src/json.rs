@@ -154,9 +154,10 @@ impl<'a> Fields<'a> {
 /// skipped over 16 bytes at a time inside the sandbox (Wasm SIMD) instead of byte by byte,
 /// anything else (escapes, non-ASCII, other values) is left to serde_json, and any doubt
 /// (invalid JSON, not an object) gives `None`, so that [`Fields::of`] reads the body again
-/// with serde_json alone and words the error as before. The one difference: a nested value
-/// starts with serde_json's full nesting budget of 128 levels, one more than under the top
-/// level object.
+/// with serde_json alone and words the error as before. Other values are read as the slow
+/// path reads them (a [`Field`], so numbers, nested objects and their strings are checked
+/// alike), and one nested nearly as deep as serde_json allows is left to the slow path, whose
+/// budget counts the top-level object too.
 mod scan {
     use super::{Field, Object};
     use std::borrow::Cow;
@@ -199,6 +200,19 @@ mod scan {
     #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
     fn plain_run(bytes: &[u8]) -> usize {
         bytes.iter().take_while(|&&b| plain(b)).count()
+    }
+
+    /// Nested objects past which a value is left to the slow path: serde_json allows 128
+    /// levels, the top-level object and an array (whose elements [`Field`] skips) taking one
+    /// each.
+    const MAX_DEPTH: usize = 126;
+
+    /// How deep `field`'s objects nest.
+    fn depth(field: &Field) -> usize {
+        match field {
+            Field::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
     }
 
     /// One value at `body[i..]`, checked by serde_json, and where it ends.
@@ -250,7 +264,10 @@ mod scan {
                         (Field::Str(s), after)
                     }
                     _ => {
-                        let (_, after) = value::<serde::de::IgnoredAny>(body, i)?;
+                        let (field, after) = value::<Field>(body, i)?;
+                        if depth(&field) >= MAX_DEPTH {
+                            return None;
+                        }
                         (Field::Raw(&body[i..after]), after)
                     }
                 };
@@ -394,6 +411,11 @@ mod tests {
             "{\"a\": tru}",
             "{,}",
             "{\"a\": 1 \"b\": 2}",
+            // Checked inside other values too: a number out of range, a lone surrogate and a
+            // control character in a nested string.
+            "{\"i\": \"x\", \"n\": 1e400}",
+            "{\"m\": {\"k\": \"\\ud800\"}}",
+            "{\"m\": {\"k\": \"\u{1}\"}}",
         ];
         for body in &valid {
             let fast = scan::object(body.as_bytes()).expect("a valid object is read quickly");
@@ -437,6 +459,27 @@ mod tests {
             assert_eq!(format!("{a:?}"), format!("{b:?}"));
         }
 
+        // Nesting: what serde_json takes under the top level is taken, one level more is not
+        // (whichever path reads it).
+        let nest = |n: usize| {
+            format!(
+                r#"{{"img": "a", "m": {}1{}}}"#,
+                r#"{"k":"#.repeat(n),
+                "}".repeat(n)
+            )
+        };
+        for n in [1, 100, 125, 126, 127, 200] {
+            let body = nest(n);
+            let slow = serde_json::from_slice::<Field>(body.as_bytes());
+            match scan::object(body.as_bytes()) {
+                Some(fast) => {
+                    assert!(slow.is_ok(), "{n}: read quickly, refused by serde_json");
+                    assert_eq!(fast.len(), 2);
+                }
+                None => assert!(n >= 126, "{n} levels left to the slow path"),
+            }
+            assert_eq!(Fields::of(&req(&body)).is_ok(), slow.is_ok(), "{n}");
+        }
         // Non-UTF-8 inside a string: serde_json's error, by the slow path.
         let mut bad = br#"{"a": "x"#.to_vec();
         bad.extend_from_slice(&[0xff, b'"', b'}']);

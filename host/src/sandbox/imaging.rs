@@ -552,10 +552,11 @@ impl wit_img::HostImage for State {
         quality: u8,
     ) -> Call<Vec<u8>> {
         let img = self.image(&handle)?;
-        // PNG: the output, about the pixels again, and row buffers; JPEG: a copy of the
-        // pixels as an image, as RGB, and the output.
+        // PNG: the strips and the output they are laid into, each at most 1.5 bytes a pixel
+        // byte (12-bit codes), and row buffers; JPEG: a copy of the pixels as an image, as
+        // RGB, and the output.
         let scratch = match encoding {
-            wit_img::Encoding::Png => img.data.len() as u64 * 2 + 64 * img.width as u64,
+            wit_img::Encoding::Png => img.data.len() as u64 * 3 + 64 * img.width as u64,
             wit_img::Encoding::Jpeg => (img.data.len() + 6 * img.width * img.height) as u64,
         };
         let encoded = self.with_scratch(scratch, |s| {
