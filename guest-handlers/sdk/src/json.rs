@@ -378,6 +378,24 @@ mod tests {
         assert!(a.starts_with("request body is not valid JSON"));
     }
 
+    /// What the quick read made of `body` is what serde_json makes of it (the values it left
+    /// as JSON text read in place).
+    fn assert_agrees(body: &[u8], fast: Object<'_>) {
+        let fast = fast
+            .into_iter()
+            .map(|(k, v)| match v {
+                Field::Raw(text) => (k, serde_json::from_slice::<Field>(text).unwrap()),
+                v => (k, v),
+            })
+            .collect();
+        let slow = serde_json::from_slice::<Field>(body);
+        assert!(
+            matches!(&slow, Ok(s) if *s == Field::Object(fast)),
+            "{:?}: {slow:?}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        );
+    }
+
     #[test]
     fn the_quick_read_agrees_with_serde_json_or_steps_aside() {
         let long = "QUJD".repeat(5000);
@@ -419,17 +437,44 @@ mod tests {
         ];
         for body in &valid {
             let fast = scan::object(body.as_bytes()).expect("a valid object is read quickly");
-            // What the quick read leaves as JSON text reads as serde_json reads it in place.
-            let fast = fast
-                .into_iter()
-                .map(|(k, v)| match v {
-                    Field::Raw(text) => (k, serde_json::from_slice::<Field>(text).unwrap()),
-                    v => (k, v),
-                })
-                .collect();
-            let slow = serde_json::from_slice::<Field>(body.as_bytes()).unwrap();
-            assert!(slow == Field::Object(fast), "{body:.80}");
+            assert_agrees(body.as_bytes(), fast);
         }
+        // Damaged copies of the valid bodies (bytes replaced, inserted, removed, from JSON's
+        // own characters mostly): whatever the quick read takes, serde_json takes the same.
+        let alphabet = b"{}[]\":,\\ \n\tetrufalsn0123456789.-+eEu\x01\x7f\xc3\xa9\xffabQ=";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut taken, mut tried) = (0, 0);
+        for round in 0..20_000 {
+            let base = valid[round % valid.len()].as_bytes();
+            let mut body = base.to_vec();
+            for _ in 0..1 + next(3) {
+                let at = next(body.len() + 1);
+                let c = alphabet[next(alphabet.len())];
+                match next(3) {
+                    0 if at < body.len() => body[at] = c,
+                    1 => body.insert(at, c),
+                    _ if at < body.len() => {
+                        body.remove(at);
+                    }
+                    _ => body.push(c),
+                }
+            }
+            tried += 1;
+            if let Some(fast) = scan::object(&body) {
+                taken += 1;
+                assert_agrees(&body, fast);
+            }
+        }
+        assert!(
+            taken > 1000 && taken < tried,
+            "{taken} of {tried} damaged bodies read quickly"
+        );
         for body in invalid {
             assert!(scan::object(body.as_bytes()).is_none(), "{body}");
             let slow = serde_json::from_slice::<Field>(body.as_bytes());
