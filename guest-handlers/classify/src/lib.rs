@@ -6,7 +6,7 @@
 //! <class>, "score": <probability>}`. Any other image size is a 400 (no resizing: every server
 //! compared does the same work). The photo is decoded by the host (`host_img`); its 150 KB of
 //! pixels come into the handler to become the batchable [1, 224, 224, 3] input.
-use tessera_sdk::host_img::{self, PixelFormat};
+use tessera_sdk::host_img::{Image, PixelFormat};
 use tessera_sdk::{json, HandlerError, ModelInput, Request, Response, Tensor};
 
 const SIZE: u32 = 224;
@@ -21,8 +21,8 @@ impl tessera_sdk::Handler for Classify {
             other => other,
         };
         let body = json::Fields::of(&req).map_err(shape)?;
-        body.str("image").map_err(shape)?;
-        let image = host_img::decode_field(&body, "image", PixelFormat::Rgb)?;
+        let text = body.str("image").map_err(shape)?;
+        let image = Image::decode_base64("image", text.as_bytes(), PixelFormat::Rgb)?;
         // The pixel limit bounds the decode; the size is the model's.
         let (w, h) = (image.width(), image.height());
         if (w, h) != (SIZE, SIZE) {

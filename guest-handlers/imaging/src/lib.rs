@@ -442,6 +442,17 @@ fn band_rows(row_len: usize) -> usize {
     ((256 << 10) / row_len.max(1)).max(1)
 }
 
+/// `f` over `items`, in order: side by side natively (on the process's one pool, a thread a
+/// core), one by one in the sandbox.
+pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> Vec<R> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if items.len() > 1 {
+        use rayon::prelude::*;
+        return items.par_iter().map(f).collect();
+    }
+    items.iter().map(f).collect()
+}
+
 /// Runs `f(first_row, rows)` over `data` (rows of `row_len` bytes) in bands of `band` rows:
 /// side by side natively, one by one in the sandbox.
 fn for_bands(data: &mut [u8], row_len: usize, band: usize, f: impl Fn(usize, &mut [u8]) + Sync) {
@@ -468,11 +479,10 @@ pub fn dilate_square(mask: &[u8], w: usize, h: usize, k: usize) -> Vec<u8> {
     if k <= 1 || w == 0 || h == 0 {
         return mask.iter().map(|&v| (v != 0) as u8).collect();
     }
-    const BAND: usize = 64;
-    let (before, after) = (k / 2, k - 1 - k / 2);
+    let (before, after, band) = (k / 2, k - 1 - k / 2, band_rows(w));
     // Rows: out[x] = any(row[x - before ..= x + after]), a sliding count along the row.
     let mut rows = vec![0u8; w * h];
-    for_bands(&mut rows, w, BAND, |y0, band| {
+    for_bands(&mut rows, w, band, |y0, band| {
         for (i, dst) in band.chunks_exact_mut(w).enumerate() {
             let src = &mask[(y0 + i) * w..(y0 + i + 1) * w];
             let mut count = src[..(after + 1).min(w)]
@@ -496,7 +506,7 @@ pub fn dilate_square(mask: &[u8], w: usize, h: usize, k: usize) -> Vec<u8> {
     let rows = &rows;
     let row = |y: usize| &rows[y * w..(y + 1) * w];
     let mut out = vec![0u8; w * h];
-    for_bands(&mut out, w, BAND, |y0, band| {
+    for_bands(&mut out, w, band, |y0, band| {
         let mut count = vec![0u32; w];
         for y in y0.saturating_sub(before)..(y0 + after + 1).min(h) {
             for (c, &v) in count.iter_mut().zip(row(y)) {

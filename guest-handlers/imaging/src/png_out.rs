@@ -343,7 +343,8 @@ fn strip(rows: &[u8], row_bytes: usize, cn: usize, last: bool) -> Strip {
     for (sym, entry) in lut.iter_mut().enumerate() {
         *entry = lit_codes[sym] as u32 | (lit_lengths[sym] as u32) << 16;
     }
-    let hlit = 257.max(LITLEN - lit_lengths.iter().rev().take_while(|&&l| l == 0).count());
+    // Every literal/length symbol has a code (counted once at least): all 286 are sent.
+    let hlit = LITLEN;
     // One distance code, of one bit: distance 1.
     let dist_lengths = [1u8];
 
@@ -425,16 +426,6 @@ fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     out.extend_from_slice(&crc.to_be_bytes());
 }
 
-/// Runs `f` over `items`, on several threads natively when there is more than one.
-fn map_strips<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> Vec<R> {
-    #[cfg(not(target_arch = "wasm32"))]
-    if items.len() > 1 {
-        use rayon::prelude::*;
-        return items.par_iter().map(f).collect();
-    }
-    items.iter().map(f).collect()
-}
-
 /// An 8-bit `w`x`h` PNG of `cn` (1 to 4: grey, grey+alpha, RGB, RGBA) interleaved channels;
 /// `None` for an empty image or pixels that do not match the size.
 pub(crate) fn encode(data: &[u8], (w, h): (u32, u32), cn: usize) -> Option<Vec<u8>> {
@@ -445,11 +436,9 @@ pub(crate) fn encode(data: &[u8], (w, h): (u32, u32), cn: usize) -> Option<Vec<u
     }
     let rows_per_strip = (STRIP_BYTES / (row_bytes + 1)).max(1);
     let pieces: Vec<&[u8]> = data.chunks(rows_per_strip * row_bytes).collect();
-    let count = pieces.len();
+    let last = pieces.len() - 1;
     let indexed: Vec<(usize, &[u8])> = pieces.into_iter().enumerate().collect();
-    let strips = map_strips(&indexed, |&(i, rows)| {
-        strip(rows, row_bytes, cn, i + 1 == count)
-    });
+    let strips = crate::par_map(&indexed, |&(i, rows)| strip(rows, row_bytes, cn, i == last));
 
     let mut out =
         Vec::with_capacity(strips.iter().map(|s| s.deflate.len() + 12).sum::<usize>() + 64);

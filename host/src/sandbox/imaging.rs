@@ -41,32 +41,6 @@ fn decode_pixels(
     })
 }
 
-/// `f` over `items`, each on a thread of its own (the first on this one; one that cannot be
-/// started runs here too).
-fn side_by_side<I: Sync, T: Send>(items: &[I], f: impl Fn(&I) -> T + Sync) -> Vec<T> {
-    std::thread::scope(|scope| {
-        let f = &f;
-        let jobs: Vec<_> = items
-            .iter()
-            .skip(1)
-            .map(|item| {
-                std::thread::Builder::new()
-                    .spawn_scoped(scope, move || f(item))
-                    .map_err(|_| item)
-            })
-            .collect();
-        let mut out = Vec::with_capacity(items.len());
-        out.extend(items.first().map(f));
-        for job in jobs {
-            out.push(match job {
-                Ok(handle) => handle.join().expect("a decode thread panicked"),
-                Err(item) => f(item),
-            });
-        }
-        out
-    })
-}
-
 /// An image owned by the host: 8-bit interleaved pixels, 1 (luma) or 3 (rgb) channels.
 pub struct HostImage {
     width: usize,
@@ -336,7 +310,7 @@ impl wit_img::HostImage for State {
             .map(|i| 2 * i.text.len() as u64 + (i.text.len() as u64).div_ceil(4) * 3)
             .sum();
         self.charge(texts)?;
-        let bytes = side_by_side(&items, |i| imaging::base64_decode(&i.field, &i.text));
+        let bytes = imaging::par_map(&items, |i| imaging::base64_decode(&i.field, &i.text));
         let sizes: Vec<Result<(u32, u32), Failure>> = items
             .iter()
             .zip(&bytes)
@@ -356,7 +330,7 @@ impl wit_img::HostImage for State {
             return Err(e);
         }
         let work: Vec<_> = items.iter().zip(&bytes).zip(&sizes).collect();
-        let pixels = side_by_side(&work, |((i, b), s)| match (b, s) {
+        let pixels = imaging::par_map(&work, |((i, b), s)| match (b, s) {
             (Ok(b), Ok(_)) => decode_pixels(&i.field, b, i.format, max),
             (Err(e), _) | (_, Err(e)) => Err(e.clone()),
         });
