@@ -44,12 +44,13 @@ def photo(w, h, seed):
 
 
 
-def export_sam(work, variant="vit_h", state_dict=False):
-    """Exports SAM `variant` with random weights on CUDA into `work/<variant>`; returns that
-    folder (encoder.pt, decoder.pt, warmup.json and, with `state_dict`, sam.pth)."""
+def export_sam(work, variant="vit_h", state_dict=False, encoder_dtype="float32"):
+    """Exports SAM `variant` with random weights on CUDA into `work/<variant>` (its image encoder
+    in `encoder_dtype`); returns that folder (encoder.pt, decoder.pt, warmup.json and, with
+    `state_dict`, sam.pth)."""
     d = os.path.join(work, variant)
     cmd = [sys.executable, os.path.join(ROOT, "models/sam/export.py"), "--variant", variant, "--random",
-           "--out-dir", d, "--device", "cuda"]
+           "--out-dir", d, "--device", "cuda", "--encoder-dtype", encoder_dtype]
     if state_dict:
         cmd += ["--save-state-dict", os.path.join(d, "sam.pth")]
     subprocess.check_call(cmd)

@@ -9,11 +9,12 @@
 # Options: --store DIR (default ./model-store, which scripts/demo.sh serves), --name NAME (default
 # the family; the archive is DIR/NAME.tar.gz, served as /predictions/NAME). Any other flag goes
 # to export.py after the defaults, e.g. --variant vit_b (sam; vit_h by default, or the variant the
-# checkpoint's file name says), --fp16 (lama, sd), --device cuda (sd). Sets up and builds what is
-# missing (scripts/env.sh, the family's handler, the release binary unless TESSERA_BIN names one).
+# checkpoint's file name says), --encoder-dtype bfloat16 (sam, GPU serving), --fp16 (lama, sd),
+# --device cuda (sd). Sets up and builds what is missing (scripts/env.sh, the family's handler,
+# the release binary unless TESSERA_BIN names one).
 set -euo pipefail
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit "${1:-2}"
 }
 case "${1:-}" in -h | --help) usage 0 ;; esac

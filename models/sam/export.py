@@ -24,6 +24,7 @@ architecture, CI-sized). --variant vit_b | vit_l | vit_h.
 Also writes OUT_DIR/warmup.json, a small click request for `tessera.warmup` (an archive asset).
 """
 import argparse
+import copy
 import os
 from functools import partial
 from typing import List, Tuple
@@ -95,11 +96,15 @@ class Encoder(nn.Module):
     in the encoder is specialised or planned again for a new photo size. Normalising the
     padded square and zeroing what lies outside the photo equals SAM's normalise-then-pad."""
 
-    def __init__(self, vit: nn.Module, mean: Tensor, std: Tensor):
+    def __init__(self, vit: nn.Module, mean: Tensor, std: Tensor, vit_dtype: torch.dtype, out_dtype: torch.dtype):
         super().__init__()
         self.vit = vit
         self.register_buffer("mean", mean.reshape(1, 3, 1, 1))
         self.register_buffer("std", std.reshape(1, 3, 1, 1))
+        # Empty tensors that carry the ViT's dtype and the embeddings' (the decoder's): the
+        # ViT may run in a lower precision than the rest (export's --encoder-dtype).
+        self.register_buffer("vit_dtype", torch.zeros(0, dtype=vit_dtype))
+        self.register_buffer("out_dtype", torch.zeros(0, dtype=out_dtype))
 
     def forward(self, image: Tensor, image_hw: Tensor) -> Tensor:
         x = image.permute(2, 0, 1).unsqueeze(0).to(self.mean.dtype)
@@ -108,7 +113,7 @@ class Encoder(nn.Module):
         rows = torch.arange(1024, device=x.device).reshape(1, 1, 1024, 1) < hw[0]
         cols = torch.arange(1024, device=x.device).reshape(1, 1, 1, 1024) < hw[1]
         x = torch.where(rows & cols, x, torch.zeros_like(x))
-        return self.vit(x)
+        return self.vit(x.to(self.vit_dtype.dtype)).to(self.out_dtype.dtype)
 
 
 class PromptCore(nn.Module):
@@ -215,13 +220,26 @@ class Decoder(nn.Module):
         return out, iou.float(), index
 
 
-def export(sam: Sam, out_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+def encoder(sam: Sam, device: str = "cpu", dtype: torch.dtype = torch.float32, encoder_dtype=None):
+    """The scripted Encoder; `encoder_dtype` (default `dtype`) is the ViT's precision: the photo
+    is normalised in `dtype` and the embeddings come back in `dtype`."""
+    vit_dtype = encoder_dtype or dtype
+    vit_module = sam.image_encoder.to(device=device)
+    if vit_dtype != dtype:  # a copy: `sam` keeps its precision (the decoder shares nothing with it)
+        vit_module = copy.deepcopy(vit_module).to(dtype=vit_dtype)
+    with torch.no_grad():
+        vit = torch.jit.trace(vit_module, torch.zeros(1, 3, IMG, IMG, device=device, dtype=vit_dtype))
+    mean = sam.pixel_mean.reshape(3).to(device=device, dtype=dtype)
+    std = sam.pixel_std.reshape(3).to(device=device, dtype=dtype)
+    return torch.jit.script(Encoder(vit, mean, std, vit_dtype, dtype))
+
+
+def export(sam: Sam, out_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+           encoder_dtype=None) -> None:
     os.makedirs(out_dir, exist_ok=True)
     sam = sam.to(device=device, dtype=dtype)
     with torch.no_grad():
-        vit = torch.jit.trace(sam.image_encoder, torch.zeros(1, 3, IMG, IMG, device=device, dtype=dtype))
-        enc = torch.jit.script(Encoder(vit, sam.pixel_mean.reshape(3).to(dtype), sam.pixel_std.reshape(3).to(dtype)))
-        enc.save(os.path.join(out_dir, "encoder.pt"))
+        encoder(sam, device, dtype, encoder_dtype).save(os.path.join(out_dir, "encoder.pt"))
         emb = torch.zeros(1, sam.prompt_encoder.embed_dim, IMG // 16, IMG // 16, device=device, dtype=dtype)
         # Traced at 2 photos x 2 points: both sizes stay symbolic in the graph.
         emb = emb.expand(2, -1, -1, -1).contiguous()
@@ -261,12 +279,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--save-state-dict", help="also save the weights (for parity tests)")
+    ap.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the image encoder's (ViT's) precision; the photo's normalisation, the "
+                         "embeddings and the prompt decoder stay float32")
     args = ap.parse_args()
     sam = build(args.variant, args.checkpoint, args.tiny, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.save_state_dict:
         torch.save(sam.state_dict(), args.save_state_dict)
-    export(sam, args.out_dir, args.device)
+    export(sam, args.out_dir, args.device, encoder_dtype=getattr(torch, args.encoder_dtype))
     write_warmup(os.path.join(args.out_dir, "warmup.json"))
     n = sum(p.numel() for p in sam.parameters())
     print(f"wrote {args.out_dir}/encoder.pt, decoder.pt, warmup.json: {'tiny' if args.tiny else args.variant}, {n / 1e6:.1f} M parameters")

@@ -91,3 +91,32 @@ def test_a_batch_of_clicks_on_different_photos_equals_each_alone(tmp_path):
         agree = (masks[b, :h * w] == m[0]).float().mean()
         assert agree >= 0.9999, agree
         assert int(masks[b, h * w:].sum()) == 0
+
+
+def test_a_lower_precision_encoder_keeps_float32_around_it(tmp_path):
+    """--encoder-dtype bfloat16 (GPU archives): the ViT runs in bfloat16 on a copy of its
+    weights, the photo is normalised and the embeddings returned in float32, so the float32
+    decoder takes them as they are; the masks stay the float32 encoder's but for a few edge pixels,
+    and the model the export was given keeps its float32 weights."""
+    sam = export.build("vit_b", None, tiny=True, seed=9)
+    export.export(sam, str(tmp_path / "f32"))
+    export.export(sam, str(tmp_path / "bf16"), encoder_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in sam.parameters())
+    enc32 = torch.jit.load(str(tmp_path / "f32" / "encoder.pt"))
+    enc16 = torch.jit.load(str(tmp_path / "bf16" / "encoder.pt"))
+    assert {p.dtype for n, p in enc16.named_parameters() if n.startswith("vit.")} == {torch.bfloat16}
+    dec = torch.jit.load(str(tmp_path / "bf16" / "decoder.pt"))
+    h, w = 300, 451
+    resized = ResizeLongestSide(1024).apply_image(photo(h, w, 1))
+    square = np.zeros((1024, 1024, 3), np.uint8)
+    square[:resized.shape[0], :resized.shape[1]] = resized
+    with torch.no_grad():
+        args = (torch.from_numpy(square), torch.tensor(resized.shape[:2]))
+        e32, e16 = enc32(*args), enc16(*args)
+        assert e16.dtype == torch.float32 and e16.shape == e32.shape
+        assert float((e16 - e32).norm() / e32.norm()) < 0.02
+        click = (torch.tensor([[[200.0, 120.0]]]), torch.tensor([[1.0]]), torch.tensor([[h, w]]))
+        for i in range(3):
+            m32 = dec(e32, *click, torch.tensor([i]))[0]
+            m16 = dec(e16, *click, torch.tensor([i]))[0]
+            assert (m32 == m16).float().mean() >= 0.99
