@@ -30,8 +30,8 @@ kernels round differently, and which ones run depends on the executor's history.
 
 Weights: --pretrained DIR (a folder saved with `save_pretrained`, as the seed stores it),
 --random (full size) or --tiny (the same architecture, CI-sized). The tokenizer files go to
-OUT_DIR/tokenizer/ and small warm-up requests to OUT_DIR/warmup.json and warmup-unguided.json (the
-archive's assets).
+OUT_DIR/tokenizer/ (with clip-bpe.bin, their tables packed for the handler) and small warm-up
+requests to OUT_DIR/warmup.json and warmup-unguided.json (the archive's assets).
 
     python models/sd/export.py --random --device cuda --fp16 --out-dir build/sd
 """
@@ -471,6 +471,7 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     if args.pretrained:
         shutil.copytree(os.path.join(args.pretrained, "tokenizer"), tok_out, dirs_exist_ok=True)
+        tokenizer_files.write_packed(__import__("pathlib").Path(tok_out))
     else:
         tokenizer_files.write(__import__("pathlib").Path(tok_out))
     export(parts, args.out_dir, args.device, args.fp16, args.max_steps)

@@ -1,4 +1,5 @@
-"""Writes SD2's `tokenizer/` folder (CLIP BPE vocab.json + merges.txt + configs) from the BPE
+"""Writes SD2's `tokenizer/` folder (CLIP BPE vocab.json + merges.txt + configs, and the
+handler's packed tables clip-bpe.bin) from the BPE
 table that PyPI's open_clip_torch ships, since no model hub is reachable here.
 
 The files are laid out as stabilityai/stable-diffusion-2-inpainting's `tokenizer/` folder is:
@@ -56,6 +57,56 @@ def write(out: Path) -> None:
         "add_prefix_space": False, "bos_token": special(BOS), "do_lower_case": True,
         "eos_token": special(EOS), "errors": "replace", "model_max_length": 77, "pad_token": PAD,
         "tokenizer_class": "CLIPTokenizer", "unk_token": special(EOS)}, indent=2))
+    write_packed(out)
+
+
+# char::is_whitespace in Rust (Unicode White_Space), which the handler's merges reader uses.
+_RUST_WHITESPACE = set("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {
+    chr(c) for c in range(0x2000, 0x200B)}
+PACKED_MAGIC = b"TSCLIPB1"
+
+
+def write_packed(folder: Path) -> None:
+    """`folder/clip-bpe.bin` from `folder`'s vocab.json and merges.txt: the tables the Wasm
+    handler's CLIP tokenizer would otherwise build on every request, in the layout its
+    `ClipTokenizer::from_packed` reads (guest-handlers/sdk/src/clip.rs; u32 little-endian):
+    magic, n_vocab, n_merges, blob_len; (offset, id) per token sorted by its UTF-8 bytes;
+    (a, b, rank, merged) per merge sorted by (a, b); the tokens' bytes. Merges are kept and
+    ranked as `ClipTokenizer::new` ranks them: lines other than `#version...` and blank ones,
+    in order; a pair's first line wins; a merge whose parts or result are not in the
+    vocabulary is left out."""
+    import struct
+
+    vocab = json.loads((folder / "vocab.json").read_bytes())
+    if not isinstance(vocab, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 32 for v in vocab.values()):
+        raise ValueError("vocab.json: not an object of token -> id (u32)")
+    text = (folder / "merges.txt").read_bytes().decode("utf-8")
+    lines = [l[:-1] if l.endswith("\r") else l for l in text.split("\n")]
+    merges = {}
+    rank = 0
+    for n, line in enumerate(lines):
+        if line.startswith("#version") or all(c in _RUST_WHITESPACE for c in line):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"merges.txt line {n + 1}: {line!r} is not 'a b'")
+        a, b = parts
+        ids = (vocab.get(a), vocab.get(b), vocab.get(a + b))
+        if None not in ids:
+            merges.setdefault((ids[0], ids[1]), (rank, ids[2]))
+        rank += 1
+    tokens = sorted((t.encode("utf-8"), i) for t, i in vocab.items())
+    blob = b"".join(t for t, _ in tokens)
+    out = [PACKED_MAGIC, struct.pack("<3I", len(tokens), len(merges), len(blob))]
+    at = 0
+    for t, i in tokens:
+        out.append(struct.pack("<2I", at, i))
+        at += len(t)
+    for (a, b), (r, m) in sorted(merges.items()):
+        out.append(struct.pack("<4I", a, b, r, m))
+    out.append(blob)
+    (folder / "clip-bpe.bin").write_bytes(b"".join(out))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@
 //!    of other symbols), map each piece's UTF-8 bytes to the byte-level alphabet, and apply the
 //!    BPE merges with `</w>` marking the end of each piece;
 //! 4. `<|startoftext|>` + the first `max_len - 2` ids + `<|endoftext|>`, padded to `max_len`.
+//!
+//! Building the tables from `vocab.json` and `merges.txt` takes ~20 ms natively (more in the
+//! sandbox), on every request since each runs in a fresh instance; `models/sd/export.py` also
+//! writes them packed (`clip-bpe.bin`, see [`ClipTokenizer::from_packed`]), read in place.
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
@@ -21,7 +25,7 @@ const PATTERN: &str =
 
 pub struct ClipTokenizer {
     /// Merge rank and the merged token's id, by the ids of the pair.
-    ranks: HashMap<(u32, u32), (u32, u32)>,
+    ranks: Ranks,
     /// Id of each byte's symbol, inside a piece and at its end (with `</w>`).
     byte_ids: [u32; 256],
     byte_end_ids: [u32; 256],
@@ -51,6 +55,124 @@ fn byte_chars() -> [char; 256] {
         };
     }
     out
+}
+
+/// The merges: built from `merges.txt`, or read in place from a packed file.
+enum Ranks {
+    Map(HashMap<(u32, u32), (u32, u32)>),
+    Packed(Packed),
+}
+
+impl Ranks {
+    fn get(&self, pair: (u32, u32)) -> Option<(u32, u32)> {
+        match self {
+            Ranks::Map(m) => m.get(&pair).copied(),
+            Ranks::Packed(p) => p.merge(pair),
+        }
+    }
+}
+
+/// `clip-bpe.bin`, all integers u32 little-endian:
+///
+/// ```text
+/// "TSCLIPB1" | n_vocab | n_merges | blob_len
+/// n_vocab x (offset, id)            tokens sorted by their UTF-8 bytes; token k is
+///                                   blob[offset_k .. offset_k+1] (the last ends at blob_len)
+/// n_merges x (a, b, rank, merged)   sorted by (a, b), one entry a pair: the first line of
+///                                   merges.txt naming it, ranked by its place among the
+///                                   lines kept, as `new` ranks them
+/// blob
+/// ```
+///
+/// Only the header's sizes are checked up front; a lookup that finds an offset out of range
+/// or out of order treats the token as absent (a damaged file gives wrong ids, never a panic).
+/// Unsorted entries make lookups miss in the same way.
+struct Packed {
+    bytes: Vec<u8>,
+    n_vocab: usize,
+    n_merges: usize,
+    merges_at: usize,
+    blob_at: usize,
+}
+
+const PACKED_MAGIC: &[u8; 8] = b"TSCLIPB1";
+
+impl Packed {
+    fn parse(bytes: Vec<u8>) -> Result<Self, String> {
+        let word = |i: usize| -> Option<usize> {
+            let b = bytes.get(8 + 4 * i..12 + 4 * i)?;
+            Some(u32::from_le_bytes(b.try_into().ok()?) as usize)
+        };
+        if bytes.get(..8) != Some(&PACKED_MAGIC[..]) {
+            return Err("clip-bpe.bin: not a packed CLIP tokenizer (bad magic)".into());
+        }
+        let (Some(n_vocab), Some(n_merges), Some(blob_len)) = (word(0), word(1), word(2)) else {
+            return Err("clip-bpe.bin: truncated header".into());
+        };
+        let merges_at = n_vocab.checked_mul(8).and_then(|v| v.checked_add(20));
+        let blob_at = merges_at.and_then(|m| n_merges.checked_mul(16)?.checked_add(m));
+        let end = blob_at.and_then(|b| b.checked_add(blob_len));
+        match (merges_at, blob_at, end) {
+            (Some(merges_at), Some(blob_at), Some(end)) if end == bytes.len() => Ok(Packed {
+                bytes,
+                n_vocab,
+                n_merges,
+                merges_at,
+                blob_at,
+            }),
+            _ => Err(format!(
+                "clip-bpe.bin: {} bytes, which its header ({n_vocab} tokens, {n_merges} merges, \
+                 {blob_len} bytes of text) does not add up to",
+                bytes.len()
+            )),
+        }
+    }
+
+    fn u32_at(&self, at: usize) -> Option<u32> {
+        Some(u32::from_le_bytes(self.bytes.get(at..at + 4)?.try_into().ok()?))
+    }
+
+    /// Token k's bytes and id.
+    fn token(&self, k: usize) -> Option<(&[u8], u32)> {
+        let at = 20 + 8 * k;
+        let start = self.u32_at(at)? as usize;
+        let end = if k + 1 < self.n_vocab {
+            self.u32_at(at + 8)? as usize
+        } else {
+            self.bytes.len() - self.blob_at
+        };
+        let text = self.bytes.get(self.blob_at.checked_add(start)?..self.blob_at.checked_add(end)?)?;
+        Some((text, self.u32_at(at + 4)?))
+    }
+
+    fn id(&self, token: &str) -> Option<u32> {
+        let (mut lo, mut hi) = (0, self.n_vocab);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let (text, id) = self.token(mid)?;
+            match text.cmp(token.as_bytes()) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(id),
+            }
+        }
+        None
+    }
+
+    fn merge(&self, pair: (u32, u32)) -> Option<(u32, u32)> {
+        let (mut lo, mut hi) = (0, self.n_merges);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let at = self.merges_at + 16 * mid;
+            let key = (self.u32_at(at)?, self.u32_at(at + 4)?);
+            match key.cmp(&pair) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some((self.u32_at(at + 8)?, self.u32_at(at + 12)?)),
+            }
+        }
+        None
+    }
 }
 
 fn token_content(v: &serde_json::Value) -> Option<String> {
@@ -91,6 +213,27 @@ impl ClipTokenizer {
                 }
             }
         }
+        Self::finish(Ranks::Map(ranks), |_, t| vocab.get(t).copied(), config)
+    }
+
+    /// The tokenizer from `clip-bpe.bin` (written by `models/sd/export.py` beside
+    /// `vocab.json` and `merges.txt`, from them): the same ids as [`ClipTokenizer::new`] on
+    /// those files, with nothing to build.
+    pub fn from_packed(bin: Vec<u8>, config: Option<&[u8]>) -> Result<Self, String> {
+        let lookup = |r: &Ranks, t: &str| match r {
+            Ranks::Packed(p) => p.id(t),
+            Ranks::Map(_) => None,
+        };
+        Self::finish(Ranks::Packed(Packed::parse(bin)?), lookup, config)
+    }
+
+    /// The rest of the tokenizer, given the merges and a vocabulary lookup (which may read
+    /// the merges' packed file).
+    fn finish(
+        ranks: Ranks,
+        vocab: impl Fn(&Ranks, &str) -> Option<u32>,
+        config: Option<&[u8]>,
+    ) -> Result<Self, String> {
         let config: serde_json::Value = match config {
             Some(bytes) => {
                 serde_json::from_slice(bytes).map_err(|e| format!("tokenizer_config.json: {e}"))?
@@ -106,12 +249,7 @@ impl ClipTokenizer {
             .and_then(|v| v.as_u64())
             .filter(|n| (2..=4096).contains(n))
             .unwrap_or(77) as usize;
-        let id = |t: &str| {
-            vocab
-                .get(t)
-                .copied()
-                .ok_or_else(|| format!("vocab.json has no '{t}'"))
-        };
+        let id = |t: &str| vocab(&ranks, t).ok_or_else(|| format!("vocab.json has no '{t}'"));
         let (bos, eos, pad) = (id(BOS)?, id(EOS)?, id(&pad_token)?);
         let mut specials = vec![(BOS.to_string(), bos), (EOS.to_string(), eos)];
         if pad_token != BOS && pad_token != EOS {
@@ -121,7 +259,7 @@ impl ClipTokenizer {
         // Every byte symbol (with and without </w>) is in CLIP's vocab; a vocabulary without
         // one maps it to <|endoftext|>, the unknown token.
         let chars = byte_chars();
-        let lookup = |t: String| vocab.get(&t).copied().unwrap_or(eos);
+        let lookup = |t: String| vocab(&ranks, &t).unwrap_or(eos);
         let byte_ids = std::array::from_fn(|b| lookup(chars[b].to_string()));
         let byte_end_ids = std::array::from_fn(|b| lookup(format!("{}</w>", chars[b])));
         Ok(ClipTokenizer {
@@ -227,15 +365,16 @@ impl ClipTokenizer {
             .map(|i| if i + 1 < n { i + 1 } else { NONE })
             .collect();
         let mut prev: Vec<usize> = (0..n).map(|i| if i > 0 { i - 1 } else { NONE }).collect();
-        let rank_at = |word: &[u32], next: &[usize], i: usize| -> Option<u32> {
+        // The rank of the pair starting at i and the id it merges into.
+        let rank_at = |word: &[u32], next: &[usize], i: usize| -> Option<(u32, u32)> {
             let j = next[i];
             if j == NONE {
                 return None;
             }
-            self.ranks.get(&(word[i], word[j])).map(|&(rank, _)| rank)
+            self.ranks.get((word[i], word[j]))
         };
         let mut heap: BinaryHeap<Reverse<(u32, usize)>> = (0..n - 1)
-            .filter_map(|i| rank_at(&word, &next, i).map(|rank| Reverse((rank, i))))
+            .filter_map(|i| rank_at(&word, &next, i).map(|(rank, _)| Reverse((rank, i))))
             .collect();
         // Merged-away symbols; `word[i]` is the id of the symbol starting at byte `i`.
         let mut dead = vec![false; n];
@@ -247,11 +386,12 @@ impl ClipTokenizer {
                 }
                 heap.pop();
                 // Still the pair it was when pushed? (A rank names one pair of ids.)
-                if dead[i] || rank_at(&word, &next, i) != Some(rank) {
-                    continue;
-                }
+                let merged = match rank_at(&word, &next, i) {
+                    Some((r, merged)) if r == rank && !dead[i] => merged,
+                    _ => continue,
+                };
                 let j = next[i];
-                word[i] = self.ranks[&(word[i], word[j])].1;
+                word[i] = merged;
                 dead[j] = true;
                 next[i] = next[j];
                 if next[j] != NONE {
@@ -264,7 +404,7 @@ impl ClipTokenizer {
             }
             for i in created.drain(..) {
                 if !dead[i] {
-                    if let Some(rank) = rank_at(&word, &next, i) {
+                    if let Some((rank, _)) = rank_at(&word, &next, i) {
                         heap.push(Reverse((rank, i)));
                     }
                 }
@@ -321,6 +461,80 @@ mod tests {
         );
     }
 
+    fn packed_sd2_tokenizer() -> ClipTokenizer {
+        let read = |name: &str| crate::test_fixture(&format!("sd/{name}"));
+        ClipTokenizer::from_packed(
+            read("tokenizer/clip-bpe.bin"),
+            Some(&read("tokenizer/tokenizer_config.json")),
+        )
+        .unwrap()
+    }
+
+    /// `clip-bpe.bin` (as models/sd/tokenizer_files.py packs SD2's files) gives the ids the
+    /// files themselves give: transformers' for the fixture prompts, and the same BPE as the
+    /// built tables for random words over the byte alphabet.
+    #[test]
+    fn packed_tables_give_the_same_ids() {
+        let read = |name: &str| crate::test_fixture(&format!("sd/{name}"));
+        let (built, packed) = (sd2_tokenizer(), packed_sd2_tokenizer());
+        let cases: Vec<(String, Vec<i64>)> =
+            serde_json::from_slice(&read("tokenizer_cases.json")).unwrap();
+        for (text, want) in &cases {
+            assert_eq!(&packed.encode_padded(text), want, "{text:?}");
+        }
+        assert_eq!(
+            (built.byte_ids, built.byte_end_ids, built.bos, built.eos, built.pad),
+            (packed.byte_ids, packed.byte_end_ids, packed.bos, packed.eos, packed.pad)
+        );
+        let alphabet: Vec<char> = "abcdefghijklmnopqrstuvwxyz0123456789éü漢!?.'".chars().collect();
+        let mut seed = 11;
+        for len in 1..40 {
+            for _ in 0..30 {
+                let word = random_word(&alphabet, len, &mut seed);
+                assert_eq!(
+                    built.bpe(built.piece_symbols(&word)),
+                    packed.bpe(packed.piece_symbols(&word)),
+                    "{word:?}"
+                );
+            }
+        }
+    }
+
+    /// A packed file that does not add up is refused; one damaged inside (offsets, ids,
+    /// merges) gives some ids, never a panic.
+    #[test]
+    fn damaged_packed_files_are_refused_or_harmless() {
+        let good = crate::test_fixture("sd/tokenizer/clip-bpe.bin");
+        let refused = |bin: Vec<u8>| ClipTokenizer::from_packed(bin, None).is_err();
+        assert!(refused(Vec::new()));
+        assert!(refused(good[..19].to_vec()));
+        assert!(refused(good[..good.len() - 1].to_vec()));
+        let mut magic = good.clone();
+        magic[0] ^= 1;
+        assert!(refused(magic));
+        for field in 0..3 {
+            for value in [0u32, 1, u32::MAX, u32::MAX / 8] {
+                let mut bin = good.clone();
+                bin[8 + 4 * field..12 + 4 * field].copy_from_slice(&value.to_le_bytes());
+                assert!(refused(bin), "header field {field} = {value}");
+            }
+        }
+        let mut seed = 3u64;
+        for round in 0..200 {
+            let mut bin = good.clone();
+            for _ in 0..1 + round % 50 {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                // Anywhere past the header: the token index, the merges or the text.
+                let at = 20 + (seed >> 33) as usize % (bin.len() - 20);
+                bin[at] = (seed >> 20) as u8;
+            }
+            if let Ok(tok) = ClipTokenizer::from_packed(bin, None) {
+                let ids = tok.encode_padded("a futuristic vase on a wooden table, 4k photo!");
+                assert_eq!(ids.len(), tok.max_len);
+            }
+        }
+    }
+
     /// The BPE as transformers writes it (and as this file did before the heap): find the
     /// lowest-ranked pair, rebuild the word merging its occurrences left to right, repeat.
     /// Quadratic in the word's length; the reference the heap version must equal.
@@ -330,8 +544,8 @@ mod tests {
                 .windows(2)
                 .filter_map(|p| {
                     tok.ranks
-                        .get(&(p[0], p[1]))
-                        .map(|&(rank, id)| (rank, (p[0], p[1], id)))
+                        .get((p[0], p[1]))
+                        .map(|(rank, id)| (rank, (p[0], p[1], id)))
                 })
                 .min_by_key(|(rank, _)| *rank);
             let Some((_, (a, b, merged_id))) = best else {
