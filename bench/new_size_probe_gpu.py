@@ -7,7 +7,11 @@ what the server's `simple` executor does) and eager PyTorch, each variant in a f
   - expandable: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (new sizes need no new
     cudaMalloc blocks);
   - nocudnn: cuDNN off (ATen's own convolutions: no per-shape cuDNN plan);
-  - eager: the eager module, libtorch defaults.
+  - eager: the eager module, libtorch defaults;
+  - a tag ending in `_v7` (`expandable_v7`, `eager_v7`): as its stem, with expandable segments
+    and TORCH_CUDNN_V8_API_DISABLED=1 (cuDNN's v7 API: an algorithm picked by a cheap heuristic
+    call instead of an execution plan built per new convolution shape). `eager` variants other
+    than `eager` itself also use expandable segments.
 
 For every variant: the sweep's sizes in order (first-seen marked; forward only, inputs already
 on the GPU, synchronised), then one more new size under torch.profiler, first call and a repeat,
@@ -44,7 +48,7 @@ def inputs(w, h):
 def variant(tag, pt):
     if tag == "nocudnn":
         torch.backends.cudnn.enabled = False
-    if tag == "eager":
+    if tag.startswith("eager"):
         g = lama.FFCResNetGenerator()
         export.randomize(g, 0)
         m = lama.LamaInpaint(g.eval().cuda(), torch.float32)
@@ -83,6 +87,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--variant")
     ap.add_argument("--model")
+    ap.add_argument("--variants", default="base,expandable,nocudnn,eager")
     args = ap.parse_args()
     if args.variant:
         return variant(args.variant, args.model)
@@ -91,10 +96,12 @@ def main():
     subprocess.check_call([sys.executable, os.path.join(ROOT, "models/lama/export.py"), "--random", "--out", pt,
                            "--device", "cuda"])
     results = {"gpu": torch.cuda.get_device_name(0), "variants": {}}
-    for tag in ["base", "expandable", "nocudnn", "eager"]:
+    for tag in args.variants.split(","):
         env = dict(os.environ)
-        if tag == "expandable":
+        if tag not in ("base", "nocudnn", "eager"):
             env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        if tag.endswith("_v7"):
+            env["TORCH_CUDNN_V8_API_DISABLED"] = "1"
         out = subprocess.check_output([sys.executable, __file__, "--out", args.out, "--variant", tag, "--model", pt],
                                       env=env)
         results["variants"][tag] = json.loads(out.decode().strip().splitlines()[-1])
@@ -103,7 +110,7 @@ def main():
              "| # | size | first seen | " + " | ".join(results["variants"]) + " |",
              "|---|---|---|" + "---|" * len(results["variants"])]
     for i, s in enumerate(SIZES):
-        first = results["variants"]["base"]["rows"][i]["first_seen"]
+        first = next(iter(results["variants"].values()))["rows"][i]["first_seen"]
         lines.append(f"| {i + 1} | {s[0]}x{s[1]} | {'yes' if first else ''} | " + " | ".join(
             f"{v['rows'][i]['ms']:.1f}" for v in results["variants"].values()) + " |")
     for tag, v in results["variants"].items():
