@@ -17,6 +17,7 @@ pub mod crop;
 
 use serde::{Deserialize, Serialize};
 use tessera_sdk::clip::ClipTokenizer;
+use tessera_sdk::host_img::{self, Image, PixelFormat};
 use tessera_sdk::{img, json, HandlerError, ModelInput, Request, Response, Tensor};
 
 const DEFAULT_STEPS: u32 = 50;
@@ -89,24 +90,21 @@ fn int_arg(
 
 /// A prompt field (absent or null: empty), at most `max_bytes` long: CLIP reads only 77 tokens,
 /// and the cap bounds the tokeniser's work on hostile input before it starts.
-fn text_field(
-    body: &serde_json::Map<String, serde_json::Value>,
+fn text_field<'a>(
+    body: &'a json::Fields,
     key: &str,
     max_bytes: usize,
-) -> Result<String, HandlerError> {
-    match body.get(key) {
-        None | Some(serde_json::Value::Null) => Ok(String::new()),
-        Some(serde_json::Value::String(s)) if s.len() > max_bytes => {
-            Err(HandlerError::PayloadTooLarge(format!(
-                "field '{key}' is {} bytes, over this model's limit of {max_bytes} \
-                 (handler param max_prompt_bytes); the text encoder reads only the first 77 \
-                 tokens anyway",
-                s.len()
-            )))
-        }
-        Some(serde_json::Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(HandlerError::bad(format!("field '{key}' must be a string"))),
+) -> Result<&'a str, HandlerError> {
+    let s = body.opt_text(key)?.unwrap_or("");
+    if s.len() > max_bytes {
+        return Err(HandlerError::PayloadTooLarge(format!(
+            "field '{key}' is {} bytes, over this model's limit of {max_bytes} \
+             (handler param max_prompt_bytes); the text encoder reads only the first 77 \
+             tokens anyway",
+            s.len()
+        )));
     }
+    Ok(s)
 }
 
 fn tokenizer() -> Result<ClipTokenizer, HandlerError> {
@@ -127,13 +125,13 @@ fn tokenizer() -> Result<ClipTokenizer, HandlerError> {
 
 impl tessera_sdk::Handler for Sd {
     fn preprocess(req: Request) -> Result<ModelInput, HandlerError> {
-        let body = json::body(&req)?;
-        let jpeg = img::wants_jpeg(&body)?;
+        let body = json::Fields::of(&req)?;
+        let jpeg = img::jpeg_format(body.opt_str("output_format"))?;
         let max_prompt =
             tessera_sdk::param::<usize>("max_prompt_bytes").unwrap_or(DEFAULT_MAX_PROMPT_BYTES);
         let prompt = text_field(&body, "prompt", max_prompt)?;
         let negative = text_field(&body, "negative_prompt", max_prompt)?;
-        let args: GenArgs = json::nested(&body, "gen_args")?;
+        let args: GenArgs = body.nested("gen_args")?;
         let max_steps = tessera_sdk::param::<u64>("max_steps").unwrap_or(100);
         let steps = int_arg(
             "num_inference_steps",
@@ -160,18 +158,29 @@ impl tessera_sdk::Handler for Sd {
         };
         let seed = int_arg("seed", &args.seed, 0, i64::MAX as u64)?;
 
-        let (image, luma) = img::decode_image_and_mask(&body)?;
-        let mask: Vec<u8> = luma
-            .as_raw()
-            .iter()
-            .map(|&v| if v >= 128 { 255 } else { 0 })
-            .collect();
+        // Decoded on the host, side by side (the photo's pixels then copied in: the crop and
+        // the paste-back are this handler's).
+        let [image, luma] = host_img::decode_fields(
+            &body,
+            [
+                ("image", PixelFormat::Rgb),
+                ("mask_image", PixelFormat::Luma),
+            ],
+        )?;
+        let (w, h) = (image.width(), image.height());
+        if (luma.width(), luma.height()) != (w, h) {
+            return Err(img::size_mismatch((w, h), (luma.width(), luma.height())));
+        }
+        let (image, mut mask) = (image.pixels(), luma.pixels());
+        for v in &mut mask {
+            *v = if *v >= 128 { 255 } else { 0 };
+        }
         if !mask.contains(&255) {
             return Err(HandlerError::bad(
                 "mask_image has no masked pixels (none >= 128): nothing to inpaint",
             ));
         }
-        let (w, h) = (image.width() as usize, image.height() as usize);
+        let (w, h) = (w as usize, h as usize);
         let window = tessera_sdk::param::<usize>("crop_size").unwrap_or(512);
         // A thin image is scaled up to a `window`-pixel short side first: bound that too.
         let max_pixels = tessera_sdk::param::<u64>("max_pixels").unwrap_or(img::DEFAULT_MAX_PIXELS);
@@ -185,10 +194,10 @@ impl tessera_sdk::Handler for Sd {
         }
 
         let tok = tokenizer()?;
-        let mut ids = tok.encode_padded(&negative);
-        ids.extend(tok.encode_padded(&prompt));
+        let mut ids = tok.encode_padded(negative);
+        ids.extend(tok.encode_padded(prompt));
 
-        let (win_image, win_mask, geom) = crop::pre(image.as_raw(), &mask, (w, h), window);
+        let (win_image, win_mask, geom) = crop::pre(&image, &mask, (w, h), window);
         let (ws, ml) = (window as u64, tok.max_len as u64);
         let inputs = vec![
             Tensor::from_i64("input_ids", &[2, ml], &ids)?,
@@ -198,7 +207,7 @@ impl tessera_sdk::Handler for Sd {
             Tensor::from_f32("guidance", &[], &[guidance as f32])?,
             Tensor::from_i64("seed", &[], &[seed as i64])?,
         ];
-        let context = pack_context(&Context { geom, jpeg }, image.as_raw(), &mask)?;
+        let context = pack_context(&Context { geom, jpeg }, &image, &mask)?;
         Ok(ModelInput {
             inputs,
             context,
@@ -219,10 +228,9 @@ impl tessera_sdk::Handler for Sd {
         let filled = out.view().u8()?;
         let pixels = crop::post(image, mask, filled, &ctx.geom);
         let (w, h) = ctx.geom.orig;
-        let rgb = img::Rgb::from_raw(w as u32, h as u32, pixels)
-            .ok_or_else(|| HandlerError::Internal("result size mismatch".into()))?;
-        let encoded = img::encode(&img::DynamicImage::ImageRgb8(rgb), ctx.jpeg)?;
-        Response::base64_field("generated_image", &encoded)
+        // Encoded (PNG in strips on several cores) and base64'd on the host.
+        let result = Tensor::from_u8("generated_image", &[h as u64, w as u64, 3], pixels)?;
+        host_img::base64_response("generated_image", &Image::from_tensor(&result)?, ctx.jpeg)
     }
 }
 
@@ -232,16 +240,22 @@ tessera_sdk::export_handler!(Sd);
 mod tests {
     use super::*;
 
-    fn body(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
-        v.as_object().unwrap().clone()
+    fn req(v: serde_json::Value) -> Request {
+        Request {
+            body: serde_json::to_vec(&v).unwrap(),
+            content_type: "application/json".into(),
+            headers: vec![],
+        }
     }
 
     #[test]
     fn prompts_over_the_cap_are_413() {
-        let b = body(serde_json::json!({
+        let r = req(serde_json::json!({
             "prompt": "a".repeat(4097),
             "negative_prompt": "é".repeat(2048),
+            "null": null,
         }));
+        let b = json::Fields::of(&r).unwrap();
         match text_field(&b, "prompt", DEFAULT_MAX_PROMPT_BYTES) {
             Err(HandlerError::PayloadTooLarge(m)) => {
                 assert!(
@@ -261,9 +275,13 @@ mod tests {
             Err(HandlerError::PayloadTooLarge(_))
         ));
         assert_eq!(text_field(&b, "absent", 0).unwrap(), "");
-        assert!(matches!(
-            text_field(&body(serde_json::json!({"prompt": 3})), "prompt", 10),
-            Err(HandlerError::BadRequest(_))
-        ));
+        assert_eq!(text_field(&b, "null", 0).unwrap(), "");
+        for wrong in [serde_json::json!(3), serde_json::json!([]), serde_json::json!({})] {
+            let r = req(serde_json::json!({ "prompt": wrong }));
+            assert!(matches!(
+                text_field(&json::Fields::of(&r).unwrap(), "prompt", 10),
+                Err(HandlerError::BadRequest(m)) if m == "field 'prompt' must be a string"
+            ));
+        }
     }
 }

@@ -18,10 +18,9 @@ pub fn body(req: &Request) -> Result<serde_json::Map<String, Value>, HandlerErro
 
 /// A JSON object's fields with their string values borrowed from the request body where it
 /// holds them unescaped (base64 images always are): megabytes of photo are not copied to be
-/// read. Other values are only told apart from strings; arrays are skipped unvalidated
-/// (serde_json does not check the nesting depth, lone surrogates or number ranges of what it
-/// skips, where [`body`] refuses them): they are never read, but by [`Fields::nested`]. Otherwise
-/// the same errors as [`body`] and [`str_field`].
+/// read. Other values are only told apart from strings, but read through as serde_json reads
+/// them (nesting depth, UTF-8, escapes, number ranges), so a body [`body`] refuses is refused
+/// here, with [`body`]'s error; otherwise the same errors as [`body`] and [`str_field`].
 pub struct Fields<'a> {
     map: Object<'a>,
     body: &'a [u8],
@@ -34,6 +33,9 @@ type Object<'a> = std::collections::HashMap<Cow<'a, str>, Field<'a>>;
 enum Field<'a> {
     Str(Cow<'a, str>),
     Object(Object<'a>),
+    Null,
+    /// An array, read through (its elements dropped): how deep arrays and objects nest in it.
+    Array(usize),
     Other,
     /// A value other than a string as the quick read leaves it: its JSON text, checked.
     Raw(&'a [u8]),
@@ -69,14 +71,20 @@ impl<'de> serde::Deserialize<'de> for Field<'de> {
                 Ok(Field::Other)
             }
             fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(Field::Other)
+                Ok(Field::Null)
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut a: A,
             ) -> Result<Self::Value, A::Error> {
-                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Field::Other)
+                // Each element read (and dropped) as a Field, not skipped: serde_json checks
+                // what it skips less than what it reads (UTF-8, escapes, number ranges), and
+                // `body` reads everything.
+                let mut deepest = 0;
+                while let Some(f) = a.next_element::<Field>()? {
+                    deepest = deepest.max(scan::depth(&f));
+                }
+                Ok(Field::Array(1 + deepest))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
@@ -102,10 +110,15 @@ impl<'a> Fields<'a> {
         }
         match serde_json::from_slice::<Field>(body) {
             Ok(Field::Object(map)) => Ok(Fields { map, body }),
-            Ok(_) => Err(HandlerError::bad("request body must be a JSON object")),
-            Err(e) => Err(HandlerError::bad(format!(
-                "request body is not valid JSON: {e}"
-            ))),
+            Ok(_) => Err(self::body(req)
+                .err()
+                .unwrap_or_else(|| HandlerError::bad("request body must be a JSON object"))),
+            // serde_json words some errors by the type it reads into ("invalid number" for a
+            // Field where a Value gets "EOF while parsing a value", for `[-`): an invalid
+            // body's error is `body`'s, whatever reader found it.
+            Err(e) => Err(self::body(req).err().unwrap_or_else(|| {
+                HandlerError::bad(format!("request body is not valid JSON: {e}"))
+            })),
         }
     }
 
@@ -126,6 +139,15 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// An optional string field: `None` when absent or null, a 400 when not a string.
+    pub fn opt_text(&self, key: &str) -> Result<Option<&str>, HandlerError> {
+        match self.map.get(key) {
+            None | Some(Field::Null | Field::Raw(b"null")) => Ok(None),
+            Some(Field::Str(s)) => Ok(Some(s)),
+            Some(_) => Err(HandlerError::bad(format!("field '{key}' must be a string"))),
+        }
+    }
+
     /// [`nested`] of this body: an optional field given as a JSON value or as a string holding
     /// JSON; absent, null or a blank string gives `T::default()`.
     pub fn nested<T: DeserializeOwned + Default>(&self, key: &str) -> Result<T, HandlerError> {
@@ -133,13 +155,13 @@ impl<'a> Fields<'a> {
             None => return Ok(T::default()),
             Some(Field::Str(s)) if s.trim().is_empty() => return Ok(T::default()),
             Some(Field::Str(s)) => serde_json::from_str::<T>(s),
-            Some(Field::Raw(b"null")) => return Ok(T::default()),
+            Some(Field::Raw(b"null") | Field::Null) => return Ok(T::default()),
             // Through a value, as `nested` reads it: the same errors (no position in the text).
             Some(Field::Raw(text)) => {
                 serde_json::from_slice::<Value>(text).and_then(serde_json::from_value::<T>)
             }
             // Read by serde_json alone (see `scan`): read it again as a map of values.
-            Some(Field::Object(_) | Field::Other) => {
+            Some(Field::Object(_) | Field::Array(_) | Field::Other) => {
                 let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(self.body) else {
                     return Err(HandlerError::bad("request body must be a JSON object"));
                 };
@@ -202,15 +224,15 @@ mod scan {
         bytes.iter().take_while(|&&b| plain(b)).count()
     }
 
-    /// Nested objects past which a value is left to the slow path: serde_json allows 128
-    /// levels, the top-level object and an array (whose elements [`Field`] skips) taking one
-    /// each.
+    /// Nested objects and arrays past which a value is left to the slow path: serde_json
+    /// allows 128 levels, the top-level object taking one.
     const MAX_DEPTH: usize = 126;
 
-    /// How deep `field`'s objects nest.
-    fn depth(field: &Field) -> usize {
+    /// How deep `field`'s objects and arrays nest.
+    pub(super) fn depth(field: &Field) -> usize {
         match field {
             Field::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+            Field::Array(d) => *d,
             _ => 0,
         }
     }
@@ -369,6 +391,15 @@ mod tests {
                 "request body must be a JSON object"
             );
         }
+        // serde_json words these by the type read into (found by the request_json fuzz target).
+        for text in ["[-", "{\"a\": -", "{\"a\": [1e"] {
+            let r = req(text);
+            assert_eq!(
+                msg(Fields::of(&r).err().unwrap()),
+                msg(body(&r).unwrap_err()),
+                "{text}"
+            );
+        }
         let r = req("{\"image\": ");
         let (a, b) = (
             msg(Fields::of(&r).err().unwrap()),
@@ -524,6 +555,33 @@ mod tests {
                 None => assert!(n >= 126, "{n} levels left to the slow path"),
             }
             assert_eq!(Fields::of(&req(&body)).is_ok(), slow.is_ok(), "{n}");
+        }
+        // The same with arrays, and arrays of objects (arrays are read through, not skipped).
+        let msg = |e: HandlerError| e.to_string();
+        let body_of = |text: &str| body(&req(text));
+        let arrays = |n: usize, open: &str, close: &str| {
+            format!(r#"{{"img": "a", "m": {}1{}}}"#, open.repeat(n), close.repeat(n))
+        };
+        for n in [1, 63, 64, 100, 126, 127, 200] {
+            for body in [arrays(n, "[", "]"), arrays(n, r#"[{"k":"#, "}]")] {
+                let slow = serde_json::from_slice::<Value>(body.as_bytes());
+                let r = req(&body);
+                let fast = Fields::of(&r);
+                assert_eq!(fast.is_ok(), slow.is_ok(), "{n}: {body:.40}");
+                if let (Err(a), Err(b)) = (fast, body_of(&body)) {
+                    assert_eq!(msg(a), msg(b));
+                }
+            }
+        }
+        // Invalid text inside an array (serde_json refuses it where it reads, not where it
+        // skips): refused alike, with the same error (found by the request_json fuzz target).
+        for text in [&b"{\"a\": [\"\xa1\"]}"[..], br#"{"a": ["\ud800"]}"#, br#"{"a": [1e999]}"#, b"[\"\xa1{\"\n\n] "] {
+            let r = Request {
+                body: text.to_vec(),
+                content_type: String::new(),
+                headers: vec![],
+            };
+            assert_eq!(msg(Fields::of(&r).err().unwrap()), msg(body(&r).unwrap_err()));
         }
         // Non-UTF-8 inside a string: serde_json's error, by the slow path.
         let mut bad = br#"{"a": "x"#.to_vec();
