@@ -276,7 +276,11 @@ mod tests {
         ));
         assert_eq!(text_field(&b, "absent", 0).unwrap(), "");
         assert_eq!(text_field(&b, "null", 0).unwrap(), "");
-        for wrong in [serde_json::json!(3), serde_json::json!([]), serde_json::json!({})] {
+        for wrong in [
+            serde_json::json!(3),
+            serde_json::json!([]),
+            serde_json::json!({}),
+        ] {
             let r = req(serde_json::json!({ "prompt": wrong }));
             assert!(matches!(
                 text_field(&json::Fields::of(&r).unwrap(), "prompt", 10),

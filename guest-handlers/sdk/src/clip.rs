@@ -129,7 +129,9 @@ impl Packed {
     }
 
     fn u32_at(&self, at: usize) -> Option<u32> {
-        Some(u32::from_le_bytes(self.bytes.get(at..at + 4)?.try_into().ok()?))
+        Some(u32::from_le_bytes(
+            self.bytes.get(at..at + 4)?.try_into().ok()?,
+        ))
     }
 
     /// Token k's bytes and id.
@@ -141,7 +143,9 @@ impl Packed {
         } else {
             self.bytes.len() - self.blob_at
         };
-        let text = self.bytes.get(self.blob_at.checked_add(start)?..self.blob_at.checked_add(end)?)?;
+        let text = self
+            .bytes
+            .get(self.blob_at.checked_add(start)?..self.blob_at.checked_add(end)?)?;
         Some((text, self.u32_at(at + 4)?))
     }
 
@@ -168,7 +172,9 @@ impl Packed {
             match key.cmp(&pair) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Some((self.u32_at(at + 8)?, self.u32_at(at + 12)?)),
+                std::cmp::Ordering::Equal => {
+                    return Some((self.u32_at(at + 8)?, self.u32_at(at + 12)?))
+                }
             }
         }
         None
@@ -483,10 +489,24 @@ mod tests {
             assert_eq!(&packed.encode_padded(text), want, "{text:?}");
         }
         assert_eq!(
-            (built.byte_ids, built.byte_end_ids, built.bos, built.eos, built.pad),
-            (packed.byte_ids, packed.byte_end_ids, packed.bos, packed.eos, packed.pad)
+            (
+                built.byte_ids,
+                built.byte_end_ids,
+                built.bos,
+                built.eos,
+                built.pad
+            ),
+            (
+                packed.byte_ids,
+                packed.byte_end_ids,
+                packed.bos,
+                packed.eos,
+                packed.pad
+            )
         );
-        let alphabet: Vec<char> = "abcdefghijklmnopqrstuvwxyz0123456789éü漢!?.'".chars().collect();
+        let alphabet: Vec<char> = "abcdefghijklmnopqrstuvwxyz0123456789éü漢!?.'"
+            .chars()
+            .collect();
         let mut seed = 11;
         for len in 1..40 {
             for _ in 0..30 {
@@ -523,7 +543,9 @@ mod tests {
         for round in 0..200 {
             let mut bin = good.clone();
             for _ in 0..1 + round % 50 {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 // Anywhere past the header: the token index, the merges or the text.
                 let at = 20 + (seed >> 33) as usize % (bin.len() - 20);
                 bin[at] = (seed >> 20) as u8;

@@ -560,7 +560,11 @@ mod tests {
         let msg = |e: HandlerError| e.to_string();
         let body_of = |text: &str| body(&req(text));
         let arrays = |n: usize, open: &str, close: &str| {
-            format!(r#"{{"img": "a", "m": {}1{}}}"#, open.repeat(n), close.repeat(n))
+            format!(
+                r#"{{"img": "a", "m": {}1{}}}"#,
+                open.repeat(n),
+                close.repeat(n)
+            )
         };
         for n in [1, 63, 64, 100, 126, 127, 200] {
             for body in [arrays(n, "[", "]"), arrays(n, r#"[{"k":"#, "}]")] {
@@ -575,13 +579,21 @@ mod tests {
         }
         // Invalid text inside an array (serde_json refuses it where it reads, not where it
         // skips): refused alike, with the same error (found by the request_json fuzz target).
-        for text in [&b"{\"a\": [\"\xa1\"]}"[..], br#"{"a": ["\ud800"]}"#, br#"{"a": [1e999]}"#, b"[\"\xa1{\"\n\n] "] {
+        for text in [
+            &b"{\"a\": [\"\xa1\"]}"[..],
+            br#"{"a": ["\ud800"]}"#,
+            br#"{"a": [1e999]}"#,
+            b"[\"\xa1{\"\n\n] ",
+        ] {
             let r = Request {
                 body: text.to_vec(),
                 content_type: String::new(),
                 headers: vec![],
             };
-            assert_eq!(msg(Fields::of(&r).err().unwrap()), msg(body(&r).unwrap_err()));
+            assert_eq!(
+                msg(Fields::of(&r).err().unwrap()),
+                msg(body(&r).unwrap_err())
+            );
         }
         // Non-UTF-8 inside a string: serde_json's error, by the slow path.
         let mut bad = br#"{"a": "x"#.to_vec();
