@@ -20,3 +20,5 @@ echo "==> python tests (export scripts, checkpoint layouts)"
 python -m pytest -q models
 echo "==> cargo test"
 cargo test -p tessera -p tessera-sdk -p tessera-imaging -p tessera-handler-sd -- --test-threads 2
+echo "==> fuzz targets (fuzz/README.md), ${FUZZ_SECONDS:-10} s each from their committed seeds"
+bash fuzz/run.sh "${FUZZ_SECONDS:-10}"

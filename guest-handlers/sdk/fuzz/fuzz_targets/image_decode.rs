@@ -1,0 +1,28 @@
+//! PNG and JPEG bytes from a request, decoded under a pixel limit: never a panic, never an
+//! image over the limit, the header's size is the decoded size, and what decodes re-encodes
+//! (PNG, the handlers' own encoder) to the same pixels.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use tessera_imaging::{decode, dimensions, encode_png, luma_pil};
+
+const MAX_PIXELS: u64 = 1 << 20;
+
+fuzz_target!(|data: &[u8]| {
+    let dims = dimensions("image", data, MAX_PIXELS);
+    let Ok(img) = decode("image", data, MAX_PIXELS) else {
+        return;
+    };
+    let (w, h) = (img.width(), img.height());
+    assert!(u64::from(w) * u64::from(h) <= MAX_PIXELS);
+    assert_eq!(dims.ok(), Some((w, h)));
+    let luma = luma_pil(img.clone());
+    assert_eq!(luma.dimensions(), (w, h));
+    let rgb = image_rgb(&img);
+    let png = encode_png(&rgb).expect("an RGB image encodes");
+    let back = decode("image", &png, MAX_PIXELS).expect("our PNG decodes");
+    assert_eq!(image_rgb(&back).as_bytes(), rgb.as_bytes());
+});
+
+fn image_rgb(img: &tessera_imaging::DynamicImage) -> tessera_imaging::DynamicImage {
+    tessera_imaging::DynamicImage::ImageRgb8(img.to_rgb8())
+}
