@@ -2,7 +2,8 @@
 # Builds the fuzz targets (cargo fuzz: libFuzzer with AddressSanitizer, on the project's pinned
 # toolchain) and runs each for SECONDS (default 10) from its committed seeds (fuzz/seeds/) and a
 # scratch corpus; a crash fails the run and leaves its input under
-# <crate>/fuzz/artifacts/<target>/ (replay it with `cargo fuzz run TARGET FILE` there).
+# <crate>/fuzz/artifacts/<target>/ with the run's log beside it (replay it from <crate> with
+# `RUSTC_BOOTSTRAP=1 cargo fuzz run -O --target-dir "$CARGO_TARGET_DIR/fuzz-<sdk|host>" TARGET FILE`).
 #
 #   bash fuzz/run.sh [SECONDS] [TARGET ...]      # after `source scripts/env.sh`
 #
@@ -13,6 +14,9 @@ cd "$(dirname "$0")/.."
 root="$PWD"
 seconds="${1:-10}"
 shift || true
+case "$seconds" in
+  '' | *[!0-9]*) echo "fuzz/run.sh: SECONDS must be a whole number, got '$seconds'" >&2; exit 2 ;;
+esac
 sdk_targets=(request_json base64 image_decode clip_tokenizer)
 host_targets=(archive_unpack model_config tenants_file guest_tensors)
 wanted=("$@")
@@ -28,8 +32,11 @@ export RUSTC_BOOTSTRAP=1
 mkdir -p "${CARGO_TARGET_DIR:-target}"
 target_root="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
 # The host's fuzz binaries link libtorch (through the tessera crate) without its rpath.
-torch_lib="$(python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
-export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [[ " ${wanted[*]} " == *" archive_unpack "* || " ${wanted[*]} " == *" model_config "* ||
+  " ${wanted[*]} " == *" tenants_file "* || " ${wanted[*]} " == *" guest_tensors "* ]]; then
+  torch_lib="$(python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+  export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 
 crate_of() {
   case " ${sdk_targets[*]} " in *" $1 "*) echo guest-handlers/sdk ;; *) echo host ;; esac
@@ -63,10 +70,13 @@ for t in "${wanted[@]}"; do
   echo "==> fuzzing $t for ${seconds}s"
   log="$corpus_root/$t.log"
   if ! (cd "$crate" && cargo fuzz run -O --target-dir "$dir" "$t" "$corpus_root/$t" "$root/fuzz/seeds/$t" -- \
-    -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=20 ${FUZZ_JOBS:+-fork=$FUZZ_JOBS -ignore_crashes=0} \
+    -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=20 ${FUZZ_JOBS:+-fork=$FUZZ_JOBS -ignore_crashes=0 -ignore_timeouts=0 -ignore_ooms=0} \
     -print_final_stats=1) >"$log" 2>&1; then
-    grep -E -A12 'panicked|==[0-9]+== ?ERROR|fuzz target exited' "$log" | head -40 >&2 || tail -30 "$log" >&2
-    echo "fuzz/run.sh: $t failed; the input is under $crate/fuzz/artifacts/$t/" >&2
+    mkdir -p "$crate/fuzz/artifacts"
+    cp "$log" "$crate/fuzz/artifacts/$t.log"
+    grep -E -A12 'panicked|==[0-9]+== ?ERROR|fuzz target exited' "$log" | head -30 >&2 || tail -30 "$log" >&2
+    grep -E 'Test unit written|^Base64:' "$log" >&2 || true
+    echo "fuzz/run.sh: $t failed; its input and log are under $crate/fuzz/artifacts/" >&2
     exit 1
   fi
   grep -E '^Done|stat::number_of_executed_units|stat::peak_rss_mb' "$log" || true

@@ -90,6 +90,22 @@ def main():
     put("clip_tokenizer", "packed", b"the cat\xffTSCLIPB1" + (2).to_bytes(4, "little") + (1).to_bytes(4, "little")
         + (3).to_bytes(4, "little") + (0).to_bytes(4, "little") + (0).to_bytes(4, "little")
         + (1).to_bytes(4, "little") + (1).to_bytes(4, "little") + bytes(16) + b"abc")
+    # ... and a valid packed table (tokenizer_files.write_packed on a small vocabulary).
+    import sys
+    import tempfile
+    sys.path.insert(0, os.path.join(ROOT, "models", "sd"))
+    import tokenizer_files
+    with tempfile.TemporaryDirectory() as d:
+        alphabet = list(tokenizer_files.bytes_to_unicode().values())
+        vocab = alphabet + [c + "</w>" for c in alphabet] + ["th", "the</w>", "ca", "cat</w>"]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\nt h\nth e</w>\nc a\nca t</w>\n")
+        tokenizer_files.write_packed(__import__("pathlib").Path(d))
+        table = open(os.path.join(d, "clip-bpe.bin"), "rb").read()
+    put("clip_tokenizer", "packed_valid", b"the cat sat\xff" + table)
     # archive_unpack: a well-formed model archive, then ones each check refuses.
     config = open(os.path.join(ROOT, "models", "example", "model-config.yaml"), "rb").read() \
         if os.path.exists(os.path.join(ROOT, "models", "example", "model-config.yaml")) else b"minWorkers: 1\n"

@@ -77,12 +77,19 @@ def write_packed(folder: Path) -> None:
     vocabulary is left out."""
     import struct
 
-    vocab = json.loads((folder / "vocab.json").read_bytes())
+    raw = (folder / "vocab.json").read_bytes()
+    # What serde_json takes: UTF-8 without a byte-order mark, ids as non-negative integers
+    # ("-0" is a float to it).
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ValueError("vocab.json: starts with a byte-order mark")
+    vocab = json.loads(raw.decode("utf-8"), parse_int=lambda t: float(t) if t.startswith("-") else int(t))
     if not isinstance(vocab, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 32 for v in vocab.values()):
         raise ValueError("vocab.json: not an object of token -> id (u32)")
     text = (folder / "merges.txt").read_bytes().decode("utf-8")
-    lines = [l[:-1] if l.endswith("\r") else l for l in text.split("\n")]
+    # Rust's str::lines(): split at "\n", a "\r" before it dropped (a last line's bare "\r" stays).
+    pieces = text.split("\n")
+    lines = [l[:-1] if l.endswith("\r") and k < len(pieces) - 1 else l for k, l in enumerate(pieces)]
     merges = {}
     rank = 0
     for n, line in enumerate(lines):

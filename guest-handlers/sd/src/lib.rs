@@ -109,8 +109,8 @@ fn text_field<'a>(
 
 fn tokenizer() -> Result<ClipTokenizer, HandlerError> {
     let config = tessera_sdk::asset("tokenizer/tokenizer_config.json").ok();
-    // The tables packed by models/sd/export.py (~0.6 ms natively against ~20 ms to build them
-    // from the two files, on every request); archives exported before it have only the files.
+    // The tables packed by models/sd/tokenizer_files.py (~0.6 ms natively against ~20 ms to
+    // build them from the two files, on every request); older archives have only the files.
     if let Ok(bin) = tessera_sdk::asset("tokenizer/clip-bpe.bin") {
         return ClipTokenizer::from_packed(bin, config.as_deref())
             .map_err(|e| HandlerError::Internal(format!("tokenizer: {e}")));

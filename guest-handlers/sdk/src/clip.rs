@@ -10,8 +10,9 @@
 //! 4. `<|startoftext|>` + the first `max_len - 2` ids + `<|endoftext|>`, padded to `max_len`.
 //!
 //! Building the tables from `vocab.json` and `merges.txt` takes ~20 ms natively (more in the
-//! sandbox), on every request since each runs in a fresh instance; `models/sd/export.py` also
-//! writes them packed (`clip-bpe.bin`, see [`ClipTokenizer::from_packed`]), read in place.
+//! sandbox), on every request since each runs in a fresh instance; `models/sd/tokenizer_files.py`
+//! (run by `export.py`) also writes them packed (`clip-bpe.bin`, see
+//! [`ClipTokenizer::from_packed`]), read in place.
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
@@ -222,7 +223,7 @@ impl ClipTokenizer {
         Self::finish(Ranks::Map(ranks), |_, t| vocab.get(t).copied(), config)
     }
 
-    /// The tokenizer from `clip-bpe.bin` (written by `models/sd/export.py` beside
+    /// The tokenizer from `clip-bpe.bin` (written by `models/sd/tokenizer_files.py` beside
     /// `vocab.json` and `merges.txt`, from them): the same ids as [`ClipTokenizer::new`] on
     /// those files, with nothing to build.
     pub fn from_packed(bin: Vec<u8>, config: Option<&[u8]>) -> Result<Self, String> {

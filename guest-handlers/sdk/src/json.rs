@@ -34,8 +34,8 @@ enum Field<'a> {
     Str(Cow<'a, str>),
     Object(Object<'a>),
     Null,
-    /// An array, read through (its elements dropped): how deep arrays and objects nest in it.
-    Array(usize),
+    /// An array, read through (its elements dropped).
+    Array,
     Other,
     /// A value other than a string as the quick read leaves it: its JSON text, checked.
     Raw(&'a [u8]),
@@ -80,11 +80,8 @@ impl<'de> serde::Deserialize<'de> for Field<'de> {
                 // Each element read (and dropped) as a Field, not skipped: serde_json checks
                 // what it skips less than what it reads (UTF-8, escapes, number ranges), and
                 // `body` reads everything.
-                let mut deepest = 0;
-                while let Some(f) = a.next_element::<Field>()? {
-                    deepest = deepest.max(scan::depth(&f));
-                }
-                Ok(Field::Array(1 + deepest))
+                while a.next_element::<Field>()?.is_some() {}
+                Ok(Field::Array)
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
@@ -161,7 +158,7 @@ impl<'a> Fields<'a> {
                 serde_json::from_slice::<Value>(text).and_then(serde_json::from_value::<T>)
             }
             // Read by serde_json alone (see `scan`): read it again as a map of values.
-            Some(Field::Object(_) | Field::Array(_) | Field::Other) => {
+            Some(Field::Object(_) | Field::Array | Field::Other) => {
                 let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(self.body) else {
                     return Err(HandlerError::bad("request body must be a JSON object"));
                 };
@@ -228,13 +225,32 @@ mod scan {
     /// allows 128 levels, the top-level object taking one.
     const MAX_DEPTH: usize = 126;
 
-    /// How deep `field`'s objects and arrays nest.
-    pub(super) fn depth(field: &Field) -> usize {
-        match field {
-            Field::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
-            Field::Array(d) => *d,
-            _ => 0,
+    /// How deep objects and arrays nest in `text`, one JSON value serde_json has read: counted
+    /// on the text, since a key given twice leaves only its last value in a parsed object while
+    /// serde_json's depth limit applies to both.
+    fn nesting(text: &[u8]) -> usize {
+        let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0, false, false);
+        for &b in text {
+            if in_string {
+                match (escaped, b) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
         }
+        deepest
     }
 
     /// One value at `body[i..]`, checked by serde_json, and where it ends.
@@ -286,8 +302,8 @@ mod scan {
                         (Field::Str(s), after)
                     }
                     _ => {
-                        let (field, after) = value::<Field>(body, i)?;
-                        if depth(&field) >= MAX_DEPTH {
+                        let (_, after) = value::<Field>(body, i)?;
+                        if nesting(&body[i..after]) >= MAX_DEPTH {
                             return None;
                         }
                         (Field::Raw(&body[i..after]), after)
@@ -576,6 +592,18 @@ mod tests {
                     assert_eq!(msg(a), msg(b));
                 }
             }
+        }
+        // A key given twice: the parsed object keeps the last value, serde_json's depth limit
+        // counts both (found in review).
+        for n in [120, 125, 126, 127] {
+            let body = format!(
+                r#"{{"a": {{"k": {}{}, "k": 0}}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            );
+            let r = req(&body);
+            let slow = serde_json::from_slice::<Value>(body.as_bytes());
+            assert_eq!(Fields::of(&r).is_ok(), slow.is_ok(), "{n}");
         }
         // Invalid text inside an array (serde_json refuses it where it reads, not where it
         // skips): refused alike, with the same error (found by the request_json fuzz target).

@@ -22,8 +22,16 @@ fn size_of(dir: &std::path::Path) -> u64 {
     for e in std::fs::read_dir(dir).expect("readable") {
         let e = e.expect("entry");
         let meta = std::fs::symlink_metadata(e.path()).expect("metadata");
-        assert!(!meta.file_type().is_symlink(), "a link was unpacked: {:?}", e.path());
-        total += if meta.is_dir() { size_of(&e.path()) } else { meta.len() };
+        assert!(
+            !meta.file_type().is_symlink(),
+            "a link was unpacked: {:?}",
+            e.path()
+        );
+        total += if meta.is_dir() {
+            size_of(&e.path())
+        } else {
+            meta.len()
+        };
     }
     total
 }

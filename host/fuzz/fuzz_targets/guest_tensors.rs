@@ -28,7 +28,11 @@ fn tensor(u: &mut Unstructured) -> Result<Result<HostTensor, String>> {
     let mut shape = Vec::with_capacity(dims);
     for _ in 0..dims {
         // Mostly small dimensions, sometimes huge ones (products that overflow).
-        shape.push(if u.ratio(1, 8)? { u.arbitrary::<u64>()? } else { u.int_in_range(0..=6)? });
+        shape.push(if u.ratio(1, 8)? {
+            u.arbitrary::<u64>()?
+        } else {
+            u.int_in_range(0..=6)?
+        });
     }
     let len = u.int_in_range(0..=4096)?;
     Ok(HostTensor::new(name, dtype, shape, vec![0u8; len]))
@@ -39,8 +43,9 @@ fuzz_target!(|data: &[u8]| {
     let mut accepted = Vec::new();
     while let Ok(t) = tensor(&mut u) {
         if let Ok(t) = t {
-            let numel: i64 = t.shape.iter().product();
-            assert_eq!(numel as usize * t.dtype.size(), t.data.len());
+            let numel = t.shape.iter().try_fold(1i64, |n, &d| n.checked_mul(d));
+            let bytes = numel.and_then(|n| n.checked_mul(t.dtype.size() as i64));
+            assert_eq!(bytes, Some(t.data.len() as i64));
             assert!(t.shape.len() <= 8 && t.shape.iter().all(|&d| d >= 0));
             accepted.push(t);
         }

@@ -13,7 +13,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = config.handler_param("max_pixels");
     let _ = config.tessera.warmup.as_ref().map(|w| w.requests());
-    for t in config.tessera.oip.iter().flat_map(|o| o.inputs.iter().chain(&o.outputs)) {
+    for t in config
+        .tessera
+        .oip
+        .iter()
+        .flat_map(|o| o.inputs.iter().chain(&o.outputs))
+    {
         let _ = t.dtype();
         let _ = t.accepts(&[1, 3, 224, 224]);
         let _ = t.accepts(&[]);

@@ -232,7 +232,11 @@ impl HostTensor {
                 shape.len()
             ));
         }
-        let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        // Every partial product within i64, as libtorch multiplies sizes out (a zero-sized tensor
+        // whose other dimensions overflow is refused too: found by the guest_tensors fuzz target).
+        let numel = shape.iter().try_fold(1u64, |acc, &d| {
+            acc.checked_mul(d).filter(|&n| n <= i64::MAX as u64)
+        });
         let want = numel.and_then(|n| n.checked_mul(dtype.size() as u64));
         if want != Some(data.len() as u64) {
             return Err(format!(
@@ -907,6 +911,9 @@ mod tests {
         assert!(HostTensor::new("x".into(), DType::F32, vec![2, 3], vec![0; 24]).is_ok());
         assert!(HostTensor::new("x".into(), DType::F32, vec![2, 3], vec![0; 23]).is_err());
         assert!(HostTensor::new("x".into(), DType::U8, vec![u64::MAX, 2], vec![]).is_err());
+        // No elements, but dimensions whose running product leaves i64.
+        assert!(HostTensor::new("x".into(), DType::U8, vec![1 << 62, 2, 0], vec![]).is_err());
+        assert!(HostTensor::new("x".into(), DType::U8, vec![1 << 62, 1, 0], vec![]).is_ok());
     }
 
     #[test]
