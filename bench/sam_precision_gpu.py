@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -26,17 +25,10 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "models/sam"))
 import export as sam_export  # noqa: E402
+from common import cuda_timed_ms  # noqa: E402
 from sam_gpu import photo  # noqa: E402
 
 SIZES = [(1000, 750), (640, 480), (1024, 683), (768, 1024)]
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, (time.perf_counter() - t) * 1e3
 
 
 def padded(p):
@@ -74,7 +66,7 @@ def main():
     ref_masks, ref_emb = [], []
     with torch.no_grad():
         for i, p in enumerate(photos):
-            _, ms = timed(lambda: (predictor.set_image(p), predictor.predict(
+            ms = cuda_timed_ms(lambda: (predictor.set_image(p), predictor.predict(
                 point_coords=np.array([clicks[i]], np.float32), point_labels=np.array([1]), multimask_output=True)))
             res["predictor_ms"].append(ms)
         for i, p in enumerate(photos):
@@ -84,7 +76,7 @@ def main():
                                         multimask_output=True)
             ref_masks.append(m)
         for _ in range(3):
-            _, ms = timed(lambda: (predictor.set_image(photos[0]), predictor.predict(
+            ms = cuda_timed_ms(lambda: (predictor.set_image(photos[0]), predictor.predict(
                 point_coords=np.array([clicks[0]], np.float32), point_labels=np.array([1]), multimask_output=True)))
             res["predictor_ms"].append(ms)
         print("predictor", [round(v, 1) for v in res["predictor_ms"]], flush=True)
@@ -97,7 +89,7 @@ def main():
             times = []
             for k in range(8):
                 x, hw = inputs[k % len(inputs)]
-                _, ms = timed(lambda: enc(x, hw))
+                ms = cuda_timed_ms(lambda: enc(x, hw))
                 times.append(ms)
             errs, diff_px, ious = [], [], []
             for i, p in enumerate(photos):

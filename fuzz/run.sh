@@ -31,16 +31,18 @@ fi
 export RUSTC_BOOTSTRAP=1
 mkdir -p "${CARGO_TARGET_DIR:-target}"
 target_root="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
-# The host's fuzz binaries link libtorch (through the tessera crate) without its rpath.
-if [[ " ${wanted[*]} " == *" archive_unpack "* || " ${wanted[*]} " == *" model_config "* ||
-  " ${wanted[*]} " == *" tenants_file "* || " ${wanted[*]} " == *" guest_tensors "* ]]; then
-  torch_lib="$(python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
-  export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
 
 crate_of() {
   case " ${sdk_targets[*]} " in *" $1 "*) echo guest-handlers/sdk ;; *) echo host ;; esac
 }
+# The host's fuzz binaries link libtorch (through the tessera crate) without its rpath.
+for t in "${wanted[@]}"; do
+  if [ "$(crate_of "$t")" = host ]; then
+    torch_lib="$(python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+    export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    break
+  fi
+done
 built=""
 scratch=""
 if [ -n "${FUZZ_CORPUS:-}" ]; then
