@@ -8,12 +8,15 @@ server's `simple` executor) and replayed from a CUDA graph, as the server runs S
     as exported (NCHW), with weights and input in channels-last memory format, and
     channels-last with fused QKV projections; eager PyTorch alongside;
   - the text encoder (2 x 77 tokens), the VAE encoder (512² photo) and decoder (64² latents);
-  - the VAE parts and the UNet step again with cuDNN's benchmark mode on.
+  - the VAE parts and the UNet step again with cuDNN's benchmark mode on;
+  - with `--sdpa`, only this: the UNet step as exported now (channels-last, fused QKV) and the
+    VAE decoder with each of libtorch's attention kernels forced in turn (flash, memory-
+    efficient, cuDNN; libtorch's own pick first), the graphs capturing the kernel chosen.
 
 For each: median and min of 30 replays after 5 (ms, synchronised), and the largest difference
 from the exported layout's output.
 
-    python bench/sd_unet_probe_gpu.py --out $OUT
+    python bench/sd_unet_probe_gpu.py --out $OUT [--sdpa]
 Needs diffusers and transformers importable.
 """
 import argparse
@@ -63,6 +66,7 @@ def times(run, n=30):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--sdpa", action="store_true", help="only the attention-kernel comparison")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch._C._set_graph_executor_optimize(False)
@@ -86,6 +90,9 @@ def main():
         print(r, flush=True)
         return out
 
+    if args.sdpa:
+        sdpa_rows(row, unet, parts, x, t, ctx, g)
+        return write(args.out, res)
     with torch.no_grad():
         eager = sd_export.UNet(unet)
         res["rows"].append({"part": "unet step, eager, no graph", **times(lambda: eager(x, t, ctx), 10)})
@@ -132,6 +139,44 @@ def main():
         ucl.fuse_qkv_projections()
         tq = torch.jit.trace(sd_export.UNet(ucl), (xcl, t, ctx), check_trace=False)
         row("unet step, channels-last + fused QKV, cuDNN benchmark", tq, (xcl, t, ctx), ref)
+    write(args.out, res)
+
+
+def sdpa_rows(row, unet, parts, x, t, ctx, g):
+    """The UNet step as exported and the VAE decoder under each attention kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kernels = [("libtorch's pick", None), ("flash", SDPBackend.FLASH_ATTENTION),
+               ("memory-efficient", SDPBackend.EFFICIENT_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)]
+    dt = torch.float16
+    with torch.no_grad():
+        ucl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+        ucl.fuse_qkv_projections()
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        step = torch.jit.trace(sd_export.UNet(ucl), (xcl, t, ctx), check_trace=False)
+        vae = parts.vae.to(dt).eval()
+        z = torch.randn(1, 4, 64, 64, device="cuda", dtype=dt, generator=g)
+        dec = torch.jit.trace(sd_export.VaeDecode(vae), (z,), check_trace=False)
+        refs = {}
+        for name, kernel in kernels:
+            for part, fn, inputs in [("unet step (channels-last, fused QKV)", step, (xcl, t, ctx)),
+                                     ("VAE decode (64²)", dec, (z,))]:
+                try:
+                    if kernel is None:
+                        out = row(f"{part}, attention: {name}", fn, inputs, refs.get(part))
+                    else:
+                        with sdpa_kernel([kernel]):
+                            out = row(f"{part}, attention: {name}", fn, inputs, refs.get(part))
+                    refs.setdefault(part, out.clone())
+                except Exception as e:  # noqa: BLE001 (a probe: report and go on)
+                    print({"part": f"{part}, attention: {name}", "error": str(e)[:300]}, flush=True)
+                    RES_ERRORS.append({"part": f"{part}, attention: {name}", "error": str(e)[:300]})
+
+
+RES_ERRORS = []
+
+
+def write(out_dir, res):
+    res["rows"].extend(RES_ERRORS)
     lines = [f"GPU: {res['gpu']}; SD2-inpaint parts, fp16, random weights; attention processors: "
              f"{', '.join(res['attention'])}; CUDA-graph replays unless said, ms", "",
              "| part | median | min | max abs diff vs as exported |", "|---|---|---|---|"]
@@ -140,9 +185,9 @@ def main():
             lines.append(f"| {r['part']} | failed: {r['error']} | | |")
         else:
             lines.append(f"| {r['part']} | {r['median']:.2f} | {r['min']:.2f} | {r.get('max_abs_diff', '')} |")
-    with open(os.path.join(args.out, "sd_unet_probe.json"), "w") as f:
+    with open(os.path.join(out_dir, "sd_unet_probe.json"), "w") as f:
         json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, "sd_unet_probe.md"), "w") as f:
+    with open(os.path.join(out_dir, "sd_unet_probe.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
