@@ -84,6 +84,13 @@ def main():
     put("image_decode", "optimized.png", png("RGB", (9, 9), optimize=True))
     put("image_decode", "rgb.jpg", png("RGB", (16, 8), format="JPEG", quality=80))
     put("image_decode", "gray.jpg", png("L", (8, 8), format="JPEG"))
+    # JPEG's other decoding paths: progressive scans (colour and grey), 4:2:0 chroma with a
+    # restart interval, CMYK.
+    put("image_decode", "progressive.jpg", png("RGB", (24, 16), format="JPEG", progressive=True))
+    put("image_decode", "progressive-gray.jpg", png("L", (17, 9), format="JPEG", progressive=True))
+    put("image_decode", "subsampled-restarts.jpg",
+        png("RGB", (33, 17), format="JPEG", subsampling=2, restart_marker_blocks=1))
+    put("image_decode", "cmyk.jpg", png("CMYK", (8, 8), format="JPEG"))
     # clip_tokenizer: prompts; after a 0xff byte, bytes for from_packed (a header and less).
     put("clip_tokenizer", "prompt", "a photo of the cat and the dog, 4k!")
     put("clip_tokenizer", "unicode", "Ünïcödé  漢字 <|startoftext|>tab\there<|endoftext|>")
