@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Soak with churn (CPU, small models): many requests at high concurrency over three times more
-models than the residency budget holds, with uploads, version switches, unloads, version deletes
-and clients that leave mid-request interleaved. Checks every answer byte for byte against a
-reference server that sees no churn, the statuses (only the designed 429/503/504/507 besides 2xx
-and 4xx answers to our own deliberate mistakes), the server's RSS after the run against after
-warm-up, and what is left in the store's staging and the work dir.
+models than the residency budget holds, with uploads, version switches, unloads, version deletes,
+clients that leave mid-request, and a handler that exhausts its memory or time on every call
+(now and then, and in one burst of concurrent calls) interleaved. Checks every answer byte for
+byte against a reference server that sees no churn, the statuses (only the designed
+429/503/504/507 besides 2xx and 4xx answers to our own deliberate mistakes; the failing
+handler's calls only their designed 500/504), the server's RSS once idle after the run against
+once idle after warm-up, and what is left in the store's staging and the work dir (no partial
+unpack, no unpacked archive whose archive is gone). Reports latency percentiles per kind of call.
 
     python bench/soak.py [--requests 10000] [--concurrency 64] [--out bench/results/soak_cpu]
 
 Needs a release build (target/release/tessera, or TESSERA_BIN) and the test artifacts
-(TESSERA_ARTIFACTS: handlers/example.wasm, example/model.pt, example/model-large.pt), as
+(TESSERA_ARTIFACTS: handlers/example.wasm, handlers/chaos.wasm, example/model.pt,
+example/model-large.pt), as
 `bash scripts/test.sh` leaves them. Writes OUT.md and OUT.json.
 """
 import argparse
@@ -33,6 +37,16 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGNED = {429, 503, 504, 507}
 CONFIG = "maxWorkers: 2\nresponseTimeout: 60\ntessera:\n  model: model.pt\nhandler:\n  max_pixels: 1000000\n"
+# The failing handler: each mode's designed status and a word of its error.
+CHAOS_CONFIG = "maxWorkers: 2\nresponseTimeout: 2\ntessera:\n  model: model.pt\n  handlerMemoryMiB: 64\n"
+CHAOS = {"hog": (500, "memory limit"), "loop": (504, "time limit"), "trap": (500, "trapped"),
+         "image-hog": (500, "memory limit")}
+# Seconds to wait for the server to be idle: past its 2 s upkeep (heap trim, disk-tier collection)
+# and the header/stall timeouts the soak sets (5 s), so abandoned connections are closed.
+SETTLE = 8
+# Each call's share of the mix: (upper bound of a uniform draw, kind), in the order tried.
+OPS = [(0.74, "infer-operator"), (0.87, "infer-uploaded"), (0.88, "infer-failing"), (0.92, "disconnect"),
+       (0.95, "upload"), (0.97, "set-default"), (0.985, "delete-version"), (1.01, "unload")]
 
 
 def artifacts():
@@ -45,19 +59,44 @@ def binary():
     return os.environ.get("TESSERA_BIN", os.path.join(target, "release", "tessera"))
 
 
-def pack(out_dir, name, model):
-    """A `<name>.tar.gz` of the example handler with `model` (a TorchScript file)."""
+def pack(out_dir, name, model, handler="example", config=CONFIG):
+    """A `<name>.tar.gz` of handlers/`handler`.wasm with `model` (a TorchScript file)."""
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = os.path.join(tmp, "model-config.yaml")
-        open(cfg, "w").write(CONFIG)
+        open(cfg, "w").write(config)
         pt = os.path.join(tmp, "model.pt")
         shutil.copy(model, pt)
         out = os.path.join(out_dir, f"{name}.tar.gz")
         subprocess.run([binary(), "pack", "--config", cfg, "--model", pt, "--handler",
-                        os.path.join(artifacts(), "handlers", "example.wasm"), "-o", out],
+                        os.path.join(artifacts(), "handlers", f"{handler}.wasm"), "-o", out],
                        check=True, capture_output=True)
     return out
+
+
+def percentiles(ms):
+    """count, p50, p90, p99 and max of a list of milliseconds."""
+    if not ms:
+        return {"count": 0}
+    ms = sorted(ms)
+    at = lambda q: round(ms[min(len(ms) - 1, int(q * len(ms)))], 1)
+    return {"count": len(ms), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": round(ms[-1], 1)}
+
+
+def unpacked_orphans(work):
+    """Disk-tier entries of the work dir whose archive is gone (their `.source` names a missing
+    file), and entries without a `.source`."""
+    root = os.path.join(work, "unpacked")
+    if not os.path.isdir(root):
+        return []
+    orphans = []
+    for name in os.listdir(root):
+        if name.startswith(".") or "." in name:
+            continue
+        src = os.path.join(root, name + ".source")
+        if not os.path.isfile(src) or not os.path.exists(open(src, "rb").read().decode()):
+            orphans.append(name)
+    return orphans
 
 
 class Server:
@@ -93,6 +132,27 @@ class Server:
                 return int(line.split()[1]) * 1024
         return 0
 
+    def rss_breakdown(self):
+        """Resident MiB by kind of mapping: the handler instance pool (the largest anonymous
+        reservation: wasmtime's slots), other anonymous memory (the C heap's arenas, thread
+        stacks, libtorch), the main heap, and files (code, mapped model files)."""
+        maps, cur = [], None
+        for line in open(f"/proc/{self.proc.pid}/smaps"):
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                cur = {"size": hi - lo, "name": head[5] if len(head) > 5 else "", "rss": 0}
+                maps.append(cur)
+            elif head[0] == "Rss:":
+                cur["rss"] = int(head[1]) * 1024
+        anon = [m for m in maps if not m["name"]]
+        pool = max(anon, key=lambda m: m["size"]) if anon else {"rss": 0}
+        mib = lambda b: round(b / 2**20, 1)
+        return {"handler_pool": mib(pool["rss"]),
+                "other_anonymous": mib(sum(m["rss"] for m in anon) - pool["rss"]),
+                "heap": mib(sum(m["rss"] for m in maps if m["name"] == "[heap]")),
+                "files": mib(sum(m["rss"] for m in maps if m["name"].startswith("/")))}
+
     def stop(self):
         self.proc.terminate()
         try:
@@ -120,6 +180,7 @@ def main():
     ap.add_argument("--requests", type=int, default=10000)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--models", type=int, default=9)
+    ap.add_argument("--burst", type=int, default=32, help="concurrent failing-handler calls after warm-up")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "soak_cpu"))
     args = ap.parse_args()
     art = artifacts()
@@ -138,6 +199,7 @@ def main():
     names = [f"m{i}" for i in range(args.models)]
     for n in names:
         shutil.copy(archives["large"], os.path.join(store, f"{n}.tar.gz"))
+    pack(store, "chaos", variants["small"], "chaos", CHAOS_CONFIG)
     large = os.path.getsize(variants["large"])
     budget_mib = max(1, (3 * large + large // 2) >> 20)
 
@@ -186,10 +248,18 @@ def main():
     ops = Counter()
     mismatches = []
     unexpected = []
+    latency = {}  # kind of call -> [ms]
     done = [0]
     rss = {}
     samples = []
     started = time.time()
+
+    def timed(kind, *call):
+        t = time.perf_counter()
+        reply = srv.call(*call)
+        with lock:
+            latency.setdefault(kind, []).append(1000 * (time.perf_counter() - t))
+        return reply
 
     def check(kind, status, body, headers, variant_of):
         stats[status] += 1
@@ -202,37 +272,49 @@ def main():
         elif status not in DESIGNED:
             unexpected.append((kind, status, body[:200]))
 
-    def worker(seed):
+    def failing_call(kind, rng):
+        """One call of the failing handler: only its designed status (or an overload's) is right."""
+        mode = rng.choice(sorted(CHAOS))
+        s, body, _ = timed(kind, "POST", "/predictions/chaos", json.dumps({"mode": mode}).encode(),
+                           {"content-type": "application/json"})
+        stats[f"{kind} {mode} {s}"] += 1
+        want, word = CHAOS[mode]
+        # Under load any call may reach its time limit first (504) or meet an overload.
+        if not ((s == want and word in body.decode(errors="replace")) or s in DESIGNED):
+            unexpected.append((f"{kind} {mode}", s, body[:200]))
+
+    def worker(seed, until):
         rng = random.Random(seed)
         while True:
             with lock:
-                if done[0] >= args.requests:
+                if done[0] >= until:
                     return
                 done[0] += 1
                 n = done[0]
                 if n % 500 == 0:
                     samples.append((n, round(srv.rss() / 2**20, 1)))
-                # Warm: every model loaded and evicted several times over at full concurrency.
-                if n == min(2000, args.requests // 5):
-                    rss["warm"] = srv.rss()
             r = rng.random()
             i = rng.randrange(len(reqs))
             hdr = {"content-type": "application/json"}
+            op = next(name for limit, name in OPS if r < limit)
             try:
-                if r < 0.75:
+                if r < 0.74:
                     ops["infer-operator"] += 1
-                    s, body, h = srv.call("POST", f"/predictions/{rng.choice(names)}", reqs[i], hdr)
+                    s, body, h = timed("operator", "POST", f"/predictions/{rng.choice(names)}", reqs[i], hdr)
                     check("operator", s, body, h, lambda h: ("large", i))
-                elif r < 0.88:
+                elif r < 0.87:
                     ops["infer-uploaded"] += 1
                     u = rng.choice(uploads)
-                    s, body, h = srv.call("POST", f"/predictions/{u}", reqs[i], hdr)
+                    s, body, h = timed("uploaded", "POST", f"/predictions/{u}", reqs[i], hdr)
 
                     def variant_of(h, u=u):
                         v = h.get("x-model-version")
                         with lock:
                             return (versions.get((u, v)), i)
                     check("uploaded", s, body, h, variant_of)
+                elif r < 0.88:
+                    ops["infer-failing"] += 1
+                    failing_call("failing", rng)
                 elif r < 0.92:
                     ops["disconnect"] += 1
                     with socket.create_connection(srv.addr, timeout=10) as c:
@@ -282,19 +364,48 @@ def main():
                     if s not in (200, 404):
                         unexpected.append(("unload", s, body[:200]))
             except (OSError, http.client.HTTPException) as e:
-                unexpected.append(("connection", str(e), b""))
+                unexpected.append((f"connection ({op})", f"{type(e).__name__}: {e}", b""))
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(args.concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    def burst(seed, calls):
+        """`calls` concurrent calls of the failing handler, all at once."""
+        def one(k):
+            try:
+                failing_call("burst", random.Random(seed + k))
+            except (OSError, http.client.HTTPException) as e:
+                unexpected.append(("burst connection", str(e), b""))
+        return [threading.Thread(target=one, args=(k,)) for k in range(calls)]
+
+    def run(until, seed, extra=()):
+        threads = [threading.Thread(target=worker, args=(seed + k, until)) for k in range(args.concurrency)]
+        threads += list(extra)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    breakdown = {}
+
+    def settled_rss(when):
+        """RSS once the server is idle (see SETTLE), and where it is."""
+        time.sleep(SETTLE)
+        breakdown[when] = srv.rss_breakdown()
+        return srv.rss()
+
+    # Warm-up: every model loaded and evicted several times over at full concurrency.
+    warm_until = min(2000, args.requests // 5)
+    run(warm_until, 0)
+    rss["warm"] = settled_rss("warm")
+    # The rest, with a burst of failing-handler calls at its start.
+    run(args.requests, 1000, burst(5000, args.burst))
     elapsed = time.time() - started
-    time.sleep(6)  # past the header and stall timeouts: every abandoned connection closed
-    rss["end"] = srv.rss()
+    rss["end"] = settled_rss("end")
     alive = srv.proc.poll() is None
-    s, metrics, _ = srv.call("GET", "/metrics")
-    resident = [l for l in metrics.decode().splitlines() if l.startswith("tessera_resident_models ")]
+    try:
+        s, metrics, _ = srv.call("GET", "/metrics")
+        resident = [l for l in metrics.decode().splitlines() if l.startswith("tessera_resident_models ")]
+    except (OSError, http.client.HTTPException) as e:
+        resident = [f"/metrics failed: {e}"]
+    orphans = unpacked_orphans(work)  # while the server runs: what its upkeep left
     code = srv.stop()
     staging = os.path.join(store, ".staging")
     staged = os.listdir(staging) if os.path.isdir(staging) else []
@@ -315,16 +426,20 @@ def main():
         "unexpected": [(k, str(s), b.decode(errors="replace")) for k, s, b in unexpected[:20]],
         "unexpected_count": len(unexpected),
         "unexpected_kinds": {f"{k} {s}": n for (k, s), n in Counter((k, str(s)) for k, s, _ in unexpected).items()},
-        "rss_after_warmup_mib": round(rss.get("warm", 0) / 2**20, 1),
+        "rss_after_warmup_mib": round(rss["warm"] / 2**20, 1),
         "rss_end_mib": round(rss["end"] / 2**20, 1),
         "rss_samples_mib": samples,
-        "rss_growth_pct": round(100 * (rss["end"] - rss.get("warm", rss["end"])) / max(rss.get("warm", 1), 1), 1),
+        "rss_breakdown_mib": breakdown,
+        "rss_growth_pct": round(100 * (rss["end"] - rss["warm"]) / max(rss["warm"], 1), 1),
         "alive_at_end": alive,
         "exit_code_on_sigterm": code,
         "resident_at_end": resident,
         "staging_left": staged,
         "partials_left": partials,
-        "unpacked_dirs": len([u for u in unpacked if not u.endswith(".checked")]),
+        "unpacked_dirs": len([u for u in unpacked if "." not in u]),
+        "unpacked_orphans": orphans,
+        "archives_in_store": len(names) + 1 + len(installed),
+        "latency_ms": {k: percentiles(v) for k, v in sorted(latency.items())},
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     json.dump(result, open(args.out + ".json", "w"), indent=2)
@@ -333,17 +448,24 @@ def main():
         f.write(f"`python bench/soak.py --requests {args.requests} --concurrency {args.concurrency}` on "
                 f"{result['machine']}: {args.models} operator models of 3.5 MB weights with a budget of "
                 f"{budget_mib} MiB (three fit), three uploaded models whose versions are uploaded, switched "
-                "and deleted while they serve, unloads, and clients that leave mid-request.\n\n")
+                "and deleted while they serve, unloads, clients that leave mid-request, and calls of a "
+                f"handler that exhausts its memory or time (1 % of calls, and a burst of {args.burst} at once "
+                f"after warm-up). RSS measured {SETTLE} s after the warm-up's {warm_until} requests and "
+                "after the last, the server idle both times.\n\n")
         f.write("| figure | value |\n|---|---|\n")
         for k in ["seconds", "mismatches", "unexpected_count", "rss_after_warmup_mib", "rss_end_mib",
                   "rss_growth_pct", "alive_at_end", "exit_code_on_sigterm", "staging_left",
-                  "partials_left", "unpacked_dirs"]:
+                  "partials_left", "unpacked_dirs", "archives_in_store", "unpacked_orphans"]:
             f.write(f"| {k} | {result[k]} |\n")
         f.write(f"| operations | {dict(ops)} |\n| statuses | {result['statuses']} |\n")
-        f.write(f"| RSS every 500 requests (MiB) | {samples} |\n")
+        f.write(f"| RSS every 500 requests, under load (MiB) | {samples} |\n")
+        f.write(f"| idle RSS by mapping, after warm-up / at the end (MiB) | {breakdown.get('warm')} / {breakdown.get('end')} |\n")
+        f.write("\n| call | count | p50 ms | p90 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|\n")
+        for k, p in result["latency_ms"].items():
+            f.write(f"| {k} | {p['count']} | {p.get('p50', '')} | {p.get('p90', '')} | {p.get('p99', '')} | {p.get('max', '')} |\n")
     print(json.dumps(result, indent=2))
     ok = (not mismatches and not unexpected and alive and code == 0 and not staged and not partials
-          and result["rss_growth_pct"] <= 10)
+          and not orphans and result["rss_growth_pct"] <= 10)
     if os.environ.get("SOAK_KEEP"):
         print(f"kept {tmp}")
     else:

@@ -1,6 +1,7 @@
 //! Reliability under hostile clients and faults, against a real `tessera serve`: slow, idle and
 //! stalled clients cannot crowd out normal ones; a store that cannot be read is 503, not 404,
-//! and resident models keep serving through it.
+//! and resident models keep serving through it; failing handlers fail alone; the disk tier
+//! does not keep what no archive needs.
 mod support;
 
 use base64::Engine;
@@ -328,4 +329,168 @@ fn archives_replaced_or_removed_while_resident() {
     assert_eq!(r.status, 404, "{}", r.text());
     let listed = get(&server.url("/metrics")).text();
     assert!(listed.contains("tessera_resident_models 0"), "{listed}");
+}
+
+/// A handler that exhausts its memory or its time on every call, called by a burst of
+/// concurrent clients: each call gets its designed answer (500 memory limit / trapped, 504
+/// time limit; on a loaded machine any call may reach its responseTimeout first, a 504 too,
+/// and a burst may meet 429/503), the same model answers normally right after, and another
+/// model is served byte for byte the same throughout.
+#[test]
+fn a_burst_of_failing_handler_calls_fails_alone() {
+    let store = tempfile::tempdir().unwrap();
+    example(store.path(), "good");
+    pack(
+        store.path(),
+        "chaos",
+        "maxWorkers: 2\nresponseTimeout: 2\ntessera:\n  model: model.pt\n  handlerMemoryMiB: 64\n",
+        &artifact("example/model.pt"),
+        &artifact("handlers/chaos.wasm"),
+    );
+    let server = Server::start(store.path(), &[]);
+    let good = server.url("/predictions/good");
+    let body = request();
+    let want = post_json(&good, &body);
+    assert_eq!(want.status, 200, "{}", want.text());
+    let designed = [
+        ("hog", 500, "memory limit"),
+        ("image-hog", 500, "memory limit"),
+        ("loop", 504, "time limit"),
+        ("trap", 500, "trapped"),
+    ];
+    let chaos = server.url("/predictions/chaos");
+    let burst: Vec<_> = (0..24)
+        .map(|i| {
+            let (mode, status, word) = designed[i % designed.len()];
+            let url = chaos.clone();
+            std::thread::spawn(move || {
+                let r = post_json(&url, &json!({ "mode": mode }));
+                (mode, status, word, r.status, r.text())
+            })
+        })
+        .collect();
+    let bystander = {
+        let (url, body, want) = (good.clone(), body.clone(), want.body.clone());
+        std::thread::spawn(move || {
+            for _ in 0..20 {
+                let r = post_json(&url, &body);
+                assert_eq!(r.status, 200, "{}", r.text());
+                assert!(
+                    r.body == want,
+                    "another model's answer changed during the burst"
+                );
+            }
+        })
+    };
+    for t in burst {
+        let (mode, status, word, got, text) = t.join().unwrap();
+        let designed = (got == status && text.contains(word))
+            || (got == 504 && (text.contains("time limit") || text.contains("timed out")))
+            || got == 429
+            || got == 503;
+        assert!(designed, "{mode}: {got} {text}");
+    }
+    bystander.join().unwrap();
+    let r = post_json(&chaos, &json!({ "mode": "ok" }));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(post_json(&good, &body).body, want.body);
+}
+
+/// Unpacked archives stay on local disk for fast reloads, but not once their archive is gone:
+/// a deleted version's folder, a replaced operator archive's old folder and a removed one's
+/// (its idle model unloaded without waiting for a request) are removed by the server's upkeep
+/// (every 2 s); the current archives' folders stay.
+#[test]
+fn unpacked_folders_of_deleted_or_replaced_archives_are_removed() {
+    let store = tempfile::tempdir().unwrap();
+    let archives = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    example(store.path(), "m");
+    example(store.path(), "x");
+    example(archives.path(), "v");
+    let replacement = archives.path().join("replacement");
+    pack(
+        &replacement,
+        "m",
+        &CONFIG.replace("maxWorkers: 1", "maxWorkers: 2"),
+        &artifact("example/model.pt"),
+        &artifact("handlers/example.wasm"),
+    );
+    let server = Server::launch(
+        store.path(),
+        &[],
+        Launch {
+            work_dir: Some(work.path().to_path_buf()),
+            ..Default::default()
+        },
+    );
+    let upload = std::fs::read(archives.path().join("v.tar.gz")).unwrap();
+    let octets = [("content-type", "application/octet-stream")];
+    for v in ["1", "2"] {
+        let r = post(
+            &server.url(&format!("/models/u/versions/{v}")),
+            &octets,
+            &upload,
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    let body = request();
+    for path in ["/predictions/m", "/predictions/x", "/predictions/u/1", "/predictions/u/2"] {
+        let r = post_json(&server.url(path), &body);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    let unpacked = work.path().join("unpacked");
+    let folders = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&unpacked)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.contains('.'))
+            .collect();
+        v.sort();
+        v
+    };
+    let sources = || -> Vec<String> {
+        folders()
+            .iter()
+            .map(|k| std::fs::read_to_string(unpacked.join(format!("{k}.source"))).unwrap())
+            .collect()
+    };
+    assert_eq!(folders().len(), 4, "{:?}", sources());
+
+    // Version 1, the first upload, is the default: version 2 can go.
+    let r = delete(&server.url("/models/u/versions/2"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    std::fs::copy(replacement.join("m.tar.gz"), store.path().join("m.tar.gz")).unwrap();
+    let r = post_json(&server.url("/predictions/m"), &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    std::fs::remove_file(store.path().join("x.tar.gz")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || folders().len() == 2),
+        "{:?}",
+        sources()
+    );
+    assert!(server.wait_log("its archive is gone from the store: unloaded", Duration::from_secs(5)));
+    let metrics = get(&server.url("/metrics")).text();
+    assert!(metrics.contains("tessera_resident_models 2"), "{metrics}");
+    for source in sources() {
+        assert!(Path::new(&source).is_file(), "{source} is gone");
+    }
+    // Both remaining models still serve, and a restart keeps their folders.
+    for path in ["/predictions/m", "/predictions/u/1"] {
+        assert_eq!(post_json(&server.url(path), &body).status, 200, "{path}");
+    }
+    let kept = folders();
+    drop(server);
+    let server = Server::launch(
+        store.path(),
+        &[],
+        Launch {
+            work_dir: Some(work.path().to_path_buf()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(post_json(&server.url("/predictions/m"), &body).status, 200);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(folders(), kept);
 }

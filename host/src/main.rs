@@ -102,6 +102,17 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
+    // A client's damaged image can panic a third-party decoder; host imaging contains that (the
+    // image's 400), so such panics are not echoed to stderr once per hostile request.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !info
+            .location()
+            .is_some_and(|l| tessera_imaging::contained_panic_site(l.file()))
+        {
+            report(info)
+        }
+    }));
     // libtorch reads its allocator settings once, when CUDA starts: set them while this is
     // the only thread.
     if config.cuda_alloc_conf.is_empty() {
@@ -125,7 +136,19 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let addr = std::net::SocketAddr::new(app.config.bind, app.config.port);
         app.registry.store().clean_staging();
         app.tenants.watch(std::time::Duration::from_secs(2));
-        app.residency.trim_after_evictions(std::time::Duration::from_secs(2));
+        {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut upkeep = tessera::residency::Upkeep::default();
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let store_readable = app.registry.store().check_readable().is_ok();
+                    app.residency
+                        .upkeep(&mut upkeep, Duration::from_secs(60), store_readable)
+                        .await;
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;

@@ -1,17 +1,16 @@
 //! Loading: store → unpack (checked once per archive) → TorchScript on the device → handler
 //! compiled → queue and workers started. Warm-up, the last step before a model is published,
 //! is the caller's (see [`super::Residency::get`]): it runs requests through the serving path.
-use super::{LoadedModel, Residency, ResidencyError};
+use super::{disk, LoadedModel, Residency, ResidencyError};
 use crate::archive::{self, ArchiveError, Limits, Unpacked};
 use crate::engine::Engine;
 use crate::registry::Registration;
 use crate::runtime::{self, verify, RuntimeError, TorchModel};
 use crate::sandbox::{HandlerEnv, Sandbox, SandboxError};
 use crate::tenancy::Tenant;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tch::Device;
 
 /// Settings for loading.
@@ -51,6 +50,8 @@ pub struct Loader {
     /// Forward threads set by the management API (TorchServe's scale-workers) per model
     /// version, used instead of its `maxWorkers` at its next load.
     pub workers: Arc<WorkerOverrides>,
+    /// Disk-tier folders in use (see [`disk::Pins`]).
+    pub pins: Arc<disk::Pins>,
 }
 
 /// Worker counts set at runtime, per model version.
@@ -163,13 +164,14 @@ impl Loader {
         let key = &reg.key;
         // Stamped before unpacking: a replacement during the load is noticed at the next use.
         let source = super::model::archive_stamp(&reg.archive);
-        let unpacked = {
-            let (archive, config, sandbox) = (
+        let (unpacked, pin) = {
+            let (archive, config, sandbox, pins) = (
                 reg.archive.clone(),
                 self.config.clone(),
                 self.sandbox.clone(),
+                self.pins.clone(),
             );
-            blocking(move || unpack_cached(&archive, &config, &sandbox)).await??
+            blocking(move || unpack_cached(&archive, &config, &sandbox, &pins)).await??
         };
         if !unpacked.config.ignored_keys.is_empty() {
             tracing::warn!(model = %key, keys = ?unpacked.config.ignored_keys,
@@ -262,7 +264,8 @@ impl Loader {
             started.elapsed(),
             residency.now_ms(),
         )
-        .with_source(source))
+        .with_source(&reg.archive, source)
+        .with_disk_pin(pin))
     }
 
     /// What the handler may see and use: assets, parameters, its memory cap (the archive's,
@@ -340,47 +343,25 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| ResidencyError::Internal(format!("worker thread failed: {e}")))
 }
 
-/// The unpacked directory for an archive, unpacking on first sight, its code checked
-/// ([`check_unpacked`]) before anything loads it. Keyed by path, size and mtime, so a replaced
-/// archive is unpacked and checked afresh.
+/// The unpacked directory for an archive in the disk tier ([`disk`]), unpacking on first
+/// sight, its code checked ([`check_unpacked`]) before anything loads it, pinned for as long as
+/// the returned [`disk::Pin`] lives. A replaced archive gets a new folder, unpacked and checked
+/// afresh.
 ///
 /// A folder (an archive SageMaker already unpacked) is scanned under the archive rules and
-/// copied in, keyed by every file's name, size and mtime.
+/// copied in.
 fn unpack_cached(
     archive: &Path,
     config: &LoaderConfig,
     sandbox: &Sandbox,
-) -> Result<Unpacked, ResidencyError> {
-    let meta = std::fs::metadata(archive).map_err(archive::io_err(archive))?;
-    let mut h = Sha256::new();
-    h.update(archive.to_string_lossy().as_bytes());
-    let listing = if meta.is_dir() {
-        let entries = archive::scan_dir(archive, config.limits)?;
-        for e in &entries {
-            h.update(e.rel.to_string_lossy().as_bytes());
-            h.update([0]);
-            h.update(e.len.to_le_bytes());
-            h.update(e.mtime_ns.to_le_bytes());
-        }
-        Some(entries)
-    } else {
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .unwrap_or_default();
-        h.update(meta.len().to_le_bytes());
-        h.update(mtime.as_nanos().to_le_bytes());
-        None
-    };
-    let key = hex::encode(&h.finalize()[..12]);
-    let dest = config.work_dir.join("unpacked").join(&key);
-    // Written once the unpacked code passed the check; never inside `dest`, which holds the
-    // archive's own files.
-    let checked = config
-        .work_dir
-        .join("unpacked")
-        .join(format!("{key}.checked"));
+    pins: &Arc<disk::Pins>,
+) -> Result<(Unpacked, disk::Pin), ResidencyError> {
+    let (key, listing) = disk::key_of(archive, config.limits)?;
+    let pin = pins.pin(&key);
+    let root = disk::root(&config.work_dir);
+    disk::record_source(&root, &key, archive)?;
+    let dest = root.join(&key);
+    let checked = disk::checked_file(&root, &key);
     let unpacked = match std::fs::metadata(&dest) {
         Ok(m) if m.is_dir() => match archive::inspect(&dest) {
             Ok(u) => u,
@@ -401,7 +382,7 @@ fn unpack_cached(
         check_unpacked(&unpacked, sandbox, limits, true)?;
         std::fs::write(&checked, b"").map_err(archive::io_err(&checked))?;
     }
-    Ok(unpacked)
+    Ok((unpacked, pin))
 }
 
 fn unpack_fresh(

@@ -18,7 +18,9 @@
 //! reload after eviction skips the unpack and the check.
 //!
 //! Lock order: the moka cache's internal locks, then (never while awaiting) `quarantined` or
-//! `evictions`; the registry is never locked while awaiting a load.
+//! `evictions`; the registry is never locked while awaiting a load; the disk tier's pins
+//! ([`disk::Pins`]) are locked alone, for file renames and removals at most.
+pub mod disk;
 pub mod loader;
 mod model;
 pub mod policy;
@@ -55,6 +57,17 @@ pub enum ResidencyError {
     Quarantined(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What [`Residency::upkeep`] remembers between calls.
+#[derive(Default)]
+pub struct Upkeep {
+    /// The latest use of a resident model when the heap was last trimmed once all were idle.
+    trimmed_after: Option<u64>,
+    /// Calls in a row that found no request in flight.
+    idle_calls: u32,
+    /// When the disk tier was last collected.
+    collected: Option<Instant>,
 }
 
 /// Why a model left residency, as metrics and logs name it.
@@ -113,7 +126,7 @@ pub struct Residency {
     metrics: Arc<Metrics>,
     clock: Instant,
     /// Set when a model leaves residency: its weights went back to the C heap, which
-    /// [`Residency::trim_after_evictions`] hands back to the system.
+    /// [`Residency::upkeep`] hands back to the system.
     freed: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -202,19 +215,72 @@ impl Residency {
         crate::engine::join_all(deadline)
     }
 
-    /// Every `every`, if a model left residency since the last look, returns the C heap's
-    /// free memory to the system (`malloc_trim`): the weights of evicted CPU models otherwise
-    /// stay in the process's RSS, which then only grows with churn (measured by bench/soak.py).
-    pub fn trim_after_evictions(&self, every: std::time::Duration) {
-        let freed = self.freed.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if freed.swap(false, Ordering::AcqRel) {
-                    let _ = tokio::task::spawn_blocking(runtime::release_host_memory).await;
-                }
+    /// Housekeeping, called every couple of seconds (see `main`): returns the C heap's free
+    /// memory to the system (`malloc_trim`) when a model left residency since the last call,
+    /// or once a busy spell has ended (two calls in a row with nothing in flight; the weights
+    /// of evicted CPU models and the buffers of finished requests otherwise stay in the
+    /// process's RSS, which then grows with churn: measured by bench/soak.py), unloads idle
+    /// models whose archive is gone, and collects disk-tier folders whose archive was deleted
+    /// or replaced ([`disk::collect`]) when asked to and at least every `collect_every`; the
+    /// last two not while the store cannot be read (`store_readable` false: every archive
+    /// would look deleted).
+    pub async fn upkeep(
+        &self,
+        state: &mut Upkeep,
+        collect_every: std::time::Duration,
+        store_readable: bool,
+    ) {
+        let busy = self.cache.iter().any(|(_, m)| m.busy() > 0);
+        let latest_use = self.cache.iter().map(|(_, m)| m.last_used()).max();
+        state.idle_calls = if busy { 0 } else { state.idle_calls + 1 };
+        let spell_over = state.idle_calls >= 2 && latest_use != state.trimmed_after;
+        if self.freed.swap(false, Ordering::AcqRel) || spell_over {
+            if !busy {
+                state.trimmed_after = latest_use;
             }
-        });
+            let _ = tokio::task::spawn_blocking(runtime::release_host_memory).await;
+        }
+        // A model whose archive is gone (a version deleted while its load was still running,
+        // an operator's archive removed) answers nothing any more: unloaded once idle, so its
+        // memory and its unpacked folder go.
+        if store_readable {
+            let orphans: Vec<Arc<LoadedModel>> = self
+                .cache
+                .iter()
+                .map(|(_, m)| m)
+                .filter(|m| m.busy() == 0 && m.archive_gone())
+                .collect();
+            for m in orphans {
+                tracing::info!(model = %m.key, "its archive is gone from the store: unloaded");
+                self.remove(&m.key).await;
+            }
+        }
+        let due = state
+            .collected
+            .is_none_or(|at| at.elapsed() >= collect_every);
+        if store_readable && (self.loader.pins.take_dirty() || due) {
+            state.collected = Some(Instant::now());
+            let (work_dir, limits, pins) = (
+                self.loader.config.work_dir.clone(),
+                self.loader.config.limits,
+                self.loader.pins.clone(),
+            );
+            let removed =
+                tokio::task::spawn_blocking(move || disk::collect(&work_dir, limits, &pins))
+                    .await
+                    .unwrap_or(0);
+            if removed > 0 {
+                tracing::info!(
+                    removed,
+                    "removed unpacked archives whose archive was deleted or replaced"
+                );
+            }
+        }
+    }
+
+    /// An archive was deleted or replaced: its unpacked folder may go at the next upkeep.
+    pub fn archives_changed(&self) {
+        self.loader.pins.mark_dirty();
     }
 
     /// Every resident model.

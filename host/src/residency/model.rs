@@ -28,9 +28,13 @@ pub struct LoadedModel {
     /// Size and mtime of the archive file it was loaded from (none for a folder), to notice an
     /// archive replaced or removed while the model is resident.
     source: Option<(u64, std::time::SystemTime)>,
+    /// The archive file it was loaded from (none for a folder).
+    archive: Option<std::path::PathBuf>,
     /// Its weight when residency last checked the budget for it (it grows with CUDA graphs
     /// captured while it serves).
     charged: AtomicU64,
+    /// Keeps its unpacked folder (assets the handler reads) in the disk tier while it lives.
+    disk_pin: Option<super::disk::Pin>,
 }
 
 /// Whether a resident model's archive is still the one it was loaded from.
@@ -70,13 +74,34 @@ impl LoadedModel {
             in_use: AtomicUsize::new(0),
             last_used: AtomicU64::new(now_ms),
             source: None,
+            archive: None,
             charged: AtomicU64::new(0),
+            disk_pin: None,
         }
     }
 
     /// Records the archive file it was loaded from (see [`LoadedModel::source_at`]).
-    pub fn with_source(mut self, stamp: Option<(u64, std::time::SystemTime)>) -> LoadedModel {
+    pub fn with_source(
+        mut self,
+        archive: &std::path::Path,
+        stamp: Option<(u64, std::time::SystemTime)>,
+    ) -> LoadedModel {
+        self.archive = stamp.is_some().then(|| archive.to_path_buf());
         self.source = stamp;
+        self
+    }
+
+    /// Whether the archive file it was loaded from is gone from the store (false for a folder,
+    /// and while the file is there, replaced or not).
+    pub fn archive_gone(&self) -> bool {
+        self.archive
+            .as_deref()
+            .is_some_and(|a| self.source_at(a) == Source::Gone)
+    }
+
+    /// Holds its unpacked folder in the disk tier for as long as the model lives.
+    pub fn with_disk_pin(mut self, pin: super::disk::Pin) -> LoadedModel {
+        self.disk_pin = Some(pin);
         self
     }
 

@@ -58,8 +58,24 @@ const MAX_LIVE_INSTANCES: u32 = 600;
 const CORE_INSTANCES_PER_STORE: usize = 64;
 /// Compiled handler components kept for reuse (by content hash).
 const MAX_COMPILED: u64 = 256;
-/// Bytes of each pooled linear memory kept mapped between instances.
+/// Bytes of each pooled linear memory kept mapped between instances, at most (see
+/// [`keep_resident_bytes`]).
 pub const KEEP_RESIDENT_MIB: u64 = 64;
+/// Linear memories in the instance pool.
+const POOLED_MEMORIES: u32 = MAX_LIVE_INSTANCES * 2;
+
+/// Bytes of each pooled linear memory kept mapped once its instance is gone: `wanted`, but no
+/// more than the server-wide handler memory bound spread over every pooled memory. Pages kept
+/// this way stay in the process's RSS outside that bound (a freed slot is not live memory), so
+/// without the cap a handler that fills its memory on every call would leave up to
+/// `POOLED_MEMORIES` x `wanted` bytes resident (the soak's failing handler at 64 MiB: idle RSS
+/// 1003 MiB where 4 MiB kept 607); with it, kept pages add at most the bound again.
+pub fn keep_resident_bytes(wanted: usize, total_memory_bytes: u64) -> usize {
+    let share = total_memory_bytes / u64::from(POOLED_MEMORIES);
+    // Whole pages, as wasmtime keeps them.
+    let share = (share & !0xffff) as usize;
+    wanted.min(share)
+}
 /// Epoch tick; deadlines are rounded up to it.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Lines a handler may log per call before the rest are counted and dropped.
@@ -447,11 +463,14 @@ impl Sandbox {
         let mut pool = wasmtime::PoolingAllocationConfig::default();
         pool.total_component_instances(MAX_LIVE_INSTANCES)
             .total_core_instances(MAX_LIVE_INSTANCES * 16)
-            .total_memories(MAX_LIVE_INSTANCES * 2)
+            .total_memories(POOLED_MEMORIES)
             .total_tables(MAX_LIVE_INSTANCES * 4)
             .max_memories_per_module(2)
             .max_memory_size(4 << 30)
-            .linear_memory_keep_resident(settings.keep_resident_bytes)
+            .linear_memory_keep_resident(keep_resident_bytes(
+                settings.keep_resident_bytes,
+                settings.total_memory_bytes,
+            ))
             .table_keep_resident(64 << 10);
         if settings.pooling {
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
@@ -834,6 +853,21 @@ fn from_host(t: HostTensor) -> wit::Tensor {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn memory_kept_resident_stays_within_the_handler_memory_bound() {
+        use super::{keep_resident_bytes, POOLED_MEMORIES};
+        const MIB: usize = 1 << 20;
+        // A large bound: what was asked for.
+        assert_eq!(keep_resident_bytes(64 * MIB, 1 << 40), 64 * MIB);
+        // A 6 GiB bound (a 24 GiB machine's default): its share of each pooled memory, in whole
+        // 64 KiB pages.
+        let kept = keep_resident_bytes(64 * MIB, 6 << 30);
+        assert_eq!(kept % (64 << 10), 0);
+        assert!(kept > 4 * MIB && kept <= 6 * MIB, "{kept}");
+        assert!(kept as u64 * u64::from(POOLED_MEMORIES) <= 6 << 30);
+        // Never more than asked.
+        assert_eq!(keep_resident_bytes(MIB, 6 << 30), MIB);
+    }
     use super::*;
 
     #[test]

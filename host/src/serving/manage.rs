@@ -267,6 +267,7 @@ impl Server {
         }
         self.residency.remove(&key).await;
         store.remove_version(&tenant.name, name, version)?;
+        self.residency.archives_changed();
         self.workers.clear(&key);
         self.metrics.forget_model(key.labels());
         Ok(())

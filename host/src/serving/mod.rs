@@ -100,6 +100,7 @@ impl Server {
             },
             sandbox: sandbox.clone(),
             workers: workers.clone(),
+            pins: Default::default(),
         };
         tracing::info!(
             backend = runtime::configure(config.cudnn_benchmark, config.torchscript_executor),
