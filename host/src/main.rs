@@ -108,7 +108,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     std::panic::set_hook(Box::new(move |info| {
         if !info
             .location()
-            .is_some_and(|l| tessera_imaging::contained_panic_site(l.file()))
+            .is_some_and(|l| tessera_imaging::panic_is_contained(l.file()))
         {
             report(info)
         }

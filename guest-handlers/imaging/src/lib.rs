@@ -271,17 +271,26 @@ fn decode_within(field: &str, bytes: &[u8], max_pixels: u64) -> Result<DynamicIm
     }
 }
 
-/// Whether a panic raised at `file` (a source path, as `std::panic::Location` gives it) comes
-/// from a decoder whose panics [`decode`] and [`dimensions`] contain (zune-jpeg, png): a hook
-/// may leave such panics unreported.
-pub fn contained_panic_site(file: &str) -> bool {
-    ["/zune-jpeg-", "/png-"].iter().any(|c| file.contains(c))
+thread_local! {
+    /// Set while this thread runs a decoder under [`contained`].
+    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a panic raised at `file` (a source path, as `std::panic::Location` gives it) on
+/// this thread is one [`decode`] and [`dimensions`] contain: raised by a decoder (zune-jpeg,
+/// png) that runs under them right now. A panic hook may leave such panics unreported; the
+/// same decoders' panics elsewhere are not contained and stay reported.
+pub fn panic_is_contained(file: &str) -> bool {
+    CONTAINING.with(|c| c.get()) && ["/zune-jpeg-", "/png-"].iter().any(|c| file.contains(c))
 }
 
 /// Runs a decoder over a client's bytes: a panic inside it is this image's 400 (see the
 /// module docs), never the caller's.
 fn contained<T>(field: &str, decode: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|_| {
+    let outer = CONTAINING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode));
+    CONTAINING.with(|c| c.set(outer));
+    result.unwrap_or_else(|_| {
         Err(Failure::bad(format!(
             "field '{field}': the image is corrupt (its decoder failed on it)"
         )))
@@ -829,6 +838,22 @@ mod tests {
                 "field 'image': the image is corrupt (its decoder failed on it)"
             ))
         );
+    }
+
+    #[test]
+    fn only_a_decoder_panic_under_contained_counts_as_contained() {
+        let decoder = "/cargo/registry/src/index/png-0.17.16/src/decoder/stream.rs";
+        let ours = "host/src/main.rs";
+        assert!(!panic_is_contained(decoder));
+        let inside = contained("image", || {
+            Ok((panic_is_contained(decoder), panic_is_contained(ours)))
+        });
+        assert_eq!(inside, Ok((true, false)));
+        // Cleared again after a panic too.
+        let _ = contained("image", || -> Result<(), Failure> {
+            panic!("a decoder's bug")
+        });
+        assert!(!panic_is_contained(decoder));
     }
 
     /// Counts this thread's heap bytes, so a test can see the peak a decode reaches (other

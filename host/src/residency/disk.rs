@@ -183,7 +183,14 @@ pub fn collect(work_dir: &Path, limits: Limits, pins: &Pins) -> usize {
         // folder never looks checked once its removal began), the folder is renamed out of the
         // way (deleted below, outside the lock; at start if the process dies first) and the
         // source goes last.
-        let doomed = root.join(format!(".partial-gc-{key}"));
+        // Unique, so a leftover of an earlier removal that failed halfway does not block this
+        // one (leftovers go at the next start, as interrupted unpacks do).
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let doomed = root.join(format!(
+            ".partial-gc-{key}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let moved = {
             let held = pins.held.lock().unwrap();
             if held.contains_key(&key) {

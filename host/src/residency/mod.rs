@@ -59,6 +59,9 @@ pub enum ResidencyError {
     Internal(String),
 }
 
+/// How long after the latest request [`Residency::upkeep`] counts the server as idle.
+const QUIET_MS: u64 = 3_000;
+
 /// What [`Residency::upkeep`] remembers between calls.
 #[derive(Default)]
 pub struct Upkeep {
@@ -232,7 +235,15 @@ impl Residency {
     ) {
         let busy = self.cache.iter().any(|(_, m)| m.busy() > 0);
         let latest_use = self.cache.iter().map(|(_, m)| m.last_used()).max();
-        state.idle_calls = if busy { 0 } else { state.idle_calls + 1 };
+        // Idle means nothing in flight and nothing started for a while, so light traffic (a
+        // request now and then, none in flight at the moment of the call) trims once it ends,
+        // not every other call.
+        let quiet = latest_use.is_none_or(|t| self.now_ms().saturating_sub(t) >= QUIET_MS);
+        state.idle_calls = if busy || !quiet {
+            0
+        } else {
+            state.idle_calls + 1
+        };
         let spell_over = state.idle_calls >= 2 && latest_use != state.trimmed_after;
         if self.freed.swap(false, Ordering::AcqRel) || spell_over {
             if !busy {
@@ -244,15 +255,30 @@ impl Residency {
         // an operator's archive removed) answers nothing any more: unloaded once idle, so its
         // memory and its unpacked folder go.
         if store_readable {
-            let orphans: Vec<Arc<LoadedModel>> = self
+            let idle: Vec<Arc<LoadedModel>> = self
                 .cache
                 .iter()
                 .map(|(_, m)| m)
-                .filter(|m| m.busy() == 0 && m.archive_gone())
+                .filter(|m| m.busy() == 0)
                 .collect();
+            // One stat per model: off the async threads (the store may be slow).
+            let orphans = tokio::task::spawn_blocking(move || {
+                idle.into_iter()
+                    .filter(|m| m.archive_gone())
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
             for m in orphans {
-                tracing::info!(model = %m.key, "its archive is gone from the store: unloaded");
-                self.remove(&m.key).await;
+                // Still that very model, still idle (not a reload of the same key meanwhile).
+                let same = self
+                    .peek(&m.key)
+                    .await
+                    .is_some_and(|now| Arc::ptr_eq(&now, &m));
+                if same && m.busy() == 0 {
+                    tracing::info!(model = %m.key, "its archive is gone from the store: unloaded");
+                    self.remove(&m.key).await;
+                }
             }
         }
         let due = state

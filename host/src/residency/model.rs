@@ -111,7 +111,9 @@ impl LoadedModel {
             return Source::Current;
         };
         match std::fs::metadata(archive) {
-            Err(_) => Source::Gone,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Source::Gone,
+            // Any other error (a store that cannot be read) says nothing about the archive.
+            Err(_) => Source::Current,
             Ok(m) if m.len() == loaded.0 && m.modified().ok() == Some(loaded.1) => Source::Current,
             Ok(_) => Source::Replaced,
         }

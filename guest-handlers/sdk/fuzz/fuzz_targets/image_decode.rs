@@ -8,7 +8,7 @@
 //! aborts on any panic leaving the closure).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tessera_imaging::{contained_panic_site, decode, dimensions, encode_png, luma_pil};
+use tessera_imaging::{decode, dimensions, encode_png, luma_pil, panic_is_contained};
 
 const MAX_PIXELS: u64 = 1 << 20;
 
@@ -19,10 +19,7 @@ fuzz_target!(|data: &[u8]| {
         // the decoders' own, which unwind to `decode`/`dimensions` and are expected here.
         let abort = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !info
-                .location()
-                .is_some_and(|l| contained_panic_site(l.file()))
-            {
+            if !info.location().is_some_and(|l| panic_is_contained(l.file())) {
                 abort(info)
             }
         }))
