@@ -5,8 +5,8 @@ clients that leave mid-request, and a handler that exhausts its memory or time o
 (now and then, and in one burst of concurrent calls) interleaved. Checks every answer byte for
 byte against a reference server that sees no churn, the statuses (only the designed
 429/503/504/507 besides 2xx and 4xx answers to our own deliberate mistakes; the failing
-handler's calls only their designed 500/504), the server's RSS once idle after the run against
-once idle after warm-up, and what is left in the store's staging and the work dir (no partial
+handler's calls only their designed 500/504), the server's RSS once idle with every model
+unloaded after the run against the same after warm-up, and what is left in the store's staging and the work dir (no partial
 unpack, no unpacked archive whose archive is gone). Reports latency percentiles per kind of call.
 
     python bench/soak.py [--requests 10000] [--concurrency 64] [--out bench/results/soak_cpu]
@@ -41,9 +41,10 @@ CONFIG = "maxWorkers: 2\nresponseTimeout: 60\ntessera:\n  model: model.pt\nhandl
 CHAOS_CONFIG = "maxWorkers: 2\nresponseTimeout: 2\ntessera:\n  model: model.pt\n  handlerMemoryMiB: 64\n"
 CHAOS = {"hog": (500, "memory limit"), "loop": (504, "time limit"), "trap": (500, "trapped"),
          "image-hog": (500, "memory limit")}
-# Seconds to wait for the server to be idle: past its 2 s upkeep (heap trim, disk-tier collection)
-# and the header/stall timeouts the soak sets (5 s), so abandoned connections are closed.
-SETTLE = 8
+# Seconds to wait for the server to be idle: its upkeep (every 2 s) trims the heap two calls
+# after the latest request is 3 s old, and the header/stall timeouts the soak sets (5 s) have
+# closed abandoned connections.
+SETTLE = 12
 # Each call's share of the mix: (upper bound of a uniform draw, kind), in the order tried.
 OPS = [(0.74, "infer-operator"), (0.87, "infer-uploaded"), (0.88, "infer-failing"), (0.92, "disconnect"),
        (0.95, "upload"), (0.97, "set-default"), (0.985, "delete-version"), (1.01, "unload")]
@@ -93,8 +94,14 @@ def unpacked_orphans(work):
     for name in os.listdir(root):
         if name.startswith(".") or "." in name:
             continue
-        src = os.path.join(root, name + ".source")
-        if not os.path.isfile(src) or not os.path.exists(open(src, "rb").read().decode()):
+        try:
+            with open(os.path.join(root, name + ".source"), "rb") as f:
+                source = f.read().decode()
+        except FileNotFoundError:  # no source, or the folder was collected meanwhile
+            if os.path.isdir(os.path.join(root, name)):
+                orphans.append(name)
+            continue
+        if not os.path.exists(source):
             orphans.append(name)
     return orphans
 
@@ -222,6 +229,7 @@ def main():
     installed = set()  # versions the server confirmed (201) and not deleted
     next_version = Counter()
     last_upload_error = [b""]
+    latency = {}  # "kind status" -> [ms]
 
     def upload(name, variant, default):
         with lock:
@@ -229,10 +237,13 @@ def main():
             v = str(next_version[name])
             # Known before the server can serve it (a request may meet it as soon as it is in).
             versions[(name, v)] = variant
-        data = open(archives[variant], "rb").read()
+        with open(archives[variant], "rb") as f:
+            data = f.read()
+        t = time.perf_counter()
         s, body, _ = srv.call("POST", f"/models/{name}/versions/{v}" + ("?default=true" if default else ""),
                               data, {"content-type": "application/octet-stream"})
         with lock:
+            latency.setdefault(f"upload {s}", []).append(1000 * (time.perf_counter() - t))
             if s == 201:
                 installed.add((name, v))
             else:
@@ -248,21 +259,25 @@ def main():
     ops = Counter()
     mismatches = []
     unexpected = []
-    latency = {}  # kind of call -> [ms]
     done = [0]
     rss = {}
     samples = []
     started = time.time()
 
+    def count(key):
+        with lock:
+            stats[key] += 1
+
     def timed(kind, *call):
+        """The call's reply; its time is kept by kind of call and status (answers and refusals apart)."""
         t = time.perf_counter()
         reply = srv.call(*call)
         with lock:
-            latency.setdefault(kind, []).append(1000 * (time.perf_counter() - t))
+            latency.setdefault(f"{kind} {reply[0]}", []).append(1000 * (time.perf_counter() - t))
         return reply
 
     def check(kind, status, body, headers, variant_of):
-        stats[status] += 1
+        count(status)
         if status == 200:
             variant = variant_of(headers)
             want = reference.get(variant)
@@ -277,7 +292,7 @@ def main():
         mode = rng.choice(sorted(CHAOS))
         s, body, _ = timed(kind, "POST", "/predictions/chaos", json.dumps({"mode": mode}).encode(),
                            {"content-type": "application/json"})
-        stats[f"{kind} {mode} {s}"] += 1
+        count(f"{kind} {mode} {s}")
         want, word = CHAOS[mode]
         # Under load any call may reach its time limit first (504) or meet an overload.
         if not ((s == want and word in body.decode(errors="replace")) or s in DESIGNED):
@@ -297,13 +312,13 @@ def main():
             i = rng.randrange(len(reqs))
             hdr = {"content-type": "application/json"}
             op = next(name for limit, name in OPS if r < limit)
+            with lock:
+                ops[op] += 1
             try:
                 if r < 0.74:
-                    ops["infer-operator"] += 1
                     s, body, h = timed("operator", "POST", f"/predictions/{rng.choice(names)}", reqs[i], hdr)
                     check("operator", s, body, h, lambda h: ("large", i))
                 elif r < 0.87:
-                    ops["infer-uploaded"] += 1
                     u = rng.choice(uploads)
                     s, body, h = timed("uploaded", "POST", f"/predictions/{u}", reqs[i], hdr)
 
@@ -313,10 +328,8 @@ def main():
                             return (versions.get((u, v)), i)
                     check("uploaded", s, body, h, variant_of)
                 elif r < 0.88:
-                    ops["infer-failing"] += 1
                     failing_call("failing", rng)
                 elif r < 0.92:
-                    ops["disconnect"] += 1
                     with socket.create_connection(srv.addr, timeout=10) as c:
                         c.sendall(f"POST /predictions/{rng.choice(names)} HTTP/1.1\r\nhost: x\r\n"
                                   f"content-type: application/json\r\ncontent-length: {len(reqs[i])}\r\n\r\n".encode())
@@ -325,23 +338,22 @@ def main():
                         else:
                             c.sendall(reqs[i])
                 elif r < 0.95:
-                    ops["upload"] += 1
                     u = rng.choice(uploads)
                     s = upload(u, rng.choice(["small", "large"]), rng.random() < 0.5)
-                    stats[f"upload {s}"] += 1
+                    count(f"upload {s}")
                     if s not in (201, 429, 503, 507):
                         unexpected.append(("upload", s, last_upload_error[0]))
                 elif r < 0.97:
-                    ops["set-default"] += 1
                     u = rng.choice(uploads)
                     with lock:
                         vs = sorted(v for (n2, v) in installed if n2 == u)
+                    if not vs:  # every version of it deleted meanwhile (not done by this soak)
+                        continue
                     s, body, _ = srv.call("PUT", f"/models/{u}/{rng.choice(vs)}/set-default")
-                    stats[f"set-default {s}"] += 1
+                    count(f"set-default {s}")
                     if s not in (200, 404):  # 404: deleted meanwhile
                         unexpected.append(("set-default", s, body[:200]))
                 elif r < 0.985:
-                    ops["delete-version"] += 1
                     u = rng.choice(uploads)
                     # Only versions the server confirmed, and never the last ones: the model must
                     # keep existing (its default cannot be deleted while others exist).
@@ -350,7 +362,7 @@ def main():
                     if len(vs) > 2:
                         v = rng.choice(vs[:-1])
                         s, body, _ = srv.call("DELETE", f"/models/{u}/versions/{v}")
-                        stats[f"delete-version {s}"] += 1
+                        count(f"delete-version {s}")
                         if s == 200:
                             with lock:
                                 gone.add((u, v))
@@ -358,13 +370,13 @@ def main():
                         elif s not in (404, 409):  # 409: busy, or the default
                             unexpected.append(("delete-version", s, body[:200]))
                 else:
-                    ops["unload"] += 1
                     s, body, _ = srv.call("DELETE", f"/models/{rng.choice(names)}")
-                    stats[f"unload {s}"] += 1
+                    count(f"unload {s}")
                     if s not in (200, 404):
                         unexpected.append(("unload", s, body[:200]))
             except (OSError, http.client.HTTPException) as e:
-                unexpected.append((f"connection ({op})", f"{type(e).__name__}: {e}", b""))
+                unexpected.append((f"connection ({op})", f"{type(e).__name__}: {e}",
+                                   f"{time.time() - started:.1f} s into the run".encode()))
 
     def burst(seed, calls):
         """`calls` concurrent calls of the failing handler, all at once."""
@@ -386,7 +398,12 @@ def main():
     breakdown = {}
 
     def settled_rss(when):
-        """RSS once the server is idle (see SETTLE), and where it is."""
+        """RSS with the server idle (see SETTLE) and no model resident (each unloaded first,
+        so the two measurements hold the same models: none), and where it is."""
+        for n in names + uploads + ["chaos"]:
+            s, body, _ = srv.call("DELETE", f"/models/{n}")
+            if s not in (200, 404):
+                unexpected.append((f"unload before measuring ({when})", s, body[:200]))
         time.sleep(SETTLE)
         breakdown[when] = srv.rss_breakdown()
         return srv.rss()
@@ -450,8 +467,8 @@ def main():
                 f"{budget_mib} MiB (three fit), three uploaded models whose versions are uploaded, switched "
                 "and deleted while they serve, unloads, clients that leave mid-request, and calls of a "
                 f"handler that exhausts its memory or time (1 % of calls, and a burst of {args.burst} at once "
-                f"after warm-up). RSS measured {SETTLE} s after the warm-up's {warm_until} requests and "
-                "after the last, the server idle both times.\n\n")
+                f"after warm-up). RSS measured after the warm-up's {warm_until} requests and after the last, "
+                f"each time with every model unloaded and the server idle for {SETTLE} s.\n\n")
         f.write("| figure | value |\n|---|---|\n")
         for k in ["seconds", "mismatches", "unexpected_count", "rss_after_warmup_mib", "rss_end_mib",
                   "rss_growth_pct", "alive_at_end", "exit_code_on_sigterm", "staging_left",

@@ -4,7 +4,7 @@
 //! kind into a status code and a JSON body.
 use crate::archive::{self, ArchiveError};
 use crate::registry::RegistryError;
-use crate::residency::ResidencyError;
+use crate::residency::{CheckError, ResidencyError};
 use crate::runtime::RuntimeError;
 use crate::sandbox::{HandlerFailure, SandboxError};
 use crate::serving::UploadError;
@@ -161,6 +161,7 @@ impl RuntimeError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             RuntimeError::OutOfMemory { .. } => ErrorKind::InsufficientStorage,
+            RuntimeError::Busy(_) => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
     }
@@ -170,6 +171,7 @@ impl ResidencyError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ResidencyError::Archive(e) => e.kind(),
+            ResidencyError::Runtime(RuntimeError::Busy(_)) => ErrorKind::Unavailable,
             ResidencyError::Runtime(_) => ErrorKind::Unprocessable,
             ResidencyError::Handler(e) => e.kind(),
             ResidencyError::InsufficientMemory(_) => ErrorKind::InsufficientStorage,
@@ -185,6 +187,7 @@ impl UploadError {
             UploadError::TooLarge(_) => ErrorKind::PayloadTooLarge,
             UploadError::Interrupted(_) => ErrorKind::BadRequest,
             UploadError::Archive(e) => e.kind(),
+            UploadError::Check(CheckError::Model(RuntimeError::Busy(_))) => ErrorKind::Unavailable,
             UploadError::Check(_) => ErrorKind::Unprocessable,
             UploadError::Quota(_) => ErrorKind::Forbidden,
             UploadError::Store(e) => e.kind(),
@@ -232,6 +235,23 @@ mod tests {
         assert_eq!(Error::from(oom()).kind, ErrorKind::InsufficientStorage);
         assert_eq!(
             Error::from(ResidencyError::Runtime(RuntimeError::Load("x".into()))).kind,
+            ErrorKind::Unprocessable
+        );
+        // A check that could not run for lack of a slot is the server's moment, retryable.
+        let busy = || RuntimeError::Busy("x".into());
+        assert_eq!(
+            Error::from(ResidencyError::Runtime(busy())).kind,
+            ErrorKind::Unavailable
+        );
+        assert_eq!(
+            Error::from(UploadError::Check(CheckError::Model(busy()))).kind,
+            ErrorKind::Unavailable
+        );
+        assert_eq!(
+            Error::from(UploadError::Check(CheckError::Model(
+                RuntimeError::Refused("x".into())
+            )))
+            .kind,
             ErrorKind::Unprocessable
         );
         let e = Error::from(RegistryError::Store(StoreError::VersionExists(

@@ -142,6 +142,9 @@ pub enum RuntimeError {
     Input(String),
     #[error("TorchScript refused: {0}")]
     Refused(String),
+    /// The check could not run now (every slot busy): nothing is wrong with the file.
+    #[error("the server is busy: {0}")]
+    Busy(String),
 }
 
 fn is_oom(message: &str) -> bool {

@@ -126,7 +126,25 @@ pub fn check_files(files: &[PathBuf], limits: CheckLimits) -> Result<(), Runtime
     let exe = std::env::current_exe().map_err(|e| {
         RuntimeError::Refused(format!("cannot find the tessera binary to check with: {e}"))
     })?;
-    let _slot = CheckSlot::take();
+    let passed_before = content_key(files, limits);
+    if passed_before.is_some_and(|k| {
+        PASSED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&k)
+    }) {
+        tracing::debug!(
+            files = files.len(),
+            "TorchScript passed its check before: same bytes, same limits"
+        );
+        return Ok(());
+    }
+    let Some(_slot) = CheckSlot::take(CHECK_QUEUE_WAIT) else {
+        return Err(RuntimeError::Busy(format!(
+            "every TorchScript check slot was busy for {}s (other uploads and loads are being checked); retry shortly",
+            CHECK_QUEUE_WAIT.as_secs()
+        )));
+    };
     let started = Instant::now();
     let mut command = Command::new(&exe);
     command.arg(CHILD_COMMAND).args(files).env_clear();
@@ -226,7 +244,49 @@ pub fn check_files(files: &[PathBuf], limits: CheckLimits) -> Result<(), Runtime
         ms = started.elapsed().as_millis() as u64,
         "TorchScript checked in a sandboxed process"
     );
+    if let Some(k) = passed_before {
+        let mut passed = PASSED.lock().unwrap_or_else(|p| p.into_inner());
+        if passed.len() >= REMEMBERED_PASSES {
+            passed.pop_front();
+        }
+        passed.push_back(k);
+    }
     Ok(())
+}
+
+/// Checks that passed, by what they checked (see [`content_key`]), oldest first: the same bytes
+/// under the same limits pass again (an archive uploaded again as a new version, the folder of a
+/// version unpacked afresh), so they are not checked twice. A refusal is not remembered.
+static PASSED: std::sync::Mutex<std::collections::VecDeque<[u8; 32]>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+const REMEMBERED_PASSES: usize = 512;
+
+/// The SHA-256 of `files`' bytes, in order, each with its length, and of `limits` (None if a
+/// file cannot be read whole: it is then checked, and not remembered).
+fn content_key(files: &[PathBuf], limits: CheckLimits) -> Option<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(limits.memory_bytes.to_le_bytes());
+    h.update(limits.deadline.as_millis().to_le_bytes());
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let mut file = std::fs::File::open(f).ok()?;
+        let len = file.metadata().ok()?.len();
+        h.update(len.to_le_bytes());
+        let mut read = 0u64;
+        loop {
+            let n = file.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            read += n as u64;
+        }
+        if read != len {
+            return None;
+        }
+    }
+    Some(h.finalize().into())
 }
 
 /// The child's report stream: exactly one JSON report per name, in order, each on its own
@@ -257,20 +317,29 @@ fn parse_reports(out: &[u8], names: &[String]) -> Result<Vec<FileReport>, String
         .collect()
 }
 
-/// Checks running at once (each loads whole model files into memory); others wait their turn.
+/// Checks running at once (each loads whole model files into memory); others wait their turn,
+/// for [`CHECK_QUEUE_WAIT`] at most: past it the upload or load is refused as busy (503,
+/// retryable) instead of waiting behind a flood of others without end.
 const MAX_CONCURRENT_CHECKS: usize = 2;
+const CHECK_QUEUE_WAIT: Duration = Duration::from_secs(30);
 static RUNNING: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
 static FREED: std::sync::Condvar = std::sync::Condvar::new();
 
 struct CheckSlot;
 impl CheckSlot {
-    fn take() -> CheckSlot {
+    /// A slot, waiting up to `wait` for one (None if none came).
+    fn take(wait: Duration) -> Option<CheckSlot> {
+        let until = Instant::now() + wait;
         let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
         while *running >= MAX_CONCURRENT_CHECKS {
-            running = FREED.wait(running).unwrap_or_else(|p| p.into_inner());
+            let left = until.checked_duration_since(Instant::now())?;
+            running = FREED
+                .wait_timeout(running, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         *running += 1;
-        CheckSlot
+        Some(CheckSlot)
     }
 }
 impl Drop for CheckSlot {
@@ -558,6 +627,32 @@ fn seccomp_deny() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_passed_before_is_not_run_again_for_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.pt");
+        std::fs::write(&file, b"the model's bytes").unwrap();
+        let files = [file.clone()];
+        let limits = CheckLimits {
+            deadline: Duration::from_secs(20),
+            memory_bytes: 1 << 30,
+        };
+        // Never passed: the check runs (this test binary is no tessera, so it is refused).
+        assert!(check_files(&files, limits).is_err());
+        let key = content_key(&files, limits).unwrap();
+        PASSED.lock().unwrap().push_back(key);
+        assert!(check_files(&files, limits).is_ok());
+        // Other limits, or other bytes of the same length: checked again.
+        let other_limits = CheckLimits {
+            memory_bytes: 2 << 30,
+            ..limits
+        };
+        assert!(check_files(&files, other_limits).is_err());
+        std::fs::write(&file, b"the model's bytez").unwrap();
+        assert_ne!(content_key(&files, limits), Some(key));
+        assert!(check_files(&files, limits).is_err());
+    }
 
     #[test]
     fn policy_allows_tensor_ops_and_refuses_the_rest() {

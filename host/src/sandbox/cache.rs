@@ -74,24 +74,36 @@ impl CompileCache {
         hash: &str,
         bytes: &[u8],
     ) -> wasmtime::Result<Component> {
-        let path = self.path(hash);
-        // Checked at every load: a regular file (not a link) only this user can write.
-        let trusted = std::fs::symlink_metadata(&path)
-            .is_ok_and(|m| m.file_type().is_file() && owned_by_us_alone(&m));
-        if trusted {
-            // SAFETY: the file is one this server wrote (whole, by rename) into a folder only
-            // its user can write; deserialize_file checks the engine fingerprint and format.
-            match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(c) => return Ok(c),
-                Err(e) => tracing::warn!(path = %path.display(),
-                    "compiled handler could not be loaded, compiling again: {e:#}"),
-            }
+        if let Some(c) = self.cached(engine, hash) {
+            return Ok(c);
         }
+        let path = self.path(hash);
         let component = Component::from_binary(engine, bytes)?;
         if let Err(e) = self.keep(&path, &component) {
             tracing::warn!(path = %path.display(), "could not keep the compiled handler: {e:#}");
         }
         Ok(component)
+    }
+
+    /// The component whose bytes hash to `hash`, if it is in the cache (and loads).
+    pub fn cached(&self, engine: &Engine, hash: &str) -> Option<Component> {
+        let path = self.path(hash);
+        // Checked at every load: a regular file (not a link) only this user can write.
+        let trusted = std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| m.file_type().is_file() && owned_by_us_alone(&m));
+        if !trusted {
+            return None;
+        }
+        // SAFETY: the file is one this server wrote (whole, by rename) into a folder only its
+        // user can write; deserialize_file checks the engine fingerprint and format.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(),
+                    "compiled handler could not be loaded, compiling again: {e:#}");
+                None
+            }
+        }
     }
 
     fn keep(&self, path: &Path, component: &Component) -> anyhow::Result<()> {

@@ -540,7 +540,7 @@ impl Sandbox {
             .try_get_with(hash.to_string(), || {
                 let bytes = std::fs::read(path)
                     .map_err(|e| SandboxError::InvalidComponent(e.to_string()))?;
-                let pre = self.link(&bytes, Some(hash))?;
+                let pre = self.link(&bytes, Some(hash), true)?;
                 tracing::info!(
                     handler = &hash[..hash.len().min(12)],
                     "compiled handler component"
@@ -555,14 +555,23 @@ impl Sandbox {
 
     /// Validates handler bytes without caching (used by `tessera pack`).
     pub fn validate(&self, bytes: &[u8]) -> Result<(), SandboxError> {
-        self.link(bytes, None).map(|_| ())
+        use sha2::{Digest, Sha256};
+        let hash = hex::encode(Sha256::digest(bytes));
+        // The same bytes compiled and linked before (the handler of a loaded model, of an
+        // earlier version): valid, no second compile. Nothing is added to either cache here.
+        if self.compiled.contains_key(&hash) {
+            return Ok(());
+        }
+        self.link(bytes, Some(&hash), false).map(|_| ())
     }
 
-    /// Compiles (or loads from the disk cache, for a known `hash`) and links a component.
+    /// Compiles (or loads from the disk cache, for a known `hash`) and links a component; a
+    /// fresh compile is written to the disk cache if `keep`.
     fn link(
         &self,
         bytes: &[u8],
         hash: Option<&str>,
+        keep: bool,
     ) -> Result<bindings::HandlerPre<State>, SandboxError> {
         if wasmparser_is_core_module(bytes) {
             return Err(SandboxError::InvalidComponent(
@@ -570,7 +579,10 @@ impl Sandbox {
             ));
         }
         let component = match (&self.disk, hash) {
-            (Some(disk), Some(hash)) => disk.component(&self.engine, hash, bytes),
+            (Some(disk), Some(hash)) if keep => disk.component(&self.engine, hash, bytes),
+            (Some(disk), Some(hash)) => disk
+                .cached(&self.engine, hash)
+                .map_or_else(|| WasmComponent::from_binary(&self.engine, bytes), Ok),
             _ => WasmComponent::from_binary(&self.engine, bytes),
         }
         .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
