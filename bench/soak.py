@@ -155,10 +155,20 @@ class Server:
         anon = [m for m in maps if not m["name"]]
         pool = max(anon, key=lambda m: m["size"]) if anon else {"rss": 0}
         mib = lambda b: round(b / 2**20, 1)
+        threads = next((int(l.split()[1]) for l in open(f"/proc/{self.proc.pid}/status")
+                        if l.startswith("Threads:")), 0)
+        others = [m for m in anon if m is not pool]
+        # The other anonymous mappings by their reserved size: where that memory lives (C-heap
+        # arenas reserve 64 MiB, thread stacks their stack size).
+        by_size = Counter()
+        for m in others:
+            by_size[mib(m["size"])] += m["rss"]
         return {"handler_pool": mib(pool["rss"]),
-                "other_anonymous": mib(sum(m["rss"] for m in anon) - pool["rss"]),
+                "other_anonymous": mib(sum(m["rss"] for m in others)),
                 "heap": mib(sum(m["rss"] for m in maps if m["name"] == "[heap]")),
-                "files": mib(sum(m["rss"] for m in maps if m["name"].startswith("/")))}
+                "files": mib(sum(m["rss"] for m in maps if m["name"].startswith("/"))),
+                "threads": threads,
+                "anonymous_rss_by_mapping_size": {f"{k} MiB": mib(v) for k, v in by_size.most_common(6)}}
 
     def stop(self):
         self.proc.terminate()
