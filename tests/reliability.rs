@@ -490,6 +490,10 @@ fn unpacked_folders_of_deleted_or_replaced_archives_are_removed() {
     }
     let kept = folders();
     drop(server);
+    // A folder no archive accounts for (no source recorded): the next server's first
+    // collection removes it, which shows that the collection ran.
+    let stray = unpacked.join("0123456789abcdef01234567");
+    std::fs::create_dir(&stray).unwrap();
     let server = Server::launch(
         store.path(),
         &[],
@@ -499,8 +503,8 @@ fn unpacked_folders_of_deleted_or_replaced_archives_are_removed() {
         },
     );
     assert_eq!(post_json(&server.url("/predictions/m"), &body).status, 200);
-    // The new server's first upkeep (2 s after start) collects the disk tier: u/1's folder is
-    // not pinned (u/1 is not loaded) and must survive it because its archive is still there.
-    std::thread::sleep(Duration::from_secs(5));
+    // The new server's first upkeep collects the disk tier: u/1's folder is not pinned (u/1 is
+    // not loaded) and must survive it because its archive is still there.
+    assert!(wait_until(Duration::from_secs(10), || !stray.exists()));
     assert_eq!(folders(), kept);
 }

@@ -140,11 +140,13 @@ fn serve(config: Config) -> anyhow::Result<()> {
             let app = app.clone();
             tokio::spawn(async move {
                 let mut upkeep = tessera::residency::Upkeep::default();
+                let store = app.registry.store().clone();
+                let store_readable: Arc<dyn Fn() -> bool + Send + Sync> =
+                    Arc::new(move || store.check_readable().is_ok());
                 loop {
                     tokio::time::sleep(Duration::from_secs(2)).await;
-                    let store_readable = app.registry.store().check_readable().is_ok();
                     app.residency
-                        .upkeep(&mut upkeep, Duration::from_secs(60), store_readable)
+                        .upkeep(&mut upkeep, Duration::from_secs(60), store_readable.clone())
                         .await;
                 }
             });
@@ -226,9 +228,20 @@ fn serve(config: Config) -> anyhow::Result<()> {
                     );
                     continue;
                 };
-                match preloads.ensure_loaded(&tenant, &name, None).await {
-                    Ok(_) => tracing::info!(model = name, "preloaded"),
-                    Err(e) => tracing::error!(model = name, error = %e, "preload failed"),
+                // A moment's refusal (every check slot busy with clients' uploads) is retried.
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match preloads.ensure_loaded(&tenant, &name, None).await {
+                        Ok(_) => tracing::info!(model = name, "preloaded"),
+                        Err(e) if e.kind == tessera::ErrorKind::Unavailable && tries < 10 => {
+                            tracing::warn!(model = name, error = %e, "preload refused for now: retrying");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                            continue;
+                        }
+                        Err(e) => tracing::error!(model = name, error = %e, "preload failed"),
+                    }
+                    break;
                 }
             }
             preloads.set_ready();

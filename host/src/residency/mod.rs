@@ -231,7 +231,7 @@ impl Residency {
         &self,
         state: &mut Upkeep,
         collect_every: std::time::Duration,
-        store_readable: bool,
+        store_readable: Arc<dyn Fn() -> bool + Send + Sync>,
     ) {
         let busy = self.cache.iter().any(|(_, m)| m.busy() > 0);
         let latest_use = self.cache.iter().map(|(_, m)| m.last_used()).max();
@@ -254,7 +254,11 @@ impl Residency {
         // A model whose archive is gone (a version deleted while its load was still running,
         // an operator's archive removed) answers nothing any more: unloaded once idle, so its
         // memory and its unpacked folder go.
-        if store_readable {
+        let readable = store_readable.clone();
+        let readable_now = tokio::task::spawn_blocking(move || readable())
+            .await
+            .unwrap_or(false);
+        if readable_now {
             let idle: Vec<Arc<LoadedModel>> = self
                 .cache
                 .iter()
@@ -262,10 +266,16 @@ impl Residency {
                 .filter(|m| m.busy() == 0)
                 .collect();
             // One stat per model: off the async threads (the store may be slow).
+            let readable = store_readable.clone();
             let orphans = tokio::task::spawn_blocking(move || {
-                idle.into_iter()
-                    .filter(|m| m.archive_gone())
-                    .collect::<Vec<_>>()
+                let gone: Vec<_> = idle.into_iter().filter(|m| m.archive_gone()).collect();
+                // A store that went away meanwhile makes every archive look gone: then the
+                // scan says nothing.
+                if gone.is_empty() || readable() {
+                    gone
+                } else {
+                    Vec::new()
+                }
             })
             .await
             .unwrap_or_default();
@@ -284,17 +294,24 @@ impl Residency {
         let due = state
             .collected
             .is_none_or(|at| at.elapsed() >= collect_every);
-        if store_readable && (self.loader.pins.take_dirty() || due) {
+        if readable_now && (self.loader.pins.take_dirty() || due) {
             state.collected = Some(Instant::now());
             let (work_dir, limits, pins) = (
                 self.loader.config.work_dir.clone(),
                 self.loader.config.limits,
                 self.loader.pins.clone(),
             );
-            let removed =
-                tokio::task::spawn_blocking(move || disk::collect(&work_dir, limits, &pins))
-                    .await
-                    .unwrap_or(0);
+            let readable = store_readable.clone();
+            let removed = tokio::task::spawn_blocking(move || {
+                // Checked again right before (the scan above took a while).
+                if readable() {
+                    disk::collect(&work_dir, limits, &pins)
+                } else {
+                    0
+                }
+            })
+            .await
+            .unwrap_or(0);
             if removed > 0 {
                 tracing::info!(
                     removed,

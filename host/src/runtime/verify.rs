@@ -638,9 +638,13 @@ mod tests {
             deadline: Duration::from_secs(20),
             memory_bytes: 1 << 30,
         };
-        // Never passed: the check runs (this test binary is no tessera, so it is refused).
-        assert!(check_files(&files, limits).is_err());
+        let refused = |r: Result<(), RuntimeError>| matches!(r, Err(RuntimeError::Refused(_)));
         let key = content_key(&files, limits).unwrap();
+        // Never passed: the check runs (this test binary is no tessera, so it is refused), and
+        // a refusal is not remembered.
+        assert!(refused(check_files(&files, limits)));
+        assert!(!PASSED.lock().unwrap().contains(&key));
+        // Passed before (as a real check records it): not run again.
         PASSED.lock().unwrap().push_back(key);
         assert!(check_files(&files, limits).is_ok());
         // Other limits, or other bytes of the same length: checked again.
@@ -648,10 +652,10 @@ mod tests {
             memory_bytes: 2 << 30,
             ..limits
         };
-        assert!(check_files(&files, other_limits).is_err());
+        assert!(refused(check_files(&files, other_limits)));
         std::fs::write(&file, b"the model's bytez").unwrap();
         assert_ne!(content_key(&files, limits), Some(key));
-        assert!(check_files(&files, limits).is_err());
+        assert!(refused(check_files(&files, limits)));
     }
 
     #[test]
