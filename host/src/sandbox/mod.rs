@@ -61,6 +61,8 @@ const MAX_COMPILED: u64 = 256;
 /// Bytes of each pooled linear memory kept mapped between instances, at most (see
 /// [`keep_resident_bytes`]).
 pub const KEEP_RESIDENT_MIB: u64 = 64;
+/// Idle pool slots that keep their memory mapped before a fresh slot is used.
+const MAX_UNUSED_WARM_SLOTS: u32 = 16;
 /// Linear memories in the instance pool.
 const POOLED_MEMORIES: u32 = MAX_LIVE_INSTANCES * 2;
 
@@ -471,7 +473,12 @@ impl Sandbox {
                 settings.keep_resident_bytes,
                 settings.total_memory_bytes,
             ))
-            .table_keep_resident(64 << 10);
+            .table_keep_resident(64 << 10)
+            // A fresh slot is taken only while few used ones sit idle; past that an idle used
+            // slot is reused. Every used slot keeps its first pages mapped (above), so the
+            // slots ever used, and with them idle RSS, stop growing once the busiest moment
+            // has been seen (wasmtime's default, 100, let them grow for long after it).
+            .max_unused_warm_slots(MAX_UNUSED_WARM_SLOTS);
         if settings.pooling {
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
