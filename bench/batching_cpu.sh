@@ -10,7 +10,9 @@
 #
 # Tessera models: tiny and resnet18 with batchSize 1 (as the baseline's), tiny_b8 and
 # resnet18_b8 with batchSize 8, maxBatchDelay 5 (the baseline's resnet18_b8); the tiny ones
-# with intraOpThreads 1. Per row: req/s,
+# with intraOpThreads 1; resnet18_opt and resnet18_b8_opt are the resnet18 ones with
+# `tessera.optimize: inference` (the same file, frozen and optimised by the host at load).
+# TESSERA_MODELS picks a subset. Per row: req/s,
 # p50/p99, and Tessera's server CPU time per request (utime + stime of the server process over
 # the measured run, divided by the requests wrk counted). wrk, the servers and their workers
 # share the cores. One request size only: the baseline's workload is a fixed 224x224 photo (other
@@ -50,10 +52,11 @@ fi
 for arch in tiny resnet18; do
   [ -e "$WORK/$arch.pt" ] || python "$ROOT/models/classify/export.py" --arch "$arch" --out "$WORK/$arch.pt"
 done
-pack() { # name arch batchSize [intraOpThreads]
-  local cfg="$WORK/$1.yaml" threads=""
-  [ -n "${4:-}" ] && threads="\\n  intraOpThreads: $4"
-  sed "s/^batchSize: 8$/batchSize: $3/; s/^  batchable: true$/  batchable: true$threads/" \
+pack() { # name arch batchSize [intraOpThreads] [optimize]
+  local cfg="$WORK/$1.yaml" extra=""
+  [ -n "${4:-}" ] && extra="\\n  intraOpThreads: $4"
+  [ -n "${5:-}" ] && extra="$extra\\n  optimize: $5"
+  sed "s/^batchSize: 8$/batchSize: $3/; s/^  batchable: true$/  batchable: true$extra/" \
     "$ROOT/models/classify/model-config.yaml" >"$cfg"
   "$BIN" pack --config "$cfg" --model "$WORK/$2.pt" --handler "$A/handlers/classify.wasm" \
     --output "$WORK/store/$1.tar.gz" >/dev/null
@@ -64,7 +67,10 @@ pack tiny tiny 1 1
 pack tiny_b8 tiny 8 1
 pack resnet18 resnet18 1
 pack resnet18_b8 resnet18 8
-MODELS="tiny tiny_b8 resnet18 resnet18_b8"
+# The same file, frozen and optimised for inference by the host at load (tessera.optimize).
+pack resnet18_opt resnet18 1 "" inference
+pack resnet18_b8_opt resnet18 8 "" inference
+MODELS=${TESSERA_MODELS:-"tiny tiny_b8 resnet18 resnet18_b8 resnet18_opt resnet18_b8_opt"}
 
 CSV="$WORK/results.csv"
 echo "round,model,first_request_ms" >"$WORK/first.csv"
@@ -79,14 +85,14 @@ tessera_round() { # round
   for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$PORT/ping" >/dev/null && break; sleep 0.5; done
   local req="$WORK/ts/models/request_224.json"
   for m in $MODELS; do
-    local out ans
+    local out ans base=${m%_opt}
     # The first request after the load (--preload), timed: it also checks the answer.
     out=$(curl -s -w '\n%{time_total}' -H 'Content-Type: application/json' --data-binary "@$req" \
       "http://127.0.0.1:$PORT/predictions/$m")
     ans=$(echo "$out" | head -1)
     echo "$r,$m,$(echo "$out" | tail -1 | awk '{printf "%.1f", $1 * 1000}')" >>"$WORK/first.csv"
     local check
-    check=$(python "$ROOT/bench/classify_answer.py" "$WORK/ts/models/expected.json" "${m%_b8}" "$ans")
+    check=$(python "$ROOT/bench/classify_answer.py" "$WORK/ts/models/expected.json" "${base%_b8}" "$ans")
     log "tessera $check"
   done
   local tick; tick=$(getconf CLK_TCK)
@@ -146,7 +152,7 @@ out = [f"wrk {sys.argv[3]} s per row after {sys.argv[4]} s of warm-up, rounds {'
        "| Tessera p50 / p99 ms | Tessera CPU ms per request | non-2xx (TS / Tessera) |",
        "|---|---:|---:|---:|---:|---|---|---:|---|"]
 pairs = [("tiny", "tiny"), ("tiny", "tiny_b8"), ("resnet18", "resnet18"), ("resnet18_b8", "resnet18_b8"),
-         ("resnet18_b8", "resnet18")]
+         ("resnet18_b8", "resnet18"), ("resnet18", "resnet18_opt"), ("resnet18_b8", "resnet18_b8_opt")]
 for ts_model, model in pairs:
     for c in ["1", "8", "32"]:
         t, s = by.get(("torchserve", ts_model, c)), by.get(("tessera", model, c))

@@ -62,6 +62,34 @@ fn answers_equal_the_torchserve_baselines() {
     }
 }
 
+/// `tessera.optimize`: the host freezes the model (and optimises it for inference) at load;
+/// the answers stay the baseline's, within float rounding.
+#[test]
+fn optimized_models_answer_as_the_baseline() {
+    let reqs = requests(3);
+    let want = reference(&reqs);
+    for how in ["freeze", "inference"] {
+        let config = config().replace(
+            "  batchable: true\n",
+            &format!("  batchable: true\n  optimize: {how}\n"),
+        );
+        assert!(config.contains("optimize"), "{config}");
+        let store = store_with(&config);
+        let server = Server::start(store.path(), &[]);
+        for (req, want) in reqs.iter().zip(&want) {
+            let reply = post_json(&server.url("/predictions/classify"), req);
+            assert_eq!(reply.status, 200, "{how}: {}", reply.text());
+            let got = reply.json();
+            assert_eq!(got["top1"], want["top1"], "{how}: {got} vs {want}");
+            let (a, b) = (
+                got["score"].as_f64().unwrap(),
+                want["score"].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-5, "{how}: {got} vs {want}");
+        }
+    }
+}
+
 #[test]
 fn concurrent_requests_get_the_same_bytes_batched_as_alone() {
     let reqs = requests(8);

@@ -187,6 +187,11 @@ pub struct TesseraConfig {
     /// Most graphs (input shapes) kept per model, 1..=64 (default 8); each holds its own memory.
     #[serde(default)]
     pub max_cuda_graphs: Option<u32>,
+    /// `freeze` or `inference`: the host freezes `model` after loading it (and, for
+    /// `inference`, runs `torch.jit.optimize_for_inference`), before its warm-up and first
+    /// request; the file itself is not changed. Absent: run as exported.
+    #[serde(default)]
+    pub optimize: Option<crate::runtime::Optimize>,
 }
 
 /// Graphs kept per model when `maxCudaGraphs` is not set.
@@ -1176,6 +1181,27 @@ mod tests {
         )
         .is_err());
         assert!(ModelConfig::parse("tessera:\n  executor: turbo\n").is_err());
+        for (yaml, want) in [
+            ("", None),
+            (
+                "tessera:\n  optimize: freeze\n",
+                Some(crate::runtime::Optimize::Freeze),
+            ),
+            (
+                "tessera:\n  optimize: inference\n",
+                Some(crate::runtime::Optimize::Inference),
+            ),
+        ] {
+            assert_eq!(
+                ModelConfig::parse(yaml).unwrap().tessera.optimize,
+                want,
+                "{yaml}"
+            );
+        }
+        let err = ModelConfig::parse("tessera:\n  optimize: fast\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("freeze") && err.contains("inference"), "{err}");
         let c =
             ModelConfig::parse("tessera:\n  warmup:\n    request: [a.json, b/c.json]\n").unwrap();
         assert_eq!(c.tessera.warmup.unwrap().requests(), ["a.json", "b/c.json"]);

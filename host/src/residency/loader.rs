@@ -202,17 +202,23 @@ impl Loader {
             .unwrap_or(self.config.executor);
         let stage = match (&unpacked.stage_file, &unpacked.config.tessera.cached_stage) {
             (Some(file), Some(spec)) => Some(runtime::Stage {
-                model: self.load_torch(residency, file, device, reg).await?,
+                model: self.load_torch(residency, file, device, reg, None).await?,
                 inputs: spec.inputs.clone(),
                 cache: Arc::new(runtime::StageCache::new(spec.cache_mib << 20)),
                 executor: spec.executor.unwrap_or(executor),
             }),
             _ => None,
         };
-        let mut entry = self
-            .load_torch(residency, &unpacked.model_file, device, reg)
-            .await?;
         let tessera = &unpacked.config.tessera;
+        let mut entry = self
+            .load_torch(
+                residency,
+                &unpacked.model_file,
+                device,
+                reg,
+                tessera.optimize,
+            )
+            .await?;
         if tessera.looped {
             entry = entry.with_loop().map_err(ResidencyError::Runtime)?;
         }
@@ -302,21 +308,29 @@ impl Loader {
         }
     }
 
-    /// Loads one TorchScript file onto `device`, evicting per policy while it runs out of memory.
+    /// Loads one TorchScript file onto `device` (then rewrites it as `optimize` says), evicting
+    /// per policy while it runs out of memory.
     async fn load_torch(
         &self,
         residency: &Residency,
         file: &Path,
         device: Device,
         reg: &Registration,
+        optimize: Option<runtime::Optimize>,
     ) -> Result<TorchModel, ResidencyError> {
         let result = residency
             .retry_out_of_memory(&reg.key, u32::MAX, || {
                 let path = file.to_path_buf();
                 async move {
-                    blocking(move || TorchModel::load(&path, device))
-                        .await?
-                        .map_err(ResidencyError::Runtime)
+                    blocking(move || {
+                        let model = TorchModel::load(&path, device)?;
+                        match optimize {
+                            Some(how) => model.optimized(how),
+                            None => Ok(model),
+                        }
+                    })
+                    .await?
+                    .map_err(ResidencyError::Runtime)
                 }
             })
             .await;

@@ -27,6 +27,10 @@ mod cuda {
         ) -> *mut std::ffi::c_char;
         pub fn tessera_free(p: *mut std::ffi::c_char);
         pub fn tessera_module_tensor_bytes(module: *mut std::ffi::c_void) -> i64;
+        pub fn tessera_module_optimize(
+            module: *mut std::ffi::c_void,
+            mode: i32,
+        ) -> *mut std::ffi::c_char;
         pub fn tessera_cap_cpu_memory(bytes: i64) -> i32;
         pub fn tessera_cpu_tensor_bytes() -> i64;
         pub fn tessera_jit_set_thread_optimize(optimize: i32) -> i32;
@@ -298,6 +302,20 @@ pub enum Executor {
     Simple,
 }
 
+/// What the host does to a model's TorchScript once loaded, before its first call
+/// (`tessera.optimize`); absent: nothing, the graphs run as exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimize {
+    /// `torch.jit.freeze`: parameters and attributes become constants and the frozen-graph
+    /// passes fold what they can (batch norms into convolutions, for one).
+    Freeze,
+    /// Freeze, then `torch.jit.optimize_for_inference` (on the CPU, oneDNN weight layouts for
+    /// convolutions and linear layers). resnet18 at batch 8 on a 2-core EPYC: 12.0 ms per
+    /// image against 15.4 as traced; a model of a few small ops can get slower (measure).
+    Inference,
+}
+
 /// Process-wide libtorch settings, applied once at start-up, and a line describing the backend
 /// for the log (CUDA, cuDNN and TorchScript fuser state: a slow forward usually shows here).
 pub fn configure(cudnn_benchmark: bool, executor: Executor) -> String {
@@ -498,6 +516,43 @@ impl TorchModel {
             looped: false,
             graphs: None,
         })
+    }
+
+    /// Rewrites the module as `how` says (every method besides `forward` is kept) and weighs
+    /// it again. What it holds is counted as the larger of the two weights: freezing releases
+    /// the parameters it folded only once nothing else holds them.
+    pub fn optimized(mut self, how: Optimize) -> Result<TorchModel, RuntimeError> {
+        let module = self.module.as_ref().expect("module present until drop");
+        let mode = match how {
+            Optimize::Freeze => 1,
+            Optimize::Inference => 2,
+        };
+        // SAFETY: a live module pointer no other thread uses yet (not published); the shim
+        // replaces the module object in place only on success and catches C++ exceptions.
+        let err = unsafe { cuda::tessera_module_optimize(module_ptr(module), mode) };
+        if !err.is_null() {
+            // SAFETY: a NUL-terminated string the shim allocated, freed once here.
+            let message = unsafe { std::ffi::CStr::from_ptr(err) }
+                .to_string_lossy()
+                .into_owned();
+            unsafe { cuda::tessera_free(err) };
+            if is_oom(&message) {
+                return Err(RuntimeError::OutOfMemory {
+                    device: device_name(self.device),
+                    message,
+                });
+            }
+            return Err(RuntimeError::Load(format!(
+                "tessera.optimize: {how:?} failed: {}",
+                first_line(&message)
+            )));
+        }
+        // SAFETY: as in `load`.
+        let held = unsafe { cuda::tessera_module_tensor_bytes(module_ptr(module)) };
+        if held >= 0 {
+            self.held_bytes = self.held_bytes.max(held as u64);
+        }
+        Ok(self)
     }
 
     /// Makes the forward the host-driven loop of [`LOOP_METHODS`] (each must exist).
@@ -1058,6 +1113,134 @@ mod tests {
         ));
         set_thread_deadline(None);
         assert!(check_thread_deadline(3, 5).is_ok());
+    }
+
+    /// A scripted model with a batch norm to fold and a loop's methods beside `forward`.
+    const OPTIMIZE_FIXTURE: &str = r#"
+import sys
+from typing import List, Tuple
+import torch
+
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+    @torch.jit.export
+    def prepare(self, x: torch.Tensor) -> Tuple[int, List[torch.Tensor]]:
+        return 3, [x]
+
+    @torch.jit.export
+    def step(self, i: torch.Tensor, state: List[torch.Tensor]) -> List[torch.Tensor]:
+        y = self.bn(self.conv(state[0]))[:, :3]
+        return [state[0] + 0.1 * torch.tanh(y) + 0.01 * i.to(torch.float32)]
+
+    @torch.jit.export
+    def finish(self, state: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [self.forward(state[0])]
+
+torch.manual_seed(0)
+m = M()
+with torch.no_grad():
+    m.bn.running_mean.uniform_(-1, 1)
+    m.bn.running_var.uniform_(0.5, 2)
+    m.bn.weight.uniform_(0.5, 1.5)
+    m.bn.bias.uniform_(-0.5, 0.5)
+torch.jit.script(m.eval()).save(sys.argv[1])
+"#;
+
+    fn optimize_fixture(path: &Path) {
+        let python = std::env::var_os("TESSERA_PYTHON")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+        // torch.jit.script reads the class's source: a file, not `-c`.
+        let script = path.with_extension("py");
+        std::fs::write(&script, OPTIMIZE_FIXTURE).unwrap();
+        let status = std::process::Command::new(&python)
+            .arg(&script)
+            .arg(path)
+            .status()
+            .unwrap_or_else(|e| panic!("{}: {e} (run under scripts/env.sh)", python.display()));
+        assert!(status.success());
+    }
+
+    fn f32s(t: &HostTensor) -> Vec<f32> {
+        t.data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+
+    /// `tessera.optimize` (freeze; freeze + optimize_for_inference) keeps what the model
+    /// computes, within float rounding of the folded batch norm, and keeps its other methods:
+    /// the loop still runs.
+    #[test]
+    fn optimized_models_compute_what_they_did() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.pt");
+        optimize_fixture(&path);
+        let data: Vec<u8> = (0..2 * 3 * 16 * 16)
+            .flat_map(|i| ((i % 29) as f32 / 9.0 - 1.5).to_le_bytes())
+            .collect();
+        let x = HostTensor::new("x".into(), DType::F32, vec![2, 3, 16, 16], data).unwrap();
+        let plain = TorchModel::load(&path, Device::Cpu).unwrap();
+        let want = f32s(&plain.forward(std::slice::from_ref(&x)).unwrap()[0]);
+        let want_loop = f32s(
+            &TorchModel::load(&path, Device::Cpu)
+                .unwrap()
+                .with_loop()
+                .unwrap()
+                .forward(std::slice::from_ref(&x))
+                .unwrap()[0],
+        );
+        assert_eq!(want.len(), 8);
+        let close = |got: &[f32], want: &[f32], what: &str| {
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{what}: {got:?} vs {want:?}"
+                );
+            }
+        };
+        for how in [Optimize::Freeze, Optimize::Inference] {
+            let model = TorchModel::load(&path, Device::Cpu).unwrap();
+            let before = model.held_bytes;
+            let params =
+                |m: &TorchModel| m.module.as_ref().unwrap().named_parameters().unwrap().len();
+            assert!(params(&model) > 0);
+            let model = model.optimized(how).unwrap();
+            assert!(model.held_bytes >= before && before > 0);
+            assert_eq!(
+                params(&model),
+                0,
+                "{how:?}: parameters are constants once frozen"
+            );
+            for _ in 0..3 {
+                // The profiling executor's first calls and its optimised one.
+                close(
+                    &f32s(&model.forward(std::slice::from_ref(&x)).unwrap()[0]),
+                    &want,
+                    "forward",
+                );
+            }
+            let looped = TorchModel::load(&path, Device::Cpu)
+                .unwrap()
+                .optimized(how)
+                .unwrap()
+                .with_loop()
+                .unwrap();
+            close(
+                &f32s(&looped.forward(std::slice::from_ref(&x)).unwrap()[0]),
+                &want_loop,
+                "loop",
+            );
+        }
     }
 
     /// On the CPU, `cudaGraphs` changes nothing.

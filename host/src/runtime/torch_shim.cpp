@@ -11,6 +11,7 @@
 #include <set>
 #include <string>
 #include <unordered_set>
+#include <vector>
 
 namespace {
 
@@ -82,7 +83,14 @@ extern "C" int64_t tessera_module_tensor_bytes(void* module_ptr) {
     std::unordered_set<const void*> seen;
     int64_t total = 0;
     auto add = [&](const at::Tensor& t) {
-      if (!t.defined() || !t.has_storage()) return;
+      if (!t.defined()) return;
+      if (!t.has_storage()) {
+        // Opaque tensors (oneDNN's, after optimize_for_inference) have no storage to share.
+        if (seen.insert(t.unsafeGetTensorImpl()).second) {
+          total += static_cast<int64_t>(t.numel()) * static_cast<int64_t>(t.element_size());
+        }
+        return;
+      }
       const auto& storage = t.storage();
       const void* key = storage.unsafeGetStorageImpl();
       if (seen.insert(key).second) total += static_cast<int64_t>(storage.nbytes());
@@ -116,6 +124,30 @@ extern "C" int64_t tessera_module_tensor_bytes(void* module_ptr) {
     return total;
   } catch (...) {
     return -1;
+  }
+}
+
+// Rewrites a loaded module in place (it must be in eval mode): mode 1 freezes it
+// (`torch.jit.freeze`: parameters and attributes become constants, then the frozen-graph passes
+// fold what they can, e.g. batch norms into convolutions); mode 2 freezes it and runs
+// `torch.jit.optimize_for_inference` (on the CPU: oneDNN layouts for convolutions and linear
+// layers). Every method besides `forward` is kept. Returns null on success, else the error text
+// (the module is then unchanged); the caller frees it with tessera_free.
+extern "C" char* tessera_module_optimize(void* module_ptr, int mode) {
+  try {
+    auto* module = static_cast<torch::jit::Module*>(module_ptr);
+    std::vector<std::string> others;
+    for (const torch::jit::Method& method : module->get_methods()) {
+      if (method.name() != "forward") others.push_back(method.name());
+    }
+    torch::jit::Module out = torch::jit::freeze(*module, others, /*optimize_numerics=*/true);
+    if (mode == 2) out = torch::jit::optimize_for_inference(out, others);
+    *module = out;
+    return nullptr;
+  } catch (const std::exception& e) {
+    return dup(e.what());
+  } catch (...) {
+    return dup("unknown C++ exception");
   }
 }
 
