@@ -6,7 +6,7 @@
 //! `big` (in postprocess) answers a huge body; with host images, `image-hog` keeps making
 //! 12 MB images, `image-loop` resizes forever (dropping each), `image-stretch` asks for a resize whose
 //! intermediate image is over the pixel limit, `image-stage` returns a staged
-//! input with another shape. Anything else passes a small image through the example model.
+//! input with a shape of fewer elements. Anything else passes a small image through the example model.
 use tessera_sdk::host_img::{Image, ResizeFilter};
 use tessera_sdk::{json, HandlerError, LogLevel, ModelInput, Request, Response, Tensor};
 
@@ -69,7 +69,7 @@ impl tessera_sdk::Handler for Chaos {
             }
             "image-stage" => {
                 let mut staged = small_image()?.as_input("image");
-                staged.shape = vec![3, 2, 2];
+                staged.shape = vec![2, 2, 2];
                 let inputs = vec![staged, Tensor::from_f32("strength", &[1], &[0.0])?];
                 return Ok(ModelInput {
                     inputs,

@@ -66,6 +66,20 @@ impl Tensor {
         })
     }
 
+    /// The same tensor under another shape of as many elements (its bytes unchanged): a batch
+    /// dimension of 1 in front of an image staged with `as_input`, say.
+    pub fn reshape(mut self, shape: &[u64]) -> Result<Tensor, HandlerError> {
+        let count = |s: &[u64]| s.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+        if count(shape).is_none() || count(shape) != count(&self.shape) {
+            return Err(HandlerError::Internal(format!(
+                "tensor '{}': cannot reshape {:?} to {shape:?}",
+                self.name, self.shape
+            )));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
@@ -116,6 +130,30 @@ impl<'a> TensorView<'a> {
                 "tensor '{}' is {other:?}, expected u8",
                 self.0.name
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reshape_keeps_the_bytes_and_the_element_count() {
+        let t = Tensor::from_u8("x", &[2, 3], vec![1, 2, 3, 4, 5, 6]).unwrap();
+        let r = t.clone().reshape(&[1, 3, 2]).unwrap();
+        assert_eq!(
+            (r.shape.as_slice(), r.data.as_slice()),
+            (&[1, 3, 2][..], &t.data[..])
+        );
+        // A data-less tensor (`as_input`'s) reshapes by its element count too.
+        let staged = Tensor {
+            data: Vec::new(),
+            ..t.clone()
+        };
+        assert_eq!(staged.reshape(&[6, 1]).unwrap().shape, [6, 1]);
+        for bad in [&[5][..], &[2, 2, 2], &[u64::MAX, 2, 0]] {
+            assert!(t.clone().reshape(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -849,16 +849,20 @@ fn to_host(t: wit::Tensor) -> Result<HostTensor, SandboxError> {
 }
 
 /// An input the handler returned without data in place of what it staged under that name
-/// (`as-input`), which must still describe it.
+/// (`as-input`): the same dtype and number of elements, in the staged shape or another (a batch
+/// dimension of 1 in front, say; the pixels are contiguous, so they read the same in order).
 fn filled_in(t: wit::Tensor, staged: HostTensor) -> Result<HostTensor, SandboxError> {
-    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-    if dtype_from_wit(t.dtype) != staged.dtype || shape != staged.shape {
-        return Err(SandboxError::BadTensor(format!(
-            "input '{}' is {:?} {:?} but the image staged under that name is {:?} {:?}",
-            t.name, t.dtype, t.shape, staged.dtype, staged.shape
-        )));
+    let dtype = dtype_from_wit(t.dtype);
+    let described = format!(
+        "input '{}' is {:?} {:?} but the image staged under that name is {:?} {:?}",
+        t.name, t.dtype, t.shape, staged.dtype, staged.shape
+    );
+    if dtype != staged.dtype {
+        return Err(SandboxError::BadTensor(described));
     }
-    Ok(staged)
+    // Checks the shape against the staged bytes (as for any tensor a handler returns).
+    HostTensor::new(t.name, dtype, t.shape, staged.data)
+        .map_err(|e| SandboxError::BadTensor(format!("{described}: {e}")))
 }
 
 fn from_host(t: HostTensor) -> wit::Tensor {
@@ -888,6 +892,36 @@ mod tests {
         assert_eq!(keep_resident_bytes(MIB, 6 << 30), MIB);
     }
     use super::*;
+
+    /// A staged input comes back in its shape or another of as many elements, with its bytes.
+    #[test]
+    fn staged_inputs_may_be_reshaped_but_not_resized() {
+        let staged = || {
+            HostTensor::new("image".into(), DType::U8, vec![2, 2, 3], (0..12).collect()).unwrap()
+        };
+        let returned = |dtype, shape: &[u64]| wit::Tensor {
+            name: "image".into(),
+            dtype,
+            shape: shape.to_vec(),
+            data: Vec::new(),
+        };
+        let t = filled_in(returned(wit::Dtype::U8, &[1, 2, 2, 3]), staged()).unwrap();
+        assert_eq!(
+            (t.shape, t.data),
+            (vec![1, 2, 2, 3], (0..12).collect::<Vec<u8>>())
+        );
+        assert!(filled_in(returned(wit::Dtype::U8, &[2, 2, 3]), staged()).is_ok());
+        for (dtype, shape) in [
+            (wit::Dtype::U8, &[2, 2, 2][..]),
+            (wit::Dtype::U8, &[u64::MAX, 2, 0]),
+            (wit::Dtype::I8, &[2, 2, 3]),
+        ] {
+            let err = filled_in(returned(dtype, shape), staged())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("staged under that name"), "{err}");
+        }
+    }
 
     #[test]
     fn components_importing_outside_the_allowlist_are_refused() {
