@@ -311,7 +311,7 @@ pub enum Optimize {
     /// passes fold what they can (batch norms into convolutions, for one).
     Freeze,
     /// Freeze, then `torch.jit.optimize_for_inference` (on the CPU, oneDNN weight layouts for
-    /// convolutions and linear layers). resnet18 at batch 8 on a 2-core EPYC: 12.0 ms per
+    /// convolutions and linear layers). resnet18 at batch 8 on a 2-core Xeon: 12.0 ms per
     /// image against 15.4 as traced; a model of a few small ops can get slower (measure).
     Inference,
 }
