@@ -6,7 +6,8 @@ seed's JSON + PNG request (512x512 photo, masked box), 25 and 50 steps. In one r
   - baselines: diffusers' StableDiffusionInpaintPipeline on the same weights, and export.py's
     sd.pt called from Python (its `forward`: the whole loop in TorchScript, the previous way);
   - Tessera over HTTP, one fresh server per mode: CUDA graphs on with the `simple` and the
-    `profiling` TorchScript executor, and graphs off (`simple`). Per mode: the first request
+    `profiling` TorchScript executor, graphs off (`simple`), and graphs on (`simple`) with the
+    archive asking the host to freeze the model at load (`tessera.optimize: freeze`). Per mode: the first request
     (load, warm-up requests and graph captures, as a user meets them), every timed request, a
     request with guidance 1.0 (no classifier-free guidance: a state shape not captured yet, then
     again once captured), a photo of another size (same 512 window), and a swap-in (the model
@@ -45,7 +46,11 @@ MODES = [
     ("graphs, simple", ["--torchscript-executor", "simple"]),
     ("graphs, profiling", ["--torchscript-executor", "profiling"]),
     ("no graphs, simple", ["--cuda-graphs", "off", "--torchscript-executor", "simple"]),
+    # The same file frozen by the host at load (`tessera.optimize`), graphs on.
+    ("graphs, simple, freeze", ["--torchscript-executor", "simple"]),
 ]
+# What a mode adds under the archive's `tessera:` (each such mode gets its own store).
+MODE_CONFIG = {"graphs, simple, freeze": {"optimize": "freeze"}}
 
 
 def body_for(img, mask, steps, guidance=7.5, seed=1):
@@ -92,12 +97,26 @@ def main():
     cfg_path = os.path.join(work, "model-config.yaml")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(config, f)
+    def pack(cfg, into):
+        os.makedirs(into, exist_ok=True)
+        subprocess.check_call([args.bin, "pack", "--config", cfg, "--model", os.path.join(out_dir, "sd.pt"),
+                               "--handler", args.handler, "--asset", os.path.join(out_dir, "tokenizer"),
+                               *[a for f in export.WARMUP_FILES for a in ("--asset", os.path.join(out_dir, f))],
+                               "--output", os.path.join(into, "sd.tar.gz"), "--skip-model-check"])
+
     t = time.perf_counter()
-    subprocess.check_call([args.bin, "pack", "--config", cfg_path, "--model", os.path.join(out_dir, "sd.pt"),
-                           "--handler", args.handler, "--asset", os.path.join(out_dir, "tokenizer"),
-                           *[a for f in export.WARMUP_FILES for a in ("--asset", os.path.join(out_dir, f))],
-                           "--output", os.path.join(store, "sd.tar.gz"), "--skip-model-check"])
+    pack(cfg_path, store)
     results["pack_s"] = time.perf_counter() - t
+    stores = {}
+    for mode, extra in MODE_CONFIG.items():
+        if mode not in args.modes:
+            continue
+        tweaked = dict(config, tessera={**config["tessera"], **extra})
+        path = os.path.join(work, f"model-config-{len(stores)}.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(tweaked, f)
+        stores[mode] = os.path.join(work, f"store-{len(stores)}")
+        pack(path, stores[mode])
     print(f"exported {results['export_s']:.1f} s, packed {results['pack_s']:.1f} s", flush=True)
 
     img, mask = scene()
@@ -151,7 +170,8 @@ def main():
     other_img, other_mask = scene(size=640, seed=3)
     for mode, server_args in [m for m in MODES if m[0] in args.modes]:
         log_path = os.path.join(args.out, f"server-{mode.replace(', ', '-').replace(' ', '_')}.log")
-        srv, base, log = start_server(args.bin, store, work, log_path, "--device", "cuda", *server_args)
+        srv, base, log = start_server(args.bin, stores.get(mode, store), work, log_path, "--device", "cuda",
+                                      *server_args)
         r = {"rows": []}
         try:
             first_steps = args.steps[0]

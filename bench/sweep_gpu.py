@@ -17,7 +17,10 @@ Each Python mode runs in a fresh process. (Python calls get the image padded to 
 The archive is packed with the sandboxed TorchScript check on (no --skip-model-check), so the run
 also shows the check and the load path working on CUDA.
 
-    python bench/sweep_gpu.py --bin ./tessera --handler lama.wasm --out $OUT
+    python bench/sweep_gpu.py --bin ./tessera --handler lama.wasm --out $OUT [--modes "simple;simple, freeze"]
+
+(`--modes`: server modes to run, `;`-separated; all by default. `simple, freeze` is `simple` with
+the archive asking the host to freeze the model at load, `tessera.optimize: freeze`.)
 """
 import json
 import os
@@ -47,7 +50,13 @@ SERVER_MODES = {
     "profiling": ["--torchscript-executor", "profiling"],
     "simple": ["--torchscript-executor", "simple"],
     "simple, allocator defaults": ["--torchscript-executor", "simple", "--cuda-alloc-conf", ""],
+    # The same file frozen by the host at load (`tessera.optimize: freeze`), in its own archive.
+    "simple, freeze": ["--torchscript-executor", "simple"],
 }
+# What a mode's archive adds under `tessera:`.
+MODE_CONFIG = {"simple, freeze": "  optimize: freeze\n"}
+CONFIG = ("maxWorkers: 1\nresponseTimeout: 300\ndeviceType: gpu\ntessera:\n  model: model.pt\n"
+          "  handlerMemoryMiB: 2048\nhandler:\n  max_pixels: 4194304\n")
 
 
 def scene(w, h, seed=0):
@@ -83,27 +92,35 @@ def python_mode(tag, pt):
 
 
 def main():
-    args = bench_args("--python-mode", "--model")
+    args = bench_args("--python-mode", "--model", "--modes")
     if args.python_mode:
         return python_mode(args.python_mode, args.model)
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp()
-    store, cfg = make_store(work, "maxWorkers: 1\nresponseTimeout: 300\ndeviceType: gpu\ntessera:\n  model: model.pt\n"
-                                  "  handlerMemoryMiB: 2048\nhandler:\n  max_pixels: 4194304\n")
+    store, cfg = make_store(work, CONFIG)
+    modes = {m: a for m, a in SERVER_MODES.items() if not args.modes or m in args.modes.split(";")}
     pt = os.path.join(work, "model.pt")
     subprocess.check_call([sys.executable, os.path.join(ROOT, "models/lama/export.py"), "--random", "--out", pt,
                            "--device", "cuda"])
     t = time.perf_counter()
     subprocess.check_call([args.bin, "pack", "--config", cfg, "--model", pt, "--handler", args.handler,
                            "--output", os.path.join(store, "lama.tar.gz")])
-    results = {"gpu": torch.cuda.get_device_name(0), "pack_with_check_s": time.perf_counter() - t,
+    pack_s = time.perf_counter() - t
+    stores = {}
+    for mode, extra in MODE_CONFIG.items():
+        if mode in modes:
+            stores[mode], mode_cfg = make_store(os.path.join(work, f"archive-{len(stores)}"),
+                                                CONFIG.replace("tessera:\n", "tessera:\n" + extra))
+            subprocess.check_call([args.bin, "pack", "--config", mode_cfg, "--model", pt, "--handler", args.handler,
+                                   "--output", os.path.join(stores[mode], "lama.tar.gz"), "--skip-model-check"])
+    results = {"gpu": torch.cuda.get_device_name(0), "pack_with_check_s": pack_s,
                "sizes": SIZES, "server": {}, "python": {}}
     def body(img, mask):
         return json.dumps({"image": b64png(img), "mask_image": b64png(mask)}).encode()
     bodies = {s: body(*scene(*s)) for s in set(SIZES) | {(896, 672)}}
     hdr = {"content-type": "application/json"}
-    for mode, extra in SERVER_MODES.items():
-        srv, base, log = start_server(args.bin, store, os.path.join(work, mode), os.path.join(args.out, f"server-{mode.replace(',', '').replace(' ', '-')}.log"),
+    for mode, extra in modes.items():
+        srv, base, log = start_server(args.bin, stores.get(mode, store), os.path.join(work, mode), os.path.join(args.out, f"server-{mode.replace(',', '').replace(' ', '-')}.log"),
                                       "--device", "cuda", *extra)
         rows, seen = [], set()
         for s in SIZES:
@@ -142,12 +159,12 @@ def main():
 
     lines = [f"GPU: {results['gpu']}; big-lama fp32, random weights; pack incl. sandboxed TorchScript check "
              f"{results['pack_with_check_s']:.1f} s", "",
-             "| # | size | first seen | " + " | ".join(f"Tessera {m} total / forward ms" for m in SERVER_MODES)
+             "| # | size | first seen | " + " | ".join(f"Tessera {m} total / forward ms" for m in modes)
              + " | TorchScript from Python, default ms | TorchScript, optimize off ms | eager ms "
              "| eager, expandable segments ms |",
-             "|---|---|---|" + "---|" * (len(SERVER_MODES) + 4)]
+             "|---|---|---|" + "---|" * (len(modes) + 4)]
     for i, s in enumerate(SIZES):
-        rows = [results["server"][m]["rows"][i] for m in SERVER_MODES]
+        rows = [results["server"][m]["rows"][i] for m in modes]
         lines.append(f"| {i + 1} | {s[0]}x{s[1]} | {'yes' if rows[0]['first_seen'] else ''} | "
                      + " | ".join(f"{r['total_ms']:.0f} / {r['forward_ms']:.0f}" for r in rows)
                      + f" | {results['python']['torchscript_default'][i]['ms']:.0f} "
@@ -156,13 +173,13 @@ def main():
                      f"| {results['python']['eager_expandable'][i]['ms']:.0f} |")
     lines += ["", "After the sweep, the model unloaded and requested again (reload from its unpacked copy on "
               "local disk: a swap-in), total / forward / load ms:"]
-    for mode in SERVER_MODES:
+    for mode in modes:
         lines.append(f"- {mode}: " + "; ".join(
             f"{r['size'][0]}x{r['size'][1]} {r['total_ms']:.0f} / {r['forward_ms']:.0f} / {r['load_ms']:.0f}"
             for r in results["server"][mode]["swap_in"]))
     lines += ["", "Request 1 includes the model load on the server (x-model-load-time: " + ", ".join(
-        f"{m} {results['server'][m]['rows'][0]['load_ms']:.0f} ms" for m in SERVER_MODES)
-        + f"); residentBytes {results['server']['profiling']['resident_bytes']}."]
+        f"{m} {results['server'][m]['rows'][0]['load_ms']:.0f} ms" for m in modes)
+        + f"); residentBytes {results['server'][next(iter(modes))]['resident_bytes']}."]
     write_results(args.out, results, lines)
 
 
