@@ -76,8 +76,10 @@ fn optimized_models_answer_as_the_baseline() {
         assert!(config.contains("optimize"), "{config}");
         let store = store_with(&config);
         let server = Server::start(store.path(), &[]);
+        let url = server.url("/predictions/classify");
+        let mut first = Vec::new();
         for (req, want) in reqs.iter().zip(&want) {
-            let reply = post_json(&server.url("/predictions/classify"), req);
+            let reply = post_json(&url, req);
             assert_eq!(reply.status, 200, "{how}: {}", reply.text());
             let got = reply.json();
             assert_eq!(got["top1"], want["top1"], "{how}: {got} vs {want}");
@@ -86,7 +88,29 @@ fn optimized_models_answer_as_the_baseline() {
                 want["score"].as_f64().unwrap(),
             );
             assert!((a - b).abs() < 1e-5, "{how}: {got} vs {want}");
+            first.push(reply.body);
         }
+        // A frozen module was saved at its first load and a reload reads it back
+        // (`inference` is applied again on each load); either way a reload answers the same.
+        let saved = |log: &str| log.contains("saved for the next loads");
+        assert_eq!(
+            saved(&server.log()),
+            how == "freeze",
+            "{how}: {}",
+            server.log()
+        );
+        assert_eq!(delete(&server.url("/models/classify")).status, 200);
+        for (req, first) in reqs.iter().zip(&first) {
+            let reply = post_json(&url, req);
+            assert_eq!(&reply.body, first, "{how}: answer after a reload");
+        }
+        let log = server.log();
+        assert_eq!(
+            log.contains("optimised model loaded as saved"),
+            how == "freeze",
+            "{how}: {log}"
+        );
+        assert!(!log.contains("does not load"), "{how}: {log}");
     }
 }
 

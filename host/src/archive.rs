@@ -19,6 +19,19 @@ pub const CONFIG_FILE: &str = "model-config.yaml";
 pub const HANDLER_FILE: &str = "handler.wasm";
 /// Folder of read-only files the handler may read.
 pub const ASSETS_DIR: &str = "assets";
+/// Folder of an unpacked archive where the server keeps its models as `tessera.optimize` made
+/// them (loaded without a second check): no archive may bring an entry there.
+pub const OPTIMIZED_DIR: &str = ".optimized";
+
+/// Refuses an entry under [`OPTIMIZED_DIR`].
+fn check_not_reserved(rel: &Path, shown: &str) -> Result<(), ArchiveError> {
+    match rel.components().next() {
+        Some(std::path::Component::Normal(first)) if first == OPTIMIZED_DIR => Err(
+            ArchiveError::UnsafeEntry(shown.to_string(), "'.optimized' is reserved for the server"),
+        ),
+        _ => Ok(()),
+    }
+}
 const MAX_ENTRIES: usize = 10_000;
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest `tessera.intraOpThreads` accepted (the loader also caps it at the machine's logical CPUs).
@@ -601,6 +614,7 @@ pub fn scan_dir(src: &Path, limits: Limits) -> Result<Vec<DirEntry>, ArchiveErro
                 .ok_or_else(|| ArchiveError::UnsafeEntry(shown.clone(), "name is not UTF-8"))?;
             let rel = safe_relative(name)?
                 .ok_or_else(|| ArchiveError::UnsafeEntry(shown.clone(), "empty path"))?;
+            check_not_reserved(&rel, &shown)?;
             // symlink_metadata: a link is seen as a link, never followed.
             let meta = fs::symlink_metadata(e.path()).map_err(io_err(&e.path()))?;
             let kind = meta.file_type();
@@ -766,6 +780,9 @@ fn extract(archive: &Path, dest: &Path, limits: Limits) -> Result<(), ArchiveErr
             .unwrap_or_else(|| entry.path_bytes().into_owned());
         let name = String::from_utf8_lossy(&raw).into_owned();
         let rel = safe_relative(&name)?;
+        if let Some(rel) = &rel {
+            check_not_reserved(rel, &name)?;
+        }
         if kind.is_dir() {
             if let Some(rel) = rel {
                 let d = dest.join(rel);
@@ -1093,6 +1110,28 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, String)>, ArchiveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the server writes under `.optimized` it loads unchecked: no folder brings it.
+    #[test]
+    fn folders_may_not_bring_the_servers_reserved_entries() {
+        let limits = Limits {
+            max_archive_bytes: 1 << 20,
+            max_unpacked_bytes: 1 << 20,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("model.pt"), b"x").unwrap();
+        assert!(scan_dir(dir.path(), limits).is_ok());
+        fs::create_dir(dir.path().join(OPTIMIZED_DIR)).unwrap();
+        fs::write(
+            dir.path().join(OPTIMIZED_DIR).join("model.freeze.cpu.pt"),
+            b"x",
+        )
+        .unwrap();
+        let err = scan_dir(dir.path(), limits).unwrap_err().to_string();
+        assert!(err.contains("reserved"), "{err}");
+        // Elsewhere the name is ordinary.
+        assert!(check_not_reserved(Path::new("assets/.optimized/x"), "x").is_ok());
+    }
 
     #[test]
     fn torchserve_keys_are_accepted_and_named() {

@@ -587,6 +587,11 @@ pub fn hostile_archives(dir: &Path, config: &[u8], escape: &str) -> Vec<&'static
         ),
         ("fifo", good(("assets/fifo", tar::EntryType::Fifo, b"", ""))),
         ("bomb", good(("assets/zeros", file, &zeros, ""))),
+        // The server's own optimised copies live there, loaded without a second check.
+        (
+            "reserved",
+            good((".optimized/model.freeze.cpu.pt", file, &model, "")),
+        ),
         ("corewasm", archive(Some(b"\0asm\x01\0\0\0"), &model, None)),
         ("otherworld", archive(Some(&other_world), &model, None)),
         (

@@ -322,12 +322,9 @@ impl Loader {
             .retry_out_of_memory(&reg.key, u32::MAX, || {
                 let path = file.to_path_buf();
                 async move {
-                    blocking(move || {
-                        let model = TorchModel::load(&path, device)?;
-                        match optimize {
-                            Some(how) => model.optimized(how),
-                            None => Ok(model),
-                        }
+                    blocking(move || match optimize {
+                        Some(how) => load_optimized(&path, device, how),
+                        None => TorchModel::load(&path, device),
                     })
                     .await?
                     .map_err(ResidencyError::Runtime)
@@ -346,6 +343,68 @@ impl Loader {
             e => e,
         })
     }
+}
+
+/// Where the optimised form of `file` is kept: per optimisation and device kind (a frozen
+/// module holds its constants on one device; CPU and CUDA passes differ).
+fn optimized_path(file: &Path, how: runtime::Optimize, device: Device) -> Option<PathBuf> {
+    let how = match how {
+        runtime::Optimize::Freeze => "freeze",
+        // optimize_for_inference's graphs do not load back once saved ("required keyword
+        // attribute 'value' is undefined", libtorch 2.11): optimised on every load.
+        runtime::Optimize::Inference => return None,
+    };
+    let kind = if device.is_cuda() { "cuda" } else { "cpu" };
+    let name = file.file_stem()?.to_string_lossy();
+    Some(
+        file.parent()?
+            .join(archive::OPTIMIZED_DIR)
+            .join(format!("{name}.{how}.{kind}.pt")),
+    )
+}
+
+/// `file` loaded and optimised as `how` says. A frozen module is saved beside the unpacked
+/// archive on its first load and loaded from there afterwards (freezing SD2 or LaMa on a GPU
+/// takes seconds, every load otherwise); a saved copy that fails to load is frozen and saved
+/// again. `inference` is applied on every load (its graphs do not load back). The saved copy is
+/// the host's own output from a checked file, in the host's work dir, under a name no archive
+/// may bring: it is not checked again.
+fn load_optimized(
+    file: &Path,
+    device: Device,
+    how: runtime::Optimize,
+) -> Result<TorchModel, RuntimeError> {
+    let started = std::time::Instant::now();
+    let saved = optimized_path(file, how, device);
+    if let Some(saved) = saved.as_ref().filter(|p| p.is_file()) {
+        match TorchModel::load(saved, device) {
+            Ok(model) => {
+                tracing::info!(file = %saved.display(), ms = started.elapsed().as_millis() as u64,
+                    "optimised model loaded as saved");
+                return Ok(model);
+            }
+            Err(e @ RuntimeError::OutOfMemory { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(file = %saved.display(), error = %e,
+                    "saved optimised model does not load: optimising again");
+                let _ = std::fs::remove_file(saved);
+            }
+        }
+    }
+    let model = TorchModel::load(file, device)?.optimized(how)?;
+    let optimised_ms = started.elapsed().as_millis() as u64;
+    if let Some(saved) = saved {
+        let kept = std::fs::create_dir_all(saved.parent().expect("a file in a folder"))
+            .map_err(|e| RuntimeError::Load(e.to_string()))
+            .and_then(|()| model.save_atomically(&saved));
+        match kept {
+            Ok(()) => tracing::info!(file = %saved.display(), ms = optimised_ms,
+                "model optimised at load and saved for the next loads"),
+            Err(e) => tracing::warn!(file = %file.display(), ms = optimised_ms, error = %e,
+                "model optimised at load; not saved, so every load optimises it"),
+        }
+    }
+    Ok(model)
 }
 
 /// Runs blocking work off the async runtime.

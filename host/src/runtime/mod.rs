@@ -555,6 +555,33 @@ impl TorchModel {
         Ok(self)
     }
 
+    /// Writes the module (as it is now: optimised, say) to `path` as TorchScript, through a
+    /// temporary file beside it renamed into place, so that `path` is whole or absent.
+    pub fn save_atomically(&self, path: &Path) -> Result<(), RuntimeError> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let module = self.module.as_ref().expect("module present until drop");
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()));
+        let result = module
+            .save(&tmp)
+            .map_err(|e| {
+                RuntimeError::Load(format!(
+                    "saving {}: {}",
+                    path.display(),
+                    first_line(&e.to_string())
+                ))
+            })
+            .and_then(|()| {
+                std::fs::rename(&tmp, path)
+                    .map_err(|e| RuntimeError::Load(format!("saving {}: {e}", path.display())))
+            });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
     /// Makes the forward the host-driven loop of [`LOOP_METHODS`] (each must exist).
     pub fn with_loop(mut self) -> Result<TorchModel, RuntimeError> {
         let module = self.module.as_ref().expect("module present until drop");
@@ -1240,6 +1267,36 @@ torch.jit.script(m.eval()).save(sys.argv[1])
                 &want_loop,
                 "loop",
             );
+            // Saved and loaded again (what later loads of the archive do), a frozen module
+            // computes the same and keeps its methods.
+            if how == Optimize::Freeze {
+                let saved = dir.path().join("frozen.pt");
+                model.save_atomically(&saved).unwrap();
+                let names: Vec<_> = std::fs::read_dir(dir.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                assert!(
+                    !names.iter().any(|n| n.to_string_lossy().contains(".tmp-")),
+                    "{names:?}"
+                );
+                let again = TorchModel::load(&saved, Device::Cpu).unwrap();
+                assert_eq!(params(&again), 0);
+                close(
+                    &f32s(&again.forward(std::slice::from_ref(&x)).unwrap()[0]),
+                    &want,
+                    "saved",
+                );
+                let looped = TorchModel::load(&saved, Device::Cpu)
+                    .unwrap()
+                    .with_loop()
+                    .unwrap();
+                close(
+                    &f32s(&looped.forward(std::slice::from_ref(&x)).unwrap()[0]),
+                    &want_loop,
+                    "saved loop",
+                );
+            }
         }
     }
 
