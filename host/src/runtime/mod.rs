@@ -1215,16 +1215,12 @@ torch.jit.script(m.eval()).save(sys.argv[1])
             .flat_map(|i| ((i % 29) as f32 / 9.0 - 1.5).to_le_bytes())
             .collect();
         let x = HostTensor::new("x".into(), DType::F32, vec![2, 3, 16, 16], data).unwrap();
-        let plain = TorchModel::load(&path, Device::Cpu).unwrap();
-        let want = f32s(&plain.forward(std::slice::from_ref(&x)).unwrap()[0]);
-        let want_loop = f32s(
-            &TorchModel::load(&path, Device::Cpu)
-                .unwrap()
-                .with_loop()
-                .unwrap()
-                .forward(std::slice::from_ref(&x))
-                .unwrap()[0],
-        );
+        let out = |m: &TorchModel| f32s(&m.forward(std::slice::from_ref(&x)).unwrap()[0]);
+        let want = out(&TorchModel::load(&path, Device::Cpu).unwrap());
+        let want_loop = out(&TorchModel::load(&path, Device::Cpu)
+            .unwrap()
+            .with_loop()
+            .unwrap());
         assert_eq!(want.len(), 8);
         let close = |got: &[f32], want: &[f32], what: &str| {
             assert_eq!(got.len(), want.len());
@@ -1250,11 +1246,7 @@ torch.jit.script(m.eval()).save(sys.argv[1])
             );
             for _ in 0..3 {
                 // The profiling executor's first calls and its optimised one.
-                close(
-                    &f32s(&model.forward(std::slice::from_ref(&x)).unwrap()[0]),
-                    &want,
-                    "forward",
-                );
+                close(&out(&model), &want, "forward");
             }
             let looped = TorchModel::load(&path, Device::Cpu)
                 .unwrap()
@@ -1262,11 +1254,7 @@ torch.jit.script(m.eval()).save(sys.argv[1])
                 .unwrap()
                 .with_loop()
                 .unwrap();
-            close(
-                &f32s(&looped.forward(std::slice::from_ref(&x)).unwrap()[0]),
-                &want_loop,
-                "loop",
-            );
+            close(&out(&looped), &want_loop, "loop");
             // Saved and loaded again (what later loads of the archive do), a frozen module
             // computes the same and keeps its methods.
             if how == Optimize::Freeze {
@@ -1282,20 +1270,12 @@ torch.jit.script(m.eval()).save(sys.argv[1])
                 );
                 let again = TorchModel::load(&saved, Device::Cpu).unwrap();
                 assert_eq!(params(&again), 0);
-                close(
-                    &f32s(&again.forward(std::slice::from_ref(&x)).unwrap()[0]),
-                    &want,
-                    "saved",
-                );
+                close(&out(&again), &want, "saved");
                 let looped = TorchModel::load(&saved, Device::Cpu)
                     .unwrap()
                     .with_loop()
                     .unwrap();
-                close(
-                    &f32s(&looped.forward(std::slice::from_ref(&x)).unwrap()[0]),
-                    &want_loop,
-                    "saved loop",
-                );
+                close(&out(&looped), &want_loop, "saved loop");
             }
         }
     }
