@@ -43,6 +43,18 @@ fn reference(reqs: &[serde_json::Value]) -> Vec<serde_json::Value> {
     serde_json::from_value(answers).unwrap()
 }
 
+/// A 200 whose top-1 class is the reference's and whose score is within `tolerance` of it.
+fn assert_answers(reply: &Reply, want: &serde_json::Value, tolerance: f64, what: &str) {
+    assert_eq!(reply.status, 200, "{what}: {}", reply.text());
+    let got = reply.json();
+    assert_eq!(got["top1"], want["top1"], "{what}: {got} vs {want}");
+    let (a, b) = (
+        got["score"].as_f64().unwrap(),
+        want["score"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < tolerance, "{what}: {got} vs {want}");
+}
+
 #[test]
 fn answers_equal_the_torchserve_baselines() {
     let store = store_with(&config());
@@ -51,14 +63,7 @@ fn answers_equal_the_torchserve_baselines() {
     let want = reference(&reqs);
     for (req, want) in reqs.iter().zip(&want) {
         let reply = post_json(&server.url("/predictions/classify"), req);
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        let got = reply.json();
-        assert_eq!(got["top1"], want["top1"], "{got} vs {want}");
-        let (a, b) = (
-            got["score"].as_f64().unwrap(),
-            want["score"].as_f64().unwrap(),
-        );
-        assert!((a - b).abs() < 1e-6, "{got} vs {want}");
+        assert_answers(&reply, want, 1e-6, "as exported");
     }
 }
 
@@ -80,14 +85,7 @@ fn optimized_models_answer_as_the_baseline() {
         let mut first = Vec::new();
         for (req, want) in reqs.iter().zip(&want) {
             let reply = post_json(&url, req);
-            assert_eq!(reply.status, 200, "{how}: {}", reply.text());
-            let got = reply.json();
-            assert_eq!(got["top1"], want["top1"], "{how}: {got} vs {want}");
-            let (a, b) = (
-                got["score"].as_f64().unwrap(),
-                want["score"].as_f64().unwrap(),
-            );
-            assert!((a - b).abs() < 1e-5, "{how}: {got} vs {want}");
+            assert_answers(&reply, want, 1e-5, how);
             first.push(reply.body);
         }
         // A frozen module was saved at its first load and a reload reads it back

@@ -53,7 +53,7 @@ mod ffi {
 const CAPTURE_WARMUP: i32 = 3;
 
 /// Takes a malloc'd C string from the shim.
-fn take_text(p: *mut c_char) -> String {
+pub(super) fn take_text(p: *mut c_char) -> String {
     if p.is_null() {
         return String::new();
     }

@@ -151,6 +151,19 @@ pub enum RuntimeError {
     Busy(String),
 }
 
+/// A failed load's error: out of memory (so residency can evict and retry) or the message's
+/// first line.
+fn load_error(device: Device, message: String) -> RuntimeError {
+    if is_oom(&message) {
+        RuntimeError::OutOfMemory {
+            device: device_name(device),
+            message,
+        }
+    } else {
+        RuntimeError::Load(first_line(&message))
+    }
+}
+
 fn is_oom(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     m.contains("out of memory")
@@ -490,17 +503,8 @@ impl TorchModel {
     /// parallel (no lock): each weighs only its own module. Only files that passed
     /// [`verify::check_files`] may be loaded: loading runs the file's `__setstate__`.
     pub fn load(path: &Path, device: Device) -> Result<TorchModel, RuntimeError> {
-        let mut module = CModule::load_on_device(path, device).map_err(|e| {
-            let m = e.to_string();
-            if is_oom(&m) {
-                RuntimeError::OutOfMemory {
-                    device: device_name(device),
-                    message: m,
-                }
-            } else {
-                RuntimeError::Load(first_line(&m))
-            }
-        })?;
+        let mut module =
+            CModule::load_on_device(path, device).map_err(|e| load_error(device, e.to_string()))?;
         module.set_eval();
         // SAFETY: a live module pointer; the shim only reads it and catches C++ exceptions.
         let held = unsafe { cuda::tessera_module_tensor_bytes(module_ptr(&module)) };
@@ -531,21 +535,11 @@ impl TorchModel {
         // replaces the module object in place only on success and catches C++ exceptions.
         let err = unsafe { cuda::tessera_module_optimize(module_ptr(module), mode) };
         if !err.is_null() {
-            // SAFETY: a NUL-terminated string the shim allocated, freed once here.
-            let message = unsafe { std::ffi::CStr::from_ptr(err) }
-                .to_string_lossy()
-                .into_owned();
-            unsafe { cuda::tessera_free(err) };
-            if is_oom(&message) {
-                return Err(RuntimeError::OutOfMemory {
-                    device: device_name(self.device),
-                    message,
-                });
-            }
-            return Err(RuntimeError::Load(format!(
-                "tessera.optimize: {how:?} failed: {}",
-                first_line(&message)
-            )));
+            let message = graphs::take_text(err);
+            return Err(load_error(
+                self.device,
+                format!("tessera.optimize: {how:?} failed: {message}"),
+            ));
         }
         // SAFETY: as in `load`.
         let held = unsafe { cuda::tessera_module_tensor_bytes(module_ptr(module)) };
