@@ -113,8 +113,9 @@ pub struct Config {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub cuda_graphs: bool,
 
-    /// OpenMP threads each CPU op of a forward may use, for models whose config names none
-    /// (`tessera.intraOpThreads`). Default: libtorch's (the machine's physical cores).
+    /// OpenMP threads each CPU op of a forward may use, for CPU models whose config names none
+    /// (`tessera.intraOpThreads`; GPU models that name none use 1). Default: libtorch's (the
+    /// machine's physical cores).
     #[arg(long, env = "TESSERA_INTRA_OP_THREADS", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub intra_op_threads: Option<u32>,
 

@@ -126,7 +126,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         runtime::init_default_intra_op_threads(config.intra_op_threads.map(|n| n as usize));
     tracing::info!(
         intra_op_threads = intra_op,
-        "CPU ops use this many threads each unless a model's config says otherwise"
+        "CPU models' ops use this many threads each unless a model's config says otherwise (GPU models: 1)"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -34,11 +34,16 @@ pub struct LoaderConfig {
 }
 
 /// A model's intra-op threads: its `tessera.intraOpThreads`, at most the machine's logical CPUs (a
-/// tenant cannot make each op wake hundreds of threads), else the server's default.
-fn intra_op_threads(config: &archive::ModelConfig) -> usize {
+/// tenant cannot make each op wake hundreds of threads), else 1 on a GPU, else the server's
+/// default. A GPU model's forward does no CPU work worth sharing out, and any CPU op that did wake
+/// an OpenMP team left its workers spinning on every core while the forward thread prepared its
+/// GPU work: LaMa on an H100 (16 cores) took 168-386 ms at photo sizes not seen before with
+/// the default 16 against 73-104 with 1 (bench/results/forward_gap_gpu_h100.md).
+fn intra_op_threads(config: &archive::ModelConfig, device: Device) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match config.tessera.intra_op_threads {
         Some(n) => (n as usize).min(cores),
+        None if device.is_cuda() => 1,
         None => runtime::default_intra_op_threads(),
     }
 }
@@ -254,7 +259,7 @@ impl Loader {
             runtime::ThreadMode {
                 executor,
                 grad: self.config.grad_mode,
-                intra_op_threads: intra_op_threads(&unpacked.config),
+                intra_op_threads: intra_op_threads(&unpacked.config, pipeline.device()),
             },
             batching(&key.to_string(), &unpacked.config),
             Duration::from_secs(unpacked.config.response_timeout),
@@ -500,17 +505,22 @@ mod tests {
     fn a_models_intra_op_threads_are_capped_at_the_machines_cpus() {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let config = |yaml: &str| archive::ModelConfig::parse(yaml).unwrap();
+        let cuda = Device::Cuda(0);
+        for device in [Device::Cpu, cuda] {
+            assert_eq!(
+                intra_op_threads(&config("tessera:\n  intraOpThreads: 1\n"), device),
+                1
+            );
+            assert_eq!(
+                intra_op_threads(&config("tessera:\n  intraOpThreads: 256\n"), device),
+                cpus.min(256)
+            );
+        }
         assert_eq!(
-            intra_op_threads(&config("tessera:\n  intraOpThreads: 1\n")),
-            1
-        );
-        assert_eq!(
-            intra_op_threads(&config("tessera:\n  intraOpThreads: 256\n")),
-            cpus.min(256)
-        );
-        assert_eq!(
-            intra_op_threads(&config("")),
+            intra_op_threads(&config(""), Device::Cpu),
             runtime::default_intra_op_threads()
         );
+        // GPU models that name none run their few CPU ops on the forward thread alone.
+        assert_eq!(intra_op_threads(&config(""), cuda), 1);
     }
 }

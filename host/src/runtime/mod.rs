@@ -277,7 +277,35 @@ impl HostTensor {
     }
 
     fn to_tch(&self, device: Device) -> Tensor {
-        Tensor::from_data_size(&self.data, &self.shape, self.dtype.kind()).to_device(device)
+        let numel = self
+            .shape
+            .iter()
+            .try_fold(1i64, |acc, &d| acc.checked_mul(d).filter(|_| d >= 0));
+        let exact = numel.and_then(|n| (n as u64).checked_mul(self.dtype.size() as u64))
+            == Some(self.data.len() as u64);
+        if !device.is_cuda() || !exact {
+            return Tensor::from_data_size(&self.data, &self.shape, self.dtype.kind())
+                .to_device(device);
+        }
+        // Straight from these bytes to the GPU: `from_data_size` first fills a CPU tensor with
+        // zeros (a parallel fill that wakes the thread's OpenMP team) and copies into it.
+        let mut strides = vec![1i64; self.shape.len()];
+        for i in (0..self.shape.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * self.shape[i + 1].max(1);
+        }
+        // SAFETY: `data` holds exactly the shape's elements of `dtype` (checked just above), row
+        // major, and outlives the view: `to_device` copies them to the GPU before it returns
+        // (a copy from pageable memory is synchronous) and the view is dropped right after.
+        let view = unsafe {
+            Tensor::from_blob(
+                self.data.as_ptr(),
+                &self.shape,
+                &strides,
+                self.dtype.kind(),
+                Device::Cpu,
+            )
+        };
+        view.to_device(device)
     }
 
     fn from_tch(name: String, t: &Tensor) -> Result<HostTensor, RuntimeError> {
