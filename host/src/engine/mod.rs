@@ -154,6 +154,26 @@ impl Engine {
                     let tid = unsafe { libc::gettid() };
                     runtime::prepare_forward_thread(mode);
                     let key = |input: &Arc<PipelineInput>| input.batch_key;
+                    // While no request waits (from the start, then after each batch): CUDA
+                    // graphs for the input shapes just seen, then the model's warm-up steps,
+                    // one at a time. Both run the model's code: the watchdog watches each like
+                    // a forward (a model's response timeout).
+                    let idle_work = || {
+                        while queue.depth() == 0 && !queue.is_closed() {
+                            let deadline = Instant::now() + shared.grace;
+                            shared.set_busy(i, Some(Busy { deadline, tid }));
+                            let ran =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    model.background_step(&shared.name)
+                                }))
+                                .unwrap_or(false);
+                            shared.set_busy(i, None);
+                            if !ran {
+                                break;
+                            }
+                        }
+                    };
+                    idle_work();
                     while let Some(jobs) = queue.take_batch(batching.max, batching.delay, key) {
                         // The watchdog measures overruns from the latest deadline: the
                         // forward still serves someone until then.
@@ -173,22 +193,7 @@ impl Engine {
                                 batch,
                             });
                         }
-                        // Between requests: CUDA graphs for the input shapes just seen, one
-                        // at a time, while nothing waits. A capture runs the model's code: the
-                        // watchdog watches it like a forward (a model's response timeout).
-                        while queue.depth() == 0 && !queue.is_closed() {
-                            let deadline = Instant::now() + shared.grace;
-                            shared.set_busy(i, Some(Busy { deadline, tid }));
-                            let captured =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                    model.capture_pending()
-                                }))
-                                .unwrap_or(false);
-                            shared.set_busy(i, None);
-                            if !captured {
-                                break;
-                            }
-                        }
+                        idle_work();
                     }
                 })?;
             if let Ok(mut all) = THREADS.lock() {

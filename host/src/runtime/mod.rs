@@ -512,6 +512,64 @@ pub struct TorchModel {
     /// CUDA graphs of its calls, when the model opts in and runs on a GPU. Dropped before the
     /// module.
     graphs: Option<graphs::Graphs>,
+    /// Progress of the model's [`WARM_UP_METHOD`], when it has one.
+    warm_up: Option<Mutex<WarmUp>>,
+}
+
+/// A method a model may export, `warm_up(step: int) -> int`, that the host calls step by step
+/// on the model's forward thread while no request waits, starting at 0 and then with each
+/// step's answer until one answers -1 (a request that arrives meanwhile waits for the step in
+/// progress only). It is for work a model's first calls would otherwise do for a user, such as
+/// having the driver compile the kernels of every FFT length the model can meet (cuFFT compiles
+/// many at first use: 40-300 ms each on an H100, kept in the driver's cache on disk afterwards).
+/// Each step runs under the model's response timeout like a forward; a step must answer a
+/// larger step or -1, and there are at most [`MAX_WARM_UP_STEPS`]: anything else ends the
+/// warm-up (logged once). Once per file and device in a process: a reload of the same file (a
+/// swap-in) starts with its warm-up done.
+pub const WARM_UP_METHOD: &str = "warm_up";
+
+/// Most steps a model's warm-up may take.
+pub const MAX_WARM_UP_STEPS: u64 = 4096;
+
+/// Where a model's warm-up stands.
+#[derive(Debug, Default)]
+struct WarmUp {
+    /// The next step to run; `None` once done (or ended).
+    next: Option<i64>,
+    steps: u64,
+    spent: std::time::Duration,
+    /// The file's identity on its device, remembered once the warm-up ended.
+    key: Option<WarmUpKey>,
+}
+
+/// A TorchScript file (path, length, modification time) on a device.
+type WarmUpKey = (std::path::PathBuf, u64, std::time::SystemTime, String);
+
+/// Files whose warm-up ended in this process: what it left (kernels loaded, plans cached) stays
+/// with the process, so a reload of the same file (a swap-in) starts with its warm-up done.
+fn warmed_up() -> std::sync::MutexGuard<'static, std::collections::HashSet<WarmUpKey>> {
+    static WARMED: OnceLock<Mutex<std::collections::HashSet<WarmUpKey>>> = OnceLock::new();
+    WARMED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+fn warm_up_key(path: &Path, device: Device) -> Option<WarmUpKey> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((
+        path.to_path_buf(),
+        meta.len(),
+        meta.modified().ok()?,
+        device_name(device),
+    ))
+}
+
+/// What [`TorchModel::warm_up_state`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmUpState {
+    Running,
+    Done,
 }
 
 /// Methods of a model whose forward is a loop (`tessera.loop`): `prepare(*inputs) ->
@@ -541,12 +599,93 @@ impl TorchModel {
         } else {
             std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
         };
+        let warm_up = graphs::has_method(&module, WARM_UP_METHOD).then(|| {
+            let key = warm_up_key(path, device);
+            let done = key.as_ref().is_some_and(|k| warmed_up().contains(k));
+            Mutex::new(WarmUp {
+                next: (!done).then_some(0),
+                key,
+                ..WarmUp::default()
+            })
+        });
         Ok(TorchModel {
             module: Some(module),
             device,
             held_bytes,
             looped: false,
             graphs: None,
+            warm_up,
+        })
+    }
+
+    /// Runs the next step of the model's [`WARM_UP_METHOD`], if one is left and no other thread
+    /// is running one; whether a step ran. `name` is for the log.
+    pub fn warm_up_step(&self, name: &str) -> bool {
+        let Some(lock) = &self.warm_up else {
+            return false;
+        };
+        let Ok(mut w) = lock.try_lock() else {
+            return false;
+        };
+        let Some(step) = w.next else {
+            return false;
+        };
+        let _guard = tch::no_grad_guard();
+        let started = std::time::Instant::now();
+        let answer = self.call(WARM_UP_METHOD, &[IValue::Int(step)]);
+        w.spent += started.elapsed();
+        w.steps += 1;
+        let spent_ms = w.spent.as_millis() as u64;
+        let next = match answer {
+            Ok(IValue::Int(-1)) => {
+                tracing::info!(
+                    model = name,
+                    steps = w.steps,
+                    ms = spent_ms,
+                    "model warm-up done"
+                );
+                None
+            }
+            Ok(IValue::Int(next)) if next > step && w.steps < MAX_WARM_UP_STEPS => Some(next),
+            Ok(other) => {
+                tracing::warn!(
+                    model = name,
+                    step,
+                    steps = w.steps,
+                    "{WARM_UP_METHOD} answered {} after step {step}: it must answer a larger step or -1 within {MAX_WARM_UP_STEPS} steps; warm-up ended",
+                    match other {
+                        IValue::Int(n) => n.to_string(),
+                        v => ivalue_kind(&v).to_string(),
+                    }
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(model = name, step, error = %e, "model warm-up failed; ended");
+                None
+            }
+        };
+        w.next = next;
+        if next.is_none() {
+            if let Some(key) = w.key.take() {
+                warmed_up().insert(key);
+            }
+        }
+        true
+    }
+
+    /// Where the model's warm-up stands; `None` without a [`WARM_UP_METHOD`].
+    pub fn warm_up_state(&self) -> Option<WarmUpState> {
+        // A step in progress holds the lock: running.
+        let done = self
+            .warm_up
+            .as_ref()?
+            .try_lock()
+            .is_ok_and(|w| w.next.is_none());
+        Some(if done {
+            WarmUpState::Done
+        } else {
+            WarmUpState::Running
         })
     }
 
@@ -1204,18 +1343,91 @@ torch.jit.script(m.eval()).save(sys.argv[1])
 "#;
 
     fn optimize_fixture(path: &Path) {
+        python_fixture(OPTIMIZE_FIXTURE, path)
+    }
+
+    /// Runs `source` with `path` as its argument (it writes a TorchScript file there).
+    fn python_fixture(source: &str, path: &Path) {
         let python = std::env::var_os("TESSERA_PYTHON")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
         // torch.jit.script reads the class's source: a file, not `-c`.
         let script = path.with_extension("py");
-        std::fs::write(&script, OPTIMIZE_FIXTURE).unwrap();
+        std::fs::write(&script, source).unwrap();
         let status = std::process::Command::new(&python)
             .arg(&script)
             .arg(path)
             .status()
             .unwrap_or_else(|e| panic!("{}: {e} (run under scripts/env.sh)", python.display()));
         assert!(status.success());
+    }
+
+    /// Models with a warm-up: `count` steps then -1 (each step adds one to a buffer `forward`
+    /// returns), one that answers its own step again, one that fails at step 1.
+    const WARM_UP_FIXTURE: &str = r#"
+import sys
+import torch
+
+class Counting(torch.nn.Module):
+    def __init__(self, mode: int):
+        super().__init__()
+        self.mode = mode
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x):
+        return self.calls + 0 * x.sum()
+
+    @torch.jit.export
+    def warm_up(self, step: int) -> int:
+        self.calls.add_(1)
+        if self.mode == 1:
+            return step
+        if self.mode == 2 and step == 1:
+            raise RuntimeError("no kernels today")
+        return step + 1 if step < 2 else -1
+
+for mode in range(3):
+    torch.jit.script(Counting(mode)).save(sys.argv[1] + f".{mode}")
+"#;
+
+    #[test]
+    fn a_models_warm_up_runs_step_by_step_and_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("w.pt");
+        python_fixture(WARM_UP_FIXTURE, &base);
+        let calls = |m: &TorchModel| {
+            let x = HostTensor::new("x".into(), DType::F32, vec![1], vec![0; 4]).unwrap();
+            f32s(&m.forward(&[x]).unwrap()[0])[0]
+        };
+        let run = |m: &TorchModel| (0..10).take_while(|_| m.warm_up_step("w")).count();
+        // Counting: steps 0, 1, 2 (the last answers -1), then nothing more.
+        let m = TorchModel::load(&base.with_extension("pt.0"), Device::Cpu).unwrap();
+        assert_eq!(m.warm_up_state(), Some(WarmUpState::Running));
+        assert_eq!(run(&m), 3);
+        assert_eq!(calls(&m), 3.0);
+        assert_eq!(m.warm_up_state(), Some(WarmUpState::Done));
+        assert!(!m.warm_up_step("w"));
+        // Loaded again in this process (a swap-in), the same file starts with it done.
+        let again = TorchModel::load(&base.with_extension("pt.0"), Device::Cpu).unwrap();
+        assert_eq!(again.warm_up_state(), Some(WarmUpState::Done));
+        assert!(!again.warm_up_step("w"));
+        assert_eq!(calls(&again), 0.0);
+        // A step that answers itself again ends the warm-up after that one step.
+        let m = TorchModel::load(&base.with_extension("pt.1"), Device::Cpu).unwrap();
+        assert_eq!(run(&m), 1);
+        assert_eq!(calls(&m), 1.0);
+        assert_eq!(m.warm_up_state(), Some(WarmUpState::Done));
+        // A failing step ends it too; the model still serves.
+        let m = TorchModel::load(&base.with_extension("pt.2"), Device::Cpu).unwrap();
+        assert_eq!(run(&m), 2);
+        assert_eq!(calls(&m), 2.0);
+        assert_eq!(m.warm_up_state(), Some(WarmUpState::Done));
+        // A model without the method has no warm-up.
+        let path = dir.path().join("m.pt");
+        optimize_fixture(&path);
+        let m = TorchModel::load(&path, Device::Cpu).unwrap();
+        assert_eq!(m.warm_up_state(), None);
+        assert!(!m.warm_up_step("m"));
     }
 
     fn f32s(t: &HostTensor) -> Vec<f32> {

@@ -5,7 +5,7 @@
 //! bounded in bytes (LRU), so a later request with the same key runs only the entry model.
 //! The cache belongs to one loaded model version, so it is scoped to its tenant and model,
 //! and its capacity is reserved in the residency budget by the caller.
-use super::{collect_outputs, DType, Executor, HostTensor, RuntimeError, TorchModel};
+use super::{collect_outputs, DType, Executor, HostTensor, RuntimeError, TorchModel, WarmUpState};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tch::{Device, IValue, Tensor};
@@ -211,6 +211,32 @@ impl Pipeline {
     /// Calls waiting for their CUDA graph.
     pub fn pending_captures(&self) -> usize {
         self.entry.pending_captures()
+    }
+
+    /// One piece of the work a forward thread does while no request waits: a CUDA graph
+    /// capture, else a step of a model's warm-up ([`TorchModel::warm_up_step`]); whether one
+    /// ran. `name` is for the log.
+    pub fn background_step(&self, name: &str) -> bool {
+        self.capture_pending()
+            || self
+                .stage
+                .as_ref()
+                .is_some_and(|s| s.model.warm_up_step(name))
+            || self.entry.warm_up_step(name)
+    }
+
+    /// Where the models' warm-ups stand: running while either model's runs, `None` when
+    /// neither has one.
+    pub fn warm_up_state(&self) -> Option<WarmUpState> {
+        let states = [
+            self.stage.as_ref().and_then(|s| s.model.warm_up_state()),
+            self.entry.warm_up_state(),
+        ];
+        if states.contains(&Some(WarmUpState::Running)) {
+            Some(WarmUpState::Running)
+        } else {
+            states.into_iter().flatten().next()
+        }
     }
 
     /// Names of the handler tensors the cached stage consumes (none without a stage).

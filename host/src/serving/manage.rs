@@ -40,6 +40,10 @@ pub struct Resident {
     pub max_workers: u32,
     pub batch_size: u32,
     pub response_timeout: u64,
+    /// `running` or `done` for a model that exports a warm-up method (see
+    /// [`crate::runtime::WARM_UP_METHOD`]); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_up: Option<&'static str>,
 }
 
 /// A page of a tenant's models.
@@ -218,6 +222,10 @@ impl Server {
                     max_workers: m.engine.workers() as u32,
                     batch_size: c.batch_size,
                     response_timeout: c.response_timeout,
+                    warm_up: m.pipeline.warm_up_state().map(|s| match s {
+                        crate::runtime::WarmUpState::Running => "running",
+                        crate::runtime::WarmUpState::Done => "done",
+                    }),
                 }
             }),
         }
