@@ -115,6 +115,24 @@ fn erases_like_the_reference_and_keeps_unmasked_pixels() {
             .count();
         assert!(filled > 0, "{w}x{h}: nothing in the hole changed");
     }
+    // The exported model's warm-up method (cuFFT's kernels on a GPU) ends at once on the CPU;
+    // the model lists its state.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let state = loop {
+        let listed = get(&server.url("/models")).json();
+        let lama = listed["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["modelName"] == "lama")
+            .cloned()
+            .unwrap();
+        if lama["warmUp"] != "running" || std::time::Instant::now() > deadline {
+            break lama["warmUp"].clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(state, "done");
 }
 
 #[test]

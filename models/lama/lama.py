@@ -218,15 +218,46 @@ class FFCResNetGenerator(nn.Module):
         return x_l
 
 
+# The longest photo side (pixels, after the handler's padding to a multiple of 8) whose FFT
+# lengths the warm-up covers: the spectral blocks run at an eighth of each side.
+WARM_UP_MAX_SIDE = 4096
+
+
+def warm_fft(step: int, device: torch.device, max_side: int, cuda_only: bool = True) -> int:
+    """One step of a LaMa model's warm-up (Tessera's `warm_up(step) -> next step or -1`): the
+    real FFT and its inverse, as the spectral blocks run them, on a (step+1)² float32 spectral
+    plane. On a GPU, cuFFT has the driver compile many of its kernels at first use, per length:
+    40-300 ms each on an H100 (kept in the driver's cache on disk afterwards), so a photo size
+    the machine has not run before would pay that inside a user's request. Covering every length
+    up to `max_side` / 8 takes the compiling off the request path. On the CPU there is nothing
+    to compile: done at once (`cuda_only=False` runs the steps anyway, for tests)."""
+    if cuda_only and device.type != "cuda":
+        return -1
+    side = step + 1
+    x = torch.zeros(1, 1, side, side, device=device)
+    spec = torch.fft.rfftn(x, dim=(-2, -1), norm="ortho")
+    y = torch.fft.irfftn(spec, s=[side, side], dim=(-2, -1), norm="ortho")
+    # The answer reads the result: TorchScript drops calls whose results go unused.
+    return step + 1 if side < max_side // 8 and y.size(-1) == side else -1
+
+
 class LamaInpaint(nn.Module):
     """What Tessera runs: uint8 image [H, W, 3] + uint8 mask [H, W] (H, W multiples of 8, as
     the handler pads them) -> uint8 image [H, W, 3]. Masked pixels (mask > 0) come from the
-    generator, the others are the input's, bit for bit."""
+    generator, the others are the input's, bit for bit. `warm_up` is Tessera's warm-up method
+    (see `warm_fft`)."""
 
     def __init__(self, generator: nn.Module, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.generator = generator
         self.dtype = dtype
+        # Follows the module's device (not in the state dict): where the warm-up runs.
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)
+        self.warm_up_max_side = WARM_UP_MAX_SIDE
+
+    @torch.jit.export
+    def warm_up(self, step: int) -> int:
+        return warm_fft(step, self.anchor.device, self.warm_up_max_side)
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
         img = image.permute(2, 0, 1).unsqueeze(0).to(self.dtype) / 255.0

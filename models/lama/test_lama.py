@@ -108,3 +108,33 @@ def test_ready_torchscript_is_adapted(tmp_path):
         got = torch.jit.load(str(out))(img, mask)
     assert got.shape == img.shape and got.dtype == torch.uint8
     assert torch.equal(got[mask == 0], img[mask == 0])
+
+
+
+def test_warm_up_steps_through_every_spectral_length(tmp_path):
+    """Tessera's warm-up method: the exported model has it and ends at once on the CPU; the
+    steps it takes on a GPU (run here on the CPU) cover each FFT length 1..max_side/8 once."""
+    out = tmp_path / "lama.pt"
+    subprocess.check_call([sys.executable, os.path.join(HERE, "export.py"), "--tiny", "--out", str(out)])
+    m = torch.jit.load(str(out))
+    assert m.warm_up(0) == -1
+    # Scripted, the FFTs stay in the graph (their results feed the answer).
+    graph = str(torch.jit.script(lama.warm_fft).graph)
+    assert "aten::fft_rfftn" in graph and "aten::fft_irfftn" in graph, graph
+    assert m.warm_up_max_side == lama.WARM_UP_MAX_SIDE
+    assert "anchor" not in lama.LamaInpaint(lama.tiny_generator()).state_dict()
+
+    sides, step, real = [], 0, torch.fft.rfftn
+
+    def spy(x, *args, **kwargs):
+        sides.append(tuple(x.shape[-2:]))
+        return real(x, *args, **kwargs)
+
+    torch.fft.rfftn = spy
+    try:
+        while step != -1:
+            assert len(sides) < 100
+            step = lama.warm_fft(step, torch.device("cpu"), 64, cuda_only=False)
+    finally:
+        torch.fft.rfftn = real
+    assert sides == [(n, n) for n in range(1, 9)]
