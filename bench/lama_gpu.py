@@ -8,6 +8,10 @@ For each precision and size, in one run:
     run from Python;
   - Tessera over HTTP (the seed's JSON + PNG request, kept-alive connection), with the
     server's own handler/forward breakdown;
+  - the seed's Python handler path in-process on the same request body and the same
+    TorchScript file (issue 12, item 6): json + base64 + PIL decode of image and mask, padding
+    to a multiple of 8, the forward with graph-executor optimisation off (the server's `simple`
+    executor), the crop, PIL PNG encode + base64 + json; and that forward alone;
   - GPU memory held (the server's allocator-measured residentBytes, nvidia-smi).
 Writes results.json / results.md under --out.
 
@@ -46,6 +50,22 @@ def scene(size, seed=0):
     mask = (((x - 0.55) ** 2 + (y - 0.45) ** 2) < 0.2 ** 2).astype(np.uint8) * 255
     return img, mask
 
+
+
+def seed_path(body_bytes, model):
+    """The seed's LaMa handler, in-process: request body in, response body out."""
+    body = json.loads(body_bytes)
+    image = np.array(Image.open(io.BytesIO(base64.b64decode(body["image"]))).convert("RGB"))
+    mask = np.array(Image.open(io.BytesIO(base64.b64decode(body["mask_image"]))).convert("L"))
+    h, w = mask.shape
+    ph, pw = -(-h // 8) * 8, -(-w // 8) * 8
+    image = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="symmetric")
+    mask = np.pad(mask, ((0, ph - h), (0, pw - w)), mode="symmetric")
+    with torch.no_grad():
+        out = model(torch.from_numpy(image).cuda(), torch.from_numpy(mask).cuda()).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(out[:h, :w]).save(buf, format="PNG")
+    return json.dumps({"generated_image": base64.b64encode(buf.getvalue()).decode()}).encode()
 
 
 def time_it(fn, n, warmup=5, idle_s=0.0):
@@ -112,6 +132,14 @@ def main():
             body = json.dumps({"image": b64png(img), "mask_image": b64png(mask), "prompt": "ignored"}).encode()
             status, data, h, first = request("POST", f"{base}/predictions/{name}", body, hdr)
             assert status == 200, data[:300]
+            # The model's warm-up (cuFFT's kernels for every FFT length) runs between requests
+            # from its load on: let it finish, so that the timed requests do not wait for its
+            # steps (seconds on a machine whose driver has not compiled them yet).
+            t = time.perf_counter()
+            while [m for m in json.loads(request("GET", f"{base}/models")[1])["models"]
+                   if m["modelName"] == name][0].get("warmUp") == "running":
+                time.sleep(0.05)
+            results.setdefault("warm_up_wait_ms", {})[f"{name} {size}"] = (time.perf_counter() - t) * 1e3
             for _ in range(5):
                 request("POST", f"{base}/predictions/{name}", body, hdr)
             lat, inf, pre, post = [], [], [], []
@@ -125,7 +153,7 @@ def main():
             served = np.array(Image.open(io.BytesIO(base64.b64decode(json.loads(data)["generated_image"]))))
             models = json.loads(request("GET", f"{base}/models")[1])["models"]
             held = [m for m in models if m["modelName"] == name][0].get("residentBytes")
-            results["runs"].append({"precision": prec, "size": size, "first_request_ms": first * 1e3,
+            results["runs"].append({"precision": prec, "size": size, "first_request_ms": first * 1e3, "body": body,
                                     "http": summary(lat), "server_forward": summary(inf),
                                     "handler_pre": summary(pre), "handler_post": summary(post),
                                     "resident_bytes": held, "served": served, "img": img, "mask": mask})
@@ -158,11 +186,24 @@ def main():
                                                        idle_s=gap)
                 run["bare_eager_idle"] = time_it(lambda: eager(img.cuda(), mask.cuda()).cpu(), args.n, idle_s=gap)
                 ref = eager(img.cuda(), mask.cuda()).cpu().numpy()
+            # The seed's path and the forward alone, under the server's executor (`simple`:
+            # graph-executor optimisation off, a per-thread switch).
+            torch._C._set_graph_executor_optimize(False)
+            try:
+                run["seed_path"] = time_it(lambda: seed_path(run["body"], scripted), args.n)
+                with torch.no_grad():
+                    run["bare_torchscript_simple"] = time_it(
+                        lambda: scripted(img.cuda(), mask.cuda()).cpu(), args.n)
+            finally:
+                torch._C._set_graph_executor_optimize(True)
+            run["ratio_http_vs_seed_path"] = run["http"]["median_ms"] / run["seed_path"]["median_ms"]
+            run["ratio_forward_vs_python"] = (run["server_forward"]["median_ms"]
+                                              / run["bare_torchscript_simple"]["median_ms"])
             run["parity_max_diff_vs_eager"] = int(np.abs(ref.astype(int) - run["served"].astype(int)).max())
             run["parity_pixels_over_1"] = int((np.abs(ref.astype(int) - run["served"].astype(int)) > 1).sum())
             run["ratio_http_vs_bare_eager"] = run["http"]["median_ms"] / run["bare_eager"]["median_ms"]
             run["eager_peak_mib"] = (torch.cuda.max_memory_allocated() - base_alloc) / 2**20
-            for k in ["served", "img", "mask"]:
+            for k in ["served", "img", "mask", "body"]:
                 del run[k]
         del eager, scripted, g
         torch.cuda.empty_cache()
@@ -182,10 +223,23 @@ def main():
             f"| {r['bare_eager_idle']['median_ms']:.1f} / {r['bare_torchscript_idle']['median_ms']:.1f} "
             f"| {r['ratio_http_vs_bare_eager']:.2f} "
             f"| {(r['resident_bytes'] or 0) / 2**20:.0f} | {r['parity_max_diff_vs_eager']} ({r['parity_pixels_over_1']}) |")
+    lines += ["", "The seed's handler path in-process (json, base64, PIL decode, pad, forward, crop, PIL PNG encode) "
+              "on the same body and TorchScript file, optimisation off as the server runs it (issue 12 item 6: "
+              "HTTP ≤ 1.0x the seed path, server forward ≤ 1.05x the forward from Python):", "",
+              "| precision | size | Tessera HTTP median ms | seed path in-process median / p99 ms | HTTP / seed path "
+              "| server forward median ms | TorchScript from Python, optimisation off, median ms | forward ratio |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(
+            f"| {r['precision']} | {r['size']}² | {r['http']['median_ms']:.1f} "
+            f"| {r['seed_path']['median_ms']:.1f} / {r['seed_path']['p99_ms']:.1f} | {r['ratio_http_vs_seed_path']:.2f} "
+            f"| {r['server_forward']['median_ms']:.1f} | {r['bare_torchscript_simple']['median_ms']:.1f} "
+            f"| {r['ratio_forward_vs_python']:.2f} |")
     lines += ["", f"nvidia-smi: {results['nvidia_smi_before_mib']} MiB before the server, "
                   f"{results['nvidia_smi_two_models_mib']} MiB with both models resident (incl. CUDA context)",
               "idle gaps: the bare calls repeated with the GPU left idle before each for the server's "
-              "non-forward time (HTTP median - forward median), as it is between a server's forwards"]
+              "non-forward time (HTTP median - forward median), as it is between a server's forwards",
+              f"waited for each model's warm-up after its first request (ms): {results.get('warm_up_wait_ms')}"]
     write_results(args.out, results, lines)
 
 
