@@ -113,6 +113,12 @@ pub struct Config {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub cuda_graphs: bool,
 
+    /// `off` never runs a model's `warm_up` method (README: "A model's own warm-up"): a switch
+    /// for operators who would rather not lend idle GPU time to tenants' warm-ups.
+    #[arg(long, env = "TESSERA_MODEL_WARM_UPS", default_value = "on", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub model_warm_ups: bool,
+
     /// OpenMP threads each CPU op of a forward may use, for CPU models whose config names none
     /// (`tessera.intraOpThreads`; GPU models that name none use 1). Default: libtorch's (the
     /// machine's physical cores).

@@ -106,8 +106,11 @@ def main() -> None:
     scripted = torch.jit.script(model)
     if args.optimize:
         # Freezing inlines the weights and lets TorchScript fold each BatchNorm into the
-        # convolution before it; the result is specialised for --device.
-        scripted = torch.jit.optimize_for_inference(torch.jit.freeze(scripted))
+        # convolution before it; the result is specialised for --device. It keeps only
+        # `forward` unless told: Tessera's warm-up method too. (optimize_for_inference on top
+        # writes graphs that torch 2.11 cannot load back: "required keyword attribute 'value'
+        # is undefined".)
+        scripted = torch.jit.freeze(scripted, preserved_attrs=["warm_up"])
     scripted.save(args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {n / 1e6:.2f} M parameters, {'fp16' if args.fp16 else 'fp32'}")

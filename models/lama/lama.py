@@ -229,8 +229,11 @@ def warm_fft(step: int, device: torch.device, max_side: int, cuda_only: bool = T
     plane. On a GPU, cuFFT has the driver compile many of its kernels at first use, per length:
     40-300 ms each on an H100 (kept in the driver's cache on disk afterwards), so a photo size
     the machine has not run before would pay that inside a user's request. Covering every length
-    up to `max_side` / 8 takes the compiling off the request path. On the CPU there is nothing
-    to compile: done at once (`cuda_only=False` runs the steps anyway, for tests)."""
+    up to `max_side` / 8 on square planes takes that compiling off the request path for photos
+    whose sides are at most `max_side` (the kernels proved keyed by length, not by batch or by
+    the other side: bench/results/jit_cache_probe_gpu_h100.md); a longer side (an 8192x512 photo
+    is within LaMa's max_pixels) still compiles its length once. On the CPU there is nothing to
+    compile: done at once (`cuda_only=False` runs the steps anyway, for tests)."""
     if cuda_only and device.type != "cuda":
         return -1
     side = step + 1

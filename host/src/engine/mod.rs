@@ -114,7 +114,9 @@ impl Engine {
     /// Starts `threads` workers sharing `model`, running its TorchScript in `mode`, fed
     /// by a queue admitting `capacity` requests, each forward taking a batch of requests as
     /// `batching` allows. A forward still running `grace` past its deadline quarantines the
-    /// model and calls `on_quarantine` once.
+    /// model and calls `on_quarantine` once; so does a piece of the work done between requests
+    /// (a CUDA graph capture, a warm-up step) that runs longer than `idle_limit` (at most
+    /// `grace`).
     #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         model: Arc<Pipeline>,
@@ -124,6 +126,7 @@ impl Engine {
         mode: ThreadMode,
         batching: Batching,
         grace: Duration,
+        idle_limit: Duration,
         on_quarantine: Box<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<Engine> {
         static MODELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -154,13 +157,22 @@ impl Engine {
                     let tid = unsafe { libc::gettid() };
                     runtime::prepare_forward_thread(mode);
                     let key = |input: &Arc<PipelineInput>| input.batch_key;
-                    // While no request waits (from the start, then after each batch): CUDA
-                    // graphs for the input shapes just seen, then the model's warm-up steps,
-                    // one at a time. Both run the model's code: the watchdog watches each like
-                    // a forward (a model's response timeout).
+                    // While no request waits (from the start, then after each batch, until
+                    // the model is quarantined): CUDA graphs for the input shapes just seen,
+                    // then the model's warm-up steps, one at a time. Both run the model's
+                    // code: the watchdog quarantines the model if one runs past `idle_limit`
+                    // (the model's response timeout, lowered to its tenant's).
                     let idle_work = || {
-                        while queue.depth() == 0 && !queue.is_closed() {
-                            let deadline = Instant::now() + shared.grace;
+                        while queue.depth() == 0
+                            && !queue.is_closed()
+                            && !shared.quarantined.load(Ordering::SeqCst)
+                        {
+                            // The watchdog acts `grace` past a deadline: this one is set so
+                            // that it acts once the piece has run `idle_limit`.
+                            let now = Instant::now();
+                            let deadline = (now + idle_limit.min(shared.grace))
+                                .checked_sub(shared.grace)
+                                .unwrap_or(now);
                             shared.set_busy(i, Some(Busy { deadline, tid }));
                             let ran =
                                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

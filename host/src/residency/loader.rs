@@ -31,6 +31,8 @@ pub struct LoaderConfig {
     pub grad_mode: runtime::GradMode,
     /// Whether models may use CUDA graphs (`--cuda-graphs`).
     pub cuda_graphs: bool,
+    /// Whether models' `warm_up` methods run (`--model-warm-ups`).
+    pub model_warm_ups: bool,
 }
 
 /// A model's intra-op threads: its `tessera.intraOpThreads`, at most the machine's logical CPUs (a
@@ -233,7 +235,10 @@ impl Loader {
                 .unwrap_or(archive::DEFAULT_MAX_CUDA_GRAPHS);
             entry = entry.with_cuda_graphs(&key.to_string(), max as usize);
         }
-        let pipeline = runtime::Pipeline { stage, entry };
+        let mut pipeline = runtime::Pipeline { stage, entry };
+        if !self.config.model_warm_ups {
+            pipeline.disable_warm_ups();
+        }
         if pipeline.held_bytes() > budget {
             return Err(too_big(
                 "holds (with its stage cache)",
@@ -263,6 +268,16 @@ impl Loader {
             },
             batching(&key.to_string(), &unpacked.config),
             Duration::from_secs(unpacked.config.response_timeout),
+            // Work between requests (graph captures, warm-up steps) is bounded like one of
+            // this tenant's requests.
+            Duration::from_secs(
+                tenant
+                    .limits
+                    .handler_timeout_seconds
+                    .map_or(unpacked.config.response_timeout, |t| {
+                        t.min(unpacked.config.response_timeout)
+                    }),
+            ),
             residency.quarantine_callback(key),
         )
         .map_err(|e| ResidencyError::Internal(format!("starting forward workers: {e}")))?;

@@ -276,36 +276,49 @@ impl HostTensor {
         })
     }
 
-    fn to_tch(&self, device: Device) -> Tensor {
+    /// The tensor on `device`. Its bytes go straight to a GPU through a view over `data`
+    /// (`from_data_size` would first zero-fill a CPU tensor — a parallel fill that wakes the
+    /// thread's OpenMP team — and copy into it); on the CPU the tensor owns a copy.
+    fn to_tch(&self, device: Device) -> Result<Tensor, RuntimeError> {
+        let kind = self.dtype.kind();
         let numel = self
             .shape
             .iter()
             .try_fold(1i64, |acc, &d| acc.checked_mul(d).filter(|_| d >= 0));
-        let exact = numel.and_then(|n| (n as u64).checked_mul(self.dtype.size() as u64))
-            == Some(self.data.len() as u64);
-        if !device.is_cuda() || !exact {
-            return Tensor::from_data_size(&self.data, &self.shape, self.dtype.kind())
-                .to_device(device);
+        let bytes = numel.and_then(|n| (n as u64).checked_mul(self.dtype.size() as u64));
+        // `new` checks this; the fields are public, and both paths below read `data` by shape.
+        if bytes != Some(self.data.len() as u64) {
+            return Err(RuntimeError::Input(format!(
+                "tensor '{}': shape {:?} of {:?} does not match its {} bytes",
+                self.name,
+                self.shape,
+                self.dtype,
+                self.data.len()
+            )));
         }
-        // Straight from these bytes to the GPU: `from_data_size` first fills a CPU tensor with
-        // zeros (a parallel fill that wakes the thread's OpenMP team) and copies into it.
+        let err = |e: tch::TchError| match load_error(device, e.to_string()) {
+            RuntimeError::Load(m) => RuntimeError::Forward(m),
+            oom => oom,
+        };
+        if numel == Some(0) {
+            return Tensor::f_zeros(&self.shape, (kind, device)).map_err(err);
+        }
+        if !device.is_cuda() {
+            return Tensor::f_from_data_size(&self.data, &self.shape, kind).map_err(err);
+        }
+        // No overflow: the element count (their product) fits in i64 and none is 0.
         let mut strides = vec![1i64; self.shape.len()];
         for i in (0..self.shape.len().saturating_sub(1)).rev() {
-            strides[i] = strides[i + 1] * self.shape[i + 1].max(1);
+            strides[i] = strides[i + 1] * self.shape[i + 1];
         }
-        // SAFETY: `data` holds exactly the shape's elements of `dtype` (checked just above), row
-        // major, and outlives the view: `to_device` copies them to the GPU before it returns
-        // (a copy from pageable memory is synchronous) and the view is dropped right after.
+        // SAFETY: `data` holds exactly the shape's elements of `dtype` (checked above), row
+        // major, and outlives the view, which is dropped right after the copy: `f_to_device`
+        // copies with `non_blocking = false`, so the copy is done when it returns.
         let view = unsafe {
-            Tensor::from_blob(
-                self.data.as_ptr(),
-                &self.shape,
-                &strides,
-                self.dtype.kind(),
-                Device::Cpu,
-            )
-        };
-        view.to_device(device)
+            Tensor::f_from_blob(self.data.as_ptr(), &self.shape, &strides, kind, Device::Cpu)
+        }
+        .map_err(err)?;
+        view.f_to_device_(device, kind, false, false).map_err(err)
     }
 
     fn from_tch(name: String, t: &Tensor) -> Result<HostTensor, RuntimeError> {
@@ -522,14 +535,19 @@ pub struct TorchModel {
 /// progress only). It is for work a model's first calls would otherwise do for a user, such as
 /// having the driver compile the kernels of every FFT length the model can meet (cuFFT compiles
 /// many at first use: 40-300 ms each on an H100, kept in the driver's cache on disk afterwards).
-/// Each step runs under the model's response timeout like a forward; a step must answer a
-/// larger step or -1, and there are at most [`MAX_WARM_UP_STEPS`]: anything else ends the
-/// warm-up (logged once). Once per file and device in a process: a reload of the same file (a
-/// swap-in) starts with its warm-up done.
+/// A step that runs longer than the model's response timeout (lowered to its tenant's)
+/// quarantines the model, as a forward would; a step must answer a larger step or -1, within
+/// [`MAX_WARM_UP_STEPS`] steps and [`MAX_WARM_UP_TIME`]: anything else ends the warm-up (logged
+/// once). Once done (-1), it is done for the file on its device in this process: a reload of
+/// the same file (a swap-in) starts with it done. `--model-warm-ups off` runs none.
 pub const WARM_UP_METHOD: &str = "warm_up";
 
 /// Most steps a model's warm-up may take.
 pub const MAX_WARM_UP_STEPS: u64 = 4096;
+
+/// Most time a model's warm-up may take over all its steps, per load (LaMa's: about a minute
+/// on a machine whose driver has compiled none of its kernels).
+pub const MAX_WARM_UP_TIME: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Where a model's warm-up stands.
 #[derive(Debug, Default)]
@@ -538,15 +556,18 @@ struct WarmUp {
     next: Option<i64>,
     steps: u64,
     spent: std::time::Duration,
-    /// The file's identity on its device, remembered once the warm-up ended.
+    /// The file's identity on its device, remembered once the warm-up is done.
     key: Option<WarmUpKey>,
+    /// It ended without being done.
+    ended: bool,
 }
 
 /// A TorchScript file (path, length, modification time) on a device.
 type WarmUpKey = (std::path::PathBuf, u64, std::time::SystemTime, String);
 
-/// Files whose warm-up ended in this process: what it left (kernels loaded, plans cached) stays
-/// with the process, so a reload of the same file (a swap-in) starts with its warm-up done.
+/// Files whose warm-up was done (answered -1) in this process: what it left (kernels loaded,
+/// plans cached) stays with the process, so a reload of the same file (a swap-in) starts with
+/// its warm-up done. One that ended otherwise runs again at the next load.
 fn warmed_up() -> std::sync::MutexGuard<'static, std::collections::HashSet<WarmUpKey>> {
     static WARMED: OnceLock<Mutex<std::collections::HashSet<WarmUpKey>>> = OnceLock::new();
     WARMED
@@ -570,6 +591,8 @@ fn warm_up_key(path: &Path, device: Device) -> Option<WarmUpKey> {
 pub enum WarmUpState {
     Running,
     Done,
+    /// Ended without its -1: a step failed, answered out of order, or the limits were reached.
+    Ended,
 }
 
 /// Methods of a model whose forward is a loop (`tessera.loop`): `prepare(*inputs) ->
@@ -624,6 +647,7 @@ impl TorchModel {
         let Some(lock) = &self.warm_up else {
             return false;
         };
+        // Busy on another worker, or poisoned by a step that panicked: nothing to do here.
         let Ok(mut w) = lock.try_lock() else {
             return false;
         };
@@ -646,27 +670,35 @@ impl TorchModel {
                 );
                 None
             }
-            Ok(IValue::Int(next)) if next > step && w.steps < MAX_WARM_UP_STEPS => Some(next),
+            Ok(IValue::Int(next))
+                if next > step && w.steps < MAX_WARM_UP_STEPS && w.spent < MAX_WARM_UP_TIME =>
+            {
+                Some(next)
+            }
             Ok(other) => {
                 tracing::warn!(
                     model = name,
                     step,
                     steps = w.steps,
-                    "{WARM_UP_METHOD} answered {} after step {step}: it must answer a larger step or -1 within {MAX_WARM_UP_STEPS} steps; warm-up ended",
+                    ms = spent_ms,
+                    "{WARM_UP_METHOD} answered {} after step {step}: it must answer a larger step or -1, within {MAX_WARM_UP_STEPS} steps and {} s; warm-up ended",
                     match other {
                         IValue::Int(n) => n.to_string(),
                         v => ivalue_kind(&v).to_string(),
-                    }
+                    },
+                    MAX_WARM_UP_TIME.as_secs()
                 );
+                w.ended = true;
                 None
             }
             Err(e) => {
                 tracing::warn!(model = name, step, error = %e, "model warm-up failed; ended");
+                w.ended = true;
                 None
             }
         };
         w.next = next;
-        if next.is_none() {
+        if next.is_none() && !w.ended {
             if let Some(key) = w.key.take() {
                 warmed_up().insert(key);
             }
@@ -676,17 +708,20 @@ impl TorchModel {
 
     /// Where the model's warm-up stands; `None` without a [`WARM_UP_METHOD`].
     pub fn warm_up_state(&self) -> Option<WarmUpState> {
-        // A step in progress holds the lock: running.
-        let done = self
-            .warm_up
-            .as_ref()?
-            .try_lock()
-            .is_ok_and(|w| w.next.is_none());
-        Some(if done {
-            WarmUpState::Done
-        } else {
-            WarmUpState::Running
+        Some(match self.warm_up.as_ref()?.try_lock() {
+            Ok(w) if w.next.is_some() => WarmUpState::Running,
+            Ok(w) if w.ended => WarmUpState::Ended,
+            Ok(_) => WarmUpState::Done,
+            // A step in progress holds the lock.
+            Err(std::sync::TryLockError::WouldBlock) => WarmUpState::Running,
+            // A step panicked.
+            Err(std::sync::TryLockError::Poisoned(_)) => WarmUpState::Ended,
         })
+    }
+
+    /// Drops the model's warm-up (`--model-warm-ups off`).
+    pub fn disable_warm_up(&mut self) {
+        self.warm_up = None;
     }
 
     /// Rewrites the module as `how` says (every method besides `forward` is kept) and weighs
@@ -806,7 +841,10 @@ impl TorchModel {
     pub fn forward(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, RuntimeError> {
         let _guard = tch::no_grad_guard();
         let t0 = std::time::Instant::now();
-        let tensors: Vec<Tensor> = inputs.iter().map(|t| t.to_tch(self.device)).collect();
+        let tensors = inputs
+            .iter()
+            .map(|t| t.to_tch(self.device))
+            .collect::<Result<Vec<Tensor>, _>>()?;
         if self.looped {
             return self.forward_loop(tensors);
         }
@@ -1174,8 +1212,28 @@ mod tests {
                 .collect(),
         )
         .unwrap();
-        let back = HostTensor::from_tch("x".into(), &t.to_tch(Device::Cpu)).unwrap();
+        let back = HostTensor::from_tch("x".into(), &t.to_tch(Device::Cpu).unwrap()).unwrap();
         assert_eq!(back, t);
+        // On a GPU the bytes go through a view (no CPU copy): the same values come back.
+        if tch::Cuda::is_available() {
+            let t =
+                HostTensor::new("x".into(), DType::U8, vec![3, 5, 7], (0..105).collect()).unwrap();
+            let gpu = t.to_tch(Device::Cuda(0)).unwrap();
+            assert_eq!(gpu.device(), Device::Cuda(0));
+            assert_eq!(HostTensor::from_tch("x".into(), &gpu).unwrap(), t);
+        }
+        // No elements, dimensions whose product of the non-zero ones is huge: an empty tensor.
+        let empty = HostTensor::new("x".into(), DType::U8, vec![1 << 62, 1, 0], vec![]).unwrap();
+        assert_eq!(empty.to_tch(Device::Cpu).unwrap().numel(), 0);
+        // Bytes that do not match the shape (the fields are public): an error, nothing read.
+        let short = HostTensor {
+            data: vec![0; 7],
+            ..t.clone()
+        };
+        assert!(matches!(
+            short.to_tch(Device::Cpu),
+            Err(RuntimeError::Input(_))
+        ));
     }
 
     #[test]
@@ -1362,8 +1420,9 @@ torch.jit.script(m.eval()).save(sys.argv[1])
         assert!(status.success());
     }
 
-    /// Models with a warm-up: `count` steps then -1 (each step adds one to a buffer `forward`
-    /// returns), one that answers its own step again, one that fails at step 1.
+    /// Models with a warm-up (each step adds one to a buffer `forward` returns): three steps
+    /// then -1, one that answers its own step again, one that fails at step 1, one that never
+    /// ends.
     const WARM_UP_FIXTURE: &str = r#"
 import sys
 import torch
@@ -1384,9 +1443,11 @@ class Counting(torch.nn.Module):
             return step
         if self.mode == 2 and step == 1:
             raise RuntimeError("no kernels today")
+        if self.mode == 3:
+            return step + 1
         return step + 1 if step < 2 else -1
 
-for mode in range(3):
+for mode in range(4):
     torch.jit.script(Counting(mode)).save(sys.argv[1] + f".{mode}")
 "#;
 
@@ -1412,16 +1473,33 @@ for mode in range(3):
         assert_eq!(again.warm_up_state(), Some(WarmUpState::Done));
         assert!(!again.warm_up_step("w"));
         assert_eq!(calls(&again), 0.0);
-        // A step that answers itself again ends the warm-up after that one step.
-        let m = TorchModel::load(&base.with_extension("pt.1"), Device::Cpu).unwrap();
-        assert_eq!(run(&m), 1);
-        assert_eq!(calls(&m), 1.0);
-        assert_eq!(m.warm_up_state(), Some(WarmUpState::Done));
+        // A step that answers itself again ends the warm-up after that one step; a reload
+        // tries again (only a finished warm-up is remembered).
+        for _ in 0..2 {
+            let m = TorchModel::load(&base.with_extension("pt.1"), Device::Cpu).unwrap();
+            assert_eq!(run(&m), 1);
+            assert_eq!(calls(&m), 1.0);
+            assert_eq!(m.warm_up_state(), Some(WarmUpState::Ended));
+        }
         // A failing step ends it too; the model still serves.
         let m = TorchModel::load(&base.with_extension("pt.2"), Device::Cpu).unwrap();
         assert_eq!(run(&m), 2);
         assert_eq!(calls(&m), 2.0);
-        assert_eq!(m.warm_up_state(), Some(WarmUpState::Done));
+        assert_eq!(m.warm_up_state(), Some(WarmUpState::Ended));
+        // One that never answers -1 stops after MAX_WARM_UP_STEPS.
+        let m = TorchModel::load(&base.with_extension("pt.3"), Device::Cpu).unwrap();
+        let steps = (0..2 * MAX_WARM_UP_STEPS)
+            .take_while(|_| m.warm_up_step("w"))
+            .count() as u64;
+        assert_eq!(steps, MAX_WARM_UP_STEPS);
+        assert_eq!(calls(&m), MAX_WARM_UP_STEPS as f32);
+        assert_eq!(m.warm_up_state(), Some(WarmUpState::Ended));
+        // Switched off (`--model-warm-ups off`), nothing runs.
+        let mut m = TorchModel::load(&base.with_extension("pt.3"), Device::Cpu).unwrap();
+        m.disable_warm_up();
+        assert_eq!(m.warm_up_state(), None);
+        assert!(!m.warm_up_step("w"));
+        assert_eq!(calls(&m), 0.0);
         // A model without the method has no warm-up.
         let path = dir.path().join("m.pt");
         optimize_fixture(&path);

@@ -225,18 +225,24 @@ impl Pipeline {
             || self.entry.warm_up_step(name)
     }
 
-    /// Where the models' warm-ups stand: running while either model's runs, `None` when
-    /// neither has one.
+    /// Where the models' warm-ups stand: running while either model's runs, else ended if
+    /// either's ended, `None` when neither has one.
     pub fn warm_up_state(&self) -> Option<WarmUpState> {
         let states = [
             self.stage.as_ref().and_then(|s| s.model.warm_up_state()),
             self.entry.warm_up_state(),
         ];
-        if states.contains(&Some(WarmUpState::Running)) {
-            Some(WarmUpState::Running)
-        } else {
-            states.into_iter().flatten().next()
+        [WarmUpState::Running, WarmUpState::Ended, WarmUpState::Done]
+            .into_iter()
+            .find(|s| states.contains(&Some(*s)))
+    }
+
+    /// Drops both models' warm-ups (`--model-warm-ups off`).
+    pub fn disable_warm_ups(&mut self) {
+        if let Some(stage) = &mut self.stage {
+            stage.model.disable_warm_up();
         }
+        self.entry.disable_warm_up();
     }
 
     /// Names of the handler tensors the cached stage consumes (none without a stage).
@@ -331,7 +337,9 @@ impl Pipeline {
     ) -> Result<Vec<HostTensor>, RuntimeError> {
         let _guard = tch::no_grad_guard();
         let mut args: Vec<IValue> = stage_out.into_iter().map(IValue::Tensor).collect();
-        args.extend(rest.map(|t| IValue::Tensor(t.to_tch(self.device()))));
+        for t in rest {
+            args.push(IValue::Tensor(t.to_tch(self.device())?));
+        }
         let mut out = Vec::new();
         collect_outputs(self.entry.forward_values(args)?, None, &mut out)?;
         Ok(out)
@@ -400,12 +408,12 @@ impl Pipeline {
                     .tensors
                     .iter()
                     .find(|t| &t.name == name)
-                    .map(|t| IValue::Tensor(t.to_tch(self.device())))
                     .ok_or_else(|| {
                         RuntimeError::Input(format!(
                             "the cached stage needs input '{name}', which the handler did not send"
                         ))
                     })
+                    .and_then(|t| t.to_tch(self.device()).map(IValue::Tensor))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let stage_out = {

@@ -40,8 +40,8 @@ pub struct Resident {
     pub max_workers: u32,
     pub batch_size: u32,
     pub response_timeout: u64,
-    /// `running` or `done` for a model that exports a warm-up method (see
-    /// [`crate::runtime::WARM_UP_METHOD`]); absent otherwise.
+    /// `running`, `done` or `ended` (stopped without finishing: see the log) for a model that
+    /// exports a warm-up method ([`crate::runtime::WARM_UP_METHOD`]); absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warm_up: Option<&'static str>,
 }
@@ -225,6 +225,7 @@ impl Server {
                     warm_up: m.pipeline.warm_up_state().map(|s| match s {
                         crate::runtime::WarmUpState::Running => "running",
                         crate::runtime::WarmUpState::Done => "done",
+                        crate::runtime::WarmUpState::Ended => "ended",
                     }),
                 }
             }),

@@ -97,6 +97,7 @@ impl Server {
                 executor: config.torchscript_executor,
                 grad_mode: config.forward_grad_mode,
                 cuda_graphs: config.cuda_graphs,
+                model_warm_ups: config.model_warm_ups,
             },
             sandbox: sandbox.clone(),
             workers: workers.clone(),
