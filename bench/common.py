@@ -64,6 +64,36 @@ def b64png(array):
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def seed_lama_decode(body_bytes):
+    """The seed's LaMa handler's decoding: JSON, base64 and PIL for the image and the mask,
+    each side then padded (numpy's symmetric) to a multiple of 8; returns (image, mask, h, w),
+    h and w the photo's own size."""
+    import base64
+    import io
+    import json
+    import numpy as np
+    from PIL import Image
+    body = json.loads(body_bytes)
+    image = np.array(Image.open(io.BytesIO(base64.b64decode(body["image"]))).convert("RGB"))
+    mask = np.array(Image.open(io.BytesIO(base64.b64decode(body["mask_image"]))).convert("L"))
+    h, w = mask.shape
+    ph, pw = -(-h // 8) * 8, -(-w // 8) * 8
+    image = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="symmetric")
+    mask = np.pad(mask, ((0, ph - h), (0, pw - w)), mode="symmetric")
+    return image, mask, h, w
+
+
+def seed_lama_response(pixels):
+    """The seed's LaMa handler's answer for a uint8 [H, W, 3] result: PIL PNG, base64, JSON."""
+    import base64
+    import io
+    import json
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return json.dumps({"generated_image": base64.b64encode(buf.getvalue()).decode()}).encode()
+
+
 def write_results(out_dir, results, lines):
     """Writes results.json and results.md under `out_dir` and prints the table."""
     import json

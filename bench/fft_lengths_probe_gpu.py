@@ -5,43 +5,38 @@ first/last dimensions, 1D before 2D, square sizes, a prime. Run it three times i
 fresh machine: `CUDA_CACHE_DISABLE=1 python bench/fft_lengths_probe_gpu.py`, then twice without
 (the driver's cache fills, then hits). Recorded in results/jit_cache_probe_gpu_h100.md.
 """
-import time
+import os
+import sys
 
 import torch
 
-
-def timed(fn):
-    """Milliseconds of `fn()`, the GPU synchronised before and after."""
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cuda_timed_ms  # noqa: E402
 
 
 def r2c(h, w, c=64):
     a = torch.randn(1, c, h, w, device="cuda")
-    return timed(lambda: torch.fft.rfftn(a, dim=(-2, -1), norm="ortho"))
+    return cuda_timed_ms(lambda: torch.fft.rfftn(a, dim=(-2, -1), norm="ortho"))
 
 
 def c2r(h, w, c=64):
     a = torch.randn(1, c, h, w // 2 + 1, dtype=torch.complex64, device="cuda")
-    return timed(lambda: torch.fft.irfftn(a, s=[h, w], dim=(-2, -1), norm="ortho"))
+    return cuda_timed_ms(lambda: torch.fft.irfftn(a, s=[h, w], dim=(-2, -1), norm="ortho"))
 
 
 def r2c_1d(n, batch=64):
     a = torch.randn(batch, n, device="cuda")
-    return timed(lambda: torch.fft.rfft(a))
+    return cuda_timed_ms(lambda: torch.fft.rfft(a))
 
 
 def c2c_1d(n, batch=64):
     a = torch.randn(batch, n, dtype=torch.complex64, device="cuda")
-    return timed(lambda: torch.fft.fft(a))
+    return cuda_timed_ms(lambda: torch.fft.fft(a))
 
 
 def main():
     x = torch.randn(64, 64, device="cuda")
-    print("init", timed(lambda: torch.fft.rfftn(x, dim=(-2, -1))))
+    print("init", cuda_timed_ms(lambda: torch.fft.rfftn(x, dim=(-2, -1))))
     print("2D r2c (94,125) first", r2c(94, 125), "again", r2c(94, 125))
     print("2D r2c (94,125) other batch c=256", r2c(94, 125, 256))
     print("2D r2c (94,126) same h", r2c(94, 126))

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import start_server  # noqa: E402
+from common import seed_lama_decode, seed_lama_response, start_server  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
@@ -135,18 +135,9 @@ def post(url, body):
 
 def seed_lama(body_bytes):
     t0 = time.perf_counter()
-    body = json.loads(body_bytes)
-    image = np.array(Image.open(io.BytesIO(base64.b64decode(body["image"]))).convert("RGB"))
-    mask = np.array(Image.open(io.BytesIO(base64.b64decode(body["mask_image"]))).convert("L"))
-    h, w = mask.shape
-    ph, pw = -(-h // 8) * 8, -(-w // 8) * 8
-    image = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="symmetric")
-    mask = np.pad(mask, ((0, ph - h), (0, pw - w)), mode="symmetric")
+    image, mask, h, w = seed_lama_decode(body_bytes)
     t1 = time.perf_counter()
-    out = image  # the forward's composite, same shape
-    buf = io.BytesIO()
-    Image.fromarray(out[:h, :w]).save(buf, format="PNG")
-    json.dumps({"generated_image": base64.b64encode(buf.getvalue()).decode()})
+    seed_lama_response(image[:h, :w])  # the forward's composite, same shape
     t2 = time.perf_counter()
     return (t1 - t0) * 1e3, (t2 - t1) * 1e3
 

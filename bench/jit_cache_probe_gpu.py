@@ -15,25 +15,18 @@ it, and the two kinds of op alone at the sizes they see there: the FFTs of the s
 """
 import os
 import sys
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "models/lama"))
+from common import cuda_timed_ms  # noqa: E402
 import lama  # noqa: E402
 import export  # noqa: E402
 
 # Padded photo sizes (multiples of 8) in order; the spectral blocks run at an eighth of each side.
 SIZES = [(1000, 752), (1008, 752), (800, 600), (1280, 960), (768, 1024), (1024, 768), (1536, 1024), (1000, 752)]
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3
 
 
 def main():
@@ -49,18 +42,18 @@ def main():
                                             dim=(-2, -1), norm="ortho")
             conv = torch.nn.Conv2d(256, 256, 3, padding=1).cuda()
             c = lambda: conv(x)
-            print(f"{w}x{h}: fft {timed(spec):.1f} / {timed(spec):.1f}   conv3x3 {timed(c):.1f} / {timed(c):.1f}")
+            print(f"{w}x{h}: fft {cuda_timed_ms(spec):.1f} / {cuda_timed_ms(spec):.1f}   conv3x3 {cuda_timed_ms(c):.1f} / {cuda_timed_ms(c):.1f}")
         print("\n## Generator, first call then second at each size (ms); profiler top ops for first calls")
         for i, (w, h) in enumerate(SIZES):
             x = torch.rand(1, 4, h, w, device="cuda")
             if i in (1, 3):
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    first = timed(lambda: g(x))
-                print(f"{w}x{h}: first {first:.1f} (profiled), second {timed(lambda: g(x)):.1f}")
+                    first = cuda_timed_ms(lambda: g(x))
+                print(f"{w}x{h}: first {first:.1f} (profiled), second {cuda_timed_ms(lambda: g(x)):.1f}")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
             else:
-                print(f"{w}x{h}: first {timed(lambda: g(x)):.1f}, second {timed(lambda: g(x)):.1f}")
+                print(f"{w}x{h}: first {cuda_timed_ms(lambda: g(x)):.1f}, second {cuda_timed_ms(lambda: g(x)):.1f}")
 
 
 if __name__ == "__main__":

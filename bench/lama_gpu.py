@@ -36,7 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "models/lama"))
-from common import b64png, make_store, request, smi_used_mib, start_server, summary, write_results  # noqa: E402
+from common import (b64png, make_store, request, seed_lama_decode, seed_lama_response, smi_used_mib,  # noqa: E402
+                    start_server, summary, write_results)
 import lama  # noqa: E402
 import export  # noqa: E402
 
@@ -54,18 +55,10 @@ def scene(size, seed=0):
 
 def seed_path(body_bytes, model):
     """The seed's LaMa handler, in-process: request body in, response body out."""
-    body = json.loads(body_bytes)
-    image = np.array(Image.open(io.BytesIO(base64.b64decode(body["image"]))).convert("RGB"))
-    mask = np.array(Image.open(io.BytesIO(base64.b64decode(body["mask_image"]))).convert("L"))
-    h, w = mask.shape
-    ph, pw = -(-h // 8) * 8, -(-w // 8) * 8
-    image = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="symmetric")
-    mask = np.pad(mask, ((0, ph - h), (0, pw - w)), mode="symmetric")
+    image, mask, h, w = seed_lama_decode(body_bytes)
     with torch.no_grad():
         out = model(torch.from_numpy(image).cuda(), torch.from_numpy(mask).cuda()).cpu().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(out[:h, :w]).save(buf, format="PNG")
-    return json.dumps({"generated_image": base64.b64encode(buf.getvalue()).decode()}).encode()
+    return seed_lama_response(out[:h, :w])
 
 
 def time_it(fn, n, warmup=5, idle_s=0.0):
