@@ -122,6 +122,17 @@ def start_server(binary, store, work, log_path, *extra):
     raise RuntimeError(f"server did not start; see {log_path}")
 
 
+def wait_for_warm_up(base, name):
+    """Waits while `GET /models` says model `name`'s warm-up is running; returns its state."""
+    import json
+    while True:
+        listed = json.loads(request("GET", f"{base}/models")[1])["models"]
+        state = next(m for m in listed if m["modelName"] == name).get("warmUp")
+        if state != "running":
+            return state
+        time.sleep(0.05)
+
+
 def make_store(work, config):
     """A model store folder under `work` and a model-config.yaml with `config`; returns both."""
     store = os.path.join(work, "store")

@@ -37,7 +37,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "models/lama"))
 from common import (b64png, make_store, request, seed_lama_decode, seed_lama_response, smi_used_mib,  # noqa: E402
-                    start_server, summary, write_results)
+                    start_server, summary, wait_for_warm_up, write_results)
 import lama  # noqa: E402
 import export  # noqa: E402
 
@@ -129,9 +129,7 @@ def main():
             # from its load on: let it finish, so that the timed requests do not wait for its
             # steps (seconds on a machine whose driver has not compiled them yet).
             t = time.perf_counter()
-            while [m for m in json.loads(request("GET", f"{base}/models")[1])["models"]
-                   if m["modelName"] == name][0].get("warmUp") == "running":
-                time.sleep(0.05)
+            wait_for_warm_up(base, name)
             results.setdefault("warm_up_wait_ms", {})[f"{name} {size}"] = (time.perf_counter() - t) * 1e3
             for _ in range(5):
                 request("POST", f"{base}/predictions/{name}", body, hdr)

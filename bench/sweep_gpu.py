@@ -39,7 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "models/lama"))
-from common import b64png, bench_args, cuda_timed_ms, make_store, request, start_server, write_results  # noqa: E402
+from common import (b64png, bench_args, cuda_timed_ms, make_store, request, start_server,  # noqa: E402
+                    wait_for_warm_up, write_results)
 import lama  # noqa: E402
 import export  # noqa: E402
 
@@ -138,12 +139,7 @@ def main():
                                          json.dumps({"model_name": "lama", "url": "lama.tar.gz"}).encode(), hdr)
             assert status == 200, data[:300]
             warm["load_ms"] = (time.perf_counter() - t) * 1e3
-            def warm_up():
-                listed = json.loads(request("GET", f"{base}/models")[1])["models"]
-                return next(m for m in listed if m["modelName"] == "lama").get("warmUp")
-            while warm_up() == "running":
-                time.sleep(0.05)
-            warm["state"] = warm_up()
+            warm["state"] = wait_for_warm_up(base, "lama")
             warm["warm_up_done_ms"] = (time.perf_counter() - t) * 1e3
         rows, seen = [], set()
         for s in SIZES:

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lama import FFCResNetGenerator, LamaInpaint, tiny_generator, warm_fft, WARM_UP_MAX_SIDE  # noqa: E402
+from lama import FFCResNetGenerator, FftWarmUp, LamaInpaint, tiny_generator  # noqa: E402
 
 
-class TorchScriptLama(nn.Module):
+class TorchScriptLama(FftWarmUp):
     """Adapts a ready TorchScript LaMa (float image + mask in, float image out) to Tessera's
     uint8 interface, with the same exact-composite rule as LamaInpaint."""
 
@@ -31,12 +31,6 @@ class TorchScriptLama(nn.Module):
         super().__init__()
         self.inner = inner
         self.dtype = dtype
-        self.register_buffer("anchor", torch.zeros(0), persistent=False)
-        self.warm_up_max_side = WARM_UP_MAX_SIDE
-
-    @torch.jit.export
-    def warm_up(self, step: int) -> int:
-        return warm_fft(step, self.anchor.device, self.warm_up_max_side)
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
         img = image.permute(2, 0, 1).unsqueeze(0).to(self.dtype) / 255.0

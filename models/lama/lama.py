@@ -244,7 +244,21 @@ def warm_fft(step: int, device: torch.device, max_side: int, cuda_only: bool = T
     return step + 1 if side < max_side // 8 and y.size(-1) == side else -1
 
 
-class LamaInpaint(nn.Module):
+class FftWarmUp(nn.Module):
+    """Tessera's warm-up method for a LaMa module (see `warm_fft`)."""
+
+    def __init__(self):
+        super().__init__()
+        # Follows the module's device (not in the state dict): where the warm-up runs.
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)
+        self.warm_up_max_side = WARM_UP_MAX_SIDE
+
+    @torch.jit.export
+    def warm_up(self, step: int) -> int:
+        return warm_fft(step, self.anchor.device, self.warm_up_max_side)
+
+
+class LamaInpaint(FftWarmUp):
     """What Tessera runs: uint8 image [H, W, 3] + uint8 mask [H, W] (H, W multiples of 8, as
     the handler pads them) -> uint8 image [H, W, 3]. Masked pixels (mask > 0) come from the
     generator, the others are the input's, bit for bit. `warm_up` is Tessera's warm-up method
@@ -254,13 +268,6 @@ class LamaInpaint(nn.Module):
         super().__init__()
         self.generator = generator
         self.dtype = dtype
-        # Follows the module's device (not in the state dict): where the warm-up runs.
-        self.register_buffer("anchor", torch.zeros(0), persistent=False)
-        self.warm_up_max_side = WARM_UP_MAX_SIDE
-
-    @torch.jit.export
-    def warm_up(self, step: int) -> int:
-        return warm_fft(step, self.anchor.device, self.warm_up_max_side)
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
         img = image.permute(2, 0, 1).unsqueeze(0).to(self.dtype) / 255.0

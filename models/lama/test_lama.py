@@ -118,7 +118,7 @@ def test_warm_up_steps_through_every_spectral_length(tmp_path):
     subprocess.check_call([sys.executable, os.path.join(HERE, "export.py"), "--tiny", "--out", str(out)])
     m = torch.jit.load(str(out))
     assert m.warm_up(0) == -1
-    # --optimize (freeze + optimize_for_inference) keeps it.
+    # --optimize (freezing) keeps it.
     optimized = tmp_path / "lama-optimized.pt"
     subprocess.check_call([sys.executable, os.path.join(HERE, "export.py"), "--tiny", "--optimize",
                            "--out", str(optimized)])

@@ -38,9 +38,8 @@ pub struct LoaderConfig {
 /// A model's intra-op threads: its `tessera.intraOpThreads`, at most the machine's logical CPUs (a
 /// tenant cannot make each op wake hundreds of threads), else 1 on a GPU, else the server's
 /// default. A GPU model's forward does no CPU work worth sharing out, and any CPU op that did wake
-/// an OpenMP team left its workers spinning on every core while the forward thread prepared its
-/// GPU work: LaMa on an H100 (16 cores) took 168-386 ms at photo sizes not seen before with
-/// the default 16 against 73-104 with 1 (bench/results/forward_gap_gpu_h100.md).
+/// an OpenMP team left its workers spinning on the other cores: 100-430 ms of CPU per LaMa
+/// request on an H100 host's 16 cores with the default (bench/results/forward_gap_gpu_h100.md).
 fn intra_op_threads(config: &archive::ModelConfig, device: Device) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match config.tessera.intra_op_threads {
@@ -270,14 +269,7 @@ impl Loader {
             Duration::from_secs(unpacked.config.response_timeout),
             // Work between requests (graph captures, warm-up steps) is bounded like one of
             // this tenant's requests.
-            Duration::from_secs(
-                tenant
-                    .limits
-                    .handler_timeout_seconds
-                    .map_or(unpacked.config.response_timeout, |t| {
-                        t.min(unpacked.config.response_timeout)
-                    }),
-            ),
+            super::model::tenant_timeout(unpacked.config.response_timeout, tenant),
             residency.quarantine_callback(key),
         )
         .map_err(|e| ResidencyError::Internal(format!("starting forward workers: {e}")))?;

@@ -137,13 +137,7 @@ impl LoadedModel {
     /// How long one of `tenant`'s requests may take: the model's responseTimeout, lowered to
     /// the tenant's limit.
     pub fn timeout_for(&self, tenant: &Tenant) -> Duration {
-        let seconds = self.config().response_timeout;
-        Duration::from_secs(
-            tenant
-                .limits
-                .handler_timeout_seconds
-                .map_or(seconds, |t| t.min(seconds)),
-        )
+        tenant_timeout(self.config().response_timeout, tenant)
     }
 
     /// Marks the model busy for the guard's lifetime (it will not be chosen for eviction).
@@ -176,4 +170,14 @@ impl Drop for InUse {
     fn drop(&mut self) {
         self.0.in_use.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// A model's `responseTimeout` (seconds), lowered to `tenant`'s limit.
+pub fn tenant_timeout(response_timeout: u64, tenant: &Tenant) -> Duration {
+    Duration::from_secs(
+        tenant
+            .limits
+            .handler_timeout_seconds
+            .map_or(response_timeout, |t| t.min(response_timeout)),
+    )
 }

@@ -238,6 +238,16 @@ pub struct HostTensor {
 /// Most dimensions a tensor may have.
 const MAX_DIMS: usize = 8;
 
+/// Bytes of a tensor of `dims` (`None`: not a size) and `dtype`, if every partial product of
+/// the element count stays within i64, as libtorch multiplies sizes out (a zero-sized tensor
+/// whose other dimensions overflow is refused too: found by the guest_tensors fuzz target).
+fn byte_len(mut dims: impl Iterator<Item = Option<u64>>, dtype: DType) -> Option<u64> {
+    let numel = dims.try_fold(1u64, |acc, d| {
+        acc.checked_mul(d?).filter(|&n| n <= i64::MAX as u64)
+    });
+    numel.and_then(|n| n.checked_mul(dtype.size() as u64))
+}
+
 impl HostTensor {
     /// Checks that `data` matches `shape` and `dtype`.
     pub fn new(
@@ -252,12 +262,7 @@ impl HostTensor {
                 shape.len()
             ));
         }
-        // Every partial product within i64, as libtorch multiplies sizes out (a zero-sized tensor
-        // whose other dimensions overflow is refused too: found by the guest_tensors fuzz target).
-        let numel = shape.iter().try_fold(1u64, |acc, &d| {
-            acc.checked_mul(d).filter(|&n| n <= i64::MAX as u64)
-        });
-        let want = numel.and_then(|n| n.checked_mul(dtype.size() as u64));
+        let want = byte_len(shape.iter().map(|&d| Some(d)), dtype);
         if want != Some(data.len() as u64) {
             return Err(format!(
                 "tensor '{name}': shape {shape:?} of {dtype:?} needs {want:?} bytes, got {}",
@@ -281,13 +286,9 @@ impl HostTensor {
     /// thread's OpenMP team — and copy into it); on the CPU the tensor owns a copy.
     fn to_tch(&self, device: Device) -> Result<Tensor, RuntimeError> {
         let kind = self.dtype.kind();
-        let numel = self
-            .shape
-            .iter()
-            .try_fold(1i64, |acc, &d| acc.checked_mul(d).filter(|_| d >= 0));
-        let bytes = numel.and_then(|n| (n as u64).checked_mul(self.dtype.size() as u64));
         // `new` checks this; the fields are public, and both paths below read `data` by shape.
-        if bytes != Some(self.data.len() as u64) {
+        let dims = self.shape.iter().map(|&d| u64::try_from(d).ok());
+        if byte_len(dims, self.dtype) != Some(self.data.len() as u64) {
             return Err(RuntimeError::Input(format!(
                 "tensor '{}': shape {:?} of {:?} does not match its {} bytes",
                 self.name,
@@ -300,7 +301,7 @@ impl HostTensor {
             RuntimeError::Load(m) => RuntimeError::Forward(m),
             oom => oom,
         };
-        if numel == Some(0) {
+        if self.data.is_empty() {
             return Tensor::f_zeros(&self.shape, (kind, device)).map_err(err);
         }
         if !device.is_cuda() {
