@@ -13,7 +13,9 @@ seed's JSON + PNG request (512x512 photo, masked box), 25 and 50 steps. In one r
     again once captured), a photo of another size (same 512 window), and a swap-in (the model
     unloaded, then requested again: reload-to-serving);
   - bit-identity of identical requests, the masked pixels against diffusers' on the same seed,
-    what the graphs hold (server log) and the model's resident bytes.
+    what the graphs hold (server log) and the model's resident bytes; after the swap-in, whether
+    the reloaded model (its graphs captured again from the earlier load's signatures, warm-up
+    requests skipped) answers the same bytes.
 
     python bench/sd_graphs_gpu.py --bin ./tessera --handler sd.wasm --out $OUT [--n 5] [--modes "graphs, simple"]
 """
@@ -213,6 +215,8 @@ def main():
                 row = post(base, body_for(img, mask, args.steps[0]))
                 r["rows"].append({"what": f"after swap-out, {'first (reload to serving)' if k == 0 else 'second'}",
                                   **{k2: v for k2, v in row.items() if k2 != "image"}})
+                # The reloaded model (its graphs captured again) answers the bytes it did before.
+                r.setdefault("reload_same_image", []).append(row["image"] == r[f"image_{args.steps[0]}"])
         finally:
             srv.terminate()
             srv.wait(timeout=60)
@@ -223,6 +227,8 @@ def main():
                          for m in re.finditer(r"captured a CUDA graph.*?signature=(\S+).*?bytes=(\d+).*?ms=(\d+)", text)]
         r["capture_failures"] = len(re.findall("cannot be captured", text))
         r["warmups_ms"] = [int(m.group(1)) for m in re.finditer(r"warm-up request done.*?ms=(\d+)", text)]
+        r["recaptured"] = [line.split("INFO", 1)[-1].strip() for line in text.splitlines()
+                           if "of an earlier load" in line]
         results["modes"][mode] = r
         print(mode, "captures", r["captures"], "failures", r["capture_failures"], flush=True)
 
@@ -243,6 +249,8 @@ def main():
         lines.append(f"\ngraphs captured: {[(c['signature'].split('|')[0], c['bytes'] >> 20, c['ms']) for c in r['captures']]} "
                      f"(method, MiB, capture ms); capture failures {r['capture_failures']}; warm-up requests ms "
                      f"{r['warmups_ms']}; resident bytes {r.get('resident_bytes')}")
+        lines.append(f"\nafter the swap-in: answers equal the first load's bytes: {r.get('reload_same_image')}; "
+                     f"graphs of the earlier load: {r.get('recaptured')}")
     modes = list(results["modes"])
     for steps in args.steps:
         same = [m for m in modes if results["modes"][m][f"image_{steps}"] == results["modes"][modes[-1]][f"image_{steps}"]]

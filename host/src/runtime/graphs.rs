@@ -9,13 +9,18 @@
 //! that synchronises with the host, say) is logged once and always runs uncaptured. A graph's
 //! memory (private pool and static inputs) counts in the model's residency weight and is freed
 //! with the model.
-use super::{device_name, module_ptr, RuntimeError};
+//!
+//! What was captured is remembered per model file (signatures only: method, call form, input
+//! dtypes and shapes; no values), so that a reload of the same file in this process (a
+//! swap-in) captures those signatures again right after loading, on zero-filled inputs,
+//! instead of waiting for requests to bring them ([`Graphs::recalled`]).
+use super::{device_name, module_ptr, FileKey, RuntimeError};
 use std::collections::{HashMap, HashSet};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use tch::{CModule, Device, Tensor};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use tch::{CModule, Device, Kind, Tensor};
 
 mod ffi {
     use std::ffi::{c_char, c_void};
@@ -264,6 +269,76 @@ struct Pending {
     method: String,
     inputs: Vec<Tensor>,
     form: CallForm,
+    /// Recalled from an earlier load of the file (its inputs are zeros).
+    recalled: bool,
+}
+
+/// A captured call as remembered for later loads of its file: no values, only what the
+/// capture's inputs must look like.
+#[derive(Clone, Debug, PartialEq)]
+struct Remembered {
+    signature: String,
+    method: String,
+    inputs: Vec<(Kind, Vec<i64>)>,
+    form: CallForm,
+}
+
+impl Remembered {
+    fn of(p: &Pending) -> Remembered {
+        Remembered {
+            signature: p.signature.clone(),
+            method: p.method.clone(),
+            inputs: p.inputs.iter().map(|t| (t.kind(), t.size())).collect(),
+            form: p.form,
+        }
+    }
+
+    /// Zero-filled inputs to capture it on.
+    fn pending(&self, device: Device) -> Result<Pending, tch::TchError> {
+        let inputs = self
+            .inputs
+            .iter()
+            .map(|(kind, dims)| Tensor::f_zeros(dims.as_slice(), (*kind, device)))
+            .collect::<Result<_, _>>()?;
+        Ok(Pending {
+            signature: self.signature.clone(),
+            method: self.method.clone(),
+            inputs,
+            form: self.form,
+            recalled: true,
+        })
+    }
+}
+
+/// Most model files whose captures the process remembers (a few hundred bytes each); past it,
+/// new files' captures are not remembered (their reloads wait for requests, as first loads do).
+const MAX_REMEMBERED_FILES: usize = 1024;
+
+/// Captured signatures per model file, in capture order.
+fn remembered() -> MutexGuard<'static, HashMap<FileKey, Vec<Remembered>>> {
+    static REMEMBERED: OnceLock<Mutex<HashMap<FileKey, Vec<Remembered>>>> = OnceLock::new();
+    REMEMBERED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Notes that `r` was captured for `file` (at most `max` signatures per file).
+fn remember(file: &FileKey, r: Remembered, max: usize) {
+    let mut all = remembered();
+    if !all.contains_key(file) && all.len() >= MAX_REMEMBERED_FILES {
+        return;
+    }
+    let list = all.entry(file.clone()).or_default();
+    if list.len() < max && !list.iter().any(|k| k.signature == r.signature) {
+        list.push(r);
+    }
+}
+
+/// Forgets `file`'s captures (one recalled failed to capture again: its next load waits for
+/// requests instead).
+fn forget(file: &FileKey) {
+    remembered().remove(file);
 }
 
 #[derive(Default)]
@@ -274,6 +349,8 @@ struct Inner {
     capturing: Option<String>,
     failed: HashSet<String>,
     full_logged: bool,
+    /// A recalled signature failed to capture.
+    recall_failed: bool,
 }
 
 impl Inner {
@@ -304,6 +381,10 @@ pub struct Graphs {
     max: usize,
     bytes: AtomicU64,
     inner: Mutex<Inner>,
+    /// The model's file, whose captures are remembered for its reloads.
+    file: Option<FileKey>,
+    /// Signatures recalled from an earlier load at this one.
+    recalled: usize,
 }
 
 // SAFETY: pending inputs are device tensors only read (copied) by the capture, under the lock.
@@ -311,14 +392,48 @@ unsafe impl Send for Graphs {}
 unsafe impl Sync for Graphs {}
 
 impl Graphs {
-    pub fn new(model: &str, device: Device, max: usize) -> Graphs {
+    /// The graphs of a model loaded from `file`: the signatures captured at its earlier loads
+    /// in this process start pending (zero-filled inputs).
+    pub fn new(model: &str, device: Device, max: usize, file: Option<FileKey>) -> Graphs {
+        let max = max.max(1);
+        let mut inner = Inner::default();
+        let earlier = file
+            .as_ref()
+            .and_then(|f| remembered().get(f).cloned())
+            .unwrap_or_default();
+        for r in earlier.iter().take(max) {
+            match r.pending(device) {
+                Ok(p) => inner.pending.push(p),
+                Err(e) => {
+                    tracing::warn!(model, signature = %r.signature, error = %e,
+                        "could not recall a CUDA graph of an earlier load; it waits for a request")
+                }
+            }
+        }
+        let recalled = inner.pending.len();
+        if recalled > 0 {
+            tracing::info!(
+                model,
+                recalled,
+                "CUDA graphs of an earlier load of this file to capture again"
+            );
+        }
         Graphs {
             model: model.to_string(),
             device,
-            max: max.max(1),
+            max,
             bytes: AtomicU64::new(0),
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
+            file,
+            recalled,
         }
+    }
+
+    /// Signatures recalled from an earlier load of the file (captured again before any request
+    /// brings them), and whether one of them failed to capture.
+    pub fn recalled(&self) -> (usize, bool) {
+        let failed = self.inner.lock().map_or(true, |i| i.recall_failed);
+        (self.recalled, failed)
     }
 
     /// Bytes the captured graphs hold on the device.
@@ -355,6 +470,7 @@ impl Graphs {
             method: method.to_string(),
             inputs: inputs.iter().map(|t| t.copy()).collect(),
             form,
+            recalled: false,
         });
         None
     }
@@ -382,6 +498,7 @@ impl Graphs {
         };
         let started = std::time::Instant::now();
         let result = CudaGraph::capture(module, &next.method, &next.inputs, next.form);
+        let memo = Remembered::of(&next);
         drop(next.inputs);
         let Ok(mut inner) = self.inner.lock() else {
             return true;
@@ -391,15 +508,25 @@ impl Graphs {
             Ok(graph) => {
                 self.bytes.fetch_add(graph.bytes, Ordering::Relaxed);
                 tracing::info!(model = %self.model, device = device_name(self.device),
-                    signature = %next.signature, bytes = graph.bytes,
+                    signature = %next.signature, bytes = graph.bytes, recalled = next.recalled,
                     ms = started.elapsed().as_millis() as u64, "captured a CUDA graph");
+                if let Some(file) = &self.file {
+                    remember(file, memo, self.max);
+                }
                 inner
                     .ready
                     .insert(next.signature, Arc::new(Mutex::new(graph)));
             }
             Err(e) => {
                 tracing::warn!(model = %self.model, signature = %next.signature, error = %e,
+                    recalled = next.recalled,
                     "this call cannot be captured as a CUDA graph; it runs uncaptured");
+                if next.recalled {
+                    inner.recall_failed = true;
+                    if let Some(file) = &self.file {
+                        forget(file);
+                    }
+                }
                 inner.failed.insert(next.signature);
             }
         }
@@ -419,4 +546,55 @@ pub fn lock(
 /// A replay failure: the graph's inputs were checked at capture, so this is a CUDA fault.
 pub fn replay_error(e: String) -> RuntimeError {
     RuntimeError::Forward(format!("CUDA graph: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> FileKey {
+        (
+            name.into(),
+            1,
+            std::time::SystemTime::UNIX_EPOCH,
+            "cuda:0".into(),
+        )
+    }
+
+    fn memo(sig: &str) -> Remembered {
+        Remembered {
+            signature: sig.into(),
+            method: "forward".into(),
+            inputs: vec![(Kind::Float, vec![2, 3]), (Kind::Int64, vec![])],
+            form: CallForm::Positional,
+        }
+    }
+
+    /// Remembered signatures: once each, at most the model's most graphs, forgotten whole, and
+    /// a recalled one has zero-filled inputs of its dtypes and shapes.
+    #[test]
+    fn captures_are_remembered_per_file_within_bounds() {
+        let (a, b) = (key("/remembered/a.pt"), key("/remembered/b.pt"));
+        for sig in ["s1", "s1", "s2", "s3"] {
+            remember(&a, memo(sig), 2);
+        }
+        remember(&b, memo("s9"), 2);
+        let sigs = |k: &FileKey| -> Vec<String> {
+            remembered()
+                .get(k)
+                .map(|l| l.iter().map(|r| r.signature.clone()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(sigs(&a), ["s1", "s2"]);
+        assert_eq!(sigs(&b), ["s9"]);
+        forget(&a);
+        assert!(sigs(&a).is_empty());
+        assert_eq!(sigs(&b), ["s9"]);
+        let p = memo("s1").pending(Device::Cpu).unwrap();
+        assert!(p.recalled);
+        assert_eq!(p.inputs[0].size(), [2, 3]);
+        assert_eq!(p.inputs[1].kind(), Kind::Int64);
+        assert_eq!(p.inputs[0].abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(Remembered::of(&p), memo("s1"));
+    }
 }

@@ -528,6 +528,8 @@ pub struct TorchModel {
     graphs: Option<graphs::Graphs>,
     /// Progress of the model's [`WARM_UP_METHOD`], when it has one.
     warm_up: Option<Mutex<WarmUp>>,
+    /// The file it was loaded from, on its device (none if it could not be read).
+    file: Option<FileKey>,
 }
 
 /// A method a model may export, `warm_up(step: int) -> int`, that the host calls step by step
@@ -558,26 +560,27 @@ struct WarmUp {
     steps: u64,
     spent: std::time::Duration,
     /// The file's identity on its device, remembered once the warm-up is done.
-    key: Option<WarmUpKey>,
+    key: Option<FileKey>,
     /// It ended without being done.
     ended: bool,
 }
 
-/// A TorchScript file (path, length, modification time) on a device.
-type WarmUpKey = (std::path::PathBuf, u64, std::time::SystemTime, String);
+/// A TorchScript file (path, length, modification time) on a device: what a reload of the same
+/// file (a swap-in) shares with its earlier loads in this process.
+pub type FileKey = (std::path::PathBuf, u64, std::time::SystemTime, String);
 
 /// Files whose warm-up was done (answered -1) in this process: what it left (kernels loaded,
 /// plans cached) stays with the process, so a reload of the same file (a swap-in) starts with
 /// its warm-up done. One that ended otherwise runs again at the next load.
-fn warmed_up() -> std::sync::MutexGuard<'static, std::collections::HashSet<WarmUpKey>> {
-    static WARMED: OnceLock<Mutex<std::collections::HashSet<WarmUpKey>>> = OnceLock::new();
+fn warmed_up() -> std::sync::MutexGuard<'static, std::collections::HashSet<FileKey>> {
+    static WARMED: OnceLock<Mutex<std::collections::HashSet<FileKey>>> = OnceLock::new();
     WARMED
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner())
 }
 
-fn warm_up_key(path: &Path, device: Device) -> Option<WarmUpKey> {
+fn file_key(path: &Path, device: Device) -> Option<FileKey> {
     let meta = std::fs::metadata(path).ok()?;
     Some((
         path.to_path_buf(),
@@ -623,12 +626,12 @@ impl TorchModel {
         } else {
             std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
         };
+        let file = file_key(path, device);
         let warm_up = graphs::has_method(&module, WARM_UP_METHOD).then(|| {
-            let key = warm_up_key(path, device);
-            let done = key.as_ref().is_some_and(|k| warmed_up().contains(k));
+            let done = file.as_ref().is_some_and(|k| warmed_up().contains(k));
             Mutex::new(WarmUp {
                 next: (!done).then_some(0),
-                key,
+                key: file.clone(),
                 ..WarmUp::default()
             })
         });
@@ -639,6 +642,7 @@ impl TorchModel {
             looped: false,
             graphs: None,
             warm_up,
+            file,
         })
     }
 
@@ -806,7 +810,12 @@ impl TorchModel {
                 }
                 None => tracing::warn!(model = name, "could not copy shape constants to the CPU"),
             }
-            self.graphs = Some(graphs::Graphs::new(name, self.device, max));
+            self.graphs = Some(graphs::Graphs::new(
+                name,
+                self.device,
+                max,
+                self.file.clone(),
+            ));
         } else {
             tracing::info!(
                 model = name,
@@ -834,6 +843,12 @@ impl TorchModel {
     /// Calls waiting for their CUDA graph.
     pub fn pending_captures(&self) -> usize {
         self.graphs.as_ref().map_or(0, |g| g.pending())
+    }
+
+    /// CUDA-graph signatures recalled from an earlier load of the same file, and whether one
+    /// failed to capture again ([`graphs::Graphs::recalled`]).
+    pub fn recalled_captures(&self) -> (usize, bool) {
+        self.graphs.as_ref().map_or((0, false), |g| g.recalled())
     }
 
     /// Runs `forward` with the inputs as positional arguments and returns the outputs as
@@ -1305,6 +1320,51 @@ mod tests {
             after <= before + (2 << 20),
             "reserved {before} -> {after} after drop"
         );
+    }
+
+    /// CUDA graphs (GPU machine only): a reload of the same file captures what the earlier load
+    /// captured before any call brings it (zero-filled inputs: a replay then computes on the
+    /// call's values), and a changed file recalls nothing.
+    #[test]
+    fn a_reload_captures_again_what_the_earlier_load_captured() {
+        if !tch::Cuda::is_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.pt");
+        traced(&path, |x| (x * 3.0 - 1.0).relu());
+        let load = || {
+            TorchModel::load(&path, Device::Cuda(0))
+                .unwrap()
+                .with_cuda_graphs("m", 4)
+        };
+        let first = load();
+        assert_eq!(first.recalled_captures(), (0, false));
+        let want: Vec<_> = [2, 3]
+            .iter()
+            .map(|&rows| first.forward(&[input(rows, 3)]).unwrap())
+            .collect();
+        while first.capture_pending() {}
+        drop(first);
+        let again = load();
+        assert_eq!(again.recalled_captures(), (2, false));
+        assert_eq!(
+            again.pending_captures(),
+            2,
+            "both signatures wait before any call"
+        );
+        while again.capture_pending() {}
+        assert_eq!(again.recalled_captures(), (2, false));
+        assert!(again.device_bytes() > again.held_bytes);
+        for (rows, want) in [2, 3].iter().zip(&want) {
+            assert_eq!(&again.forward(&[input(*rows, 3)]).unwrap(), want);
+        }
+        assert_eq!(again.pending_captures(), 0, "the calls were replays");
+        drop(again);
+        // Another file at the same path (another length) is another model: nothing recalled.
+        traced(&path, |x| (x * 3.0 - 1.0).relu() + x.sin());
+        assert_eq!(load().recalled_captures(), (0, false));
     }
 
     /// A call that cannot be captured (it copies to the host mid-forward) is tried once and

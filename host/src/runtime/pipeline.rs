@@ -213,6 +213,12 @@ impl Pipeline {
         self.entry.pending_captures()
     }
 
+    /// CUDA graphs recalled from an earlier load of the model's file, and whether one failed
+    /// to capture again (see [`TorchModel::recalled_captures`]).
+    pub fn recalled_captures(&self) -> (usize, bool) {
+        self.entry.recalled_captures()
+    }
+
     /// One piece of the work a forward thread does while no request waits: a CUDA graph
     /// capture, else a step of a model's warm-up ([`TorchModel::warm_up_step`]); whether one
     /// ran. `name` is for the log.

@@ -233,6 +233,9 @@ impl Server {
             return;
         };
         let timeout = model.timeout_for(tenant);
+        if self.recaptured(&model, timeout).await {
+            return;
+        }
         let mut run = 0;
         for name in w.requests() {
             let Some(body) = self.warm_up_body(&model, name).await else {
@@ -247,10 +250,37 @@ impl Server {
         }
         // The CUDA graphs for the warm-up's shapes are captured by the model's forward thread
         // once it is idle: wait for them, so that they too are ready before users arrive.
-        let deadline = Instant::now() + timeout;
-        while model.pipeline.pending_captures() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        wait_for_captures(&model, timeout).await;
+    }
+
+    /// Whether the CUDA graphs an earlier load of the model's file captured were all captured
+    /// again (by its forward thread, from their signatures), so that its warm-up requests can
+    /// be skipped: they would only bring those signatures again, and what else they warm
+    /// (kernels loaded, cuDNN and cuBLAS plans) belongs to the process and is still there. Only
+    /// for models run as exported (`executor: simple`): the profiling executor specialises each
+    /// load's graphs anew on its first calls.
+    async fn recaptured(&self, model: &LoadedModel, timeout: Duration) -> bool {
+        let (recalled, _) = model.pipeline.recalled_captures();
+        let executor = model
+            .config()
+            .tessera
+            .executor
+            .unwrap_or(self.config.torchscript_executor);
+        if recalled == 0 || executor != crate::runtime::Executor::Simple {
+            return false;
         }
+        let started = Instant::now();
+        wait_for_captures(model, timeout).await;
+        let ms = started.elapsed().as_millis() as u64;
+        let (_, failed) = model.pipeline.recalled_captures();
+        if failed || model.pipeline.pending_captures() > 0 {
+            tracing::info!(model = %model.key, graphs = recalled, ms,
+                "not every CUDA graph of an earlier load was captured again; replaying the warm-up requests");
+            return false;
+        }
+        tracing::info!(model = %model.key, graphs = recalled, ms,
+            "CUDA graphs of an earlier load captured again; warm-up requests skipped");
+        true
     }
 
     /// A warm-up request's body, read from the archive's assets (bounded like any request body:
@@ -595,4 +625,13 @@ fn order_inputs(
             Ok(t)
         })
         .collect()
+}
+
+/// Waits (at most `timeout`) for the model's forward thread to capture the CUDA graphs it has
+/// pending.
+async fn wait_for_captures(model: &LoadedModel, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while model.pipeline.pending_captures() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
