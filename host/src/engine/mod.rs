@@ -6,7 +6,15 @@
 //! warm, instead of on whichever blocking-pool thread happens to be free. Each thread takes the
 //! next job from the model's queue, with the jobs that batch with it up to `batchSize`
 //! ([`Batching`]), runs one forward and answers each job. Dropping the [`Engine`] closes the
-//! queue: the threads finish the jobs already queued, exit, and the last one frees the model.
+//! queue: the threads finish the jobs already queued and let go of the model (the last one
+//! frees it).
+//!
+//! A GPU model's forward threads then wait, parked, for the next engine on that device instead
+//! of exiting: cuDNN's execution plans are cached per thread (PyTorch keeps them thread-local),
+//! so a new thread plans every convolution shape again — 2.3-4.4 ms a shape, 51-149 ms more for
+//! a LaMa forward, ~0.5 s for SD2's captures after a swap-in (H100,
+//! `bench/results/thread_plan_probe_gpu_h100.md`). A reloaded model (a swap-in), or another
+//! model with the same layers, starts on threads that planned them already.
 //!
 //! A TorchScript forward cannot be interrupted. When one is still running `grace` after its
 //! request's deadline (which already answered 504), the watchdog quarantines the model: the
@@ -82,6 +90,97 @@ pub struct Engine {
 /// ([`join_all`]); finished ones are reaped whenever an engine starts.
 static THREADS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
 
+/// A forward thread's assignment: one engine's worker loop, answering whether the thread may
+/// serve another engine afterwards (not once its model was quarantined: the thread may have
+/// been moved to idle priority).
+type Work = Box<dyn FnOnce() -> bool + Send>;
+
+/// What a forward thread keeps between engines, and so which engines it may serve next: the
+/// device whose plans and handles it holds, and the grad mode it entered for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Lane {
+    device: String,
+    grad: runtime::GradMode,
+}
+
+/// A forward thread waiting for its next engine.
+struct Parked {
+    lane: Lane,
+    next: std::sync::mpsc::Sender<(String, Work)>,
+}
+
+/// Most forward threads parked at once; past it, a thread whose engine ended exits.
+const MAX_PARKED: usize = 32;
+
+/// Forward threads waiting for an engine, and whether threads may still park (not after
+/// [`join_all`] began).
+static PARKED: Mutex<(Vec<Parked>, bool)> = Mutex::new((Vec::new(), true));
+
+fn parked() -> std::sync::MutexGuard<'static, (Vec<Parked>, bool)> {
+    PARKED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Names the calling thread (as seen in `/proc`, `top`, and by [`demote`]).
+fn set_thread_name(name: &str) {
+    if let Ok(name) = std::ffi::CString::new(name) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string (the kernel truncates it to 15
+        // bytes) and renames the calling thread only.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
+}
+
+/// Runs `work` on a forward thread called `name`: one parked in `lane` when there is one, else
+/// a new thread, which parks in `lane` (if any) once `work` allows.
+fn start_worker(lane: Option<Lane>, name: String, work: Work) -> std::io::Result<()> {
+    let mut job = (name, work);
+    if let Some(lane) = &lane {
+        loop {
+            let taken = {
+                let mut p = parked();
+                let at = p.0.iter().position(|t| &t.lane == lane);
+                at.map(|i| p.0.swap_remove(i))
+            };
+            let Some(thread) = taken else { break };
+            // A thread that exited meanwhile hands the job back.
+            match thread.next.send(job) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::SendError(back)) => job = back,
+            }
+        }
+    }
+    let handle = std::thread::Builder::new()
+        .name(job.0.clone())
+        .spawn(move || {
+            let mut work = job.1;
+            loop {
+                let reusable = work();
+                let Some(lane) = lane.clone().filter(|_| reusable) else {
+                    return;
+                };
+                let (next, jobs) = std::sync::mpsc::channel();
+                {
+                    let mut p = parked();
+                    if !p.1 || p.0.len() >= MAX_PARKED {
+                        return;
+                    }
+                    p.0.push(Parked { lane, next });
+                }
+                match jobs.recv() {
+                    Ok((name, w)) => {
+                        set_thread_name(&name);
+                        work = w;
+                    }
+                    Err(_) => return,
+                }
+            }
+        })?;
+    if let Ok(mut all) = THREADS.lock() {
+        reap(&mut all);
+        all.push(handle);
+    }
+    Ok(())
+}
+
 /// Joins the finished forward threads in `threads`, keeping the handles still running.
 fn reap(threads: &mut Vec<std::thread::JoinHandle<()>>) {
     let (done, running): (Vec<_>, Vec<_>) = threads.drain(..).partition(|t| t.is_finished());
@@ -95,6 +194,12 @@ fn reap(threads: &mut Vec<std::thread::JoinHandle<()>>) {
 /// dropped): waits until `deadline` for all forward threads to exit; returns how many still
 /// run (forwards that do not end).
 pub fn join_all(deadline: Instant) -> usize {
+    {
+        // Parked threads exit once their channel closes; none parks from now on.
+        let mut p = parked();
+        p.1 = false;
+        p.0.clear();
+    }
     loop {
         let running = match THREADS.lock() {
             Ok(mut threads) => {
@@ -144,15 +249,23 @@ impl Engine {
             quarantined: AtomicBool::new(false),
             on_quarantine,
         });
+        // Threads are lent between engines only where that keeps something (a GPU's per-thread
+        // state) and loses nothing: a thread with an OpenMP team of its own is not, since the
+        // watchdog finds a stuck forward's team by the name the team inherited.
+        let lane = (model.device().is_cuda() && mode.intra_op_threads == 1).then(|| Lane {
+            device: runtime::device_name(model.device()),
+            grad: mode.grad,
+        });
         for i in 0..threads {
             let (queue, model, shared) = (queue.clone(), model.clone(), shared.clone());
             // Unique per model (the watchdog finds a stuck forward's OpenMP workers by it;
             // they inherit it), readable in top: `f<model#>.<worker#>-<name>`, 15 bytes max.
             let thread_name: String = format!("f{seq}.{i}-{name}").chars().take(15).collect();
             // On failure `engine` is dropped, closing the queue: threads already started exit.
-            let handle = std::thread::Builder::new()
-                .name(thread_name)
-                .spawn(move || {
+            start_worker(
+                lane.clone(),
+                thread_name,
+                Box::new(move || {
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
                     runtime::prepare_forward_thread(mode);
@@ -207,11 +320,11 @@ impl Engine {
                         }
                         idle_work();
                     }
-                })?;
-            if let Ok(mut all) = THREADS.lock() {
-                reap(&mut all);
-                all.push(handle);
-            }
+                    // The model goes with the last thread that lets go of it.
+                    drop(model);
+                    !shared.quarantined.load(Ordering::SeqCst)
+                }),
+            )?;
         }
         watch(&shared);
         Ok(engine)
@@ -379,5 +492,73 @@ fn watch(shared: &Arc<Shared>) {
         if let Err(e) = spawned {
             tracing::error!("could not start the forward watchdog: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn lane(device: &str) -> Option<Lane> {
+        Some(Lane {
+            device: device.into(),
+            grad: runtime::GradMode::Inference,
+        })
+    }
+
+    fn parked_in(lane: &Option<Lane>) -> usize {
+        parked()
+            .0
+            .iter()
+            .filter(|t| Some(&t.lane) == lane.as_ref())
+            .count()
+    }
+
+    /// Runs a job on a worker of `lane`; the thread it ran on, once the thread is done with it.
+    fn run_on(lane: &Option<Lane>, reusable: bool) -> std::thread::ThreadId {
+        let (tx, rx) = mpsc::channel();
+        let before = parked_in(lane);
+        start_worker(
+            lane.clone(),
+            "f-test".into(),
+            Box::new(move || {
+                tx.send(std::thread::current().id()).unwrap();
+                reusable
+            }),
+        )
+        .unwrap();
+        let id = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        if reusable && lane.is_some() {
+            let parked = Instant::now();
+            while parked_in(lane) <= before.saturating_sub(1) && parked.elapsed().as_secs() < 10 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        id
+    }
+
+    /// A thread whose engine ended serves the next engine of its lane (and keeps its per-thread
+    /// state); one of another lane, one without a lane, or one whose model was quarantined is
+    /// not lent again.
+    #[test]
+    fn forward_threads_are_lent_within_their_lane() {
+        let (a, b) = (lane("test-lane-a"), lane("test-lane-b"));
+        let first = run_on(&a, true);
+        assert_eq!(parked_in(&a), 1);
+        assert_eq!(
+            run_on(&a, true),
+            first,
+            "the parked thread served the next engine"
+        );
+        assert_ne!(run_on(&b, true), first, "another lane gets its own thread");
+        assert_eq!(parked_in(&b), 1);
+        // The thread is not parked again once its model was quarantined.
+        assert_eq!(run_on(&a, false), first);
+        assert_eq!(parked_in(&a), 0);
+        assert_ne!(run_on(&a, true), first);
+        // Without a lane (a CPU model, or one with an OpenMP team), threads exit.
+        let none = run_on(&None, true);
+        assert_ne!(run_on(&None, true), none);
     }
 }
