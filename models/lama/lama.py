@@ -244,18 +244,45 @@ def warm_fft(step: int, device: torch.device, max_side: int, cuda_only: bool = T
     return step + 1 if side < max_side // 8 and y.size(-1) == side else -1
 
 
+# Photo sizes (width, height; multiples of 8, as the handler pads them) a LaMa model's warm-up
+# runs whole on a GPU once its FFT lengths are done. The process's first forward loads the
+# kernels and libraries cuDNN and cuBLAS use (0.6-1.2 s on an H100, which eager PyTorch's first
+# call pays too), and each size's convolutions get their cuDNN plans on the thread that runs
+# them (Tessera keeps a GPU model's forward threads across loads): common photo shapes.
+WARM_UP_SIZES = [(512, 512), (1024, 768), (768, 1024), (1024, 1024)]
+
+
 class FftWarmUp(nn.Module):
-    """Tessera's warm-up method for a LaMa module (see `warm_fft`)."""
+    """Tessera's warm-up method for a LaMa module: on a GPU, each FFT length (see `warm_fft`),
+    then a forward at each of `WARM_UP_SIZES`; on the CPU nothing (`warm_up_on_cpu` runs the
+    steps anyway, for tests)."""
 
     def __init__(self):
         super().__init__()
         # Follows the module's device (not in the state dict): where the warm-up runs.
         self.register_buffer("anchor", torch.zeros(0), persistent=False)
         self.warm_up_max_side = WARM_UP_MAX_SIDE
+        self.warm_up_sizes: List[Tuple[int, int]] = list(WARM_UP_SIZES)
+        self.warm_up_on_cpu = False
 
     @torch.jit.export
     def warm_up(self, step: int) -> int:
-        return warm_fft(step, self.anchor.device, self.warm_up_max_side)
+        device = self.anchor.device
+        if device.type != "cuda" and not self.warm_up_on_cpu:
+            return -1
+        lengths = self.warm_up_max_side // 8
+        if step < lengths:
+            following = warm_fft(step, device, self.warm_up_max_side, cuda_only=False)
+            return lengths if following == -1 else following
+        k = step - lengths
+        if k >= len(self.warm_up_sizes):
+            return -1
+        w, h = self.warm_up_sizes[k]
+        image = torch.zeros(h, w, 3, dtype=torch.uint8, device=device)
+        mask = torch.zeros(h, w, dtype=torch.uint8, device=device)
+        # The answer reads the result, so that the call stays in the graph.
+        ran = self.forward(image, mask).size(0) == h
+        return step + 1 if ran and k + 1 < len(self.warm_up_sizes) else -1
 
 
 class LamaInpaint(FftWarmUp):

@@ -143,3 +143,25 @@ def test_warm_up_steps_through_every_spectral_length(tmp_path):
     finally:
         torch.fft.rfftn = real
     assert sides == [(n, n) for n in range(1, 9)]
+
+
+def test_warm_up_runs_whole_forwards_after_the_fft_lengths():
+    """After the FFT lengths, the warm-up runs the model at each warm-up photo size, scripted as
+    Tessera loads it (run here on the CPU, which a GPU-only warm-up skips otherwise)."""
+    m = lama.LamaInpaint(lama.tiny_generator()).eval()
+    m.warm_up_max_side, m.warm_up_sizes, m.warm_up_on_cpu = 32, [(32, 24), (40, 32)], True
+    scripted = torch.jit.script(m)
+    seen = []
+    real = m.forward
+    m.forward = lambda image, mask: seen.append(tuple(image.shape)) or real(image, mask)
+    for module in (m, scripted):
+        steps, step = [], 0
+        with torch.no_grad():
+            while step != -1:
+                assert len(steps) < 20
+                steps.append(step)
+                step = module.warm_up(step)
+        # Four FFT lengths (sides 1..32/8), then one step per size.
+        assert steps == list(range(6)), steps
+    assert seen == [(24, 32, 3), (32, 40, 3)]
+    assert lama.LamaInpaint(lama.tiny_generator()).warm_up(0) == -1
