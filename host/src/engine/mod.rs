@@ -106,8 +106,13 @@ struct Lane {
 /// A forward thread waiting for its next engine.
 struct Parked {
     lane: Lane,
-    next: std::sync::mpsc::Sender<(String, Work)>,
+    /// The model it last served (a reload of it prefers this thread: it planned its shapes).
+    last: String,
+    next: std::sync::mpsc::Sender<Job>,
 }
+
+/// A forward thread's next assignment: its name, the model it serves, the work.
+type Job = (String, String, Work);
 
 /// Most forward threads parked at once; past it, a thread whose engine ended exits.
 const MAX_PARKED: usize = 32;
@@ -129,15 +134,25 @@ fn set_thread_name(name: &str) {
     }
 }
 
-/// Runs `work` on a forward thread called `name`: one parked in `lane` when there is one, else
-/// a new thread, which parks in `lane` (if any) once `work` allows.
-fn start_worker(lane: Option<Lane>, name: String, work: Work) -> std::io::Result<()> {
-    let mut job = (name, work);
+/// Whether the calling thread was moved to the idle scheduling class ([`demote`]).
+fn demoted() -> bool {
+    // SAFETY: reads the calling thread's scheduling policy.
+    unsafe { libc::sched_getscheduler(0) == libc::SCHED_IDLE }
+}
+
+/// Runs `work` (serving model `model`) on a forward thread called `name`: one parked in `lane`
+/// when there is one (one that last served `model` first), else a new thread, which parks in
+/// `lane` (if any) once `work` allows.
+fn start_worker(lane: Option<Lane>, name: String, model: &str, work: Work) -> std::io::Result<()> {
+    let mut job: Job = (name, model.to_string(), work);
     if let Some(lane) = &lane {
         loop {
             let taken = {
                 let mut p = parked();
-                let at = p.0.iter().position(|t| &t.lane == lane);
+                let at =
+                    p.0.iter()
+                        .position(|t| &t.lane == lane && t.last == model)
+                        .or_else(|| p.0.iter().position(|t| &t.lane == lane));
                 at.map(|i| p.0.swap_remove(i))
             };
             let Some(thread) = taken else { break };
@@ -151,10 +166,10 @@ fn start_worker(lane: Option<Lane>, name: String, work: Work) -> std::io::Result
     let handle = std::thread::Builder::new()
         .name(job.0.clone())
         .spawn(move || {
-            let mut work = job.1;
+            let (_, mut last, mut work) = job;
             loop {
                 let reusable = work();
-                let Some(lane) = lane.clone().filter(|_| reusable) else {
+                let Some(lane) = lane.clone().filter(|_| reusable && !demoted()) else {
                     return;
                 };
                 let (next, jobs) = std::sync::mpsc::channel();
@@ -163,12 +178,12 @@ fn start_worker(lane: Option<Lane>, name: String, work: Work) -> std::io::Result
                     if !p.1 || p.0.len() >= MAX_PARKED {
                         return;
                     }
-                    p.0.push(Parked { lane, next });
+                    p.0.push(Parked { lane, last, next });
                 }
                 match jobs.recv() {
-                    Ok((name, w)) => {
+                    Ok((name, model, w)) => {
                         set_thread_name(&name);
-                        work = w;
+                        (last, work) = (model, w);
                     }
                     Err(_) => return,
                 }
@@ -261,10 +276,12 @@ impl Engine {
             // Unique per model (the watchdog finds a stuck forward's OpenMP workers by it;
             // they inherit it), readable in top: `f<model#>.<worker#>-<name>`, 15 bytes max.
             let thread_name: String = format!("f{seq}.{i}-{name}").chars().take(15).collect();
-            // On failure `engine` is dropped, closing the queue: threads already started exit.
+            // On failure `engine` is dropped, closing the queue: threads already started stop
+            // serving it.
             start_worker(
                 lane.clone(),
                 thread_name,
+                name,
                 Box::new(move || {
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
@@ -293,7 +310,12 @@ impl Engine {
                                 }))
                                 .unwrap_or(false);
                             shared.set_busy(i, None);
-                            if !ran {
+                            if !ran && model.pending_captures() > 0 {
+                                // Another model's capture holds the process's one capture
+                                // slot: try again shortly (a request arriving meanwhile goes
+                                // first).
+                                std::thread::sleep(Duration::from_millis(5));
+                            } else if !ran {
                                 break;
                             }
                         }
@@ -330,7 +352,8 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Stops taking requests: the workers finish what is queued, then exit ([`join_all`]).
+    /// Stops taking requests: the workers finish what is queued, then stop serving the model
+    /// (they exit, or park for the next engine; [`join_all`] at shutdown).
     pub fn close(&self) {
         self.queue.close();
     }
@@ -404,18 +427,25 @@ impl Shared {
 
     /// Quarantines the model if a forward overran; demotes each overrunning thread once.
     fn check(&self, now: Instant) {
-        let overdue: Vec<(usize, Busy)> = match self.busy.lock() {
-            Ok(busy) => busy
-                .iter()
-                .enumerate()
-                .filter_map(|(i, b)| b.filter(|b| now > b.deadline + self.grace).map(|b| (i, b)))
-                .collect(),
-            Err(_) => return,
+        // Under the lock: a thread clears its slot when its forward ends, so one demoted here is
+        // still in that forward, and it finds the model quarantined (not to be lent again)
+        // once it gets out.
+        let Ok(mut busy) = self.busy.lock() else {
+            return;
         };
+        let overdue: Vec<(usize, Busy)> = busy
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.filter(|b| now > b.deadline + self.grace).map(|b| (i, b)))
+            .collect();
+        if overdue.is_empty() {
+            return;
+        }
+        let first = !self.quarantined.swap(true, Ordering::SeqCst);
         for (i, b) in overdue {
             demote(b.tid);
             // Forget the slot so the thread is demoted once; it stays busy in its forward.
-            self.set_busy(i, None);
+            busy[i] = None;
             tracing::error!(
                 model = self.name,
                 thread = b.tid,
@@ -423,9 +453,10 @@ impl Shared {
                 "a forward ran past its deadline by more than responseTimeout: model quarantined \
                  (503 until unloaded or replaced), its thread moved to idle priority"
             );
-            if !self.quarantined.swap(true, Ordering::SeqCst) {
-                (self.on_quarantine)();
-            }
+        }
+        drop(busy);
+        if first {
+            (self.on_quarantine)();
         }
     }
 }
@@ -515,13 +546,15 @@ mod tests {
             .count()
     }
 
-    /// Runs a job on a worker of `lane`; the thread it ran on, once the thread is done with it.
-    fn run_on(lane: &Option<Lane>, reusable: bool) -> std::thread::ThreadId {
+    /// Runs a job for `model` on a worker of `lane`; the thread it ran on, once the thread is
+    /// done with it.
+    fn run_for(lane: &Option<Lane>, model: &str, reusable: bool) -> std::thread::ThreadId {
         let (tx, rx) = mpsc::channel();
         let before = parked_in(lane);
         start_worker(
             lane.clone(),
             "f-test".into(),
+            model,
             Box::new(move || {
                 tx.send(std::thread::current().id()).unwrap();
                 reusable
@@ -536,6 +569,10 @@ mod tests {
             }
         }
         id
+    }
+
+    fn run_on(lane: &Option<Lane>, reusable: bool) -> std::thread::ThreadId {
+        run_for(lane, "m", reusable)
     }
 
     /// A thread whose engine ended serves the next engine of its lane (and keeps its per-thread
@@ -560,5 +597,47 @@ mod tests {
         // Without a lane (a CPU model, or one with an OpenMP team), threads exit.
         let none = run_on(&None, true);
         assert_ne!(run_on(&None, true), none);
+    }
+
+    /// A reload goes back to a thread that served the same model, when one is parked; a parked
+    /// thread holds nothing of the model it served.
+    #[test]
+    fn a_model_gets_back_the_thread_that_served_it() {
+        let lane = lane("test-lane-affinity");
+        let first = run_for(&lane, "a", true);
+        // The parked thread serves "b" (the only one of the lane) while "c" gets a new thread.
+        let (tx, rx) = mpsc::channel::<()>();
+        let held = Arc::new(());
+        let in_work = held.clone();
+        start_worker(
+            lane.clone(),
+            "f-test".into(),
+            "b",
+            Box::new(move || {
+                let _model = in_work;
+                rx.recv().is_ok()
+            }),
+        )
+        .unwrap();
+        let second = run_for(&lane, "c", true);
+        assert_ne!(
+            second, first,
+            "the lane's only parked thread was busy with b"
+        );
+        tx.send(()).unwrap();
+        let started = Instant::now();
+        while (Arc::strong_count(&held) > 1 || parked_in(&lane) < 2)
+            && started.elapsed().as_secs() < 10
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            Arc::strong_count(&held),
+            1,
+            "the parked thread let go of its model"
+        );
+        // Two parked: the first last served b, the second c; each goes back to its model.
+        assert_eq!(run_for(&lane, "c", true), second);
+        assert_eq!(run_for(&lane, "b", true), first);
     }
 }

@@ -310,35 +310,50 @@ impl Remembered {
     }
 }
 
-/// Most model files whose captures the process remembers (a few hundred bytes each); past it,
-/// new files' captures are not remembered (their reloads wait for requests, as first loads do).
+/// Most model files whose captures the process remembers (a few hundred bytes each); a new
+/// file past it pushes out an older one.
 const MAX_REMEMBERED_FILES: usize = 1024;
 
-/// Captured signatures per model file, in capture order.
-fn remembered() -> MutexGuard<'static, HashMap<FileKey, Vec<Remembered>>> {
-    static REMEMBERED: OnceLock<Mutex<HashMap<FileKey, Vec<Remembered>>>> = OnceLock::new();
+/// Captured signatures per model file, in capture order; `None` for a file none of whose
+/// captures is recalled any more (one recalled failed to capture again).
+fn remembered() -> MutexGuard<'static, HashMap<FileKey, Option<Vec<Remembered>>>> {
+    static REMEMBERED: OnceLock<Mutex<HashMap<FileKey, Option<Vec<Remembered>>>>> = OnceLock::new();
     REMEMBERED
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner())
 }
 
+/// What to capture again at a reload of `file`.
+fn recall(file: &FileKey) -> Vec<Remembered> {
+    remembered()
+        .get(file)
+        .cloned()
+        .flatten()
+        .unwrap_or_default()
+}
+
 /// Notes that `r` was captured for `file` (at most `max` signatures per file).
 fn remember(file: &FileKey, r: Remembered, max: usize) {
     let mut all = remembered();
     if !all.contains_key(file) && all.len() >= MAX_REMEMBERED_FILES {
-        return;
+        let older = all.keys().next().cloned();
+        if let Some(older) = older {
+            all.remove(&older);
+        }
     }
-    let list = all.entry(file.clone()).or_default();
-    if list.len() < max && !list.iter().any(|k| k.signature == r.signature) {
-        list.push(r);
+    if let Some(list) = all.entry(file.clone()).or_insert_with(|| Some(Vec::new())) {
+        if list.len() < max && !list.iter().any(|k| k.signature == r.signature) {
+            list.push(r);
+        }
     }
 }
 
-/// Forgets `file`'s captures (one recalled failed to capture again: its next load waits for
-/// requests instead).
+/// Stops recalling `file`'s captures in this process: one of them failed to capture again
+/// (out of memory at a swap-in, say). Its later loads capture what requests bring, as a first
+/// load does.
 fn forget(file: &FileKey) {
-    remembered().remove(file);
+    remembered().insert(file.clone(), None);
 }
 
 #[derive(Default)]
@@ -397,10 +412,7 @@ impl Graphs {
     pub fn new(model: &str, device: Device, max: usize, file: Option<FileKey>) -> Graphs {
         let max = max.max(1);
         let mut inner = Inner::default();
-        let earlier = file
-            .as_ref()
-            .and_then(|f| remembered().get(f).cloned())
-            .unwrap_or_default();
+        let earlier = file.as_ref().map(recall).unwrap_or_default();
         for r in earlier.iter().take(max) {
             match r.pending(device) {
                 Ok(p) => inner.pending.push(p),
@@ -483,7 +495,8 @@ impl Graphs {
     }
 
     /// Captures one pending signature (on a forward thread, between requests); whether one was.
-    /// While another model's capture is under way, none is (it is tried again later).
+    /// While another model's capture is under way, none is: the caller tries again later (see
+    /// [`Graphs::pending`]).
     pub fn capture_pending(&self, module: &CModule) -> bool {
         let Ok(_one_at_a_time) = CAPTURING.try_lock() else {
             return false;
@@ -522,12 +535,15 @@ impl Graphs {
                     recalled = next.recalled,
                     "this call cannot be captured as a CUDA graph; it runs uncaptured");
                 if next.recalled {
+                    // Not marked failed: a request bringing the signature queues it again,
+                    // with its own values.
                     inner.recall_failed = true;
                     if let Some(file) = &self.file {
                         forget(file);
                     }
+                } else {
+                    inner.failed.insert(next.signature);
                 }
-                inner.failed.insert(next.signature);
             }
         }
         true
@@ -570,8 +586,8 @@ mod tests {
         }
     }
 
-    /// Remembered signatures: once each, at most the model's most graphs, forgotten whole, and
-    /// a recalled one has zero-filled inputs of its dtypes and shapes.
+    /// Remembered signatures: once each, at most the model's most graphs, forgotten whole and
+    /// for good, and a recalled one has zero-filled inputs of its dtypes and shapes.
     #[test]
     fn captures_are_remembered_per_file_within_bounds() {
         let (a, b) = (key("/remembered/a.pt"), key("/remembered/b.pt"));
@@ -580,14 +596,13 @@ mod tests {
         }
         remember(&b, memo("s9"), 2);
         let sigs = |k: &FileKey| -> Vec<String> {
-            remembered()
-                .get(k)
-                .map(|l| l.iter().map(|r| r.signature.clone()).collect())
-                .unwrap_or_default()
+            recall(k).iter().map(|r| r.signature.clone()).collect()
         };
         assert_eq!(sigs(&a), ["s1", "s2"]);
         assert_eq!(sigs(&b), ["s9"]);
+        // Once forgotten, a file's later captures are not remembered either.
         forget(&a);
+        remember(&a, memo("s4"), 2);
         assert!(sigs(&a).is_empty());
         assert_eq!(sigs(&b), ["s9"]);
         let p = memo("s1").pending(Device::Cpu).unwrap();

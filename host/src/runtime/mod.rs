@@ -1278,6 +1278,23 @@ mod tests {
         HostTensor::new("x".into(), DType::F32, vec![rows, 1024], data).unwrap()
     }
 
+    /// GPU tests measure the device's memory and share the process's capture slot: one at a
+    /// time.
+    fn one_gpu_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        static GPU: Mutex<()> = Mutex::new(());
+        GPU.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Captures every pending call of `m` (another test's capture may hold the process's one
+    /// capture slot for a moment: `capture_pending` then does nothing).
+    fn capture_all(m: &TorchModel) {
+        while m.pending_captures() > 0 {
+            if !m.capture_pending() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
     /// CUDA graphs (GPU machine only): the first call of a shape runs uncaptured and leaves it
     /// pending; after the capture the same call is a replay with the same result, for new
     /// values too; the graph's memory counts in the model's bytes and goes with the model.
@@ -1287,6 +1304,7 @@ mod tests {
             eprintln!("skipped: no CUDA device");
             return;
         }
+        let _gpu = one_gpu_test_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.pt");
         traced(&path, |x| {
@@ -1300,7 +1318,7 @@ mod tests {
             .with_cuda_graphs("m", 2);
         let uncaptured = model.forward(&[input(2, 3)]).unwrap();
         assert_eq!(model.pending_captures(), 1);
-        assert!(model.capture_pending());
+        capture_all(&model);
         assert_eq!(model.pending_captures(), 0);
         assert!(model.device_bytes() > model.held_bytes);
         assert_eq!(model.forward(&[input(2, 3)]).unwrap(), uncaptured);
@@ -1310,7 +1328,7 @@ mod tests {
         // Another shape is another graph; past the most graphs, shapes run uncaptured.
         for rows in [3, 4] {
             model.forward(&[input(rows, 3)]).unwrap();
-            while model.capture_pending() {}
+            capture_all(&model);
         }
         assert_eq!(model.forward(&[input(4, 3)]).unwrap()[0].shape, vec![4]);
         assert_eq!(model.pending_captures(), 0);
@@ -1331,6 +1349,7 @@ mod tests {
             eprintln!("skipped: no CUDA device");
             return;
         }
+        let _gpu = one_gpu_test_at_a_time();
         // As SD2 runs: the graph as exported (the profiling executor's fused kernels, which a
         // capture would record, round differently from its first, unfused calls).
         set_thread_executor(Executor::Simple);
@@ -1348,7 +1367,7 @@ mod tests {
             .iter()
             .map(|&rows| first.forward(&[input(rows, 3)]).unwrap())
             .collect();
-        while first.capture_pending() {}
+        capture_all(&first);
         drop(first);
         let again = load();
         assert_eq!(again.recalled_captures(), (2, false));
@@ -1357,7 +1376,7 @@ mod tests {
             2,
             "both signatures wait before any call"
         );
-        while again.capture_pending() {}
+        capture_all(&again);
         assert_eq!(again.recalled_captures(), (2, false));
         assert!(again.device_bytes() > again.held_bytes);
         for (rows, want) in [2, 3].iter().zip(&want) {
@@ -1378,6 +1397,7 @@ mod tests {
             eprintln!("skipped: no CUDA device");
             return;
         }
+        let _gpu = one_gpu_test_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.pt");
         traced(&path, |x| (x * 2.0).to_device(Device::Cpu).sum(Kind::Float));
@@ -1385,7 +1405,7 @@ mod tests {
             .unwrap()
             .with_cuda_graphs("m", 2);
         let first = model.forward(&[input(2, 3)]).unwrap();
-        assert!(model.capture_pending());
+        capture_all(&model);
         assert_eq!(model.device_bytes(), model.held_bytes);
         assert_eq!(model.forward(&[input(2, 3)]).unwrap(), first);
         assert_eq!(
@@ -1402,7 +1422,7 @@ mod tests {
             .unwrap()
             .with_cuda_graphs("good", 2);
         let want = other.forward(&[input(2, 3)]).unwrap();
-        assert!(other.capture_pending());
+        capture_all(&other);
         assert!(
             other.device_bytes() > other.held_bytes,
             "the second capture failed"
@@ -1682,6 +1702,7 @@ for mode in range(4):
             eprintln!("skipped: no CUDA device");
             return;
         }
+        let _gpu = one_gpu_test_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lin.pt");
         // A traced module holding 4 MiB of weights (a graph constant).

@@ -225,17 +225,16 @@ impl Server {
         }
     }
 
-    /// Replays the archive's warm-up requests (`tessera.warmup`) through handler and model, under
-    /// the time limit of a request of `tenant`. A failure is logged and serving goes on: warm-up
-    /// only moves one-time costs off users.
+    /// At a reload, first captures again the CUDA graphs an earlier load of the file captured;
+    /// then replays the archive's warm-up requests (`tessera.warmup`) through handler and model,
+    /// under the time limit of a request of `tenant`. A failure is logged and serving goes on:
+    /// warm-up only moves one-time costs off users.
     async fn warm_up(&self, model: Arc<LoadedModel>, tenant: &Tenant) {
+        let timeout = model.timeout_for(tenant);
+        recapture(&model, timeout).await;
         let Some(w) = model.config().tessera.warmup.clone() else {
             return;
         };
-        let timeout = model.timeout_for(tenant);
-        if self.recaptured(&model, timeout).await {
-            return;
-        }
         let mut run = 0;
         for name in w.requests() {
             let Some(body) = self.warm_up_body(&model, name).await else {
@@ -251,36 +250,6 @@ impl Server {
         // The CUDA graphs for the warm-up's shapes are captured by the model's forward thread
         // once it is idle: wait for them, so that they too are ready before users arrive.
         wait_for_captures(&model, timeout).await;
-    }
-
-    /// Whether the CUDA graphs an earlier load of the model's file captured were all captured
-    /// again (by its forward thread, from their signatures), so that its warm-up requests can
-    /// be skipped: they would only bring those signatures again, and what else they warm
-    /// (kernels loaded, cuDNN and cuBLAS plans) belongs to the process and is still there. Only
-    /// for models run as exported (`executor: simple`): the profiling executor specialises each
-    /// load's graphs anew on its first calls.
-    async fn recaptured(&self, model: &LoadedModel, timeout: Duration) -> bool {
-        let (recalled, _) = model.pipeline.recalled_captures();
-        let executor = model
-            .config()
-            .tessera
-            .executor
-            .unwrap_or(self.config.torchscript_executor);
-        if recalled == 0 || executor != crate::runtime::Executor::Simple {
-            return false;
-        }
-        let started = Instant::now();
-        wait_for_captures(model, timeout).await;
-        let ms = started.elapsed().as_millis() as u64;
-        let (_, failed) = model.pipeline.recalled_captures();
-        if failed || model.pipeline.pending_captures() > 0 {
-            tracing::info!(model = %model.key, graphs = recalled, ms,
-                "not every CUDA graph of an earlier load was captured again; replaying the warm-up requests");
-            return false;
-        }
-        tracing::info!(model = %model.key, graphs = recalled, ms,
-            "CUDA graphs of an earlier load captured again; warm-up requests skipped");
-        true
     }
 
     /// A warm-up request's body, read from the archive's assets (bounded like any request body:
@@ -625,6 +594,27 @@ fn order_inputs(
             Ok(t)
         })
         .collect()
+}
+
+/// At a reload, waits (at most `timeout`) for the model's forward thread to capture again the
+/// CUDA graphs an earlier load of its file captured (it starts at once, on zero-filled inputs),
+/// so that the warm-up requests that follow replay them instead of running uncaptured: what is
+/// left of them warms what no graph holds (a loop's `prepare` and `finish`, a cached stage, the
+/// handler).
+async fn recapture(model: &LoadedModel, timeout: Duration) {
+    let (recalled, _) = model.pipeline.recalled_captures();
+    if recalled == 0 {
+        return;
+    }
+    let started = Instant::now();
+    wait_for_captures(model, timeout).await;
+    let ms = started.elapsed().as_millis() as u64;
+    match model.pipeline.recalled_captures() {
+        (_, false) => tracing::info!(model = %model.key, graphs = recalled, ms,
+            "CUDA graphs of an earlier load captured again before the warm-up requests"),
+        (_, true) => tracing::warn!(model = %model.key, graphs = recalled, ms,
+            "not every CUDA graph of an earlier load could be captured again; requests will bring them"),
+    }
 }
 
 /// Waits (at most `timeout`) for the model's forward thread to capture the CUDA graphs it has
