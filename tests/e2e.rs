@@ -183,6 +183,106 @@ fn the_python_and_javascript_templates_serve_the_example_model() {
     }
 }
 
+/// The budget is a bound: a load that does not fit while the models holding the budget are busy
+/// waits for one to become idle (then evicts it), and past its time limit is refused with 507
+/// instead of loading over the budget. Resident bytes never exceed the budget meanwhile.
+#[test]
+fn loads_wait_for_room_instead_of_going_over_the_budget() {
+    let store = tempfile::tempdir().unwrap();
+    let model = artifact("example/model-large.pt");
+    let size = std::fs::metadata(&model).unwrap().len();
+    // The chaos handler answers {"mode": "ok"} through the model; "loop" spins until the
+    // model's responseTimeout (504), keeping the model busy that long.
+    let config = |timeout: u32| {
+        format!("maxWorkers: 1\nresponseTimeout: {timeout}\ntessera:\n  model: model.pt\n")
+    };
+    for (name, timeout) in [("a", 4), ("b", 4), ("patient", 30), ("hasty", 1)] {
+        pack(
+            store.path(),
+            name,
+            &config(timeout),
+            &model,
+            &artifact("handlers/chaos.wasm"),
+        );
+    }
+    let budget_mib = (size * 5 / 2) >> 20;
+    let budget = budget_mib << 20;
+    assert!(
+        budget > 2 * size && budget < 3 * size,
+        "model size {size} unsuitable"
+    );
+    let server = Server::start(
+        store.path(),
+        &["--memory-budget-mib", &budget_mib.to_string()],
+    );
+    let call = |name: &str, mode: &str| {
+        post_json(
+            &server.url(&format!("/predictions/{name}")),
+            &json!({ "mode": mode }),
+        )
+    };
+    for name in ["a", "b"] {
+        let reply = call(name, "ok");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let resident = || -> u64 {
+        get(&server.url("/models")).json()["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["residentBytes"].as_u64())
+            .sum()
+    };
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let most = scope.spawn(|| {
+            let mut most = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(resident());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        });
+        let busy: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|name| scope.spawn(move || call(name, "loop").status))
+            .collect();
+        let in_flight = || -> u64 {
+            get(&server.url("/metrics"))
+                .text()
+                .lines()
+                .filter(|l| l.starts_with("tessera_requests_in_flight{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        };
+        assert!(wait_until(Duration::from_secs(10), || in_flight() >= 2));
+        // Both models holding the budget are busy for seconds: a model that may wait 1 s is
+        // refused, one that may wait 30 s gets the room once one of them is idle.
+        let hasty = call("hasty", "ok");
+        assert_eq!(hasty.status, 507, "{}", hasty.text());
+        assert!(
+            hasty.text().contains("no room for model 'hasty'"),
+            "{}",
+            hasty.text()
+        );
+        let patient = call("patient", "ok");
+        assert_eq!(patient.status, 200, "{}", patient.text());
+        for t in busy {
+            assert_eq!(t.join().unwrap(), 504);
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let most = most.join().unwrap();
+        assert!(most > size, "the watch saw no resident model: {most}");
+        assert!(
+            most <= budget,
+            "resident {most} bytes over the budget of {budget}"
+        );
+    });
+    assert!(server
+        .log()
+        .contains("waiting for room: the models holding the budget are busy"));
+}
+
 #[test]
 fn three_models_with_budget_for_two_all_succeed_and_evict() {
     let store = tempfile::tempdir().unwrap();

@@ -199,8 +199,22 @@ impl Loader {
         if unpacked.model_bytes > budget {
             return Err(too_big("has TorchScript of", unpacked.model_bytes));
         }
-        // Make room for at least the archive's tensors before touching the device.
-        residency.make_room(key, unpacked.model_bytes).await;
+        // Room for at least the archive's tensors and its stage cache, set aside before the
+        // device is touched: waiting, as long as one of the tenant's requests may, while the
+        // models holding the budget are busy.
+        let stage_cache = unpacked
+            .config
+            .tessera
+            .cached_stage
+            .as_ref()
+            .map_or(0, |s| s.cache_mib << 20);
+        let reservation = residency
+            .reserve(
+                key,
+                unpacked.model_bytes + stage_cache,
+                super::model::tenant_timeout(unpacked.config.response_timeout, tenant),
+            )
+            .await?;
         let executor = unpacked
             .config
             .tessera
@@ -283,7 +297,8 @@ impl Loader {
             residency.now_ms(),
         )
         .with_source(&reg.archive, source)
-        .with_disk_pin(pin))
+        .with_disk_pin(pin)
+        .with_reservation(reservation))
     }
 
     /// What the handler may see and use: assets, parameters, its memory cap (the archive's,

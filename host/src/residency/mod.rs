@@ -131,6 +131,24 @@ pub struct Residency {
     /// Set when a model leaves residency: its weights went back to the C heap, which
     /// [`Residency::upkeep`] hands back to the system.
     freed: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes set aside for loads under way ([`Residency::reserve`]), counted against the budget
+    /// until their model is resident.
+    reserved: Arc<std::sync::atomic::AtomicU64>,
+    /// One reservation decided at a time (the check and the set-aside are one step).
+    admission: tokio::sync::Mutex<()>,
+}
+
+/// Room in the budget set aside for one load (see [`Residency::reserve`]); given back when
+/// dropped.
+pub struct Reservation {
+    reserved: Arc<std::sync::atomic::AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 impl Residency {
@@ -176,6 +194,8 @@ impl Residency {
             evictions: Default::default(),
             quarantined: Default::default(),
             freed,
+            reserved: Default::default(),
+            admission: Default::default(),
         }
     }
 
@@ -389,6 +409,8 @@ impl Residency {
         if loaded_here {
             self.metrics.resident_models.inc();
         }
+        // Resident now: its weight counts, its reservation no longer.
+        model.release_reservation();
         // Now that the real size is known (after the load, or after CUDA graphs captured while it
         // served), bring the total back within the budget.
         if let Some(weight) = model.weight_changed() {
@@ -404,10 +426,62 @@ impl Residency {
         Ok((model, loaded_here))
     }
 
+    /// Sets `bytes` of the budget aside for loading `key`, evicting idle models (per policy) to
+    /// make room. While every model that could go is busy, waits for one to become idle, at
+    /// most `wait`; past it the load is refused (507) rather than made over the budget. Loads
+    /// under way count with their reservations, so concurrent loads cannot overshoot together.
+    pub async fn reserve(
+        &self,
+        key: &ModelKey,
+        bytes: u64,
+        wait: std::time::Duration,
+    ) -> Result<Reservation, ResidencyError> {
+        let started = Instant::now();
+        let mut waiting = false;
+        loop {
+            {
+                let _one_at_a_time = self.admission.lock().await;
+                loop {
+                    let taken = self.used().await + self.reserved.load(Ordering::SeqCst);
+                    if taken + bytes <= self.budget {
+                        self.reserved.fetch_add(bytes, Ordering::SeqCst);
+                        if waiting {
+                            tracing::info!(model = %key, waited_ms = started.elapsed().as_millis() as u64,
+                                "room made for the load after waiting for busy models");
+                        }
+                        return Ok(Reservation {
+                            reserved: self.reserved.clone(),
+                            bytes,
+                        });
+                    }
+                    if !self.evict_one(key, EvictionCause::Budget).await {
+                        break;
+                    }
+                }
+            }
+            if started.elapsed() >= wait {
+                return Err(ResidencyError::InsufficientMemory(format!(
+                    "no room for model '{}' ({} MiB) within the residency budget of {} MiB: the \
+                     models holding it stayed busy for {} s; retry later",
+                    key.name,
+                    bytes >> 20,
+                    self.budget >> 20,
+                    wait.as_secs()
+                )));
+            }
+            if !waiting {
+                waiting = true;
+                tracing::info!(model = %key, bytes, budget = self.budget,
+                    "waiting for room: the models holding the budget are busy");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Evicts (per policy) until `bytes` more fit in the budget, or nothing more may go;
     /// whether they fit.
     pub async fn make_room(&self, for_key: &ModelKey, bytes: u64) -> bool {
-        while self.used().await + bytes > self.budget {
+        while self.used().await + self.reserved.load(Ordering::SeqCst) + bytes > self.budget {
             if !self.evict_one(for_key, EvictionCause::Budget).await {
                 return false;
             }

@@ -35,6 +35,8 @@ pub struct LoadedModel {
     charged: AtomicU64,
     /// Keeps its unpacked folder (assets the handler reads) in the disk tier while it lives.
     disk_pin: Option<super::disk::Pin>,
+    /// The room set aside for its load, until it is resident (then its weight counts).
+    reservation: std::sync::Mutex<Option<super::Reservation>>,
 }
 
 /// Whether a resident model's archive is still the one it was loaded from.
@@ -77,7 +79,24 @@ impl LoadedModel {
             archive: None,
             charged: AtomicU64::new(0),
             disk_pin: None,
+            reservation: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Holds `r` until the model is resident ([`LoadedModel::release_reservation`]).
+    pub fn with_reservation(self, r: super::Reservation) -> LoadedModel {
+        *self.reservation.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self
+    }
+
+    /// Gives back the room set aside for its load (once it counts as resident).
+    pub fn release_reservation(&self) {
+        drop(
+            self.reservation
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
     }
 
     /// Records the archive file it was loaded from (see [`LoadedModel::source_at`]).
