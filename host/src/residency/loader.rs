@@ -208,6 +208,12 @@ impl Loader {
             .cached_stage
             .as_ref()
             .map_or(0, |s| s.cache_mib << 20);
+        if unpacked.model_bytes + stage_cache > budget {
+            return Err(too_big(
+                "needs (with its stage cache)",
+                unpacked.model_bytes + stage_cache,
+            ));
+        }
         let reservation = residency
             .reserve(
                 key,

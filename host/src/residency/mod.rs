@@ -131,6 +131,9 @@ pub struct Residency {
     /// Set when a model leaves residency: its weights went back to the C heap, which
     /// [`Residency::upkeep`] hands back to the system.
     freed: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes of models out of residency but still held by requests (not freed yet), counted
+    /// against the budget until they are.
+    retired: Arc<std::sync::atomic::AtomicU64>,
     /// Bytes set aside for loads under way ([`Residency::reserve`]), counted against the budget
     /// until their model is resident.
     reserved: Arc<std::sync::atomic::AtomicU64>,
@@ -161,6 +164,8 @@ impl Residency {
         let m = metrics.clone();
         let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let freed_by_eviction = freed.clone();
+        let retired = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let retired_by_eviction = retired.clone();
         let cache = Cache::builder()
             .eviction_listener(
                 move |key: Arc<ModelKey>, model: Arc<LoadedModel>, cause: RemovalCause| {
@@ -168,6 +173,11 @@ impl Residency {
                         return;
                     }
                     freed_by_eviction.store(true, Ordering::Release);
+                    // Still held (requests in flight, or a stuck forward): its memory is not
+                    // free yet, so the budget goes on counting it until it is.
+                    if Arc::strong_count(&model) > 1 {
+                        model.retire(&retired_by_eviction);
+                    }
                     m.forget_resident(key.labels());
                     m.resident_models.dec();
                     tracing::info!(
@@ -196,6 +206,7 @@ impl Residency {
             freed,
             reserved: Default::default(),
             admission: Default::default(),
+            retired,
         }
     }
 
@@ -217,10 +228,12 @@ impl Residency {
         self.clock.elapsed().as_millis() as u64
     }
 
-    /// Bytes currently accounted to resident models.
+    /// Bytes currently accounted to models: resident ones, and those out of residency but not
+    /// freed yet (still held by requests).
     pub async fn used(&self) -> u64 {
         self.cache.run_pending_tasks().await;
-        self.cache.iter().map(|(_, m)| m.weight()).sum()
+        let resident: u64 = self.cache.iter().map(|(_, m)| m.weight()).sum();
+        resident + self.retired.load(Ordering::SeqCst)
     }
 
     /// The resident model under `key`, if loaded.
@@ -410,7 +423,7 @@ impl Residency {
             self.metrics.resident_models.inc();
         }
         // Resident now: its weight counts, its reservation no longer.
-        model.release_reservation();
+        model.release_reservation(self.now_ms());
         // Now that the real size is known (after the load, or after CUDA graphs captured while it
         // served), bring the total back within the budget.
         if let Some(weight) = model.weight_changed() {
@@ -461,8 +474,9 @@ impl Residency {
             }
             if started.elapsed() >= wait {
                 return Err(ResidencyError::InsufficientMemory(format!(
-                    "no room for model '{}' ({} MiB) within the residency budget of {} MiB: the \
-                     models holding it stayed busy for {} s; retry later",
+                    "no room for model '{}' ({} MiB) within the residency budget of {} MiB: for \
+                     {} s the models holding it stayed busy, kept for their tenants' shares, or \
+                     loading; retry later",
                     key.name,
                     bytes >> 20,
                     self.budget >> 20,
@@ -580,12 +594,14 @@ impl Residency {
     pub async fn evict_one(&self, for_key: &ModelKey, cause: EvictionCause) -> bool {
         self.cache.run_pending_tasks().await;
         let resident: Vec<Arc<LoadedModel>> = self.cache.iter().map(|(_, m)| m).collect();
+        let now = self.now_ms();
         let candidates: Vec<policy::Candidate> = resident
             .iter()
             .map(|m| policy::Candidate {
                 key: &m.key,
                 weight: m.weight(),
-                in_use: m.busy(),
+                // A model just published counts as in use until its first request begins.
+                in_use: m.busy() + m.fresh(now) as usize,
                 last_used: m.last_used(),
             })
             .collect();

@@ -37,7 +37,17 @@ pub struct LoadedModel {
     disk_pin: Option<super::disk::Pin>,
     /// The room set aside for its load, until it is resident (then its weight counts).
     reservation: std::sync::Mutex<Option<super::Reservation>>,
+    /// A request has begun on it (until then, a model just published is not evicted: the
+    /// requests that waited for its load are on their way).
+    begun: std::sync::atomic::AtomicBool,
+    /// Once out of residency while still held (see [`LoadedModel::retire`]): the counter its
+    /// weight was added to, and that weight, taken off when it is freed.
+    retired: std::sync::Mutex<Option<(Arc<AtomicU64>, u64)>>,
 }
+
+/// How long a model just published is protected from eviction while no request has begun on
+/// it yet.
+const FRESH_MS: u64 = 1_000;
 
 /// Whether a resident model's archive is still the one it was loaded from.
 #[derive(Debug, PartialEq, Eq)]
@@ -80,6 +90,8 @@ impl LoadedModel {
             charged: AtomicU64::new(0),
             disk_pin: None,
             reservation: std::sync::Mutex::new(None),
+            begun: std::sync::atomic::AtomicBool::new(false),
+            retired: std::sync::Mutex::new(None),
         }
     }
 
@@ -89,14 +101,30 @@ impl LoadedModel {
         self
     }
 
-    /// Gives back the room set aside for its load (once it counts as resident).
-    pub fn release_reservation(&self) {
-        drop(
-            self.reservation
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(),
-        );
+    /// Gives back the room set aside for its load, once it counts as resident (published at
+    /// `now_ms`: its protection as a fresh model starts then). Only the first call counts.
+    pub fn release_reservation(&self, now_ms: u64) {
+        let held = self
+            .reservation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if held.is_some() {
+            self.last_used.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Just published, and no request has begun on it yet (for at most [`FRESH_MS`]).
+    pub fn fresh(&self, now_ms: u64) -> bool {
+        !self.begun.load(Ordering::SeqCst) && now_ms.saturating_sub(self.last_used()) < FRESH_MS
+    }
+
+    /// It left residency while requests still hold it: its weight is added to `counter`
+    /// until it is freed, so that the budget still counts it.
+    pub fn retire(&self, counter: &Arc<AtomicU64>) {
+        let weight = self.weight();
+        counter.fetch_add(weight, Ordering::SeqCst);
+        *self.retired.lock().unwrap_or_else(|e| e.into_inner()) = Some((counter.clone(), weight));
     }
 
     /// Records the archive file it was loaded from (see [`LoadedModel::source_at`]).
@@ -162,6 +190,7 @@ impl LoadedModel {
     /// Marks the model busy for the guard's lifetime (it will not be chosen for eviction).
     pub fn begin(self: &Arc<Self>, clock: &Instant) -> InUse {
         self.in_use.fetch_add(1, Ordering::SeqCst);
+        self.begun.store(true, Ordering::SeqCst);
         self.last_used
             .store(clock.elapsed().as_millis() as u64, Ordering::Relaxed);
         InUse(self.clone())
@@ -180,6 +209,19 @@ impl LoadedModel {
 
     pub fn last_used(&self) -> u64 {
         self.last_used.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((counter, weight)) = retired {
+            counter.fetch_sub(weight, Ordering::SeqCst);
+        }
     }
 }
 
