@@ -454,22 +454,16 @@ impl Residency {
         loop {
             {
                 let _one_at_a_time = self.admission.lock().await;
-                loop {
-                    let taken = self.used().await + self.reserved.load(Ordering::SeqCst);
-                    if taken + bytes <= self.budget {
-                        self.reserved.fetch_add(bytes, Ordering::SeqCst);
-                        if waiting {
-                            tracing::info!(model = %key, waited_ms = started.elapsed().as_millis() as u64,
-                                "room made for the load after waiting for busy models");
-                        }
-                        return Ok(Reservation {
-                            reserved: self.reserved.clone(),
-                            bytes,
-                        });
+                if self.make_room(key, bytes).await {
+                    self.reserved.fetch_add(bytes, Ordering::SeqCst);
+                    if waiting {
+                        tracing::info!(model = %key, waited_ms = started.elapsed().as_millis() as u64,
+                            "room made for the load after waiting for busy models");
                     }
-                    if !self.evict_one(key, EvictionCause::Budget).await {
-                        break;
-                    }
+                    return Ok(Reservation {
+                        reserved: self.reserved.clone(),
+                        bytes,
+                    });
                 }
             }
             if started.elapsed() >= wait {
@@ -492,8 +486,8 @@ impl Residency {
         }
     }
 
-    /// Evicts (per policy) until `bytes` more fit in the budget, or nothing more may go;
-    /// whether they fit.
+    /// Evicts (per policy) until `bytes` more fit in the budget beside what is resident, held
+    /// or reserved, or nothing more may go; whether they fit.
     pub async fn make_room(&self, for_key: &ModelKey, bytes: u64) -> bool {
         while self.used().await + self.reserved.load(Ordering::SeqCst) + bytes > self.budget {
             if !self.evict_one(for_key, EvictionCause::Budget).await {

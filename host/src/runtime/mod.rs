@@ -1278,11 +1278,15 @@ mod tests {
         HostTensor::new("x".into(), DType::F32, vec![rows, 1024], data).unwrap()
     }
 
-    /// GPU tests measure the device's memory and share the process's capture slot: one at a
-    /// time.
-    fn one_gpu_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    /// A GPU test's turn, `None` (the test skips) without a CUDA device. GPU tests measure the
+    /// device's memory and share the process's capture slot: one at a time.
+    fn gpu_test() -> Option<std::sync::MutexGuard<'static, ()>> {
+        if !tch::Cuda::is_available() {
+            eprintln!("skipped: no CUDA device");
+            return None;
+        }
         static GPU: Mutex<()> = Mutex::new(());
-        GPU.lock().unwrap_or_else(|e| e.into_inner())
+        Some(GPU.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Captures every pending call of `m` (another test's capture may hold the process's one
@@ -1300,11 +1304,9 @@ mod tests {
     /// values too; the graph's memory counts in the model's bytes and goes with the model.
     #[test]
     fn cuda_graph_replays_what_the_forward_computes() {
-        if !tch::Cuda::is_available() {
-            eprintln!("skipped: no CUDA device");
+        let Some(_gpu) = gpu_test() else {
             return;
-        }
-        let _gpu = one_gpu_test_at_a_time();
+        };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.pt");
         traced(&path, |x| {
@@ -1345,11 +1347,9 @@ mod tests {
     /// call's values), and a changed file recalls nothing.
     #[test]
     fn a_reload_captures_again_what_the_earlier_load_captured() {
-        if !tch::Cuda::is_available() {
-            eprintln!("skipped: no CUDA device");
+        let Some(_gpu) = gpu_test() else {
             return;
-        }
-        let _gpu = one_gpu_test_at_a_time();
+        };
         // As SD2 runs: the graph as exported (the profiling executor's fused kernels, which a
         // capture would record, round differently from its first, unfused calls).
         set_thread_executor(Executor::Simple);
@@ -1393,11 +1393,9 @@ mod tests {
     /// then always runs uncaptured, with correct results.
     #[test]
     fn cuda_graph_capture_failure_runs_uncaptured() {
-        if !tch::Cuda::is_available() {
-            eprintln!("skipped: no CUDA device");
+        let Some(_gpu) = gpu_test() else {
             return;
-        }
-        let _gpu = one_gpu_test_at_a_time();
+        };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.pt");
         traced(&path, |x| (x * 2.0).to_device(Device::Cpu).sum(Kind::Float));
@@ -1698,11 +1696,9 @@ for mode in range(4):
     /// Runs only where CUDA is present (the GPU machine); elsewhere it says so and passes.
     #[test]
     fn cuda_load_is_measured_and_freed() {
-        if !tch::Cuda::is_available() {
-            eprintln!("skipped: no CUDA device");
+        let Some(_gpu) = gpu_test() else {
             return;
-        }
-        let _gpu = one_gpu_test_at_a_time();
+        };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lin.pt");
         // A traced module holding 4 MiB of weights (a graph constant).
