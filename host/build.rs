@@ -13,6 +13,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/runtime/cuda_shim.cpp");
     println!("cargo:rerun-if-changed=src/runtime/torch_shim.cpp");
     println!("cargo:rerun-if-changed=src/runtime/graph_shim.cpp");
+    println!("cargo:rerun-if-changed=src/runtime/tier_shim.cpp");
     let lib = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
         Ok(lib) => PathBuf::from(lib),
         Err(_) => {
@@ -34,6 +35,7 @@ fn main() {
         .cpp(true)
         .file("src/runtime/cuda_shim.cpp")
         .file("src/runtime/torch_shim.cpp")
+        .file("src/runtime/tier_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -183,6 +183,109 @@ fn the_python_and_javascript_templates_serve_the_example_model() {
     }
 }
 
+/// The host-memory tier: a model evicted from the device keeps its weights in host memory and
+/// comes back with one copy (a swap, not a load) giving the same bytes; concurrent requests
+/// share one swap-in; when the tier is full the model in it longest goes, and comes back from
+/// disk; an unloaded model leaves the tier too. On the CPU the tier's page-locking is off (the
+/// device is host memory), so this is the mechanism and the bookkeeping; the GPU path is timed by
+/// bench/residency_gpu.py.
+#[test]
+fn evicted_models_wait_in_host_memory_and_come_back_with_one_copy() {
+    let store = tempfile::tempdir().unwrap();
+    let model = artifact("example/model-large.pt");
+    let size = std::fs::metadata(&model).unwrap().len();
+    for name in ["a", "b", "c"] {
+        pack(
+            store.path(),
+            name,
+            EXAMPLE_CONFIG,
+            &model,
+            &artifact("handlers/example.wasm"),
+        );
+    }
+    // Room for one model on the device and one in host memory.
+    let mib = ((size * 3 / 2) >> 20).to_string();
+    let server = Server::start(
+        store.path(),
+        &[
+            "--memory-budget-mib",
+            &mib,
+            "--host-memory-budget-mib",
+            &mib,
+        ],
+    );
+    let request = example_request(24, 16, 5, json!({"strength": 0.5}));
+    let call = |name: &str| post_json(&server.url(&format!("/predictions/{name}")), &request);
+    let tier = |reply: &Reply| reply.header("x-model-tier").unwrap_or("none").to_string();
+    let metric = |family: &str, name: &str, extra: &str| -> u64 {
+        get(&server.url("/metrics"))
+            .text()
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("{family}{{"))
+                    && l.contains(&format!("model=\"{name}\""))
+                    && l.contains(extra)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let described = |name: &str| get(&server.url(&format!("/models/{name}"))).json();
+
+    let first = call("a");
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(tier(&first), "store");
+    let again = call("a");
+    assert_eq!(tier(&again), "cpu", "resident now");
+    // b's load evicts a into host memory.
+    assert_eq!(call("b").status, 200);
+    let a = described("a");
+    assert_eq!(a["tier"], "host", "{a}");
+    assert!(a["hostBytes"].as_u64().unwrap() > size / 2, "{a}");
+    assert_eq!(a["state"], "Unloaded");
+    assert_eq!(metric("tessera_model_swaps_total", "a", "to-host"), 1);
+    // Back with one copy: same bytes, a swap and not a load.
+    let back = call("a");
+    assert_eq!(back.status, 200, "{}", back.text());
+    assert_eq!(tier(&back), "host");
+    assert!(back.header("x-model-load-time").is_some());
+    assert_eq!(back.body, first.body, "output changed across the swap");
+    assert_eq!(metric("tessera_model_loads_total", "a", "ok"), 1);
+    assert_eq!(metric("tessera_model_swaps_total", "a", "from-host"), 1);
+    assert_eq!(described("a")["tier"], "cpu");
+    assert_eq!(described("b")["tier"], "host");
+    // c's load evicts a into host memory, which is full: b (in longest) goes.
+    assert_eq!(call("c").status, 200);
+    assert_eq!(described("a")["tier"], "host");
+    assert!(described("b").get("tier").is_none(), "{}", described("b"));
+    // Four requests at once for a share one swap-in.
+    let bodies = vec![&request; 4];
+    let (replies, _) = post_all_at_once(&server.url("/predictions/a"), &bodies);
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body, first.body);
+    }
+    assert_eq!(metric("tessera_model_swaps_total", "a", "from-host"), 2);
+    assert_eq!(metric("tessera_model_loads_total", "a", "ok"), 1);
+    // b was pushed out of host memory: it comes back from its unpacked files on disk.
+    let b = call("b");
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(tier(&b), "disk");
+    assert_eq!(metric("tessera_model_loads_total", "b", "ok"), 2);
+    // Unloading a model in host memory takes it out of the tier.
+    assert_eq!(described("a")["tier"], "host");
+    assert_eq!(delete(&server.url("/models/a")).status, 200);
+    assert!(
+        get(&server.url("/metrics"))
+            .text()
+            .lines()
+            .any(|l| l.starts_with("tessera_host_tier_bytes ") && l.ends_with(" 0")),
+        "the tier is empty after the unload"
+    );
+    let log = server.log();
+    assert!(log.contains("model moved to host memory"), "{log}");
+    assert!(log.contains("model swapped in from host memory"), "{log}");
+}
+
 /// The budget is a bound: a load that does not fit while the models holding the budget are busy
 /// waits for one to become idle (then evicts it), and past its time limit is refused with 507
 /// instead of loading over the budget. Resident bytes never exceed the budget meanwhile.

@@ -141,6 +141,13 @@ pub struct Config {
     #[arg(long, env = "TESSERA_MEMORY_BUDGET_MIB", default_value_t = 0)]
     pub memory_budget_mib: u64,
 
+    /// Host-memory tier, in MiB: models evicted from the GPU keep their weights in (page-locked)
+    /// host memory up to this many bytes, and come back with one copy instead of a load.
+    /// Default: a third of the machine's RAM with a CUDA device; 0 (off) on the CPU, where the
+    /// device budget already is host memory.
+    #[arg(long, env = "TESSERA_HOST_MEMORY_BUDGET_MIB")]
+    pub host_memory_budget_mib: Option<u64>,
+
     /// Largest accepted request body, in MiB.
     #[arg(long, env = "TESSERA_MAX_REQUEST_MIB", default_value_t = 64)]
     pub max_request_mib: u64,

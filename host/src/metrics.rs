@@ -57,6 +57,13 @@ pub struct Metrics {
     /// Evictions by model and cause (`budget`, `out-of-memory`, `unload`: see
     /// [`crate::residency::EvictionCause`]).
     pub evictions: IntCounterVec,
+    /// Moves of a model's weights between tiers, by direction (`to-host`: evicted from the
+    /// device into host memory; `from-host`: swapped back in).
+    pub swaps: IntCounterVec,
+    /// Bytes those moves copied, by direction.
+    pub swap_bytes: IntCounterVec,
+    /// Bytes the host-memory tier holds.
+    pub host_tier_bytes: IntGauge,
     /// Bytes held on the device by each resident model.
     pub resident_bytes: IntGaugeVec,
     pub resident_models: IntGauge,
@@ -166,6 +173,23 @@ impl Metrics {
                 "Models removed from residency, by cause",
                 &["cause"],
             ),
+            swaps: counter(
+                "tessera_model_swaps_total",
+                "Moves of a model's weights between the device and host memory, by direction",
+                &["direction"],
+            ),
+            swap_bytes: IntCounterVec::new(
+                Opts::new(
+                    "tessera_swap_bytes_total",
+                    "Bytes copied between the device and host memory, by direction",
+                ),
+                &["direction"],
+            )
+            .unwrap(),
+            host_tier_bytes: gauge(
+                "tessera_host_tier_bytes",
+                "Bytes of model weights held in the host-memory tier",
+            ),
             resident_bytes: gauges(
                 "tessera_model_resident_bytes",
                 "Bytes a resident model holds on its device",
@@ -272,6 +296,9 @@ impl Metrics {
             Box::new(m.loads.clone()),
             Box::new(m.load_seconds.clone()),
             Box::new(m.evictions.clone()),
+            Box::new(m.swaps.clone()),
+            Box::new(m.swap_bytes.clone()),
+            Box::new(m.host_tier_bytes.clone()),
             Box::new(m.resident_bytes.clone()),
             Box::new(m.resident_models.clone()),
             Box::new(m.rejected.clone()),
@@ -317,6 +344,9 @@ impl Metrics {
             let _ = self
                 .evictions
                 .remove_label_values(&with(labels, cause.as_str()));
+        }
+        for direction in ["to-host", "from-host"] {
+            let _ = self.swaps.remove_label_values(&with(labels, direction));
         }
         for result in ["hit", "miss"] {
             let _ = self.stage_cache.remove_label_values(&with(labels, result));

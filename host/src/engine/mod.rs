@@ -322,6 +322,11 @@ impl Engine {
                     };
                     idle_work();
                     while let Some(jobs) = queue.take_batch(batching.max, batching.delay, key) {
+                        if jobs.is_empty() {
+                            // Nudged: work between requests is waiting.
+                            idle_work();
+                            continue;
+                        }
                         // The watchdog measures overruns from the latest deadline: the
                         // forward still serves someone until then.
                         let deadline = jobs.iter().map(|j| j.deadline).max().expect("a job");
@@ -350,6 +355,12 @@ impl Engine {
         }
         watch(&shared);
         Ok(engine)
+    }
+
+    /// Has an idle worker do the model's work between requests now (CUDA graphs queued while
+    /// no request came, after a swap-in).
+    pub fn nudge(&self) {
+        self.queue.nudge();
     }
 
     /// Stops taking requests: the workers finish what is queued, then stop serving the model
@@ -399,6 +410,11 @@ fn run_batch(
     model: &Pipeline,
     jobs: &[queue::Job<Arc<PipelineInput>, Reply>],
 ) -> Vec<(Outcome, usize)> {
+    // Its weights stay on the device until the forward ends.
+    let _serving = match model.serving() {
+        Ok(guard) => guard,
+        Err(e) => return jobs.iter().map(|_| (Err(e.clone()), 1)).collect(),
+    };
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if let [job] = jobs {
             return vec![(model.forward(&job.input), 1)];

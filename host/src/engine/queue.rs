@@ -32,6 +32,8 @@ struct State<I, R> {
     /// waits for them, not for requests that may never come.
     preparing: usize,
     closed: bool,
+    /// [`Queue::nudge`] was called: one waiting worker returns an empty batch.
+    nudged: bool,
 }
 
 /// Every slot is taken: the request is refused.
@@ -108,6 +110,7 @@ impl<I, R> Queue<I, R> {
                 admitted: 0,
                 preparing: 0,
                 closed: false,
+                nudged: false,
             }),
             ready: Condvar::new(),
             capacity: capacity.max(1),
@@ -174,7 +177,8 @@ impl<I, R> Queue<I, R> {
 
     /// Blocks until at least one live job waits, then takes up to `max` of them in order. Jobs
     /// whose requester has gone or whose deadline has passed are dropped on the way (their
-    /// slots given back). `None` once the queue is closed and empty.
+    /// slots given back). `None` once the queue is closed and empty; an empty batch when
+    /// nudged ([`Queue::nudge`]) with nothing queued.
     pub fn take(&self, max: usize) -> Option<Vec<Job<I, R>>> {
         let mut state = self.lock();
         loop {
@@ -207,8 +211,18 @@ impl<I, R> Queue<I, R> {
             if state.closed {
                 return None;
             }
+            if std::mem::take(&mut state.nudged) {
+                return Some(taken);
+            }
             state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Wakes a worker waiting for jobs with an empty batch (so that it does its work between
+    /// requests, such as CUDA graphs queued after a swap-in).
+    pub fn nudge(&self) {
+        self.lock().nudged = true;
+        self.ready.notify_all();
     }
 
     /// A batch: blocks until a live job waits and takes it, then gathers the queued jobs whose
@@ -225,7 +239,7 @@ impl<I, R> Queue<I, R> {
         key: impl Fn(&I) -> Option<K>,
     ) -> Option<Vec<Job<I, R>>> {
         let mut batch = self.take(1)?;
-        if max <= 1 {
+        if max <= 1 || batch.is_empty() {
             return Some(batch);
         }
         let Some(want) = key(&batch[0].input) else {
@@ -339,6 +353,29 @@ mod tests {
         for (i, rx) in replies.iter_mut().enumerate() {
             assert_eq!(rx.try_recv().unwrap(), i as u32 * 10);
         }
+    }
+
+    /// A nudge wakes one waiting worker with an empty batch, once; queued jobs go first.
+    #[test]
+    fn a_nudge_wakes_a_waiting_worker_with_an_empty_batch() {
+        let q: Arc<Queue<u32, u32>> = Queue::new(8);
+        let waiting = {
+            let q = q.clone();
+            std::thread::spawn(move || q.take_batch(4, Duration::from_secs(60), |_| Some(0)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        q.nudge();
+        assert_eq!(waiting.join().unwrap().map(|b| b.len()), Some(0));
+        // A job queued after a nudge is taken, not an empty batch.
+        q.nudge();
+        let slot = q.admit().unwrap();
+        let _rx = q.submit(&slot, 7, later()).unwrap();
+        let batch = q.take(4).unwrap();
+        assert_eq!(batch.iter().map(|j| j.input).collect::<Vec<_>>(), [7]);
+        // The nudge is still there for the next call that finds the queue empty.
+        assert_eq!(q.take(4).map(|b| b.len()), Some(0));
+        q.close();
+        assert!(q.take(4).is_none());
     }
 
     #[test]

@@ -692,6 +692,9 @@ pub(super) fn add_timings(h: &mut HeaderMap, t: &Timings) {
     if let Some(l) = t.load {
         h.insert("x-model-load-time", ms(l));
     }
+    if let Some(tier) = t.tier {
+        h.insert("x-model-tier", HeaderValue::from_static(tier));
+    }
     h.insert("x-queue-time", ms(t.queue));
     h.insert("x-preprocess-time", ms(t.preprocess));
     h.insert("x-inference-time", ms(t.inference));

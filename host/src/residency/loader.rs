@@ -170,7 +170,7 @@ impl Loader {
         let key = &reg.key;
         // Stamped before unpacking: a replacement during the load is noticed at the next use.
         let source = super::model::archive_stamp(&reg.archive);
-        let (unpacked, pin) = {
+        let (unpacked, pin, unpacked_now) = {
             let (archive, config, sandbox, pins) = (
                 reg.archive.clone(),
                 self.config.clone(),
@@ -254,7 +254,7 @@ impl Loader {
                 .unwrap_or(archive::DEFAULT_MAX_CUDA_GRAPHS);
             entry = entry.with_cuda_graphs(&key.to_string(), max as usize);
         }
-        let mut pipeline = runtime::Pipeline { stage, entry };
+        let mut pipeline = runtime::Pipeline::new(stage, entry);
         if !self.config.model_warm_ups {
             pipeline.disable_warm_ups();
         }
@@ -293,7 +293,7 @@ impl Loader {
             residency.quarantine_callback(key),
         )
         .map_err(|e| ResidencyError::Internal(format!("starting forward workers: {e}")))?;
-        Ok(LoadedModel::new(
+        let model = LoadedModel::new(
             key.clone(),
             unpacked,
             pipeline,
@@ -304,7 +304,13 @@ impl Loader {
         )
         .with_source(&reg.archive, source)
         .with_disk_pin(pin)
-        .with_reservation(reservation))
+        .with_reservation(reservation);
+        model.set_came_from(if unpacked_now {
+            super::Tier::Store
+        } else {
+            super::Tier::Disk
+        });
+        Ok(model)
     }
 
     /// What the handler may see and use: assets, parameters, its memory cap (the archive's,
@@ -461,23 +467,29 @@ fn unpack_cached(
     config: &LoaderConfig,
     sandbox: &Sandbox,
     pins: &Arc<disk::Pins>,
-) -> Result<(Unpacked, disk::Pin), ResidencyError> {
+) -> Result<(Unpacked, disk::Pin, bool), ResidencyError> {
     let (key, listing) = disk::key_of(archive, config.limits)?;
     let pin = pins.pin(&key);
     let root = disk::root(&config.work_dir);
     disk::record_source(&root, &key, archive)?;
     let dest = root.join(&key);
     let checked = disk::checked_file(&root, &key);
-    let unpacked = match std::fs::metadata(&dest) {
+    let (unpacked, unpacked_now) = match std::fs::metadata(&dest) {
         Ok(m) if m.is_dir() => match archive::inspect(&dest) {
-            Ok(u) => u,
+            Ok(u) => (u, false),
             Err(_) => {
                 let _ = std::fs::remove_dir_all(&dest);
                 let _ = std::fs::remove_file(&checked);
-                unpack_fresh(archive, listing.as_deref(), &dest, config)?
+                (
+                    unpack_fresh(archive, listing.as_deref(), &dest, config)?,
+                    true,
+                )
             }
         },
-        _ => unpack_fresh(archive, listing.as_deref(), &dest, config)?,
+        _ => (
+            unpack_fresh(archive, listing.as_deref(), &dest, config)?,
+            true,
+        ),
     };
     if !checked.is_file() {
         let limits = verify::CheckLimits::for_files(
@@ -488,7 +500,7 @@ fn unpack_cached(
         check_unpacked(&unpacked, sandbox, limits, true)?;
         std::fs::write(&checked, b"").map_err(archive::io_err(&checked))?;
     }
-    Ok((unpacked, pin))
+    Ok((unpacked, pin, unpacked_now))
 }
 
 fn unpack_fresh(

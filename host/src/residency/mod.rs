@@ -21,12 +21,13 @@
 //! `evictions`; the registry is never locked while awaiting a load; the disk tier's pins
 //! ([`disk::Pins`]) are locked alone, for file renames and removals at most.
 pub mod disk;
+pub mod host;
 pub mod loader;
 mod model;
 pub mod policy;
 
 pub use loader::{check_unpacked, CheckError, Loader, LoaderConfig, WorkerOverrides};
-pub use model::{InUse, LoadedModel, Source};
+pub use model::{InUse, LoadedModel, Source, Tier};
 
 use crate::archive::ArchiveError;
 use crate::metrics::Metrics;
@@ -58,6 +59,10 @@ pub enum ResidencyError {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// How long an evicted model may still be held by others before it goes to the host tier
+/// without them (past it, it is freed when they let go).
+const HELD_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How long after the latest request [`Residency::upkeep`] counts the server as idle.
 const QUIET_MS: u64 = 3_000;
@@ -139,6 +144,8 @@ pub struct Residency {
     reserved: Arc<std::sync::atomic::AtomicU64>,
     /// One reservation decided at a time (the check and the set-aside are one step).
     admission: tokio::sync::Mutex<()>,
+    /// Models evicted from the device whose weights wait in host memory.
+    host: Arc<host::HostTier>,
 }
 
 /// Room in the budget set aside for one load (see [`Residency::reserve`]); given back when
@@ -207,7 +214,19 @@ impl Residency {
             reserved: Default::default(),
             admission: Default::default(),
             retired,
+            host: Arc::new(host::HostTier::new(0, false)),
         }
+    }
+
+    /// Evicted models keep their weights in `host` (when its budget is above zero).
+    pub fn with_host_tier(mut self, host: host::HostTier) -> Residency {
+        self.host = Arc::new(host);
+        self
+    }
+
+    /// The host-memory tier.
+    pub fn host_tier(&self) -> &host::HostTier {
+        &self.host
     }
 
     /// The device budget in bytes.
@@ -242,10 +261,13 @@ impl Residency {
     }
 
     /// At shutdown: closes every resident model's queue (its workers finish what is queued)
-    /// and waits until `deadline` for every forward thread, unloaded models' included; returns
-    /// how many still run.
+    /// and those of models in the host tier, and waits until `deadline` for every forward
+    /// thread, unloaded models' included; returns how many still run.
     pub fn shutdown(&self, deadline: std::time::Instant) -> usize {
         for (_, m) in self.cache.iter() {
+            m.engine.close();
+        }
+        for (m, _) in self.host.list() {
             m.engine.close();
         }
         crate::engine::join_all(deadline)
@@ -413,6 +435,9 @@ impl Residency {
             .cache
             .try_get_with(key.clone(), async {
                 loaded_here.store(true, Ordering::Relaxed);
+                if let Some(model) = self.swap_in(reg, tenant).await? {
+                    return Ok(model);
+                }
                 let model = Arc::new(self.loader.load(self, reg, tenant).await?);
                 warm_up(model.clone()).await;
                 Ok::<_, ResidencyError>(model)
@@ -421,6 +446,9 @@ impl Residency {
         let loaded_here = loaded_here.load(Ordering::Relaxed);
         if loaded_here {
             self.metrics.resident_models.inc();
+            if model.came_from() != Tier::Host {
+                self.stage_on_host(&model);
+            }
         }
         // Resident now: its weight counts, its reservation no longer.
         model.release_reservation(self.now_ms());
@@ -555,6 +583,7 @@ impl Residency {
         if let Ok(mut q) = self.quarantined.lock() {
             q.remove(key);
         }
+        self.drop_from_host(self.host.remove_where(|k| k == key));
         if self.cache.contains_key(key) {
             self.count_eviction(key, EvictionCause::Unload);
             self.cache.invalidate(key).await;
@@ -567,6 +596,7 @@ impl Residency {
         if let Ok(mut q) = self.quarantined.lock() {
             q.retain(|k| !k.is_version_of(tenant, name));
         }
+        self.drop_from_host(self.host.remove_where(|k| k.is_version_of(tenant, name)));
         let victims = self.resident_versions(tenant, name);
         for m in &victims {
             self.count_eviction(&m.key, EvictionCause::Unload);
@@ -604,6 +634,9 @@ impl Residency {
             return false;
         };
         let victim = victim.clone();
+        let victim_model = resident.iter().find(|m| m.key == victim).cloned();
+        drop(candidates);
+        drop(resident);
         tracing::info!(
             model = %victim,
             reason = cause.as_str(),
@@ -619,7 +652,256 @@ impl Residency {
             .or_default() += 1;
         self.cache.invalidate(&victim).await;
         self.cache.run_pending_tasks().await;
+        if let Some(model) = victim_model {
+            self.park_on_host(model).await;
+        }
         true
+    }
+
+    /// Moves an evicted model's weights to the host tier, when it has room and nothing else
+    /// holds the model (a request that still holds it keeps it on the device, freed when done).
+    /// Pushes out of the tier what came in first if needed. Its device memory counts against
+    /// the budget until the move has freed it.
+    async fn park_on_host(&self, model: Arc<LoadedModel>) {
+        if !self.host.enabled() || self.is_quarantined(&model.key) {
+            return;
+        }
+        // Others may hold it a moment longer without using it (a request's last steps after its
+        // answer, housekeeping scanning the resident models): wait a little for them.
+        let held_since = Instant::now();
+        while Arc::strong_count(&model) > 1 && held_since.elapsed() < HELD_WAIT {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        if Arc::strong_count(&model) > 1 {
+            tracing::info!(model = %model.key, holders = Arc::strong_count(&model) - 1,
+                "evicted while still held: not moved to host memory (freed when let go)");
+            return;
+        }
+        let pipeline = model.pipeline.clone();
+        let bytes = match tokio::task::spawn_blocking(move || pipeline.host_bytes_needed()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::warn!(model = %model.key, error = %e, "cannot move to host memory; dropped");
+                return;
+            }
+            Err(_) => return,
+        };
+        let Some(admitted) = self.host.admit(&model, bytes, self.now_ms()) else {
+            tracing::info!(model = %model.key, bytes, host_budget = self.host.budget(),
+                "no room in the host-memory tier: dropped (its files stay on disk)");
+            return;
+        };
+        self.drop_from_host(admitted.spilled);
+        if !admitted.released.is_empty() {
+            let released = admitted.released;
+            let _ = tokio::task::spawn_blocking(move || {
+                for m in released {
+                    let bytes = m.pipeline.release_host_copy();
+                    tracing::info!(model = %m.key, bytes, "freed the kept host copy of a resident model");
+                }
+            })
+            .await;
+        }
+        let (pipeline, pin) = (model.pipeline.clone(), self.host.pin());
+        let moved = tokio::task::spawn_blocking(move || pipeline.to_host(pin)).await;
+        match moved {
+            Ok(Ok(moved)) => {
+                model.unretire();
+                self.metrics
+                    .swaps
+                    .with_label_values(&[
+                        &model.key.tenant,
+                        &model.key.name,
+                        &model.key.version,
+                        "to-host",
+                    ])
+                    .inc();
+                self.metrics
+                    .swap_bytes
+                    .with_label_values(&["to-host"])
+                    .inc_by(moved.copied);
+                self.metrics.host_tier_bytes.set(self.host.used() as i64);
+                if let Some(why) = &moved.pin_error {
+                    tracing::warn!(model = %model.key, why,
+                        "could not page-lock its host memory: kept pageable (slower copies)");
+                }
+                tracing::info!(model = %model.key, bytes = moved.bytes, pinned = moved.pinned,
+                    ms = format!("{:.1}", moved.ms), copied = moved.copied,
+                    storages = moved.storages, host_used = self.host.used(),
+                    "model moved to host memory");
+            }
+            Ok(Err(e)) => {
+                self.host.abandon(&model);
+                tracing::warn!(model = %model.key, error = %e, "moving to host memory failed: dropped");
+            }
+            Err(_) => self.host.abandon(&model),
+        }
+        drop(admitted.moving);
+    }
+
+    /// In the background, copies a model just loaded to the host tier while it serves (if the
+    /// tier has room without freeing anything), so that its first eviction copies only what is
+    /// written meanwhile instead of allocating, page-locking and copying it all then.
+    fn stage_on_host(&self, model: &Arc<LoadedModel>) {
+        if !self.host.enabled() {
+            return;
+        }
+        let (host, metrics, weak, pipeline, key, now) = (
+            self.host.clone(),
+            self.metrics.clone(),
+            Arc::downgrade(model),
+            model.pipeline.clone(),
+            model.key.clone(),
+            self.now_ms(),
+        );
+        tokio::spawn(async move {
+            let p = pipeline.clone();
+            let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || p.host_bytes_needed()).await
+            else {
+                return;
+            };
+            let kept = weak.upgrade().is_some_and(|m| host.keep(&m, bytes, now));
+            if !kept {
+                return;
+            }
+            metrics.host_tier_bytes.set(host.used() as i64);
+            let (p, pin) = (pipeline.clone(), host.pin());
+            match tokio::task::spawn_blocking(move || p.stage_host_copy(pin)).await {
+                Ok(Ok(moved)) => {
+                    if let Some(why) = &moved.pin_error {
+                        tracing::warn!(model = %key, why,
+                            "could not page-lock its host memory: kept pageable (slower copies)");
+                    }
+                    tracing::info!(model = %key, bytes = moved.bytes, pinned = moved.pinned,
+                        ms = format!("{:.1}", moved.ms), "host copy of a model just loaded made in the background");
+                }
+                Ok(Err(e)) => {
+                    if let Some(m) = weak.upgrade() {
+                        host.abandon(&m);
+                    }
+                    let p = pipeline.clone();
+                    let _ = tokio::task::spawn_blocking(move || p.release_host_copy()).await;
+                    tracing::info!(model = %key, error = %e, "no host copy made in the background");
+                }
+                Err(_) => {}
+            }
+        });
+    }
+
+    /// Drops models taken out of the host tier (their forward threads end, memory is freed).
+    fn drop_from_host(&self, models: Vec<Arc<LoadedModel>>) {
+        for m in models {
+            tracing::info!(model = %m.key, bytes = m.pipeline.host_bytes(),
+                "model dropped from host memory (its files stay on disk)");
+            m.engine.close();
+        }
+        self.metrics.host_tier_bytes.set(self.host.used() as i64);
+    }
+
+    /// `reg`'s model back from the host tier, if it is there and its archive is unchanged:
+    /// room made on the device (waiting like a load), the weights copied back, published
+    /// without a warm-up (its executor and handler are as they were). `None` to load it.
+    async fn swap_in(
+        &self,
+        reg: &Registration,
+        tenant: &Tenant,
+    ) -> Result<Option<Arc<LoadedModel>>, ResidencyError> {
+        let Some(model) = self.host.take(&reg.key).await else {
+            return Ok(None);
+        };
+        let (m, archive) = (model.clone(), reg.archive.clone());
+        let current = tokio::task::spawn_blocking(move || m.source_at(&archive))
+            .await
+            .map_or(false, |s| s == Source::Current);
+        if !current {
+            tracing::info!(model = %reg.key, "its archive changed since it left the device: reloading");
+            self.drop_from_host(vec![model]);
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let reservation = match self
+            .reserve(&reg.key, model.weight(), model.timeout_for(tenant))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                if !self.host.put_back(model.clone(), self.now_ms()) {
+                    self.drop_from_host(vec![model]);
+                }
+                return Err(e);
+            }
+        };
+        let on_host = model.pipeline.on_host();
+        let moved = if on_host {
+            self.retry_out_of_memory(&reg.key, 2, || {
+                let p = model.pipeline.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || p.to_device())
+                        .await
+                        .unwrap_or_else(|e| Err(RuntimeError::Forward(e.to_string())))
+                }
+            })
+            .await
+        } else {
+            // Its move to the host failed after it was taken: still on the device.
+            Ok(runtime::tier::Moved {
+                bytes: 0,
+                pinned: false,
+                pin_error: None,
+                copied: 0,
+                storages: 0,
+                ms: 0.0,
+            })
+        };
+        let moved = match moved {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(model = %reg.key, error = %e, "swap-in from host memory failed");
+                if !self.host.put_back(model.clone(), self.now_ms()) {
+                    self.drop_from_host(vec![model]);
+                }
+                return Err(ResidencyError::Runtime(e));
+            }
+        };
+        // Its CUDA graphs (dropped with the move to the host) are captured again before the
+        // model serves, as at a reload: its first request then runs at full speed.
+        let pending = model.pipeline.pending_captures();
+        if pending > 0 {
+            let capture_started = Instant::now();
+            let deadline = capture_started + model.timeout_for(tenant);
+            model.engine.nudge();
+            while model.pipeline.pending_captures() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            tracing::info!(model = %reg.key, graphs = pending,
+                ms = capture_started.elapsed().as_millis() as u64,
+                "CUDA graphs captured again after the swap-in");
+        }
+        // Its host copy stays while the tier has room: the next eviction then copies only
+        // what was written since (usually nothing).
+        if !self
+            .host
+            .keep(&model, model.pipeline.host_bytes(), self.now_ms())
+        {
+            let pipeline = model.pipeline.clone();
+            let _ = tokio::task::spawn_blocking(move || pipeline.release_host_copy()).await;
+        }
+        self.metrics.host_tier_bytes.set(self.host.used() as i64);
+        model.rearm(reservation, self.now_ms());
+        model.set_came_from(Tier::Host);
+        let k = &reg.key;
+        self.metrics
+            .swaps
+            .with_label_values(&[&k.tenant, &k.name, &k.version, "from-host"])
+            .inc();
+        self.metrics
+            .swap_bytes
+            .with_label_values(&["from-host"])
+            .inc_by(moved.bytes);
+        tracing::info!(model = %reg.key, bytes = moved.bytes, pinned = moved.pinned,
+            copy_ms = format!("{:.1}", moved.ms), ms = started.elapsed().as_millis() as u64,
+            "model swapped in from host memory");
+        Ok(Some(model))
     }
 
     /// How often `tenant`'s model `name` (any version) was evicted to make room.

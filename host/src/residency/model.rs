@@ -43,6 +43,33 @@ pub struct LoadedModel {
     /// Once out of residency while still held (see [`LoadedModel::retire`]): the counter its
     /// weight was added to, and that weight, taken off when it is freed.
     retired: std::sync::Mutex<Option<(Arc<AtomicU64>, u64)>>,
+    /// Where it came from at its latest load or swap-in (see [`Tier`]).
+    came_from: std::sync::atomic::AtomicU8,
+}
+
+/// Where a model was when a request needed it, as the `x-model-tier` header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Resident on its device (`gpu`, or `cpu` for a CPU device).
+    Device,
+    /// Its weights in host memory, copied back (a swap-in).
+    Host,
+    /// Unpacked on local disk: loaded from there.
+    Disk,
+    /// Only in the model store: unpacked, checked and loaded.
+    Store,
+}
+
+impl Tier {
+    pub fn name(self, device: tch::Device) -> &'static str {
+        match self {
+            Tier::Device if device.is_cuda() => "gpu",
+            Tier::Device => "cpu",
+            Tier::Host => "host",
+            Tier::Disk => "disk",
+            Tier::Store => "store",
+        }
+    }
 }
 
 /// How long a model just published is protected from eviction while no request has begun on
@@ -92,6 +119,43 @@ impl LoadedModel {
             reservation: std::sync::Mutex::new(None),
             begun: std::sync::atomic::AtomicBool::new(false),
             retired: std::sync::Mutex::new(None),
+            came_from: std::sync::atomic::AtomicU8::new(Tier::Store as u8),
+        }
+    }
+
+    /// Where it came from at its latest load or swap-in.
+    pub fn came_from(&self) -> Tier {
+        match self.came_from.load(Ordering::Relaxed) {
+            x if x == Tier::Host as u8 => Tier::Host,
+            x if x == Tier::Disk as u8 => Tier::Disk,
+            x if x == Tier::Device as u8 => Tier::Device,
+            _ => Tier::Store,
+        }
+    }
+
+    pub fn set_came_from(&self, tier: Tier) {
+        self.came_from.store(tier as u8, Ordering::Relaxed);
+    }
+
+    /// Made resident again after a swap-in at `now_ms`: `r` holds its room until it is
+    /// published, and it is fresh again (see [`LoadedModel::fresh`]).
+    pub fn rearm(&self, r: super::Reservation, now_ms: u64) {
+        *self.reservation.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.begun.store(false, Ordering::SeqCst);
+        self.charged.store(0, Ordering::Relaxed);
+        self.last_used.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Its device memory was freed while it is still held (moved to host memory): the budget
+    /// stops counting it (undoes [`LoadedModel::retire`]).
+    pub fn unretire(&self) {
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((counter, weight)) = retired {
+            counter.fetch_sub(weight, Ordering::SeqCst);
         }
     }
 

@@ -366,6 +366,10 @@ struct Inner {
     full_logged: bool,
     /// A recalled signature failed to capture.
     recall_failed: bool,
+    /// What each ready graph was captured for (to capture it again after [`Graphs::park`]).
+    memos: Vec<Remembered>,
+    /// Signatures of the graphs dropped while the model's weights are in host memory.
+    parked: Vec<Remembered>,
 }
 
 impl Inner {
@@ -524,8 +528,9 @@ impl Graphs {
                     signature = %next.signature, bytes = graph.bytes, recalled = next.recalled,
                     ms = started.elapsed().as_millis() as u64, "captured a CUDA graph");
                 if let Some(file) = &self.file {
-                    remember(file, memo, self.max);
+                    remember(file, memo.clone(), self.max);
                 }
+                inner.memos.push(memo);
                 inner
                     .ready
                     .insert(next.signature, Arc::new(Mutex::new(graph)));
@@ -547,6 +552,38 @@ impl Graphs {
             }
         }
         true
+    }
+}
+
+impl Graphs {
+    /// Drops every captured graph and pending capture (their static buffers and memory pools
+    /// point at the model's device memory, which is about to move), remembering their
+    /// signatures for [`Graphs::unpark`]. Called with no call of the model running.
+    pub fn park(&self) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let mut parked = std::mem::take(&mut inner.memos);
+        parked.extend(inner.pending.drain(..).map(|p| Remembered::of(&p)));
+        inner.ready.clear();
+        inner.parked = parked;
+        self.bytes.store(0, Ordering::Relaxed);
+    }
+
+    /// Queues the graphs dropped by [`Graphs::park`] for capture again (zero-filled inputs),
+    /// once the weights are back on the device; how many.
+    pub fn unpark(&self) -> usize {
+        let Ok(mut inner) = self.inner.lock() else {
+            return 0;
+        };
+        for r in std::mem::take(&mut inner.parked) {
+            match r.pending(self.device) {
+                Ok(p) => inner.pending.push(p),
+                Err(e) => tracing::warn!(model = %self.model, signature = %r.signature, error = %e,
+                    "could not queue a CUDA graph to capture again after a swap-in; it waits for a request"),
+            }
+        }
+        inner.pending.len()
     }
 }
 

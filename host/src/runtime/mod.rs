@@ -9,6 +9,7 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 
 pub mod graphs;
 mod pipeline;
+pub mod tier;
 pub mod verify;
 pub use pipeline::{
     batch_key, CachedOutputs, Forwarded, Pipeline, PipelineInput, Stage, StageCache,
@@ -826,6 +827,16 @@ impl TorchModel {
     }
 
     /// Bytes on the device: the module's and its graphs'.
+    /// The loaded module.
+    pub(crate) fn module(&self) -> Option<&CModule> {
+        self.module.as_ref()
+    }
+
+    /// Its CUDA graphs, if it has them.
+    pub(crate) fn graphs(&self) -> Option<&graphs::Graphs> {
+        self.graphs.as_ref()
+    }
+
     pub fn device_bytes(&self) -> u64 {
         self.held_bytes + self.graphs.as_ref().map_or(0, |g| g.bytes())
     }
@@ -1718,5 +1729,194 @@ for mode in range(4):
             after <= before + (1 << 20),
             "allocated {before} -> {after} after drop"
         );
+    }
+
+    /// A traced model holding weights (graph constants, two of them views of one storage):
+    /// `relu(x @ w + b)` summed per row, plus the first half of `w`'s rows summed.
+    fn weighted(path: &Path) {
+        let w = Tensor::randn([1024, 1024], (Kind::Float, Device::Cpu)) / 32.0;
+        let half = w.narrow(0, 0, 512);
+        let b = Tensor::randn([1024], (Kind::Float, Device::Cpu));
+        let module = tch::CModule::create_by_tracing(
+            "W",
+            "forward",
+            &[Tensor::zeros([2, 1024], (Kind::Float, Device::Cpu))],
+            &mut |xs| {
+                let y = (xs[0].matmul(&w) + &b).relu();
+                vec![y.sum_dim_intlist(1, false, Kind::Float) + half.sum(Kind::Float)]
+            },
+        )
+        .unwrap();
+        module.save(path).unwrap();
+    }
+
+    /// Page-locking is process-wide to fail or not: tests that set it take turns.
+    static PINNING: Mutex<()> = Mutex::new(());
+
+    /// The host tier's move, on the CPU (CI): the weights go to a host block and come back with
+    /// the same answers; calls are refused meanwhile; views of one storage share one copy; a
+    /// page-locking failure (injected) leaves the block pageable and the move goes on.
+    #[test]
+    fn weights_move_to_host_memory_and_back_in_place() {
+        let _turn = PINNING.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.pt");
+        weighted(&path);
+        let pipeline = Pipeline::new(None, TorchModel::load(&path, Device::Cpu).unwrap());
+        let want = pipeline.entry.forward(&[input(2, 3)]).unwrap();
+        // w (4 MiB, its half a view of it) and b, each storage once, page-aligned.
+        let needed = pipeline.host_bytes_needed().unwrap();
+        assert!(
+            (4 << 20) + 4096 <= needed && needed <= (4 << 20) + 3 * 4096,
+            "{needed}"
+        );
+        assert_eq!(pipeline.host_bytes(), 0, "nothing allocated before a move");
+        tier::fail_pinning(true);
+        let moved = pipeline.to_host(true);
+        tier::fail_pinning(false);
+        let moved = moved.unwrap();
+        assert!(!moved.pinned);
+        assert!(
+            moved.pin_error.as_deref().unwrap().contains("injected"),
+            "{moved:?}"
+        );
+        assert!(pipeline.on_host());
+        assert_eq!(pipeline.host_bytes(), needed);
+        assert!(pipeline.serving().is_err());
+        assert!(pipeline.try_serving().is_none());
+        assert!(pipeline.to_host(false).is_err(), "already there");
+        pipeline.to_device().unwrap();
+        assert!(!pipeline.on_host());
+        assert!(pipeline.serving().is_ok());
+        assert_eq!(pipeline.entry.forward(&[input(2, 3)]).unwrap(), want);
+        // The host copy is kept for the next move (nothing written since: nothing copied),
+        // and freed on request.
+        assert_eq!(pipeline.host_bytes(), needed);
+        assert_eq!(pipeline.to_host(false).unwrap().copied, 0);
+        pipeline.to_device().unwrap();
+        assert_eq!(pipeline.entry.forward(&[input(2, 3)]).unwrap(), want);
+        assert_eq!(pipeline.release_host_copy(), needed);
+        assert_eq!(pipeline.host_bytes(), 0);
+    }
+
+    /// The host tier's move on a GPU (GPU machine only): the device memory of the weights and
+    /// of the CUDA graphs is freed, the host block page-locked; back on the device the answers
+    /// are the same and the graphs are captured again before any call brings them.
+    #[test]
+    fn gpu_weights_move_to_page_locked_memory_and_back() {
+        let Some(_gpu) = gpu_test() else {
+            return;
+        };
+        let _turn = PINNING.lock().unwrap_or_else(|e| e.into_inner());
+        set_thread_executor(Executor::Simple);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.pt");
+        weighted(&path);
+        let pipeline = Pipeline::new(
+            None,
+            TorchModel::load(&path, Device::Cuda(0))
+                .unwrap()
+                .with_cuda_graphs("w", 2),
+        );
+        let want = pipeline.entry.forward(&[input(2, 3)]).unwrap();
+        capture_all(&pipeline.entry);
+        assert!(pipeline.entry.device_bytes() > pipeline.entry.held_bytes);
+        assert_eq!(pipeline.entry.forward(&[input(2, 3)]).unwrap(), want);
+        let before = cuda_memory(0).unwrap().0;
+        let moved = pipeline.to_host(true).unwrap();
+        assert!(moved.pinned, "{moved:?}");
+        assert!(moved.pin_error.is_none());
+        let after = cuda_memory(0).unwrap().0;
+        assert!(
+            before >= after + (4 << 20),
+            "allocated {before} -> {after}: the weights stayed on the device"
+        );
+        assert_eq!(pipeline.entry.device_bytes(), pipeline.entry.held_bytes);
+        assert_eq!(pipeline.entry.pending_captures(), 0);
+        pipeline.to_device().unwrap();
+        assert_eq!(
+            pipeline.entry.pending_captures(),
+            1,
+            "its graph waits again"
+        );
+        capture_all(&pipeline.entry);
+        assert_eq!(pipeline.entry.forward(&[input(2, 3)]).unwrap(), want);
+        assert_eq!(pipeline.entry.pending_captures(), 0, "a replay");
+        // Injected: page-locking fails, the block stays pageable, the move still works.
+        pipeline.release_host_copy();
+        tier::fail_pinning(true);
+        let moved = pipeline.to_host(true);
+        tier::fail_pinning(false);
+        let moved = moved.unwrap();
+        assert!(!moved.pinned && moved.pin_error.is_some(), "{moved:?}");
+        pipeline.to_device().unwrap();
+        capture_all(&pipeline.entry);
+        assert_eq!(pipeline.entry.forward(&[input(2, 3)]).unwrap(), want);
+    }
+
+    /// A model that writes its own buffer in place (counting its calls) beside a weight.
+    const COUNTING_FIXTURE: &str = r#"
+import sys
+import torch
+
+class Counting(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(256, 1024))
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return (x[:, :256] * self.w[0, :256]).sum(1) * 0 + self.calls
+
+torch.jit.script(Counting().eval()).save(sys.argv[1])
+"#;
+
+    /// A kept or staged host copy is only trusted for what was not written since: a buffer the
+    /// forward writes in place (in inference mode, as forward threads run) is copied again at
+    /// the next move, the untouched weight is not, and the count carries across moves.
+    #[test]
+    fn a_move_copies_again_only_what_the_model_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.pt");
+        python_fixture(COUNTING_FIXTURE, &path);
+        let pipeline = Arc::new(Pipeline::new(
+            None,
+            TorchModel::load(&path, Device::Cpu).unwrap(),
+        ));
+        let call = |p: &Arc<Pipeline>| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                // SAFETY: puts this new thread in inference mode for its life.
+                assert_eq!(unsafe { cuda::tessera_enter_inference_mode() }, 0);
+                f32s(&p.entry.forward(&[input(1, 3)]).unwrap()[0])[0]
+            })
+            .join()
+            .unwrap()
+        };
+        assert_eq!(call(&pipeline), 1.0);
+        // A host copy made while the model serves (as after a load)...
+        pipeline.stage_host_copy(false).unwrap();
+        assert_eq!(pipeline.host_bytes(), (1 << 20) + 4096);
+        assert_eq!(call(&pipeline), 2.0);
+        // ...leaves the move only what was written since: the counter.
+        let first = pipeline.to_host(false).unwrap();
+        assert_eq!(first.copied, 4, "the counter only");
+        assert!(
+            pipeline.stage_host_copy(false).is_err(),
+            "not while in host memory"
+        );
+        pipeline.to_device().unwrap();
+        assert_eq!(
+            call(&pipeline),
+            3.0,
+            "the count came back from the host copy"
+        );
+        assert_eq!(pipeline.to_host(false).unwrap().copied, 4);
+        pipeline.to_device().unwrap();
+        // No call in between: nothing written, nothing copied.
+        assert_eq!(pipeline.to_host(false).unwrap().copied, 0);
+        pipeline.to_device().unwrap();
+        assert_eq!(call(&pipeline), 4.0);
     }
 }

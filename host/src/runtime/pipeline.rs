@@ -5,8 +5,10 @@
 //! bounded in bytes (LRU), so a later request with the same key runs only the entry model.
 //! The cache belongs to one loaded model version, so it is scoped to its tenant and model,
 //! and its capacity is reserved in the residency budget by the caller.
+use super::tier::{HostCopy, Moved};
 use super::{collect_outputs, DType, Executor, HostTensor, RuntimeError, TorchModel, WarmUpState};
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tch::{Device, IValue, Tensor};
 
@@ -175,13 +177,162 @@ impl PipelineInput {
 
 /// A loaded model: optional cached stage + entry model.
 pub struct Pipeline {
+    /// Where its weights are (declared first: dropped before the models).
+    pub tier: Tier,
     pub stage: Option<Stage>,
     pub entry: TorchModel,
 }
 
+/// Where a pipeline's weights are: on its device (serving) or in host memory (see
+/// [`Pipeline::to_host`]). Calls hold the gate shared; a move holds it alone.
+#[derive(Default)]
+pub struct Tier {
+    gate: std::sync::RwLock<()>,
+    copy: Mutex<Option<HostCopy>>,
+    on_host: std::sync::atomic::AtomicBool,
+}
+
+/// Held by a call of the model: its weights stay on the device meanwhile.
+pub type Serving<'a> = std::sync::RwLockReadGuard<'a, ()>;
+
 impl Pipeline {
+    pub fn new(stage: Option<Stage>, entry: TorchModel) -> Pipeline {
+        Pipeline {
+            tier: Tier::default(),
+            stage,
+            entry,
+        }
+    }
+
     pub fn device(&self) -> Device {
         self.entry.device
+    }
+
+    /// Whether its weights are in host memory.
+    pub fn on_host(&self) -> bool {
+        self.tier.on_host.load(Ordering::SeqCst)
+    }
+
+    /// For a call of the model: holds its weights on the device until dropped. An error while
+    /// they are in host memory (a model is moved there only once out of residency and unused,
+    /// so no request should meet it).
+    pub fn serving(&self) -> Result<Serving<'_>, RuntimeError> {
+        let guard = self.tier.gate.read().unwrap_or_else(|e| e.into_inner());
+        if self.on_host() {
+            return Err(RuntimeError::Forward(
+                "the model's weights are in host memory (evicted); retry".into(),
+            ));
+        }
+        Ok(guard)
+    }
+
+    /// Like [`Pipeline::serving`] for work between requests: `None` at once while the weights
+    /// move or are in host memory.
+    pub fn try_serving(&self) -> Option<Serving<'_>> {
+        let guard = self.tier.gate.try_read().ok()?;
+        (!self.on_host()).then_some(guard)
+    }
+
+    /// Bytes of its host copy, when one is allocated (in host memory now, or kept from an
+    /// earlier move).
+    pub fn host_bytes(&self) -> u64 {
+        let copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
+        copy.as_ref()
+            .filter(|c| c.allocated())
+            .map_or(0, |c| c.bytes())
+    }
+
+    /// Bytes its host copy would take (collecting what would move, if not done yet).
+    pub fn host_bytes_needed(&self) -> Result<u64, RuntimeError> {
+        let mut copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(self.host_copy(&mut copy)?.bytes())
+    }
+
+    fn host_copy<'a>(
+        &self,
+        copy: &'a mut Option<HostCopy>,
+    ) -> Result<&'a mut HostCopy, RuntimeError> {
+        if copy.is_none() {
+            let mut modules = Vec::new();
+            if let Some(m) = self.stage.as_ref().and_then(|s| s.model.module()) {
+                modules.push(m);
+            }
+            if let Some(m) = self.entry.module() {
+                modules.push(m);
+            }
+            *copy = Some(HostCopy::collect(&modules, self.device())?);
+        }
+        Ok(copy.as_mut().expect("set above"))
+    }
+
+    /// Moves its weights to host memory (page-locked when `pin` and possible), freeing their
+    /// device memory: its CUDA graphs are dropped (their signatures kept, see
+    /// [`Pipeline::to_device`]) and its stage cache emptied first. Waits for calls in flight.
+    /// On error the weights stay where they were.
+    pub fn to_host(&self, pin: bool) -> Result<Moved, RuntimeError> {
+        let _alone = self.tier.gate.write().unwrap_or_else(|e| e.into_inner());
+        if self.on_host() {
+            return Err(RuntimeError::Forward("already in host memory".into()));
+        }
+        let mut copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
+        let copy = self.host_copy(&mut copy)?;
+        self.clear_stage_cache();
+        if let Some(g) = self.entry.graphs() {
+            g.park();
+        }
+        let moved = copy.to_host(pin);
+        if moved.is_err() {
+            if let Some(g) = self.entry.graphs() {
+                g.unpark();
+            }
+        } else {
+            self.tier.on_host.store(true, Ordering::SeqCst);
+        }
+        moved
+    }
+
+    /// Copies its weights to their host copy (allocated now if needed, page-locked when `pin`
+    /// and possible) while they stay on the device and serve, so that a later
+    /// [`Pipeline::to_host`] copies only what is written meanwhile. An error while the weights
+    /// move or are in host memory.
+    pub fn stage_host_copy(&self, pin: bool) -> Result<Moved, RuntimeError> {
+        let Some(_serving) = self.try_serving() else {
+            return Err(RuntimeError::Forward(
+                "its weights are moving or in host memory".into(),
+            ));
+        };
+        let mut copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
+        self.host_copy(&mut copy)?.stage(pin)
+    }
+
+    /// Moves its weights back to the device (their host copy is kept; see
+    /// [`Pipeline::release_host_copy`]) and queues its CUDA graphs for capture again; on
+    /// error (out of memory, say) they stay in host memory.
+    pub fn to_device(&self) -> Result<Moved, RuntimeError> {
+        let _alone = self.tier.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(copy) = copy.as_mut().filter(|_| self.on_host()) else {
+            return Err(RuntimeError::Forward("not in host memory".into()));
+        };
+        let moved = copy.to_device()?;
+        self.tier.on_host.store(false, Ordering::SeqCst);
+        if let Some(g) = self.entry.graphs() {
+            g.unpark();
+        }
+        Ok(moved)
+    }
+
+    /// Frees its host copy while its weights are on the device; the bytes freed.
+    pub fn release_host_copy(&self) -> u64 {
+        let mut copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
+        match copy.as_mut() {
+            Some(c) if c.allocated() && !self.on_host() => {
+                let bytes = c.bytes();
+                c.release();
+                bytes
+            }
+            _ => 0,
+        }
     }
 
     /// Empties the stage cache (after a warm-up run, so that the next run goes through the
@@ -223,6 +374,9 @@ impl Pipeline {
     /// capture, else a step of a model's warm-up ([`TorchModel::warm_up_step`]); whether one
     /// ran. `name` is for the log.
     pub fn background_step(&self, name: &str) -> bool {
+        let Some(_serving) = self.try_serving() else {
+            return false;
+        };
         self.capture_pending()
             || self
                 .stage

@@ -22,8 +22,11 @@ pub struct Timings {
     pub version: String,
     /// For models with a cached stage: whether its outputs came from the cache.
     pub stage_cache: Option<bool>,
-    /// Load and warm-up, when this request triggered them.
+    /// Load and warm-up (or swap-in), when this request triggered them.
     pub load: Option<Duration>,
+    /// Where the model was when the request came (`x-model-tier`: gpu or cpu when resident,
+    /// host, disk, store).
+    pub tier: Option<&'static str>,
     pub queue: Duration,
     pub preprocess: Duration,
     pub inference: Duration,
@@ -110,9 +113,13 @@ impl Server {
         let mut timings = Timings::default();
         let load_started = Instant::now();
         let (model, loaded_now) = self.resolve_resident(tenant, name, version).await?;
-        if loaded_now {
+        let device = model.pipeline.device();
+        timings.tier = Some(if loaded_now {
             timings.load = Some(load_started.elapsed());
-        }
+            model.came_from().name(device)
+        } else {
+            crate::residency::Tier::Device.name(device)
+        });
         timings.version = model.key.version.clone();
         Ok((model, timings))
     }

@@ -25,6 +25,15 @@ pub struct ModelInfo {
     pub state: &'static str,
     /// How often a version was evicted to make room.
     pub evictions: u64,
+    /// Versions whose weights wait in the host-memory tier.
+    pub host_versions: Vec<String>,
+    /// Where the default version's weights are: `gpu` (or `cpu`) when resident, `host` in the
+    /// host-memory tier; absent when neither (on local disk or only in the store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<&'static str>,
+    /// Bytes the default version holds in the host-memory tier.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_bytes: Option<u64>,
     #[serde(flatten)]
     pub resident: Option<Resident>,
 }
@@ -200,7 +209,25 @@ impl Server {
         let default_resident = default
             .as_ref()
             .and_then(|d| resident.iter().find(|m| m.key == d.key));
+        let on_host: Vec<(Arc<crate::residency::LoadedModel>, u64)> = self
+            .residency
+            .host_tier()
+            .list()
+            .into_iter()
+            .filter(|(m, _)| m.key.is_version_of(tenant, name))
+            .collect();
+        let default_on_host = default
+            .as_ref()
+            .and_then(|d| on_host.iter().find(|(m, _)| m.key == d.key));
+        let tier = match (default_resident, default_on_host) {
+            (Some(m), _) => Some(crate::residency::Tier::Device.name(m.pipeline.device())),
+            (None, Some(_)) => Some("host"),
+            _ => None,
+        };
         ModelInfo {
+            host_versions: on_host.iter().map(|(m, _)| m.key.version.clone()).collect(),
+            tier,
+            host_bytes: default_on_host.map(|(_, b)| *b),
             model_name: name.to_string(),
             model_url: default.as_ref().map(|d| d.url.clone()),
             default_version: default.as_ref().map(|d| d.key.version.clone()),

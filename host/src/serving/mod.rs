@@ -108,14 +108,21 @@ impl Server {
             cuda_alloc_conf = config.cuda_alloc_conf,
             "libtorch"
         );
+        let host_budget = match config.host_memory_budget_mib {
+            Some(mib) => mib << 20,
+            None if device.is_cuda() => crate::config::ram_bytes() / 3,
+            None => 0,
+        };
+        let host_tier = crate::residency::host::HostTier::new(host_budget, device.is_cuda());
         tracing::info!(device = runtime::device_name(device), budget_mib = budget >> 20,
-            store = %config.model_store.display(), "tessera starting");
+            host_tier_mib = host_budget >> 20, store = %config.model_store.display(), "tessera starting");
         Ok(Arc::new(Server {
             registry: Registry::new(
                 LocalStore::new(config.model_store.clone()),
                 !tenants.multi_tenant(),
             ),
-            residency: Residency::new(budget, tenants.clone(), loader, metrics.clone()),
+            residency: Residency::new(budget, tenants.clone(), loader, metrics.clone())
+                .with_host_tier(host_tier),
             tenants,
             sandbox,
             metrics,

@@ -1,0 +1,187 @@
+//! A model's weights moved between its device and host memory in place (see `tier_shim.cpp`):
+//! the loaded TorchScript module, its graph executors and what they optimised stay as they are,
+//! so moving the weights back is a copy, not a load and a warm-up.
+use super::{device_name, graphs::take_text, is_oom, module_ptr, RuntimeError};
+use std::ffi::{c_char, c_void};
+use std::ptr::NonNull;
+use tch::{CModule, Device};
+
+mod ffi {
+    use std::ffi::{c_char, c_void};
+    extern "C" {
+        pub fn tessera_tier_collect(
+            modules: *mut *mut c_void,
+            n: i32,
+            device_type: i32,
+            index: i32,
+            err: *mut *mut c_char,
+        ) -> *mut c_void;
+        pub fn tessera_tier_bytes(handle: *mut c_void) -> i64;
+        pub fn tessera_tier_pinned(handle: *mut c_void) -> i32;
+        pub fn tessera_tier_fail_pinning(fail: i32);
+        pub fn tessera_tier_to_host(
+            handle: *mut c_void,
+            pin: i32,
+            pin_error: *mut *mut c_char,
+        ) -> *mut c_char;
+        pub fn tessera_tier_to_device(handle: *mut c_void) -> *mut c_char;
+        pub fn tessera_tier_stage(
+            handle: *mut c_void,
+            pin: i32,
+            pin_error: *mut *mut c_char,
+        ) -> *mut c_char;
+        pub fn tessera_tier_release_block(handle: *mut c_void) -> i32;
+        pub fn tessera_tier_copied(handle: *mut c_void) -> i64;
+        pub fn tessera_tier_storages(handle: *mut c_void) -> i64;
+        pub fn tessera_tier_free(handle: *mut c_void);
+    }
+}
+
+/// The tensors of a model's modules that live on its device, grouped by storage, and the host
+/// block they move to (allocated at the first move, kept until [`HostCopy::release`]).
+pub struct HostCopy {
+    handle: NonNull<c_void>,
+    device: Device,
+}
+
+// SAFETY: the handle is only used through `&mut self` or under the owner's lock; libtorch
+// tensors may be used from any thread.
+unsafe impl Send for HostCopy {}
+unsafe impl Sync for HostCopy {}
+
+impl Drop for HostCopy {
+    fn drop(&mut self) {
+        // SAFETY: our handle, freed once.
+        unsafe { ffi::tessera_tier_free(self.handle.as_ptr()) }
+    }
+}
+
+/// What one move did.
+#[derive(Debug, Clone)]
+pub struct Moved {
+    pub bytes: u64,
+    /// The host block is page-locked.
+    pub pinned: bool,
+    /// Why page-locking failed at this move, if it did (the block is pageable).
+    pub pin_error: Option<String>,
+    /// Bytes copied at this move: to the host, those of storages written since the host copy
+    /// last matched them (all at a first move, none when the kept copy was exact).
+    pub copied: u64,
+    /// Storages the model holds.
+    pub storages: u64,
+    pub ms: f64,
+}
+
+fn error(device: Device, text: String) -> RuntimeError {
+    if is_oom(&text) {
+        RuntimeError::OutOfMemory {
+            device: device_name(device),
+            message: text,
+        }
+    } else {
+        RuntimeError::Forward(format!("moving the model's weights: {text}"))
+    }
+}
+
+impl HostCopy {
+    /// Collects the tensors of `modules` on `device`.
+    pub fn collect(modules: &[&CModule], device: Device) -> Result<HostCopy, RuntimeError> {
+        let mut ptrs: Vec<*mut c_void> = modules.iter().map(|m| module_ptr(m)).collect();
+        let (kind, index) = match device {
+            Device::Cuda(n) => (1, n as i32),
+            _ => (0, 0),
+        };
+        let mut err: *mut c_char = std::ptr::null_mut();
+        // SAFETY: live module pointers; the shim only reads them and catches exceptions.
+        let handle = unsafe {
+            ffi::tessera_tier_collect(ptrs.as_mut_ptr(), ptrs.len() as i32, kind, index, &mut err)
+        };
+        match NonNull::new(handle) {
+            Some(handle) => Ok(HostCopy { handle, device }),
+            None => Err(error(device, take_text(err))),
+        }
+    }
+
+    /// Bytes of the host block (page-aligned storages).
+    pub fn bytes(&self) -> u64 {
+        // SAFETY: a live handle.
+        unsafe { ffi::tessera_tier_bytes(self.handle.as_ptr()) as u64 }
+    }
+
+    /// Whether the host block is allocated.
+    pub fn allocated(&self) -> bool {
+        // SAFETY: a live handle.
+        unsafe { ffi::tessera_tier_pinned(self.handle.as_ptr()) >= 0 }
+    }
+
+    /// Copies the tensors to the host block (page-locked if `pin` and it can be) and frees
+    /// their device memory; on error nothing moved.
+    pub fn to_host(&mut self, pin: bool) -> Result<Moved, RuntimeError> {
+        let started = std::time::Instant::now();
+        let mut pin_error: *mut c_char = std::ptr::null_mut();
+        // SAFETY: a live handle, used by one caller at a time (`&mut self`).
+        let err =
+            unsafe { ffi::tessera_tier_to_host(self.handle.as_ptr(), pin as i32, &mut pin_error) };
+        let pin_error = (!pin_error.is_null()).then(|| take_text(pin_error));
+        if !err.is_null() {
+            return Err(error(self.device, take_text(err)));
+        }
+        let mut moved = self.moved(started, pin_error);
+        // SAFETY: a live handle.
+        moved.copied = unsafe { ffi::tessera_tier_copied(self.handle.as_ptr()) } as u64;
+        Ok(moved)
+    }
+
+    /// Fills the host block with the tensors' bytes while they stay on the device (allocating
+    /// it, page-locked if `pin` and it can be): the next [`HostCopy::to_host`] then copies only
+    /// what is written meanwhile.
+    pub fn stage(&mut self, pin: bool) -> Result<Moved, RuntimeError> {
+        let started = std::time::Instant::now();
+        let mut pin_error: *mut c_char = std::ptr::null_mut();
+        // SAFETY: a live handle, used by one caller at a time (`&mut self`).
+        let err =
+            unsafe { ffi::tessera_tier_stage(self.handle.as_ptr(), pin as i32, &mut pin_error) };
+        let pin_error = (!pin_error.is_null()).then(|| take_text(pin_error));
+        if !err.is_null() {
+            return Err(error(self.device, take_text(err)));
+        }
+        Ok(self.moved(started, pin_error))
+    }
+
+    /// Copies the tensors back to the device (fresh allocations); on error (out of memory,
+    /// say) nothing moved.
+    pub fn to_device(&mut self) -> Result<Moved, RuntimeError> {
+        let started = std::time::Instant::now();
+        // SAFETY: a live handle, used by one caller at a time (`&mut self`).
+        let err = unsafe { ffi::tessera_tier_to_device(self.handle.as_ptr()) };
+        if !err.is_null() {
+            return Err(error(self.device, take_text(err)));
+        }
+        Ok(self.moved(started, None))
+    }
+
+    /// Frees the host block while the tensors are on the device; whether it was freed.
+    pub fn release(&mut self) -> bool {
+        // SAFETY: a live handle.
+        unsafe { ffi::tessera_tier_release_block(self.handle.as_ptr()) == 1 }
+    }
+
+    fn moved(&self, started: std::time::Instant, pin_error: Option<String>) -> Moved {
+        Moved {
+            bytes: self.bytes(),
+            // SAFETY: a live handle.
+            pinned: unsafe { ffi::tessera_tier_pinned(self.handle.as_ptr()) } == 1,
+            pin_error,
+            copied: self.bytes(),
+            // SAFETY: a live handle.
+            storages: unsafe { ffi::tessera_tier_storages(self.handle.as_ptr()) } as u64,
+            ms: started.elapsed().as_secs_f64() * 1e3,
+        }
+    }
+}
+
+/// Makes page-locking fail from now on (`true`) or not: for tests of the fallback.
+pub fn fail_pinning(fail: bool) {
+    // SAFETY: sets an atomic flag.
+    unsafe { ffi::tessera_tier_fail_pinning(fail as i32) }
+}

@@ -1,0 +1,430 @@
+// Moving a loaded TorchScript module's tensors between its device and one block of host
+// memory, in place: every tensor the module holds (parameters, buffers, tensor attributes of
+// every submodule, tensor constants of its methods' and functions' graphs) keeps its identity
+// (`set_data` swaps what it points at), so the module object, its graph executors and what they
+// optimised stay as they are. Tensors sharing a storage keep sharing one.
+//
+// The host block is one anonymous mapping, page-locked for the CUDA copies when asked
+// (cudaHostRegister, in chunks on several threads, looked up by name: the CUDA runtime is
+// libtorch's, not a dependency of this binary); when that fails the block stays pageable and
+// the reason is reported. Every function catches C++ exceptions and reports failure; a move that
+// fails leaves every tensor where it was.
+#include <torch/script.h>
+#include <torch/cuda.h>
+#include <c10/core/InferenceMode.h>
+
+#include <dlfcn.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+char* dup_tier(const std::string& s) {
+  char* out = static_cast<char*>(std::malloc(s.size() + 1));
+  if (out != nullptr) std::memcpy(out, s.c_str(), s.size() + 1);
+  return out;
+}
+
+std::atomic<int> g_fail_pinning{0};
+
+using RegisterFn = int (*)(void*, size_t, unsigned int);
+using UnregisterFn = int (*)(void*);
+using ErrorStringFn = const char* (*)(int);
+
+constexpr size_t kAlign = 4096;            // each storage starts on its own page
+constexpr size_t kChunk = size_t(256) << 20;  // registered per thread at a time (at least)
+
+// One mapping of host memory, page-locked or not.
+struct Block {
+  char* base = nullptr;
+  size_t size = 0;
+  std::vector<char*> registered;  // chunk starts
+
+  ~Block() {
+    if (!registered.empty()) {
+      static const auto unregister = reinterpret_cast<UnregisterFn>(dlsym(RTLD_DEFAULT, "cudaHostUnregister"));
+      if (unregister != nullptr) {
+        for (char* p : registered) unregister(p);
+      }
+    }
+    if (base != nullptr) munmap(base, size);
+  }
+
+  // Page-locks the whole block, in chunks that begin at `starts` (ascending, the first 0: a
+  // copy must not span two registrations, so chunks end on storage boundaries); "" on success,
+  // else why not (nothing stays locked).
+  std::string pin(const std::vector<size_t>& starts) {
+    if (g_fail_pinning.load() != 0) return "page-locked allocation failed (injected for a test)";
+    static const auto reg = reinterpret_cast<RegisterFn>(dlsym(RTLD_DEFAULT, "cudaHostRegister"));
+    static const auto unregister = reinterpret_cast<UnregisterFn>(dlsym(RTLD_DEFAULT, "cudaHostUnregister"));
+    static const auto text = reinterpret_cast<ErrorStringFn>(dlsym(RTLD_DEFAULT, "cudaGetErrorString"));
+    if (reg == nullptr || unregister == nullptr) return "the CUDA runtime is not loaded in this process";
+    std::vector<char*> chunks;
+    std::vector<size_t> lengths;
+    for (size_t i = 0; i < starts.size(); ++i) {
+      const size_t end = i + 1 < starts.size() ? starts[i + 1] : size;
+      if (end > starts[i]) {
+        chunks.push_back(base + starts[i]);
+        lengths.push_back(end - starts[i]);
+      }
+    }
+    std::vector<int> codes(chunks.size(), 0);
+    const size_t threads = std::min<size_t>(8, chunks.size());
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+      for (size_t i = next.fetch_add(1); i < chunks.size(); i = next.fetch_add(1)) {
+        codes[i] = reg(chunks[i], lengths[i], /*cudaHostRegisterDefault=*/0);
+      }
+    };
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+    int failed = 0;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      if (codes[i] == 0) {
+        registered.push_back(chunks[i]);
+      } else if (failed == 0) {
+        failed = codes[i];
+      }
+    }
+    if (failed == 0) return "";
+    for (char* p : registered) unregister(p);
+    registered.clear();
+    std::string why = "cudaHostRegister failed: error " + std::to_string(failed);
+    if (text != nullptr) why += std::string(" (") + text(failed) + ")";
+    return why;
+  }
+};
+
+// The tensors of one storage, and where that storage goes in the host block.
+struct Group {
+  std::vector<at::Tensor> tensors;
+  size_t nbytes = 0;
+  size_t offset = 0;
+  // The tensors' version counters when the host block last matched them (-1: unknown).
+  std::vector<int64_t> versions;
+};
+
+int64_t version_of(const at::Tensor& t) {
+  try {
+    return static_cast<int64_t>(t._version());
+  } catch (...) {
+    return -1;  // inference tensors have none
+  }
+}
+
+// Remembers the tensors' versions: the host block matches them now.
+void mark_clean(Group& g) {
+  g.versions.clear();
+  for (const at::Tensor& t : g.tensors) g.versions.push_back(version_of(t));
+}
+
+// Whether no tensor of `g` was written since mark_clean (an in-place op bumps its version).
+bool clean(const Group& g) {
+  if (g.versions.size() != g.tensors.size()) return false;
+  for (size_t i = 0; i < g.tensors.size(); ++i) {
+    const int64_t v = version_of(g.tensors[i]);
+    if (v < 0 || v != g.versions[i]) return false;
+  }
+  return true;
+}
+
+struct Moved {
+  c10::Device device{c10::DeviceType::CPU};
+  std::vector<Group> groups;
+  size_t total = 0;  // bytes of the block (page-aligned storages)
+  std::shared_ptr<Block> block;
+  bool pinned = false;
+  bool on_host = false;
+  // Bytes copied at the latest move to the host (the other storages' copies were exact).
+  size_t copied = 0;
+};
+
+void collect_tensor(const at::Tensor& t, const c10::Device& device,
+                    std::unordered_map<const void*, size_t>& by_storage,
+                    std::unordered_map<const void*, bool>& seen, Moved& out) {
+  if (!t.defined() || !t.has_storage() || t.device() != device) return;
+  if (!seen.emplace(t.unsafeGetTensorImpl(), true).second) return;
+  const void* key = t.storage().unsafeGetStorageImpl();
+  auto it = by_storage.find(key);
+  if (it == by_storage.end()) {
+    Group g;
+    g.nbytes = t.storage().nbytes();
+    it = by_storage.emplace(key, out.groups.size()).first;
+    out.groups.push_back(std::move(g));
+  }
+  out.groups[it->second].tensors.push_back(t);
+}
+
+void collect_graph(const std::shared_ptr<torch::jit::Graph>& graph,
+                   const std::function<void(const c10::IValue&)>& visit) {
+  std::function<void(const torch::jit::Block*)> walk = [&](const torch::jit::Block* b) {
+    for (const torch::jit::Node* node : b->nodes()) {
+      if (node->kind() == c10::prim::Constant && node->output()->type()->kind() == c10::TypeKind::TensorType) {
+        auto value = torch::jit::toIValue(node->output());
+        if (value) visit(*value);
+      }
+      for (const torch::jit::Block* sub : node->blocks()) walk(sub);
+    }
+  };
+  walk(graph->block());
+}
+
+// A byte view of a whole storage.
+at::Tensor storage_bytes(const at::Tensor& any) {
+  at::Tensor t = at::empty({0}, at::TensorOptions().dtype(at::kByte).device(any.device()));
+  t.set_(any.storage(), 0, {static_cast<int64_t>(any.storage().nbytes())}, {1});
+  return t;
+}
+
+// Points every tensor of `g` at `bytes` (a byte tensor as long as the group's storage).
+void repoint(Group& g, const at::Tensor& bytes) {
+  for (at::Tensor& t : g.tensors) {
+    at::Tensor view = at::empty({0}, at::TensorOptions().dtype(t.dtype()).device(bytes.device()));
+    view.set_(bytes.storage(), t.storage_offset(), t.sizes(), t.strides());
+    t.set_data(view);
+  }
+}
+
+void sync_if_cuda(const c10::Device& d) {
+  if (d.is_cuda()) torch::cuda::synchronize(d.index());
+}
+
+
+// Allocates the handle's host block if it has none (page-locked if `pin`; when that fails it
+// stays pageable and *pin_error says why). Returns null or the error.
+char* allocate(Moved* m, int pin, char** pin_error) {
+  if (!m->block && m->total > 0) {
+    auto block = std::make_shared<Block>();
+    void* p = mmap(nullptr, m->total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return dup_tier("out of memory: could not map " + std::to_string(m->total) + " bytes of host memory");
+    block->base = static_cast<char*>(p);
+    block->size = m->total;
+    if (pin != 0) {
+      std::vector<size_t> starts;
+      size_t chunk_start = 0;
+      for (const Group& g : m->groups) {
+        if (starts.empty() || g.offset - chunk_start >= kChunk) {
+          starts.push_back(g.offset);
+          chunk_start = g.offset;
+        }
+      }
+      std::string why = block->pin(starts);
+      m->pinned = why.empty();
+      if (!why.empty()) *pin_error = dup_tier(why);
+    }
+    m->block = block;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+// Collects the tensors of `n` modules that live on the modules' device (type 0 CPU, 1 CUDA;
+// `index` its ordinal), grouped by storage. Returns a handle (free with tessera_tier_free), or
+// null with the error in *err.
+extern "C" void* tessera_tier_collect(void** modules, int n, int device_type, int index, char** err) {
+  *err = nullptr;
+  try {
+    c10::InferenceMode off(false);
+    auto out = std::make_unique<Moved>();
+    out->device = device_type == 1 ? c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index))
+                                   : c10::Device(c10::DeviceType::CPU);
+    std::unordered_map<const void*, size_t> by_storage;
+    std::unordered_map<const void*, bool> seen;
+    std::function<void(const c10::IValue&)> visit = [&](const c10::IValue& v) {
+      if (v.isTensor()) {
+        collect_tensor(v.toTensor(), out->device, by_storage, seen, *out);
+      } else if (v.isTensorList()) {
+        for (const at::Tensor& t : v.toTensorVector()) collect_tensor(t, out->device, by_storage, seen, *out);
+      } else if (v.isList()) {
+        for (const c10::IValue& item : v.toListRef()) visit(item);
+      } else if (v.isTuple()) {
+        for (const c10::IValue& item : v.toTupleRef().elements()) visit(item);
+      } else if (v.isGenericDict()) {
+        for (const auto& kv : v.toGenericDict()) visit(kv.value());
+      }
+    };
+    for (int k = 0; k < n; ++k) {
+      auto* module = static_cast<torch::jit::Module*>(modules[k]);
+      for (const torch::jit::Module& m : module->modules()) {
+        for (const auto& attr : m.named_attributes(/*recurse=*/false)) visit(attr.value);
+        for (const torch::jit::Method& method : m.get_methods()) {
+          if (auto* gf = dynamic_cast<torch::jit::GraphFunction*>(&method.function())) {
+            collect_graph(gf->graph(), visit);
+          }
+        }
+      }
+      auto cu = module->_ivalue()->compilation_unit();
+      for (torch::jit::Function* fn : cu->get_functions()) {
+        if (auto* gf = dynamic_cast<torch::jit::GraphFunction*>(fn)) collect_graph(gf->graph(), visit);
+      }
+    }
+    size_t offset = 0;
+    for (Group& g : out->groups) {
+      g.offset = offset;
+      offset += (g.nbytes + kAlign - 1) / kAlign * kAlign;
+    }
+    out->total = offset;
+    return out.release();
+  } catch (const std::exception& e) {
+    *err = dup_tier(e.what());
+  } catch (...) {
+    *err = dup_tier("unknown C++ exception");
+  }
+  return nullptr;
+}
+
+// Bytes the handle's host block takes (allocated or to be).
+extern "C" int64_t tessera_tier_bytes(void* handle) {
+  return static_cast<int64_t>(static_cast<Moved*>(handle)->total);
+}
+
+// Whether the host block is page-locked (1), pageable (0), or not allocated (-1).
+extern "C" int tessera_tier_pinned(void* handle) {
+  auto* m = static_cast<Moved*>(handle);
+  if (!m->block) return -1;
+  return m->pinned ? 1 : 0;
+}
+
+// Makes the next page-locking fail (1) or not (0): the fallback's test.
+extern "C" void tessera_tier_fail_pinning(int fail) { g_fail_pinning.store(fail); }
+
+// Copies the tensors into the host block (allocated on the first move, page-locked if `pin`;
+// kept for later moves) and points them there, freeing their device memory. A storage whose
+// tensors were not written since the block last matched them (their version counters, which
+// every in-place op bumps, are unchanged) is not copied again. Returns null on
+// success, else the error (tensors unchanged). `*pin_error` gets why page-locking failed, if it
+// did (the block is then pageable and the move goes on).
+extern "C" char* tessera_tier_to_host(void* handle, int pin, char** pin_error) {
+  *pin_error = nullptr;
+  auto* m = static_cast<Moved*>(handle);
+  try {
+    if (m->on_host) return nullptr;
+    c10::InferenceMode off(false);
+    if (char* err = allocate(m, pin, pin_error)) return err;
+    std::vector<at::Tensor> hosts;
+    hosts.reserve(m->groups.size());
+    std::shared_ptr<Block> block = m->block;
+    m->copied = 0;
+    for (Group& g : m->groups) {
+      at::Tensor host = at::from_blob(
+          block->base + g.offset, {static_cast<int64_t>(g.nbytes)}, {1},
+          [block](void*) {}, at::TensorOptions().dtype(at::kByte));
+      // A copy kept from an earlier move is still exact unless a tensor was written since.
+      if (!clean(g)) {
+        host.copy_(storage_bytes(g.tensors.front()), /*non_blocking=*/m->pinned);
+        m->copied += g.nbytes;
+      }
+      hosts.push_back(host);
+    }
+    sync_if_cuda(m->device);
+    for (size_t i = 0; i < m->groups.size(); ++i) {
+      repoint(m->groups[i], hosts[i]);
+      mark_clean(m->groups[i]);
+    }
+    m->on_host = true;
+    return nullptr;
+  } catch (const std::exception& e) {
+    return dup_tier(e.what());
+  } catch (...) {
+    return dup_tier("unknown C++ exception");
+  }
+}
+
+// Fills the host block (allocated and page-locked as for a move) with the tensors' current
+// bytes while they stay on their device and in use: a later move to the host then copies only
+// what was written since. Versions are taken before the copy, so a write during it leaves the
+// storage marked as changed. Returns null on success, else the error.
+extern "C" char* tessera_tier_stage(void* handle, int pin, char** pin_error) {
+  *pin_error = nullptr;
+  auto* m = static_cast<Moved*>(handle);
+  try {
+    if (m->on_host) return nullptr;
+    c10::InferenceMode off(false);
+    if (char* err = allocate(m, pin, pin_error)) return err;
+    std::shared_ptr<Block> block = m->block;
+    for (Group& g : m->groups) {
+      if (clean(g)) continue;
+      mark_clean(g);
+      at::Tensor host = at::from_blob(
+          block->base + g.offset, {static_cast<int64_t>(g.nbytes)}, {1},
+          [block](void*) {}, at::TensorOptions().dtype(at::kByte));
+      host.copy_(storage_bytes(g.tensors.front()), /*non_blocking=*/m->pinned);
+    }
+    sync_if_cuda(m->device);
+    return nullptr;
+  } catch (const std::exception& e) {
+    for (Group& g : m->groups) g.versions.clear();
+    return dup_tier(e.what());
+  } catch (...) {
+    for (Group& g : m->groups) g.versions.clear();
+    return dup_tier("unknown C++ exception");
+  }
+}
+
+// Copies the tensors back to their device (fresh allocations) and points them there. Returns
+// null on success, else the error (an allocation that failed frees the others: the tensors
+// stay on the host). The host block is kept for the next move to the host.
+extern "C" char* tessera_tier_to_device(void* handle) {
+  auto* m = static_cast<Moved*>(handle);
+  try {
+    if (!m->on_host) return nullptr;
+    c10::InferenceMode off(false);
+    std::vector<at::Tensor> fresh;
+    fresh.reserve(m->groups.size());
+    for (Group& g : m->groups) {
+      fresh.push_back(at::empty({static_cast<int64_t>(g.nbytes)}, at::TensorOptions().dtype(at::kByte).device(m->device)));
+    }
+    for (size_t i = 0; i < m->groups.size(); ++i) {
+      fresh[i].copy_(storage_bytes(m->groups[i].tensors.front()), /*non_blocking=*/m->pinned);
+    }
+    sync_if_cuda(m->device);
+    for (size_t i = 0; i < m->groups.size(); ++i) {
+      repoint(m->groups[i], fresh[i]);
+      mark_clean(m->groups[i]);
+    }
+    m->on_host = false;
+    return nullptr;
+  } catch (const std::exception& e) {
+    return dup_tier(e.what());
+  } catch (...) {
+    return dup_tier("unknown C++ exception");
+  }
+}
+
+// Frees the host block (only while the tensors are on their device); whether it was freed.
+extern "C" int tessera_tier_release_block(void* handle) {
+  auto* m = static_cast<Moved*>(handle);
+  if (m->on_host) return 0;
+  m->block.reset();
+  m->pinned = false;
+  for (Group& g : m->groups) g.versions.clear();
+  return 1;
+}
+
+// Bytes the latest move to the host copied (the other storages' kept copies were exact).
+extern "C" int64_t tessera_tier_copied(void* handle) {
+  return static_cast<int64_t>(static_cast<Moved*>(handle)->copied);
+}
+
+// Storages (groups) the handle moves.
+extern "C" int64_t tessera_tier_storages(void* handle) {
+  return static_cast<int64_t>(static_cast<Moved*>(handle)->groups.size());
+}
+
+// Frees the handle (the tensors stay wherever they are, and keep the host block alive while
+// they point into it).
+extern "C" void tessera_tier_free(void* handle) { delete static_cast<Moved*>(handle); }
