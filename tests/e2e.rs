@@ -373,6 +373,24 @@ fn loads_wait_for_room_instead_of_going_over_the_budget() {
         assert_eq!(delete(&server.url("/models/a")).status, 200);
         let patient = call("patient", "ok");
         assert_eq!(patient.status, 200, "{}", patient.text());
+        // The seconds it waited for room count as queue time (header and metric), not load.
+        let header = |name: &str| -> f64 { patient.header(name).unwrap().parse().unwrap() };
+        assert!(
+            header("x-queue-time") > 1000.0 && header("x-queue-time") > header("x-model-load-time"),
+            "queue {} ms, load {} ms",
+            header("x-queue-time"),
+            header("x-model-load-time")
+        );
+        let queued_s: f64 = get(&server.url("/metrics"))
+            .text()
+            .lines()
+            .filter(|l| {
+                l.starts_with("tessera_queue_duration_seconds_sum{")
+                    && l.contains("model=\"patient\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(queued_s > 1.0, "queue seconds {queued_s}");
         for t in busy {
             assert_eq!(t.join().unwrap(), 504);
         }

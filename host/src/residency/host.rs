@@ -14,7 +14,10 @@ use crate::names::ModelKey;
 use std::sync::{Arc, Mutex, Weak};
 
 struct Slot {
+    key: ModelKey,
     model: Weak<LoadedModel>,
+    /// Evicted, on its way in ([`HostTier::incoming`]): no bytes yet; a request for it waits.
+    incoming: bool,
     /// Held while the model waits here (its weights in host memory); `None` for a kept copy
     /// of a model back on its device.
     parked: Option<Arc<LoadedModel>>,
@@ -37,6 +40,21 @@ pub struct HostTier {
     /// Page-lock the host copies of GPU models.
     pin: bool,
     slots: Mutex<Vec<Slot>>,
+}
+
+/// A model on its way into the tier (see [`HostTier::incoming`]): its mark goes when dropped.
+pub struct Incoming {
+    host: Arc<HostTier>,
+    key: ModelKey,
+    _moving: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.host
+            .slots()
+            .retain(|s| !(s.incoming && s.key == self.key));
+    }
 }
 
 /// A model admitted to the tier: its weights are to move now, under `moving`. `spilled` were
@@ -113,7 +131,9 @@ impl HostTier {
                 slots
                     .iter()
                     .enumerate()
-                    .filter(|(_, s)| s.parked.is_none() == kept && s.moving.try_lock().is_ok())
+                    .filter(|(_, s)| {
+                        !s.incoming && s.parked.is_none() == kept && s.moving.try_lock().is_ok()
+                    })
                     .min_by_key(|(_, s)| s.since)
                     .map(|(i, _)| i)
             };
@@ -129,6 +149,8 @@ impl HostTier {
         let moving = Arc::new(tokio::sync::Mutex::new(()));
         let guard = moving.clone().try_lock_owned().ok()?;
         slots.push(Slot {
+            key: model.key.clone(),
+            incoming: false,
             model: Arc::downgrade(model),
             parked: Some(model.clone()),
             bytes,
@@ -142,17 +164,48 @@ impl HostTier {
         })
     }
 
-    /// Takes `key`'s model out of the tier, once its move in (if still under way) has ended.
+    /// Takes `key`'s model out of the tier, once its move in (if under way, or if it was just
+    /// evicted and is on its way: [`HostTier::incoming`]) has ended.
     pub async fn take(&self, key: &ModelKey) -> Option<Arc<LoadedModel>> {
-        let slot = {
-            let mut slots = self.slots();
-            let i = slots
-                .iter()
-                .position(|s| s.parked.as_ref().is_some_and(|m| &m.key == key))?;
-            slots.remove(i)
-        };
-        let _moved = slot.moving.lock().await;
-        slot.parked
+        // An incoming model then moving: two waits at most, a third for good measure.
+        for _ in 0..3 {
+            let moving = {
+                let mut slots = self.slots();
+                let i = slots
+                    .iter()
+                    .position(|s| &s.key == key && (s.parked.is_some() || s.incoming))?;
+                if slots[i].parked.is_some() && slots[i].moving.try_lock().is_ok() {
+                    return slots.remove(i).parked;
+                }
+                slots[i].moving.clone()
+            };
+            drop(moving.lock().await);
+        }
+        None
+    }
+
+    /// Marks `model`, just evicted, as on its way in, until the returned guard is dropped: a
+    /// request for it meanwhile waits for the move instead of loading it from disk.
+    pub fn incoming(self: &Arc<Self>, model: &Arc<LoadedModel>, now_ms: u64) -> Incoming {
+        let moving = Arc::new(tokio::sync::Mutex::new(()));
+        let guard = moving
+            .clone()
+            .try_lock_owned()
+            .expect("a new mutex is free");
+        self.slots().push(Slot {
+            key: model.key.clone(),
+            incoming: true,
+            model: Arc::downgrade(model),
+            parked: None,
+            bytes: 0,
+            moving,
+            since: now_ms,
+        });
+        Incoming {
+            host: self.clone(),
+            key: model.key.clone(),
+            _moving: guard,
+        }
     }
 
     /// Keeps the host copy of `model`, back on its device, if there is room without freeing
@@ -160,10 +213,13 @@ impl HostTier {
     pub fn keep(&self, model: &Arc<LoadedModel>, bytes: u64, now_ms: u64) -> bool {
         let mut slots = self.slots();
         let used: u64 = slots.iter().map(|s| s.bytes).sum();
-        if bytes == 0 || used + bytes > self.budget {
+        let weak = Arc::downgrade(model);
+        if bytes == 0 || used + bytes > self.budget || slots.iter().any(|s| s.model.ptr_eq(&weak)) {
             return false;
         }
         slots.push(Slot {
+            key: model.key.clone(),
+            incoming: false,
             model: Arc::downgrade(model),
             parked: None,
             bytes,
@@ -175,6 +231,9 @@ impl HostTier {
 
     /// Puts back a model taken out whose weights are still in host memory (its swap-in failed).
     pub fn put_back(&self, model: Arc<LoadedModel>, now_ms: u64) -> bool {
+        if !model.pipeline.on_host() {
+            return false;
+        }
         let bytes = model.pipeline.host_bytes();
         let mut slots = self.slots();
         let used: u64 = slots.iter().map(|s| s.bytes).sum();
@@ -186,6 +245,8 @@ impl HostTier {
             return false;
         }
         slots.push(Slot {
+            key: model.key.clone(),
+            incoming: false,
             model: Arc::downgrade(&model),
             parked: Some(model),
             bytes,
@@ -195,10 +256,26 @@ impl HostTier {
         true
     }
 
-    /// Drops `model` from the tier (its move failed).
+    /// Takes `model` out of the tier while it waits there (its move failed).
     pub fn abandon(&self, model: &Arc<LoadedModel>) {
+        let weak = Arc::downgrade(model);
         self.slots()
-            .retain(|s| !Weak::ptr_eq(&s.model, &Arc::downgrade(model)));
+            .retain(|s| s.parked.is_none() || !s.model.ptr_eq(&weak));
+    }
+
+    /// Forgets the kept copy of `model` (back on its device), if the tier has one.
+    pub fn forget_kept(&self, model: &Arc<LoadedModel>) {
+        let weak = Arc::downgrade(model);
+        self.slots()
+            .retain(|s| s.parked.is_some() || s.incoming || !s.model.ptr_eq(&weak));
+    }
+
+    /// Whether the tier counts a kept copy of `model`.
+    pub fn keeps(&self, model: &Arc<LoadedModel>) -> bool {
+        let weak = Arc::downgrade(model);
+        self.slots()
+            .iter()
+            .any(|s| s.parked.is_none() && !s.incoming && s.model.ptr_eq(&weak))
     }
 
     /// Takes out every waiting model `pick` chooses (unloaded, deleted, replaced), to be

@@ -153,6 +153,15 @@ pub struct Residency {
 pub struct Reservation {
     reserved: Arc<std::sync::atomic::AtomicU64>,
     bytes: u64,
+    /// How long the load waited for the room.
+    waited: std::time::Duration,
+}
+
+impl Reservation {
+    /// How long the load waited for the room (busy models holding the budget).
+    pub fn waited(&self) -> std::time::Duration {
+        self.waited
+    }
 }
 
 impl Drop for Reservation {
@@ -491,6 +500,11 @@ impl Residency {
                     return Ok(Reservation {
                         reserved: self.reserved.clone(),
                         bytes,
+                        waited: if waiting {
+                            started.elapsed()
+                        } else {
+                            std::time::Duration::ZERO
+                        },
                     });
                 }
             }
@@ -637,6 +651,12 @@ impl Residency {
         let victim_model = resident.iter().find(|m| m.key == victim).cloned();
         drop(candidates);
         drop(resident);
+        // Marked on its way to the host tier before it leaves the cache: a request for it in
+        // between waits for the move instead of loading it from disk.
+        let incoming = victim_model
+            .as_ref()
+            .filter(|_| self.host.enabled() && cause != EvictionCause::Unload)
+            .map(|m| self.host.incoming(m, now));
         tracing::info!(
             model = %victim,
             reason = cause.as_str(),
@@ -652,150 +672,32 @@ impl Residency {
             .or_default() += 1;
         self.cache.invalidate(&victim).await;
         self.cache.run_pending_tasks().await;
-        if let Some(model) = victim_model {
-            self.park_on_host(model).await;
+        if let (Some(model), Some(incoming)) = (victim_model, incoming) {
+            self.park_on_host(model, incoming).await;
         }
         true
     }
 
-    /// Moves an evicted model's weights to the host tier, when it has room and nothing else
-    /// holds the model (a request that still holds it keeps it on the device, freed when done).
-    /// Pushes out of the tier what came in first if needed. Its device memory counts against
-    /// the budget until the move has freed it.
-    async fn park_on_host(&self, model: Arc<LoadedModel>) {
-        if !self.host.enabled() || self.is_quarantined(&model.key) {
-            return;
-        }
-        // Others may hold it a moment longer without using it (a request's last steps after its
-        // answer, housekeeping scanning the resident models): wait a little for them.
-        let held_since = Instant::now();
-        while Arc::strong_count(&model) > 1 && held_since.elapsed() < HELD_WAIT {
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        if Arc::strong_count(&model) > 1 {
-            tracing::info!(model = %model.key, holders = Arc::strong_count(&model) - 1,
-                "evicted while still held: not moved to host memory (freed when let go)");
-            return;
-        }
-        let pipeline = model.pipeline.clone();
-        let bytes = match tokio::task::spawn_blocking(move || pipeline.host_bytes_needed()).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                tracing::warn!(model = %model.key, error = %e, "cannot move to host memory; dropped");
-                return;
-            }
-            Err(_) => return,
+    /// [`Residency::park_on_host`] as a task of its own: a caller that goes away (a request
+    /// timing out or disconnecting) does not leave a move half-accounted.
+    async fn park_on_host(&self, model: Arc<LoadedModel>, incoming: host::Incoming) {
+        let parking = Parking {
+            host: self.host.clone(),
+            metrics: self.metrics.clone(),
+            quarantined: self.is_quarantined(&model.key),
+            server_on_cuda: self.device().is_cuda(),
+            now_ms: self.now_ms(),
         };
-        let Some(admitted) = self.host.admit(&model, bytes, self.now_ms()) else {
-            tracing::info!(model = %model.key, bytes, host_budget = self.host.budget(),
-                "no room in the host-memory tier: dropped (its files stay on disk)");
-            return;
-        };
-        self.drop_from_host(admitted.spilled);
-        if !admitted.released.is_empty() {
-            let released = admitted.released;
-            let _ = tokio::task::spawn_blocking(move || {
-                for m in released {
-                    let bytes = m.pipeline.release_host_copy();
-                    tracing::info!(model = %m.key, bytes, "freed the kept host copy of a resident model");
-                }
-            })
-            .await;
-        }
-        let (pipeline, pin) = (model.pipeline.clone(), self.host.pin());
-        let moved = tokio::task::spawn_blocking(move || pipeline.to_host(pin)).await;
-        match moved {
-            Ok(Ok(moved)) => {
-                model.unretire();
-                self.metrics
-                    .swaps
-                    .with_label_values(&[
-                        &model.key.tenant,
-                        &model.key.name,
-                        &model.key.version,
-                        "to-host",
-                    ])
-                    .inc();
-                self.metrics
-                    .swap_bytes
-                    .with_label_values(&["to-host"])
-                    .inc_by(moved.copied);
-                self.metrics.host_tier_bytes.set(self.host.used() as i64);
-                if let Some(why) = &moved.pin_error {
-                    tracing::warn!(model = %model.key, why,
-                        "could not page-lock its host memory: kept pageable (slower copies)");
-                }
-                tracing::info!(model = %model.key, bytes = moved.bytes, pinned = moved.pinned,
-                    ms = format!("{:.1}", moved.ms), copied = moved.copied,
-                    storages = moved.storages, host_used = self.host.used(),
-                    "model moved to host memory");
-            }
-            Ok(Err(e)) => {
-                self.host.abandon(&model);
-                tracing::warn!(model = %model.key, error = %e, "moving to host memory failed: dropped");
-            }
-            Err(_) => self.host.abandon(&model),
-        }
-        drop(admitted.moving);
-    }
-
-    /// In the background, copies a model just loaded to the host tier while it serves (if the
-    /// tier has room without freeing anything), so that its first eviction copies only what is
-    /// written meanwhile instead of allocating, page-locking and copying it all then.
-    fn stage_on_host(&self, model: &Arc<LoadedModel>) {
-        if !self.host.enabled() {
-            return;
-        }
-        let (host, metrics, weak, pipeline, key, now) = (
-            self.host.clone(),
-            self.metrics.clone(),
-            Arc::downgrade(model),
-            model.pipeline.clone(),
-            model.key.clone(),
-            self.now_ms(),
-        );
-        tokio::spawn(async move {
-            let p = pipeline.clone();
-            let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || p.host_bytes_needed()).await
-            else {
-                return;
-            };
-            let kept = weak.upgrade().is_some_and(|m| host.keep(&m, bytes, now));
-            if !kept {
-                return;
-            }
-            metrics.host_tier_bytes.set(host.used() as i64);
-            let (p, pin) = (pipeline.clone(), host.pin());
-            match tokio::task::spawn_blocking(move || p.stage_host_copy(pin)).await {
-                Ok(Ok(moved)) => {
-                    if let Some(why) = &moved.pin_error {
-                        tracing::warn!(model = %key, why,
-                            "could not page-lock its host memory: kept pageable (slower copies)");
-                    }
-                    tracing::info!(model = %key, bytes = moved.bytes, pinned = moved.pinned,
-                        ms = format!("{:.1}", moved.ms), "host copy of a model just loaded made in the background");
-                }
-                Ok(Err(e)) => {
-                    if let Some(m) = weak.upgrade() {
-                        host.abandon(&m);
-                    }
-                    let p = pipeline.clone();
-                    let _ = tokio::task::spawn_blocking(move || p.release_host_copy()).await;
-                    tracing::info!(model = %key, error = %e, "no host copy made in the background");
-                }
-                Err(_) => {}
-            }
-        });
+        let _ = tokio::spawn(async move {
+            parking.park(model).await;
+            drop(incoming);
+        })
+        .await;
     }
 
     /// Drops models taken out of the host tier (their forward threads end, memory is freed).
     fn drop_from_host(&self, models: Vec<Arc<LoadedModel>>) {
-        for m in models {
-            tracing::info!(model = %m.key, bytes = m.pipeline.host_bytes(),
-                "model dropped from host memory (its files stay on disk)");
-            m.engine.close();
-        }
-        self.metrics.host_tier_bytes.set(self.host.used() as i64);
+        drop_from_host(&self.host, &self.metrics, models);
     }
 
     /// `reg`'s model back from the host tier, if it is there and its archive is unchanged:
@@ -819,6 +721,11 @@ impl Residency {
             return Ok(None);
         }
         let started = Instant::now();
+        if !model.pipeline.on_host() {
+            // Its move to the host failed after it was taken: still on the device, counted as
+            // retired; the reservation below counts it instead.
+            model.unretire();
+        }
         let reservation = match self
             .reserve(&reg.key, model.weight(), model.timeout_for(tenant))
             .await
@@ -904,6 +811,61 @@ impl Residency {
         Ok(Some(model))
     }
 
+    /// In the background, copies a model just loaded to the host tier while it serves (if the
+    /// tier has room without freeing anything), so that its first eviction copies only what is
+    /// written meanwhile instead of allocating, page-locking and copying it all then.
+    fn stage_on_host(&self, model: &Arc<LoadedModel>) {
+        if !self.host.enabled() {
+            return;
+        }
+        let (host, metrics, weak, pipeline, key, now) = (
+            self.host.clone(),
+            self.metrics.clone(),
+            Arc::downgrade(model),
+            model.pipeline.clone(),
+            model.key.clone(),
+            self.now_ms(),
+        );
+        tokio::spawn(async move {
+            let p = pipeline.clone();
+            let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || p.host_bytes_needed()).await
+            else {
+                return;
+            };
+            let kept = weak.upgrade().is_some_and(|m| host.keep(&m, bytes, now));
+            if !kept {
+                return;
+            }
+            metrics.host_tier_bytes.set(host.used() as i64);
+            let (p, pin) = (pipeline.clone(), host.pin());
+            match tokio::task::spawn_blocking(move || p.stage_host_copy(pin)).await {
+                Ok(Ok(moved)) => {
+                    // Its kept slot freed meanwhile (room made for another model): so is the copy.
+                    if !weak.upgrade().is_some_and(|m| host.keeps(&m)) {
+                        let p = pipeline.clone();
+                        let _ = tokio::task::spawn_blocking(move || p.release_host_copy()).await;
+                        return;
+                    }
+                    if let Some(why) = &moved.pin_error {
+                        tracing::warn!(model = %key, why,
+                            "could not page-lock its host memory: kept pageable (slower copies)");
+                    }
+                    tracing::info!(model = %key, bytes = moved.bytes, pinned = moved.pinned,
+                        ms = format!("{:.1}", moved.ms), "host copy of a model just loaded made in the background");
+                }
+                Ok(Err(e)) => {
+                    if let Some(m) = weak.upgrade() {
+                        host.forget_kept(&m);
+                    }
+                    let p = pipeline.clone();
+                    let _ = tokio::task::spawn_blocking(move || p.release_host_copy()).await;
+                    tracing::info!(model = %key, error = %e, "no host copy made in the background");
+                }
+                Err(_) => {}
+            }
+        });
+    }
+
     /// How often `tenant`'s model `name` (any version) was evicted to make room.
     pub fn evictions_of(&self, tenant: &str, name: &str) -> u64 {
         let evictions = self.evictions.lock().unwrap();
@@ -912,4 +874,110 @@ impl Residency {
             .copied()
             .unwrap_or(0)
     }
+}
+
+/// What moving an evicted model to the host tier needs, owned (it runs as a task of its own).
+struct Parking {
+    host: Arc<host::HostTier>,
+    metrics: Arc<Metrics>,
+    quarantined: bool,
+    server_on_cuda: bool,
+    now_ms: u64,
+}
+
+impl Parking {
+    /// Moves an evicted model's weights to the host tier, when it has room and nothing else
+    /// holds the model (a request that still holds it keeps it on the device, freed when done).
+    /// Pushes out of the tier what came in first if needed. Its device memory counts against
+    /// the budget until the move has freed it.
+    async fn park(self, model: Arc<LoadedModel>) {
+        // Never a quarantined model; on a GPU server, never a model that runs on the CPU
+        // (its weights already are in host memory).
+        if !self.host.enabled()
+            || self.quarantined
+            || (self.server_on_cuda && !model.pipeline.device().is_cuda())
+        {
+            return;
+        }
+        // Others may hold it a moment longer without using it (a request's last steps after its
+        // answer, housekeeping scanning the resident models): wait a little for them.
+        let held_since = Instant::now();
+        while Arc::strong_count(&model) > 1 && held_since.elapsed() < HELD_WAIT {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        if Arc::strong_count(&model) > 1 {
+            tracing::info!(model = %model.key, holders = Arc::strong_count(&model) - 1,
+                "evicted while still held: not moved to host memory (freed when let go)");
+            return;
+        }
+        let pipeline = model.pipeline.clone();
+        let bytes = match tokio::task::spawn_blocking(move || pipeline.host_bytes_needed()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::warn!(model = %model.key, error = %e, "cannot move to host memory; dropped");
+                return;
+            }
+            Err(_) => return,
+        };
+        let Some(admitted) = self.host.admit(&model, bytes, self.now_ms) else {
+            tracing::info!(model = %model.key, bytes, host_budget = self.host.budget(),
+                "no room in the host-memory tier: dropped (its files stay on disk)");
+            return;
+        };
+        drop_from_host(&self.host, &self.metrics, admitted.spilled);
+        if !admitted.released.is_empty() {
+            let released = admitted.released;
+            let _ = tokio::task::spawn_blocking(move || {
+                for m in released {
+                    let bytes = m.pipeline.release_host_copy();
+                    tracing::info!(model = %m.key, bytes, "freed the kept host copy of a resident model");
+                }
+            })
+            .await;
+        }
+        let (pipeline, pin) = (model.pipeline.clone(), self.host.pin());
+        let moved = tokio::task::spawn_blocking(move || pipeline.to_host(pin)).await;
+        match moved {
+            Ok(Ok(moved)) => {
+                model.unretire();
+                self.metrics
+                    .swaps
+                    .with_label_values(&[
+                        &model.key.tenant,
+                        &model.key.name,
+                        &model.key.version,
+                        "to-host",
+                    ])
+                    .inc();
+                self.metrics
+                    .swap_bytes
+                    .with_label_values(&["to-host"])
+                    .inc_by(moved.copied);
+                self.metrics.host_tier_bytes.set(self.host.used() as i64);
+                if let Some(why) = &moved.pin_error {
+                    tracing::warn!(model = %model.key, why,
+                        "could not page-lock its host memory: kept pageable (slower copies)");
+                }
+                tracing::info!(model = %model.key, bytes = moved.bytes, pinned = moved.pinned,
+                    ms = format!("{:.1}", moved.ms), copied = moved.copied,
+                    storages = moved.storages, host_used = self.host.used(),
+                    "model moved to host memory");
+            }
+            Ok(Err(e)) => {
+                self.host.abandon(&model);
+                tracing::warn!(model = %model.key, error = %e, "moving to host memory failed: dropped");
+            }
+            Err(_) => self.host.abandon(&model),
+        }
+        drop(admitted.moving);
+    }
+}
+
+/// Drops models taken out of the host tier (their forward threads end, memory is freed).
+fn drop_from_host(host: &host::HostTier, metrics: &Metrics, models: Vec<Arc<LoadedModel>>) {
+    for m in models {
+        tracing::info!(model = %m.key, "model dropped from host memory (its files stay on disk)");
+        m.engine.close();
+    }
+    metrics.host_tier_bytes.set(host.used() as i64);
 }

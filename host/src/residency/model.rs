@@ -45,6 +45,8 @@ pub struct LoadedModel {
     retired: std::sync::Mutex<Option<(Arc<AtomicU64>, u64)>>,
     /// Where it came from at its latest load or swap-in (see [`Tier`]).
     came_from: std::sync::atomic::AtomicU8,
+    /// How long its latest load or swap-in waited for room in the budget (microseconds).
+    room_wait_us: AtomicU64,
 }
 
 /// Where a model was when a request needed it, as the `x-model-tier` header says.
@@ -120,7 +122,14 @@ impl LoadedModel {
             begun: std::sync::atomic::AtomicBool::new(false),
             retired: std::sync::Mutex::new(None),
             came_from: std::sync::atomic::AtomicU8::new(Tier::Store as u8),
+            room_wait_us: AtomicU64::new(0),
         }
+    }
+
+    /// How long its latest load or swap-in waited for room in the budget (part of the request's
+    /// queue time, not of its load time).
+    pub fn room_wait(&self) -> Duration {
+        Duration::from_micros(self.room_wait_us.load(Ordering::Relaxed))
     }
 
     /// Where it came from at its latest load or swap-in.
@@ -140,6 +149,10 @@ impl LoadedModel {
     /// Made resident again after a swap-in at `now_ms`: `r` holds its room until it is
     /// published, and it is fresh again (see [`LoadedModel::fresh`]).
     pub fn rearm(&self, r: super::Reservation, now_ms: u64) {
+        // Resident again: its weight counts as such, no longer as retired.
+        self.unretire();
+        self.room_wait_us
+            .store(r.waited().as_micros() as u64, Ordering::Relaxed);
         *self.reservation.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         self.begun.store(false, Ordering::SeqCst);
         self.charged.store(0, Ordering::Relaxed);
@@ -161,6 +174,8 @@ impl LoadedModel {
 
     /// Holds `r` until the model is resident ([`LoadedModel::release_reservation`]).
     pub fn with_reservation(self, r: super::Reservation) -> LoadedModel {
+        self.room_wait_us
+            .store(r.waited().as_micros() as u64, Ordering::Relaxed);
         *self.reservation.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         self
     }
@@ -188,7 +203,15 @@ impl LoadedModel {
     pub fn retire(&self, counter: &Arc<AtomicU64>) {
         let weight = self.weight();
         counter.fetch_add(weight, Ordering::SeqCst);
-        *self.retired.lock().unwrap_or_else(|e| e.into_inner()) = Some((counter.clone(), weight));
+        let earlier = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace((counter.clone(), weight));
+        // Retired once before and not freed since (back from the host tier): counted once.
+        if let Some((counter, weight)) = earlier {
+            counter.fetch_sub(weight, Ordering::SeqCst);
+        }
     }
 
     /// Records the archive file it was loaded from (see [`LoadedModel::source_at`]).

@@ -1919,4 +1919,45 @@ torch.jit.script(Counting().eval()).save(sys.argv[1])
         pipeline.to_device().unwrap();
         assert_eq!(call(&pipeline), 4.0);
     }
+
+    /// A model whose CUDA graph writes its own buffer (GPU machine only): replays change it
+    /// without a version bump, so once such a graph is captured every move copies everything
+    /// (no host copy is trusted as unchanged), and the count still carries across moves.
+    #[test]
+    fn gpu_a_graph_that_writes_the_model_makes_every_move_copy_all() {
+        let Some(_gpu) = gpu_test() else {
+            return;
+        };
+        set_thread_executor(Executor::Simple);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.pt");
+        python_fixture(COUNTING_FIXTURE, &path);
+        let pipeline = Pipeline::new(
+            None,
+            TorchModel::load(&path, Device::Cuda(0))
+                .unwrap()
+                .with_cuda_graphs("c", 2),
+        );
+        let call = || f32s(&pipeline.entry.forward(&[input(1, 3)]).unwrap()[0])[0];
+        assert_eq!(call(), 1.0);
+        while pipeline.pending_captures() > 0 {
+            if !pipeline.capture_pending() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        let all = (1 << 20) + 4;
+        pipeline.stage_host_copy(false).unwrap();
+        let before = call();
+        assert_eq!(call(), before + 1.0, "a replay counts");
+        assert_eq!(pipeline.to_host(false).unwrap().copied, all);
+        pipeline.to_device().unwrap();
+        while pipeline.pending_captures() > 0 {
+            if !pipeline.capture_pending() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        let now = call();
+        assert!(now > before + 1.0, "the count came back: {now}");
+        assert_eq!(pipeline.to_host(false).unwrap().copied, all);
+    }
 }

@@ -190,7 +190,14 @@ pub struct Tier {
     gate: std::sync::RwLock<()>,
     copy: Mutex<Option<HostCopy>>,
     on_host: std::sync::atomic::AtomicBool,
+    /// A CUDA graph of the model writes its tensors in place: its replays change them without
+    /// bumping their version counters, so no host copy is trusted as unchanged.
+    graphs_write: std::sync::atomic::AtomicBool,
 }
+
+/// How long a move to the host waits for a call of the model to end (a warm-up step or a CUDA
+/// graph capture between requests) before it gives up.
+const GATE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Held by a call of the model: its weights stay on the device meanwhile.
 pub type Serving<'a> = std::sync::RwLockReadGuard<'a, ()>;
@@ -244,6 +251,8 @@ impl Pipeline {
 
     /// Bytes its host copy would take (collecting what would move, if not done yet).
     pub fn host_bytes_needed(&self) -> Result<u64, RuntimeError> {
+        // Not while the weights move.
+        let _serving = self.tier.gate.read().unwrap_or_else(|e| e.into_inner());
         let mut copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
         Ok(self.host_copy(&mut copy)?.bytes())
     }
@@ -270,7 +279,24 @@ impl Pipeline {
     /// [`Pipeline::to_device`]) and its stage cache emptied first. Waits for calls in flight.
     /// On error the weights stay where they were.
     pub fn to_host(&self, pin: bool) -> Result<Moved, RuntimeError> {
-        let _alone = self.tier.gate.write().unwrap_or_else(|e| e.into_inner());
+        // A call under way (work between requests: a warm-up step, a graph capture) is waited
+        // for, up to GATE_WAIT: one that runs longer is stuck or slow, and the model stays.
+        let started = std::time::Instant::now();
+        let _alone = loop {
+            match self.tier.gate.try_write() {
+                Ok(guard) => break guard,
+                Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if started.elapsed() < GATE_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(RuntimeError::Busy(format!(
+                        "a call of the model ran on for {} s",
+                        GATE_WAIT.as_secs()
+                    )))
+                }
+            }
+        };
         if self.on_host() {
             return Err(RuntimeError::Forward("already in host memory".into()));
         }
@@ -280,7 +306,7 @@ impl Pipeline {
         if let Some(g) = self.entry.graphs() {
             g.park();
         }
-        let moved = copy.to_host(pin);
+        let moved = copy.to_host(pin, self.tier.graphs_write.load(Ordering::SeqCst));
         if moved.is_err() {
             if let Some(g) = self.entry.graphs() {
                 g.unpark();
@@ -302,7 +328,8 @@ impl Pipeline {
             ));
         };
         let mut copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
-        self.host_copy(&mut copy)?.stage(pin)
+        self.host_copy(&mut copy)?
+            .stage(pin, self.tier.graphs_write.load(Ordering::SeqCst))
     }
 
     /// Moves its weights back to the device (their host copy is kept; see
@@ -356,7 +383,21 @@ impl Pipeline {
     /// Captures one call waiting for its CUDA graph; whether there was one (see
     /// [`TorchModel::capture_pending`]).
     pub fn capture_pending(&self) -> bool {
-        self.entry.capture_pending()
+        if self.entry.pending_captures() == 0 {
+            return false;
+        }
+        // A capture runs the method through the dispatcher (and a replay runs the same kernels
+        // without it): if the capture wrote the model's tensors, replays will too.
+        let versions = || {
+            let mut copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
+            self.host_copy(&mut copy).ok().map(|c| c.version_sum())
+        };
+        let before = versions();
+        let captured = self.entry.capture_pending();
+        if captured && before != versions() {
+            self.tier.graphs_write.store(true, Ordering::SeqCst);
+        }
+        captured
     }
 
     /// Calls waiting for their CUDA graph.

@@ -22,17 +22,20 @@ mod ffi {
         pub fn tessera_tier_to_host(
             handle: *mut c_void,
             pin: i32,
+            force: i32,
             pin_error: *mut *mut c_char,
         ) -> *mut c_char;
         pub fn tessera_tier_to_device(handle: *mut c_void) -> *mut c_char;
         pub fn tessera_tier_stage(
             handle: *mut c_void,
             pin: i32,
+            force: i32,
             pin_error: *mut *mut c_char,
         ) -> *mut c_char;
         pub fn tessera_tier_release_block(handle: *mut c_void) -> i32;
         pub fn tessera_tier_copied(handle: *mut c_void) -> i64;
         pub fn tessera_tier_storages(handle: *mut c_void) -> i64;
+        pub fn tessera_tier_version_sum(handle: *mut c_void) -> i64;
         pub fn tessera_tier_free(handle: *mut c_void);
     }
 }
@@ -108,6 +111,14 @@ impl HostCopy {
         unsafe { ffi::tessera_tier_bytes(self.handle.as_ptr()) as u64 }
     }
 
+    /// The sum of the tensors' version counters (`None` if one has none): it changes when one
+    /// is written in place.
+    pub fn version_sum(&self) -> Option<i64> {
+        // SAFETY: a live handle.
+        let sum = unsafe { ffi::tessera_tier_version_sum(self.handle.as_ptr()) };
+        (sum >= 0).then_some(sum)
+    }
+
     /// Whether the host block is allocated.
     pub fn allocated(&self) -> bool {
         // SAFETY: a live handle.
@@ -115,13 +126,21 @@ impl HostCopy {
     }
 
     /// Copies the tensors to the host block (page-locked if `pin` and it can be) and frees
-    /// their device memory; on error nothing moved.
-    pub fn to_host(&mut self, pin: bool) -> Result<Moved, RuntimeError> {
+    /// their device memory; on error nothing moved. Storages whose version counters did not
+    /// change since the block last matched them are not copied again, unless `force` (the
+    /// model may have written them without a version bump: a CUDA-graph replay).
+    pub fn to_host(&mut self, pin: bool, force: bool) -> Result<Moved, RuntimeError> {
         let started = std::time::Instant::now();
         let mut pin_error: *mut c_char = std::ptr::null_mut();
         // SAFETY: a live handle, used by one caller at a time (`&mut self`).
-        let err =
-            unsafe { ffi::tessera_tier_to_host(self.handle.as_ptr(), pin as i32, &mut pin_error) };
+        let err = unsafe {
+            ffi::tessera_tier_to_host(
+                self.handle.as_ptr(),
+                pin as i32,
+                force as i32,
+                &mut pin_error,
+            )
+        };
         let pin_error = (!pin_error.is_null()).then(|| take_text(pin_error));
         if !err.is_null() {
             return Err(error(self.device, take_text(err)));
@@ -134,13 +153,19 @@ impl HostCopy {
 
     /// Fills the host block with the tensors' bytes while they stay on the device (allocating
     /// it, page-locked if `pin` and it can be): the next [`HostCopy::to_host`] then copies only
-    /// what is written meanwhile.
-    pub fn stage(&mut self, pin: bool) -> Result<Moved, RuntimeError> {
+    /// what is written meanwhile. `force` as for [`HostCopy::to_host`].
+    pub fn stage(&mut self, pin: bool, force: bool) -> Result<Moved, RuntimeError> {
         let started = std::time::Instant::now();
         let mut pin_error: *mut c_char = std::ptr::null_mut();
         // SAFETY: a live handle, used by one caller at a time (`&mut self`).
-        let err =
-            unsafe { ffi::tessera_tier_stage(self.handle.as_ptr(), pin as i32, &mut pin_error) };
+        let err = unsafe {
+            ffi::tessera_tier_stage(
+                self.handle.as_ptr(),
+                pin as i32,
+                force as i32,
+                &mut pin_error,
+            )
+        };
         let pin_error = (!pin_error.is_null()).then(|| take_text(pin_error));
         if !err.is_null() {
             return Err(error(self.device, take_text(err)));

@@ -84,11 +84,16 @@ struct Block {
     std::atomic<size_t> next{0};
     auto work = [&] {
       for (size_t i = next.fetch_add(1); i < chunks.size(); i = next.fetch_add(1)) {
-        codes[i] = reg(chunks[i], lengths[i], /*cudaHostRegisterDefault=*/0);
+        // Portable: page-locked for every device, not only the current one.
+        codes[i] = reg(chunks[i], lengths[i], /*cudaHostRegisterPortable=*/1);
       }
     };
     std::vector<std::thread> pool;
-    for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
+    try {
+      for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
+    } catch (...) {
+      // No more threads (a pids limit, say): the ones started and this one do the rest.
+    }
     work();
     for (auto& t : pool) t.join();
     int failed = 0;
@@ -155,7 +160,7 @@ struct Moved {
 void collect_tensor(const at::Tensor& t, const c10::Device& device,
                     std::unordered_map<const void*, size_t>& by_storage,
                     std::unordered_map<const void*, bool>& seen, Moved& out) {
-  if (!t.defined() || !t.has_storage() || t.device() != device) return;
+  if (!t.defined() || !t.has_storage() || t.device() != device || t.storage().nbytes() == 0) return;
   if (!seen.emplace(t.unsafeGetTensorImpl(), true).second) return;
   const void* key = t.storage().unsafeGetStorageImpl();
   auto it = by_storage.find(key);
@@ -189,12 +194,30 @@ at::Tensor storage_bytes(const at::Tensor& any) {
   return t;
 }
 
-// Points every tensor of `g` at `bytes` (a byte tensor as long as the group's storage).
-void repoint(Group& g, const at::Tensor& bytes) {
-  for (at::Tensor& t : g.tensors) {
-    at::Tensor view = at::empty({0}, at::TensorOptions().dtype(t.dtype()).device(bytes.device()));
-    view.set_(bytes.storage(), t.storage_offset(), t.sizes(), t.strides());
-    t.set_data(view);
+// Points every tensor of every group at its new bytes (`bytes[i]`: a byte tensor as long as
+// group i's storage). The views are all built first, so that an error (an allocation) leaves
+// every tensor where it was.
+void repoint(std::vector<Group>& groups, const std::vector<at::Tensor>& bytes) {
+  std::vector<std::vector<at::Tensor>> views(groups.size());
+  for (size_t i = 0; i < groups.size(); ++i) {
+    for (const at::Tensor& t : groups[i].tensors) {
+      at::Tensor view = at::empty({0}, at::TensorOptions().dtype(t.dtype()).device(bytes[i].device()));
+      view.set_(bytes[i].storage(), t.storage_offset(), t.sizes(), t.strides());
+      views[i].push_back(view);
+    }
+  }
+  for (size_t i = 0; i < groups.size(); ++i) {
+    for (size_t k = 0; k < groups[i].tensors.size(); ++k) groups[i].tensors[k].set_data(views[i][k]);
+    mark_clean(groups[i]);
+  }
+}
+
+// Waits for the copies queued so far, ignoring errors (on an error path, before the host
+// block may be freed).
+void settle(const c10::Device& d) {
+  try {
+    if (d.is_cuda()) torch::cuda::synchronize(d.index());
+  } catch (...) {
   }
 }
 
@@ -308,11 +331,14 @@ extern "C" void tessera_tier_fail_pinning(int fail) { g_fail_pinning.store(fail)
 // every in-place op bumps, are unchanged) is not copied again. Returns null on
 // success, else the error (tensors unchanged). `*pin_error` gets why page-locking failed, if it
 // did (the block is then pageable and the move goes on).
-extern "C" char* tessera_tier_to_host(void* handle, int pin, char** pin_error) {
+extern "C" char* tessera_tier_to_host(void* handle, int pin, int force, char** pin_error) {
   *pin_error = nullptr;
   auto* m = static_cast<Moved*>(handle);
   try {
     if (m->on_host) return nullptr;
+    if (force != 0) {
+      for (Group& g : m->groups) g.versions.clear();
+    }
     c10::InferenceMode off(false);
     if (char* err = allocate(m, pin, pin_error)) return err;
     std::vector<at::Tensor> hosts;
@@ -331,15 +357,14 @@ extern "C" char* tessera_tier_to_host(void* handle, int pin, char** pin_error) {
       hosts.push_back(host);
     }
     sync_if_cuda(m->device);
-    for (size_t i = 0; i < m->groups.size(); ++i) {
-      repoint(m->groups[i], hosts[i]);
-      mark_clean(m->groups[i]);
-    }
+    repoint(m->groups, hosts);
     m->on_host = true;
     return nullptr;
   } catch (const std::exception& e) {
+    settle(m->device);
     return dup_tier(e.what());
   } catch (...) {
+    settle(m->device);
     return dup_tier("unknown C++ exception");
   }
 }
@@ -348,11 +373,14 @@ extern "C" char* tessera_tier_to_host(void* handle, int pin, char** pin_error) {
 // bytes while they stay on their device and in use: a later move to the host then copies only
 // what was written since. Versions are taken before the copy, so a write during it leaves the
 // storage marked as changed. Returns null on success, else the error.
-extern "C" char* tessera_tier_stage(void* handle, int pin, char** pin_error) {
+extern "C" char* tessera_tier_stage(void* handle, int pin, int force, char** pin_error) {
   *pin_error = nullptr;
   auto* m = static_cast<Moved*>(handle);
   try {
     if (m->on_host) return nullptr;
+    if (force != 0) {
+      for (Group& g : m->groups) g.versions.clear();
+    }
     c10::InferenceMode off(false);
     if (char* err = allocate(m, pin, pin_error)) return err;
     std::shared_ptr<Block> block = m->block;
@@ -367,9 +395,11 @@ extern "C" char* tessera_tier_stage(void* handle, int pin, char** pin_error) {
     sync_if_cuda(m->device);
     return nullptr;
   } catch (const std::exception& e) {
+    settle(m->device);
     for (Group& g : m->groups) g.versions.clear();
     return dup_tier(e.what());
   } catch (...) {
+    settle(m->device);
     for (Group& g : m->groups) g.versions.clear();
     return dup_tier("unknown C++ exception");
   }
@@ -392,15 +422,14 @@ extern "C" char* tessera_tier_to_device(void* handle) {
       fresh[i].copy_(storage_bytes(m->groups[i].tensors.front()), /*non_blocking=*/m->pinned);
     }
     sync_if_cuda(m->device);
-    for (size_t i = 0; i < m->groups.size(); ++i) {
-      repoint(m->groups[i], fresh[i]);
-      mark_clean(m->groups[i]);
-    }
+    repoint(m->groups, fresh);
     m->on_host = false;
     return nullptr;
   } catch (const std::exception& e) {
+    settle(m->device);
     return dup_tier(e.what());
   } catch (...) {
+    settle(m->device);
     return dup_tier("unknown C++ exception");
   }
 }
@@ -418,6 +447,20 @@ extern "C" int tessera_tier_release_block(void* handle) {
 // Bytes the latest move to the host copied (the other storages' kept copies were exact).
 extern "C" int64_t tessera_tier_copied(void* handle) {
   return static_cast<int64_t>(static_cast<Moved*>(handle)->copied);
+}
+
+// The sum of the tensors' version counters (-1 if one has none): it changes when any of them is
+// written in place through the dispatcher.
+extern "C" int64_t tessera_tier_version_sum(void* handle) {
+  int64_t sum = 0;
+  for (const Group& g : static_cast<Moved*>(handle)->groups) {
+    for (const at::Tensor& t : g.tensors) {
+      const int64_t v = version_of(t);
+      if (v < 0) return -1;
+      sum += v;
+    }
+  }
+  return sum;
 }
 
 // Storages (groups) the handle moves.

@@ -27,6 +27,9 @@ pub struct Timings {
     /// Where the model was when the request came (`x-model-tier`: gpu or cpu when resident,
     /// host, disk, store).
     pub tier: Option<&'static str>,
+    /// How long the load this request did waited for room in the budget: counted in the queue
+    /// time (header and metric), not the load time.
+    pub room_wait: Duration,
     pub queue: Duration,
     pub preprocess: Duration,
     pub inference: Duration,
@@ -115,7 +118,8 @@ impl Server {
         let (model, loaded_now) = self.resolve_resident(tenant, name, version).await?;
         let device = model.pipeline.device();
         timings.tier = Some(if loaded_now {
-            timings.load = Some(load_started.elapsed());
+            timings.room_wait = model.room_wait();
+            timings.load = Some(load_started.elapsed().saturating_sub(timings.room_wait));
             model.came_from().name(device)
         } else {
             crate::residency::Tier::Device.name(device)
@@ -513,11 +517,11 @@ impl Server {
                 .with_label_values(&[labels[0], labels[1], labels[2], result])
                 .inc();
         }
-        timings.queue = queued;
+        timings.queue = queued + timings.room_wait;
         self.metrics
             .queue_seconds
             .with_label_values(&labels)
-            .observe(queued.as_secs_f64());
+            .observe(timings.queue.as_secs_f64());
         timings.inference = t.elapsed().saturating_sub(queued);
         self.metrics
             .inference_seconds
