@@ -281,9 +281,30 @@ fn evicted_models_wait_in_host_memory_and_come_back_with_one_copy() {
             .any(|l| l.starts_with("tessera_host_tier_bytes ") && l.ends_with(" 0")),
         "the tier is empty after the unload"
     );
+    // A model waiting in host memory whose archive is removed from the store goes too.
+    assert_eq!(call("c").status, 200);
+    assert_eq!(described("b")["tier"], "host");
+    std::fs::remove_file(store.path().join("b.tar.gz")).unwrap();
+    let host_bytes = || {
+        get(&server.url("/metrics"))
+            .text()
+            .lines()
+            .find(|l| l.starts_with("tessera_host_tier_bytes "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || host_bytes() == 0),
+        "still {} bytes in host memory",
+        host_bytes()
+    );
     let log = server.log();
     assert!(log.contains("model moved to host memory"), "{log}");
     assert!(log.contains("model swapped in from host memory"), "{log}");
+    assert!(
+        log.contains("its archive is gone from the store: dropped from host memory"),
+        "{log}"
+    );
 }
 
 /// The budget is a bound: a load that does not fit while the models holding the budget are busy

@@ -354,6 +354,30 @@ impl Residency {
                     self.remove(&m.key).await;
                 }
             }
+            // So do models waiting in the host tier whose archive is gone.
+            let parked: Vec<Arc<LoadedModel>> =
+                self.host.list().into_iter().map(|(m, _)| m).collect();
+            if !parked.is_empty() {
+                let readable = store_readable.clone();
+                let gone = tokio::task::spawn_blocking(move || {
+                    let gone: Vec<ModelKey> = parked
+                        .iter()
+                        .filter(|m| m.archive_gone())
+                        .map(|m| m.key.clone())
+                        .collect();
+                    if gone.is_empty() || readable() {
+                        gone
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .await
+                .unwrap_or_default();
+                for key in gone {
+                    tracing::info!(model = %key, "its archive is gone from the store: dropped from host memory");
+                    self.drop_from_host(self.host.remove_where(|k| k == &key));
+                }
+            }
         }
         let due = state
             .collected
