@@ -329,20 +329,7 @@ impl Residency {
                 .map(|(_, m)| m)
                 .filter(|m| m.busy() == 0)
                 .collect();
-            // One stat per model: off the async threads (the store may be slow).
-            let readable = store_readable.clone();
-            let orphans = tokio::task::spawn_blocking(move || {
-                let gone: Vec<_> = idle.into_iter().filter(|m| m.archive_gone()).collect();
-                // A store that went away meanwhile makes every archive look gone: then the
-                // scan says nothing.
-                if gone.is_empty() || readable() {
-                    gone
-                } else {
-                    Vec::new()
-                }
-            })
-            .await
-            .unwrap_or_default();
+            let orphans = archives_gone(idle, store_readable.clone()).await;
             for m in orphans {
                 // Still that very model, still idle (not a reload of the same key meanwhile).
                 let same = self
@@ -357,26 +344,9 @@ impl Residency {
             // So do models waiting in the host tier whose archive is gone.
             let parked: Vec<Arc<LoadedModel>> =
                 self.host.list().into_iter().map(|(m, _)| m).collect();
-            if !parked.is_empty() {
-                let readable = store_readable.clone();
-                let gone = tokio::task::spawn_blocking(move || {
-                    let gone: Vec<ModelKey> = parked
-                        .iter()
-                        .filter(|m| m.archive_gone())
-                        .map(|m| m.key.clone())
-                        .collect();
-                    if gone.is_empty() || readable() {
-                        gone
-                    } else {
-                        Vec::new()
-                    }
-                })
-                .await
-                .unwrap_or_default();
-                for key in gone {
-                    tracing::info!(model = %key, "its archive is gone from the store: dropped from host memory");
-                    self.drop_from_host(self.host.remove_where(|k| k == &key));
-                }
+            for m in archives_gone(parked, store_readable.clone()).await {
+                tracing::info!(model = %m.key, "its archive is gone from the store: dropped from host memory");
+                self.drop_from_host(self.host.remove_where(|k| k == &m.key));
             }
         }
         let due = state
@@ -1004,4 +974,26 @@ fn drop_from_host(host: &host::HostTier, metrics: &Metrics, models: Vec<Arc<Load
         m.engine.close();
     }
     metrics.host_tier_bytes.set(host.used() as i64);
+}
+
+/// Those of `models` whose archive is gone from the store: one stat each, off the async threads
+/// (the store may be slow). A store that went away meanwhile makes every archive look gone: then
+/// the scan says nothing.
+async fn archives_gone(
+    models: Vec<Arc<LoadedModel>>,
+    store_readable: Arc<dyn Fn() -> bool + Send + Sync>,
+) -> Vec<Arc<LoadedModel>> {
+    if models.is_empty() {
+        return Vec::new();
+    }
+    tokio::task::spawn_blocking(move || {
+        let gone: Vec<_> = models.into_iter().filter(|m| m.archive_gone()).collect();
+        if gone.is_empty() || store_readable() {
+            gone
+        } else {
+            Vec::new()
+        }
+    })
+    .await
+    .unwrap_or_default()
 }

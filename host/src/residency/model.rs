@@ -301,14 +301,8 @@ impl LoadedModel {
 
 impl Drop for LoadedModel {
     fn drop(&mut self) {
-        let retired = self
-            .retired
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some((counter, weight)) = retired {
-            counter.fetch_sub(weight, Ordering::SeqCst);
-        }
+        // Freed now: the budget stops counting it.
+        self.unretire();
     }
 }
 

@@ -130,22 +130,7 @@ impl HostCopy {
     /// change since the block last matched them are not copied again, unless `force` (the
     /// model may have written them without a version bump: a CUDA-graph replay).
     pub fn to_host(&mut self, pin: bool, force: bool) -> Result<Moved, RuntimeError> {
-        let started = std::time::Instant::now();
-        let mut pin_error: *mut c_char = std::ptr::null_mut();
-        // SAFETY: a live handle, used by one caller at a time (`&mut self`).
-        let err = unsafe {
-            ffi::tessera_tier_to_host(
-                self.handle.as_ptr(),
-                pin as i32,
-                force as i32,
-                &mut pin_error,
-            )
-        };
-        let pin_error = (!pin_error.is_null()).then(|| take_text(pin_error));
-        if !err.is_null() {
-            return Err(error(self.device, take_text(err)));
-        }
-        let mut moved = self.moved(started, pin_error);
+        let mut moved = self.fill(ffi::tessera_tier_to_host, pin, force)?;
         // SAFETY: a live handle.
         moved.copied = unsafe { ffi::tessera_tier_copied(self.handle.as_ptr()) } as u64;
         Ok(moved)
@@ -155,11 +140,21 @@ impl HostCopy {
     /// it, page-locked if `pin` and it can be): the next [`HostCopy::to_host`] then copies only
     /// what is written meanwhile. `force` as for [`HostCopy::to_host`].
     pub fn stage(&mut self, pin: bool, force: bool) -> Result<Moved, RuntimeError> {
+        self.fill(ffi::tessera_tier_stage, pin, force)
+    }
+
+    /// Calls `shim` (the move to the host, or the stage), which fills the host block.
+    fn fill(
+        &mut self,
+        shim: unsafe extern "C" fn(*mut c_void, i32, i32, *mut *mut c_char) -> *mut c_char,
+        pin: bool,
+        force: bool,
+    ) -> Result<Moved, RuntimeError> {
         let started = std::time::Instant::now();
         let mut pin_error: *mut c_char = std::ptr::null_mut();
         // SAFETY: a live handle, used by one caller at a time (`&mut self`).
         let err = unsafe {
-            ffi::tessera_tier_stage(
+            shim(
                 self.handle.as_ptr(),
                 pin as i32,
                 force as i32,
