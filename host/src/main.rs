@@ -53,6 +53,11 @@ struct PackArgs {
     /// Skip loading the TorchScript files to check them (for files too big to load here).
     #[arg(long)]
     skip_model_check: bool,
+    /// How the archive is compressed (always a standard .tar.gz): `none` stores the bytes
+    /// (weights barely compress, and a first load then unpacks at copy speed), `fast` / `best`
+    /// are gzip levels 1 / 9 (smaller archives, single-threaded inflate at every first load).
+    #[arg(long, value_enum, default_value_t = archive::PackCompression::None)]
+    compression: archive::PackCompression,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -366,6 +371,7 @@ fn pack(args: PackArgs) -> anyhow::Result<()> {
         models: args.models,
         handler: args.handler,
         assets: args.assets,
+        compression: args.compression,
     };
     archive::pack(&spec, &args.output)?;
     let size = std::fs::metadata(&args.output)?.len();

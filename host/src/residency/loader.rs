@@ -151,6 +151,10 @@ impl Loader {
                     device = runtime::device_name(m.pipeline.device()),
                     bytes = m.weight(),
                     ms = m.load_time.as_millis() as u64,
+                    unpack_ms = m.phases.unpack.map(|d| d.as_millis() as u64),
+                    check_ms = m.phases.check.map(|d| d.as_millis() as u64),
+                    torch_ms = m.phases.torch.as_millis() as u64,
+                    handler_ms = m.phases.handler.as_millis() as u64,
                     cpu_tensor_bytes = runtime::cpu_tensor_bytes(),
                     "model loaded"
                 );
@@ -170,6 +174,7 @@ impl Loader {
         let key = &reg.key;
         // Stamped before unpacking: a replacement during the load is noticed at the next use.
         let source = super::model::archive_stamp(&reg.archive);
+        let mut phases = LoadPhases::default();
         let (unpacked, pin, unpacked_now) = {
             let (archive, config, sandbox, pins) = (
                 reg.archive.clone(),
@@ -177,7 +182,10 @@ impl Loader {
                 self.sandbox.clone(),
                 self.pins.clone(),
             );
-            blocking(move || unpack_cached(&archive, &config, &sandbox, &pins)).await??
+            let (unpacked, pin, unpacked_now, unpack, check) =
+                blocking(move || unpack_cached(&archive, &config, &sandbox, &pins)).await??;
+            (phases.unpack, phases.check) = (unpack, check);
+            (unpacked, pin, unpacked_now)
         };
         if !unpacked.config.ignored_keys.is_empty() {
             tracing::warn!(model = %key, keys = ?unpacked.config.ignored_keys,
@@ -226,6 +234,7 @@ impl Loader {
             .tessera
             .executor
             .unwrap_or(self.config.executor);
+        let torch_started = Instant::now();
         let stage = match (&unpacked.stage_file, &unpacked.config.tessera.cached_stage) {
             (Some(file), Some(spec)) => Some(runtime::Stage {
                 model: self.load_torch(residency, file, device, reg, None).await?,
@@ -254,6 +263,7 @@ impl Loader {
                 .unwrap_or(archive::DEFAULT_MAX_CUDA_GRAPHS);
             entry = entry.with_cuda_graphs(&key.to_string(), max as usize);
         }
+        phases.torch = torch_started.elapsed();
         let mut pipeline = runtime::Pipeline::new(stage, entry);
         if !self.config.model_warm_ups {
             pipeline.disable_warm_ups();
@@ -264,6 +274,7 @@ impl Loader {
                 pipeline.held_bytes(),
             ));
         }
+        let handler_started = Instant::now();
         let handler = {
             let env = self.handler_env(reg, tenant, &unpacked, &pipeline);
             let (sandbox, path, hash) = (
@@ -273,6 +284,7 @@ impl Loader {
             );
             blocking(move || sandbox.prepare(&path, &hash, env)).await??
         };
+        phases.handler = handler_started.elapsed();
         let pipeline = Arc::new(pipeline);
         let workers = self.workers.get(key).unwrap_or(unpacked.config.max_workers) as usize;
         let engine = Engine::spawn(
@@ -304,7 +316,8 @@ impl Loader {
         )
         .with_source(&reg.archive, source)
         .with_disk_pin(pin)
-        .with_reservation(reservation);
+        .with_reservation(reservation)
+        .with_phases(phases);
         model.set_came_from(if unpacked_now {
             super::Tier::Store
         } else {
@@ -467,7 +480,8 @@ fn unpack_cached(
     config: &LoaderConfig,
     sandbox: &Sandbox,
     pins: &Arc<disk::Pins>,
-) -> Result<(Unpacked, disk::Pin, bool), ResidencyError> {
+) -> Result<UnpackedCached, ResidencyError> {
+    let started = Instant::now();
     let (key, listing) = disk::key_of(archive, config.limits)?;
     let pin = pins.pin(&key);
     let root = disk::root(&config.work_dir);
@@ -491,7 +505,10 @@ fn unpack_cached(
             true,
         ),
     };
+    let unpack = unpacked_now.then(|| started.elapsed());
+    let mut check = None;
     if !checked.is_file() {
+        let started = Instant::now();
         let limits = verify::CheckLimits::for_files(
             &unpacked.model_files,
             config.check_seconds,
@@ -499,8 +516,32 @@ fn unpack_cached(
         );
         check_unpacked(&unpacked, sandbox, limits, true)?;
         std::fs::write(&checked, b"").map_err(archive::io_err(&checked))?;
+        check = Some(started.elapsed());
     }
-    Ok((unpacked, pin, unpacked_now))
+    Ok((unpacked, pin, unpacked_now, unpack, check))
+}
+
+/// [`unpack_cached`]'s answer: the archive's files, the pin keeping them, whether they were
+/// unpacked now, and how long unpacking and the check took (none when not done now).
+type UnpackedCached = (
+    Unpacked,
+    disk::Pin,
+    bool,
+    Option<Duration>,
+    Option<Duration>,
+);
+
+/// Where a load's time went, for its log line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadPhases {
+    /// Unpacking the archive into the disk tier (none: it was there).
+    pub unpack: Option<Duration>,
+    /// The sandboxed TorchScript and handler check (none: passed before).
+    pub check: Option<Duration>,
+    /// Loading the TorchScript onto the device (cached stage included).
+    pub torch: Duration,
+    /// Instantiating the handler (compiled once per content hash).
+    pub handler: Duration,
 }
 
 fn unpack_fresh(

@@ -47,6 +47,8 @@ pub struct LoadedModel {
     came_from: std::sync::atomic::AtomicU8,
     /// How long its latest load or swap-in waited for room in the budget (microseconds).
     room_wait_us: AtomicU64,
+    /// Where its load's time went.
+    pub phases: super::loader::LoadPhases,
 }
 
 /// Where a model was when a request needed it, as the `x-model-tier` header says.
@@ -123,7 +125,13 @@ impl LoadedModel {
             retired: std::sync::Mutex::new(None),
             came_from: std::sync::atomic::AtomicU8::new(Tier::Store as u8),
             room_wait_us: AtomicU64::new(0),
+            phases: Default::default(),
         }
+    }
+
+    pub fn with_phases(mut self, phases: super::loader::LoadPhases) -> Self {
+        self.phases = phases;
+        self
     }
 
     /// How long its latest load or swap-in waited for room in the budget (part of the request's

@@ -617,8 +617,8 @@ impl TorchModel {
     /// parallel (no lock): each weighs only its own module. Only files that passed
     /// [`verify::check_files`] may be loaded: loading runs the file's `__setstate__`.
     pub fn load(path: &Path, device: Device) -> Result<TorchModel, RuntimeError> {
-        let mut module =
-            CModule::load_on_device(path, device).map_err(|e| load_error(device, e.to_string()))?;
+        let mut module = tier::load_module(path, device, tier::LoadPath::configured())
+            .map_err(|e| load_error(device, e))?;
         module.set_eval();
         // SAFETY: a live module pointer; the shim only reads it and catches C++ exceptions.
         let held = unsafe { cuda::tessera_module_tensor_bytes(module_ptr(&module)) };
@@ -1852,6 +1852,111 @@ for mode in range(4):
         pipeline.to_device().unwrap();
         capture_all(&pipeline.entry);
         assert_eq!(pipeline.entry.forward(&[input(2, 3)]).unwrap(), want);
+    }
+
+    /// A scripted model holding two records larger than the fast loader's read and staging
+    /// pieces, a view of another buffer (one storage), tensors in a list attribute and in a
+    /// scripted class's instance, and a small Linear: `forward` uses them all.
+    const LOAD_FIXTURE: &str = r#"
+import sys
+from typing import List
+import torch
+
+
+@torch.jit.script
+class Holder:
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+class Loaded(torch.nn.Module):
+    holder: Holder
+    items: List[torch.Tensor]
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.big1 = torch.nn.Parameter(torch.randn(3000, 2100, generator=g))
+        self.register_buffer("big2", torch.randn(2500, 2600, generator=g))
+        self.register_buffer("whole", torch.randn(1000, generator=g))
+        self.part = self.whole[:500]
+        self.items = [torch.randn(7, generator=g), torch.arange(5)]
+        self.holder = Holder(torch.randn(3, generator=g))
+        self.small = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return (x * self.big1[-1, :4].sum() + self.big2[-1].mean() + self.part.sum() + self.items[0].sum()
+                + self.items[1].sum() + self.holder.t.sum() + self.small(x)
+                + torch.tensor([1.0, 2.0, 3.0, 4.0], device=x.device))
+
+
+torch.jit.script(Loaded()).save(sys.argv[1])
+"#;
+
+    /// `path` loaded onto `device` each way: the answers to one input, and the storages its
+    /// tensors hold on the device and on the CPU.
+    fn load_each_way(path: &Path, device: Device) -> Vec<(tier::LoadPath, Tensor, u64, u64)> {
+        let x = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, 1.0, 3.0, -2.0, 0.0])
+            .reshape([2, 4])
+            .to_device(device);
+        [tier::LoadPath::Torch, tier::LoadPath::Parallel]
+            .into_iter()
+            .map(|how| {
+                let module = tier::load_module(path, device, how).unwrap();
+                let y = tch::no_grad(|| module.forward_ts(&[&x]))
+                    .unwrap()
+                    .to_device(Device::Cpu);
+                let on = |d| tier::HostCopy::collect(&[&module], d).unwrap().storages();
+                let (here, cpu) = (
+                    on(device),
+                    if device == Device::Cpu {
+                        0
+                    } else {
+                        on(Device::Cpu)
+                    },
+                );
+                (how, y, here, cpu)
+            })
+            .collect()
+    }
+
+    /// The parallel reader gives the model libtorch's own load gives: the same answers, the
+    /// same storages (a view still shares its buffer's).
+    #[test]
+    fn the_fast_loader_loads_what_libtorch_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.pt");
+        python_fixture(LOAD_FIXTURE, &path);
+        let loads = load_each_way(&path, Device::Cpu);
+        let (_, want, storages, _) = &loads[0];
+        // big1, big2, whole (part shares it), two list items, the holder's, Linear's two.
+        assert_eq!(*storages, 8);
+        for (how, y, n, _) in &loads[1..] {
+            assert!(y.equal(want), "{how:?}: {y} != {want}");
+            assert_eq!(n, storages, "{how:?}");
+        }
+        // A file that is not TorchScript fails each way with libtorch's error.
+        std::fs::write(&path, b"not a zip").unwrap();
+        assert!(tier::load_module(&path, Device::Cpu, tier::LoadPath::Parallel).is_err());
+    }
+
+    /// On a GPU (GPU machine only): the parallel reader's load leaves no tensor on the CPU,
+    /// keeps shared storages shared, and answers as libtorch's own load does.
+    #[test]
+    fn gpu_the_parallel_reader_loads_every_tensor_onto_the_device() {
+        let Some(_gpu) = gpu_test() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.pt");
+        python_fixture(LOAD_FIXTURE, &path);
+        let loads = load_each_way(&path, Device::Cuda(0));
+        let (_, want, storages, cpu) = &loads[0];
+        assert_eq!((*storages, *cpu), (8, 0));
+        for (how, y, n, cpu) in &loads[1..] {
+            assert!(y.equal(want), "{how:?}: {y} != {want}");
+            assert_eq!((n, cpu), (storages, &0), "{how:?}");
+        }
     }
 
     /// A model that writes its own buffer in place (counting its calls) beside a weight.

@@ -37,7 +37,73 @@ mod ffi {
         pub fn tessera_tier_storages(handle: *mut c_void) -> i64;
         pub fn tessera_tier_version_sum(handle: *mut c_void) -> i64;
         pub fn tessera_tier_free(handle: *mut c_void);
+        pub fn tessera_load_module(
+            path: *const c_char,
+            device_type: i32,
+            index: i32,
+            err: *mut *mut c_char,
+        ) -> *mut c_void;
     }
+}
+
+/// How a TorchScript file is loaded onto its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPath {
+    /// libtorch's own load (one thread reads; each tensor copied to the device on its own,
+    /// synchronously, from pageable memory).
+    Torch,
+    /// Records read on several threads (libtorch's deserialisation and its per-tensor moves
+    /// to the device otherwise unchanged).
+    Parallel,
+}
+
+impl LoadPath {
+    /// `Parallel`, or `Torch` where `TESSERA_LOAD_PATH=torch` (benchmarks compare the two).
+    pub fn configured() -> LoadPath {
+        match std::env::var("TESSERA_LOAD_PATH").as_deref() {
+            Ok("torch") => LoadPath::Torch,
+            _ => LoadPath::Parallel,
+        }
+    }
+}
+
+/// Loads the TorchScript file at `path` onto `device` the way `how` says. A failure of the
+/// parallel reader other than running out of memory is retried with libtorch's own load (and
+/// logged), so a file they cannot handle still loads as it always did.
+pub fn load_module(
+    path: &std::path::Path,
+    device: Device,
+    how: LoadPath,
+) -> Result<CModule, String> {
+    if how == LoadPath::Torch {
+        return CModule::load_on_device(path, device).map_err(|e| e.to_string());
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{} has a NUL byte in its name", path.display()))?;
+    let (kind, index) = match device {
+        Device::Cuda(i) => (1, i as i32),
+        _ => (0, 0),
+    };
+    let mut err: *mut c_char = std::ptr::null_mut();
+    // SAFETY: a NUL-terminated path and an out-pointer; the shim catches C++ exceptions and
+    // returns either a new module or an error string (freed by take_text).
+    let ptr = unsafe { ffi::tessera_load_module(c_path.as_ptr(), kind, index, &mut err) };
+    if ptr.is_null() {
+        let text = Some(take_text(err))
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "unknown error".into());
+        if is_oom(&text) {
+            return Err(text);
+        }
+        tracing::warn!(file = %path.display(), error = %text, path = ?how,
+            "the fast TorchScript load failed; loading with libtorch's own");
+        return CModule::load_on_device(path, device).map_err(|e| e.to_string());
+    }
+    const _: () = assert!(std::mem::size_of::<CModule>() == std::mem::size_of::<*mut c_void>());
+    // SAFETY: `CModule` is a struct holding exactly one `torch::jit::Module*` (size checked
+    // above; see `module_ptr`), and `ptr` is a module the shim allocated with `new`, as tch's
+    // own loader does: the CModule owns and frees it.
+    Ok(unsafe { std::mem::transmute::<*mut c_void, CModule>(ptr) })
 }
 
 /// The tensors of a model's modules that live on its device, grouped by storage, and the host
@@ -109,6 +175,12 @@ impl HostCopy {
     pub fn bytes(&self) -> u64 {
         // SAFETY: a live handle.
         unsafe { ffi::tessera_tier_bytes(self.handle.as_ptr()) as u64 }
+    }
+
+    /// Storages (each moved once, however many tensors view it).
+    pub fn storages(&self) -> u64 {
+        // SAFETY: a live handle.
+        unsafe { ffi::tessera_tier_storages(self.handle.as_ptr()) as u64 }
     }
 
     /// The sum of the tensors' version counters (`None` if one has none): it changes when one

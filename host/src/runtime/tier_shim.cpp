@@ -13,8 +13,16 @@
 #include <torch/cuda.h>
 #include <c10/core/InferenceMode.h>
 
+#include <caffe2/serialize/read_adapter_interface.h>
+#include <torch/csrc/jit/serialization/import.h>
+
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <algorithm>
 #include <atomic>
@@ -253,7 +261,145 @@ char* allocate(Moved* m, int pin, char** pin_error) {
   return nullptr;
 }
 
+// Collects the tensors of `modules` that live on `device`, grouped by storage: parameters,
+// buffers and tensor attributes of every submodule (inside lists, tuples, dicts and non-module
+// objects too) and tensor constants of every method's and compilation-unit function's graph.
+std::unique_ptr<Moved> collect_modules(const std::vector<torch::jit::Module*>& modules, const c10::Device& device) {
+  c10::InferenceMode off(false);
+  auto out = std::make_unique<Moved>();
+  out->device = device;
+  std::unordered_map<const void*, size_t> by_storage;
+  std::unordered_map<const void*, bool> seen;
+  std::unordered_map<const void*, bool> objects;
+  std::function<void(const c10::IValue&)> visit = [&](const c10::IValue& v) {
+    if (v.isTensor()) {
+      collect_tensor(v.toTensor(), out->device, by_storage, seen, *out);
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorVector()) collect_tensor(t, out->device, by_storage, seen, *out);
+    } else if (v.isList()) {
+      for (const c10::IValue& item : v.toListRef()) visit(item);
+    } else if (v.isTuple()) {
+      for (const c10::IValue& item : v.toTupleRef().elements()) visit(item);
+    } else if (v.isGenericDict()) {
+      for (const auto& kv : v.toGenericDict()) visit(kv.value());
+    } else if (v.isObject()) {
+      // Submodules are walked below; other objects (a scripted class instance) here, once.
+      const auto& obj = v.toObjectRef();
+      if (!obj.type()->is_module() && objects.emplace(&obj, true).second) {
+        for (const c10::IValue& slot : obj.slots()) visit(slot);
+      }
+    }
+  };
+  for (torch::jit::Module* module : modules) {
+    for (const torch::jit::Module& m : module->modules()) {
+      for (const auto& attr : m.named_attributes(/*recurse=*/false)) visit(attr.value);
+      for (const torch::jit::Method& method : m.get_methods()) {
+        if (auto* gf = dynamic_cast<torch::jit::GraphFunction*>(&method.function())) {
+          collect_graph(gf->graph(), visit);
+        }
+      }
+    }
+    auto cu = module->_ivalue()->compilation_unit();
+    for (torch::jit::Function* fn : cu->get_functions()) {
+      if (auto* gf = dynamic_cast<torch::jit::GraphFunction*>(fn)) collect_graph(gf->graph(), visit);
+    }
+  }
+  size_t offset = 0;
+  for (Group& g : out->groups) {
+    g.offset = offset;
+    offset += (g.nbytes + kAlign - 1) / kAlign * kAlign;
+  }
+  out->total = offset;
+  return out;
+}
+
+// Runs work(i) for i in [0, n) on up to `threads` threads (this one included; fewer if no more
+// threads can be started).
+void parallel(size_t n, size_t threads, const std::function<void(size_t)>& work) {
+  std::atomic<size_t> next{0};
+  auto run = [&] {
+    for (size_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) work(i);
+  };
+  std::vector<std::thread> pool;
+  try {
+    for (size_t t = 1; t < std::min(threads, n); ++t) pool.emplace_back(run);
+  } catch (...) {
+  }
+  run();
+  for (auto& t : pool) t.join();
+}
+
+constexpr size_t kPiece = size_t(8) << 20;  // one thread's share of a large read
+constexpr size_t kCopyThreads = 8;
+
+// A TorchScript file read with pread, large records in pieces on several threads (a record
+// of a model's weights is one read of up to gigabytes: libtorch's own file reader makes it on
+// one thread).
+struct ParallelFile final : caffe2::serialize::ReadAdapterInterface {
+  int fd = -1;
+  size_t len = 0;
+  ~ParallelFile() override {
+    if (fd >= 0) close(fd);
+  }
+  size_t size() const override { return len; }
+  size_t read(uint64_t pos, void* buf, size_t n, const char* /*what*/) const override {
+    if (pos >= len) return 0;
+    n = std::min<size_t>(n, len - pos);
+    std::atomic<bool> failed{false};
+    auto read_at = [&](size_t at, size_t count) {
+      char* dst = static_cast<char*>(buf) + at;
+      while (count > 0) {
+        const ssize_t got = pread(fd, dst, count, static_cast<off_t>(pos + at));
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) {
+          failed = true;
+          return;
+        }
+        dst += got;
+        at += static_cast<size_t>(got);
+        count -= static_cast<size_t>(got);
+      }
+    };
+    if (n < 2 * kPiece) {
+      read_at(0, n);
+    } else {
+      const size_t pieces = (n + kPiece - 1) / kPiece;
+      parallel(pieces, kCopyThreads, [&](size_t i) { read_at(i * kPiece, std::min(kPiece, n - i * kPiece)); });
+    }
+    // A short read makes libtorch report the record as corrupt.
+    return failed ? 0 : n;
+  }
+};
+
+std::shared_ptr<ParallelFile> open_parallel(const char* path) {
+  auto file = std::make_shared<ParallelFile>();
+  file->fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (file->fd < 0) throw std::runtime_error(std::string("cannot open ") + path + ": " + std::strerror(errno));
+  struct stat st {};
+  if (fstat(file->fd, &st) != 0) throw std::runtime_error(std::string("cannot stat ") + path + ": " + std::strerror(errno));
+  file->len = static_cast<size_t>(st.st_size);
+  return file;
+}
+
 }  // namespace
+
+// Loads the TorchScript file at `path` onto device (type 0 CPU, 1 CUDA; `index` its ordinal),
+// its records read on several threads (libtorch's own file reader reads each on one thread).
+// Returns a new `torch::jit::Module*` (a tch CModule's pointer), or null with the error in *err.
+extern "C" void* tessera_load_module(const char* path, int device_type, int index, char** err) {
+  *err = nullptr;
+  try {
+    const c10::Device device = device_type == 1
+                                   ? c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index))
+                                   : c10::Device(c10::DeviceType::CPU);
+    return new torch::jit::Module(torch::jit::load(open_parallel(path), device));
+  } catch (const std::exception& e) {
+    *err = dup_tier(e.what());
+  } catch (...) {
+    *err = dup_tier("unknown C++ exception");
+  }
+  return nullptr;
+}
 
 // Collects the tensors of `n` modules that live on the modules' device (type 0 CPU, 1 CUDA;
 // `index` its ordinal), grouped by storage. Returns a handle (free with tessera_tier_free), or
@@ -261,47 +407,12 @@ char* allocate(Moved* m, int pin, char** pin_error) {
 extern "C" void* tessera_tier_collect(void** modules, int n, int device_type, int index, char** err) {
   *err = nullptr;
   try {
-    c10::InferenceMode off(false);
-    auto out = std::make_unique<Moved>();
-    out->device = device_type == 1 ? c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index))
+    const c10::Device device = device_type == 1
+                                   ? c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index))
                                    : c10::Device(c10::DeviceType::CPU);
-    std::unordered_map<const void*, size_t> by_storage;
-    std::unordered_map<const void*, bool> seen;
-    std::function<void(const c10::IValue&)> visit = [&](const c10::IValue& v) {
-      if (v.isTensor()) {
-        collect_tensor(v.toTensor(), out->device, by_storage, seen, *out);
-      } else if (v.isTensorList()) {
-        for (const at::Tensor& t : v.toTensorVector()) collect_tensor(t, out->device, by_storage, seen, *out);
-      } else if (v.isList()) {
-        for (const c10::IValue& item : v.toListRef()) visit(item);
-      } else if (v.isTuple()) {
-        for (const c10::IValue& item : v.toTupleRef().elements()) visit(item);
-      } else if (v.isGenericDict()) {
-        for (const auto& kv : v.toGenericDict()) visit(kv.value());
-      }
-    };
-    for (int k = 0; k < n; ++k) {
-      auto* module = static_cast<torch::jit::Module*>(modules[k]);
-      for (const torch::jit::Module& m : module->modules()) {
-        for (const auto& attr : m.named_attributes(/*recurse=*/false)) visit(attr.value);
-        for (const torch::jit::Method& method : m.get_methods()) {
-          if (auto* gf = dynamic_cast<torch::jit::GraphFunction*>(&method.function())) {
-            collect_graph(gf->graph(), visit);
-          }
-        }
-      }
-      auto cu = module->_ivalue()->compilation_unit();
-      for (torch::jit::Function* fn : cu->get_functions()) {
-        if (auto* gf = dynamic_cast<torch::jit::GraphFunction*>(fn)) collect_graph(gf->graph(), visit);
-      }
-    }
-    size_t offset = 0;
-    for (Group& g : out->groups) {
-      g.offset = offset;
-      offset += (g.nbytes + kAlign - 1) / kAlign * kAlign;
-    }
-    out->total = offset;
-    return out.release();
+    std::vector<torch::jit::Module*> list;
+    for (int k = 0; k < n; ++k) list.push_back(static_cast<torch::jit::Module*>(modules[k]));
+    return collect_modules(list, device).release();
   } catch (const std::exception& e) {
     *err = dup_tier(e.what());
   } catch (...) {

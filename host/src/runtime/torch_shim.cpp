@@ -47,10 +47,21 @@ void collect_function(torch::jit::Function* fn, std::set<std::string>& ops) {
 // a sandboxed child process) and returns a newline-separated, sorted list of every operator
 // in every function and method of its compilation unit and of every submodule. On failure
 // returns the error text with *ok = 0. The caller frees the result with tessera_free.
+extern "C" void* tessera_load_module(const char* path, int device_type, int index, char** err);
+
 extern "C" char* tessera_torchscript_ops(const char* path, int* ok) {
   *ok = 0;
   try {
-    torch::jit::Module module = torch::jit::load(path, c10::Device(c10::DeviceType::CPU));
+    // Read as the server will (records on several threads), onto the CPU.
+    char* load_error = nullptr;
+    std::unique_ptr<torch::jit::Module> owned(
+        static_cast<torch::jit::Module*>(tessera_load_module(path, 0, 0, &load_error)));
+    if (!owned) {
+      std::string why = load_error != nullptr ? load_error : "unknown error";
+      std::free(load_error);
+      throw std::runtime_error(why);
+    }
+    torch::jit::Module& module = *owned;
     std::set<std::string> ops;
     auto cu = module._ivalue()->compilation_unit();
     for (torch::jit::Function* fn : cu->get_functions()) collect_function(fn, ops);
