@@ -1327,6 +1327,8 @@ mod tests {
         }
         let c = ModelConfig::parse("tessera:\n  executor: simple\n").unwrap();
         assert_eq!(c.tessera.executor, Some(crate::runtime::Executor::Simple));
+        let c = ModelConfig::parse("tessera:\n  executor: legacy\n").unwrap();
+        assert_eq!(c.tessera.executor, Some(crate::runtime::Executor::Legacy));
         let c = ModelConfig::parse(
             "tessera:\n  model: b.pt\n  executor: simple\n  cachedStage:\n    model: a.pt\n    inputs: [x]\n    executor: profiling\n",
         )

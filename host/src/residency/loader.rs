@@ -236,12 +236,18 @@ impl Loader {
             .unwrap_or(self.config.executor);
         let torch_started = Instant::now();
         let stage = match (&unpacked.stage_file, &unpacked.config.tessera.cached_stage) {
-            (Some(file), Some(spec)) => Some(runtime::Stage {
-                model: self.load_torch(residency, file, device, reg, None).await?,
-                inputs: spec.inputs.clone(),
-                cache: Arc::new(runtime::StageCache::new(spec.cache_mib << 20)),
-                executor: spec.executor.unwrap_or(executor),
-            }),
+            (Some(file), Some(spec)) => {
+                let stage_executor = spec.executor.unwrap_or(executor);
+                let model = self
+                    .load_torch(residency, file, device, reg, None, stage_executor)
+                    .await?;
+                Some(runtime::Stage {
+                    model,
+                    inputs: spec.inputs.clone(),
+                    cache: Arc::new(runtime::StageCache::new(spec.cache_mib << 20)),
+                    executor: stage_executor,
+                })
+            }
             _ => None,
         };
         let tessera = &unpacked.config.tessera;
@@ -252,6 +258,7 @@ impl Loader {
                 device,
                 reg,
                 tessera.optimize,
+                executor,
             )
             .await?;
         if tessera.looped {
@@ -360,8 +367,9 @@ impl Loader {
         }
     }
 
-    /// Loads one TorchScript file onto `device` (then rewrites it as `optimize` says), evicting
-    /// per policy while it runs out of memory.
+    /// Loads one TorchScript file onto `device` (then rewrites it as `optimize` says, and gives
+    /// it its executors now if `executor` is the legacy one: see [`runtime::Executor::Legacy`]),
+    /// evicting per policy while it runs out of memory.
     async fn load_torch(
         &self,
         residency: &Residency,
@@ -369,14 +377,21 @@ impl Loader {
         device: Device,
         reg: &Registration,
         optimize: Option<runtime::Optimize>,
+        executor: runtime::Executor,
     ) -> Result<TorchModel, ResidencyError> {
         let result = residency
             .retry_out_of_memory(&reg.key, u32::MAX, || {
                 let path = file.to_path_buf();
                 async move {
-                    blocking(move || match optimize {
-                        Some(how) => load_optimized(&path, device, how),
-                        None => TorchModel::load(&path, device),
+                    blocking(move || {
+                        let model = match optimize {
+                            Some(how) => load_optimized(&path, device, how),
+                            None => TorchModel::load(&path, device),
+                        }?;
+                        if executor == runtime::Executor::Legacy {
+                            model.use_legacy_executor()?;
+                        }
+                        Ok(model)
                     })
                     .await?
                     .map_err(ResidencyError::Runtime)

@@ -39,6 +39,11 @@ mod cuda {
         pub fn tessera_enter_inference_mode() -> i32;
         pub fn tessera_set_thread_intra_op_threads(threads: i32) -> i32;
         pub fn tessera_get_thread_intra_op_threads() -> i32;
+        pub fn tessera_module_use_legacy_executor(
+            module: *mut std::ffi::c_void,
+            err: *mut *mut std::ffi::c_char,
+        ) -> i64;
+        pub fn tessera_module_legacy_executors(module: *mut std::ffi::c_void) -> i64;
     }
 }
 
@@ -356,6 +361,21 @@ pub enum Executor {
     /// The graph as exported, without profiling, specialisation or fusion: no per-shape
     /// compilation on a request, at the cost of the fusions.
     Simple,
+    /// libtorch's legacy executor: optimises (and fuses) at a signature's first call, with no
+    /// profiled runs before. Made per model at load (see [`TorchModel::use_legacy_executor`]).
+    /// SAM vit_h's encoder on an H100: 0.8-1.4 s of first calls at a reload against 2.5-3.1 s,
+    /// 183-197 ms a photo against 176-193, and embeddings within 1e-5 of eager PyTorch's where
+    /// the profiling executor's were 0.13 off (`bench/results/sam_warm_up_probe_gpu_h100.md`).
+    /// Not every model runs under it (SD2's UNet fails: "mat1 and mat2 must have the same
+    /// dtype").
+    Legacy,
+}
+
+impl Executor {
+    /// Whether forwards run the executor's optimisations (the thread-local flag).
+    fn optimizes(self) -> bool {
+        self != Executor::Simple
+    }
 }
 
 /// What the host does to a model's TorchScript once loaded, before its first call
@@ -395,7 +415,7 @@ pub fn configure(cudnn_benchmark: bool, executor: Executor) -> String {
 
 /// Makes this thread's TorchScript calls run under `executor`.
 fn set_thread_executor(executor: Executor) {
-    let optimize = (executor == Executor::Profiling) as i32;
+    let optimize = executor.optimizes() as i32;
     // SAFETY: sets a thread-local flag; the shim catches C++ exceptions.
     if unsafe { cuda::tessera_jit_set_thread_optimize(optimize) } != 0 {
         tracing::warn!("could not set the TorchScript executor for this thread");
@@ -795,6 +815,24 @@ impl TorchModel {
         }
         self.looped = true;
         Ok(self)
+    }
+
+    /// Gives every function of the model a legacy executor, now (libtorch picks the kind from
+    /// a process-wide flag when it creates a function's executor; see [`Executor::Legacy`]).
+    /// Returns how many functions it covered.
+    pub fn use_legacy_executor(&self) -> Result<usize, RuntimeError> {
+        let module = self.module.as_ref().expect("module present until drop");
+        let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: a live module; the shim catches C++ exceptions and returns a count or an
+        // error string (freed by take_text).
+        let n = unsafe { cuda::tessera_module_use_legacy_executor(module_ptr(module), &mut err) };
+        if n < 0 {
+            return Err(RuntimeError::Load(format!(
+                "creating the legacy executor: {}",
+                graphs::take_text(err)
+            )));
+        }
+        Ok(n as usize)
     }
 
     /// Replays the model's calls as CUDA graphs (at most `max` signatures); on a CPU device
@@ -1852,6 +1890,35 @@ for mode in range(4):
         pipeline.to_device().unwrap();
         capture_all(&pipeline.entry);
         assert_eq!(pipeline.entry.forward(&[input(2, 3)]).unwrap(), want);
+    }
+
+    /// Legacy executors are made at load for the model that asks (every function of it), the
+    /// process-wide flag is put back (a model loaded next gets libtorch's default, the
+    /// profiling executor), and the answers are the same.
+    #[test]
+    fn the_legacy_executor_is_made_at_load_for_its_model_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.pt");
+        weighted(&path);
+        let legacy_count = |m: &TorchModel| {
+            // SAFETY: a live module; the shim catches C++ exceptions.
+            unsafe { cuda::tessera_module_legacy_executors(module_ptr(m.module().unwrap())) }
+        };
+        let legacy = TorchModel::load(&path, Device::Cpu).unwrap();
+        let made = legacy.use_legacy_executor().unwrap();
+        assert!(made >= 1, "{made}");
+        assert!(tch::jit::get_profiling_mode(), "the flag is put back");
+        let profiling = TorchModel::load(&path, Device::Cpu).unwrap();
+        set_thread_executor(Executor::Legacy);
+        for _ in 0..3 {
+            assert_eq!(
+                legacy.forward(&[input(2, 3)]).unwrap(),
+                profiling.forward(&[input(2, 3)]).unwrap()
+            );
+        }
+        set_thread_executor(Executor::Profiling);
+        assert_eq!(legacy_count(&legacy), made as i64);
+        assert_eq!(legacy_count(&profiling), 0);
     }
 
     /// A scripted model holding two records larger than the fast loader's read and staging

@@ -772,7 +772,8 @@ struct ExecutorScope {
 impl ExecutorScope {
     fn enter(executor: Executor) -> ExecutorScope {
         let thread = super::thread_executor();
-        if executor == thread {
+        // The flag only says whether forwards optimise (the executor's kind is the model's).
+        if executor.optimizes() == thread.optimizes() {
             return ExecutorScope { restore: None };
         }
         super::set_thread_executor(executor);

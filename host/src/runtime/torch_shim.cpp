@@ -307,3 +307,67 @@ extern "C" int tessera_get_thread_intra_op_threads() {
     return -1;
   }
 }
+
+// The legacy graph executor (`executor: legacy`): libtorch picks a function's executor kind
+// from a process-wide flag when the executor is created (at the function's first call), so a
+// model that wants the legacy one has its executors created at load, under a lock, with the
+// flag set for that moment and put back. Every method of every submodule and every function of
+// the compilation unit gets its executor. Returns how many, or -1 with the error in *err.
+#include <mutex>
+namespace {
+std::mutex g_executor_kind;
+
+template <typename F>
+void each_graph_function(torch::jit::Module& module, F&& f) {
+  for (const torch::jit::Module& m : module.modules()) {
+    for (const torch::jit::Method& method : m.get_methods()) {
+      if (auto* gf = dynamic_cast<torch::jit::GraphFunction*>(&method.function())) f(*gf);
+    }
+  }
+  for (torch::jit::Function* fn : module._ivalue()->compilation_unit()->get_functions()) {
+    if (auto* gf = dynamic_cast<torch::jit::GraphFunction*>(fn)) f(*gf);
+  }
+}
+}  // namespace
+
+extern "C" int64_t tessera_module_use_legacy_executor(void* module_ptr, char** err) {
+  *err = nullptr;
+  auto* module = static_cast<torch::jit::Module*>(module_ptr);
+  std::lock_guard<std::mutex> lock(g_executor_kind);
+  std::atomic<bool>& profiling = torch::jit::getExecutorMode();
+  const bool before = profiling.load();
+  profiling = false;
+  int64_t n = 0;
+  try {
+    each_graph_function(*module, [&](torch::jit::GraphFunction& gf) {
+      gf.get_executor();
+      ++n;
+    });
+  } catch (const std::exception& e) {
+    profiling = before;
+    *err = dup(e.what());
+    return -1;
+  }
+  profiling = before;
+  return n;
+}
+
+// How many of the module's functions have a legacy executor (tests): creating the executors
+// of those without one (as the process's flag says), then asking each for its state, which only
+// the legacy executor fills with its graph.
+extern "C" int64_t tessera_module_legacy_executors(void* module_ptr) {
+  auto* module = static_cast<torch::jit::Module*>(module_ptr);
+  int64_t n = 0;
+  try {
+    each_graph_function(*module, [&](torch::jit::GraphFunction& gf) {
+      try {
+        if (gf.get_executor().getDebugState().graph != nullptr) ++n;
+      } catch (...) {
+        // The profiling executor has no state to give before it optimised.
+      }
+    });
+  } catch (...) {
+    return -1;
+  }
+  return n;
+}
