@@ -844,6 +844,12 @@ fn extract_from<R: Read>(
             "a long-name record describes no entry".into(),
         ));
     }
+    // The rest of the stream (the tar's end blocks and padding, then the gzip trailer) is read
+    // to its end, so that gzip's CRC-32 and length are checked: a flipped byte in a stored
+    // archive fails here. Bounded: tar pads to 10 KiB records; past 1 MiB after the tar's end
+    // the rest is left unread.
+    io::copy(&mut tar.into_inner().take(1 << 20), &mut io::sink())
+        .map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
     Ok(())
 }
 
@@ -1224,6 +1230,21 @@ mod tests {
                 weights,
                 "{compression:?}"
             );
+            // One byte of the weights flipped: refused (the CRC), nothing left unpacked.
+            let mut bad = bytes.clone();
+            let at = bad.len() / 2;
+            bad[at] ^= 0x10;
+            let bad_path = dir.path().join(format!("bad{i}.tar.gz"));
+            fs::write(&bad_path, &bad).unwrap();
+            let dest = dir.path().join(format!("b{i}"));
+            assert!(
+                matches!(
+                    unpack(&bad_path, &dest, limits),
+                    Err(ArchiveError::Corrupt(_))
+                ),
+                "{compression:?}"
+            );
+            assert!(!dest.exists());
         }
         assert!(sizes[0] > weights.len(), "stored: {sizes:?}");
         assert!(sizes[2] * 20 < weights.len(), "compressed: {sizes:?}");

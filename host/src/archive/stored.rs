@@ -188,7 +188,11 @@ impl<R: BufRead> Read for StoredGzReader<R> {
                 continue;
             }
             let want = (buf.len() - filled).min(self.left);
-            let n = self.inner.read(&mut buf[filled..filled + want])?;
+            let n = match self.inner.read(&mut buf[filled..filled + want]) {
+                // What was read so far is counted (and in the CRC): hand it over first.
+                Err(_) if filled > 0 => return Ok(filled),
+                other => other?,
+            };
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }

@@ -238,9 +238,8 @@ impl Loader {
         let stage = match (&unpacked.stage_file, &unpacked.config.tessera.cached_stage) {
             (Some(file), Some(spec)) => {
                 let stage_executor = spec.executor.unwrap_or(executor);
-                let model = self
-                    .load_torch(residency, file, device, reg, None, stage_executor)
-                    .await?;
+                let model = self.load_torch(residency, file, device, reg, None).await?;
+                let model = with_executor(model, stage_executor).await?;
                 Some(runtime::Stage {
                     model,
                     inputs: spec.inputs.clone(),
@@ -258,7 +257,6 @@ impl Loader {
                 device,
                 reg,
                 tessera.optimize,
-                executor,
             )
             .await?;
         if tessera.looped {
@@ -270,6 +268,8 @@ impl Loader {
                 .unwrap_or(archive::DEFAULT_MAX_CUDA_GRAPHS);
             entry = entry.with_cuda_graphs(&key.to_string(), max as usize);
         }
+        // After the graph rewrites above: an executor copies its function's graph.
+        let entry = with_executor(entry, executor).await?;
         phases.torch = torch_started.elapsed();
         let mut pipeline = runtime::Pipeline::new(stage, entry);
         if !self.config.model_warm_ups {
@@ -367,8 +367,7 @@ impl Loader {
         }
     }
 
-    /// Loads one TorchScript file onto `device` (then rewrites it as `optimize` says, and gives
-    /// it its executors now if `executor` is the legacy one: see [`runtime::Executor::Legacy`]),
+    /// Loads one TorchScript file onto `device` (then rewrites it as `optimize` says),
     /// evicting per policy while it runs out of memory.
     async fn load_torch(
         &self,
@@ -377,21 +376,14 @@ impl Loader {
         device: Device,
         reg: &Registration,
         optimize: Option<runtime::Optimize>,
-        executor: runtime::Executor,
     ) -> Result<TorchModel, ResidencyError> {
         let result = residency
             .retry_out_of_memory(&reg.key, u32::MAX, || {
                 let path = file.to_path_buf();
                 async move {
-                    blocking(move || {
-                        let model = match optimize {
-                            Some(how) => load_optimized(&path, device, how),
-                            None => TorchModel::load(&path, device),
-                        }?;
-                        if executor == runtime::Executor::Legacy {
-                            model.use_legacy_executor()?;
-                        }
-                        Ok(model)
+                    blocking(move || match optimize {
+                        Some(how) => load_optimized(&path, device, how),
+                        None => TorchModel::load(&path, device),
                     })
                     .await?
                     .map_err(ResidencyError::Runtime)
@@ -534,6 +526,20 @@ fn unpack_cached(
         check = Some(started.elapsed());
     }
     Ok((unpacked, pin, unpacked_now, unpack, check))
+}
+
+/// `model`, with its executors made now if `executor` is the legacy one (libtorch picks the
+/// kind when it creates each function's executor; see [`runtime::Executor::Legacy`]).
+async fn with_executor(
+    model: TorchModel,
+    executor: runtime::Executor,
+) -> Result<TorchModel, ResidencyError> {
+    if executor != runtime::Executor::Legacy {
+        return Ok(model);
+    }
+    blocking(move || model.use_legacy_executor().map(|_| model))
+        .await?
+        .map_err(ResidencyError::Runtime)
 }
 
 /// [`unpack_cached`]'s answer: the archive's files, the pin keeping them, whether they were

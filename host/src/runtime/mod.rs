@@ -44,6 +44,7 @@ mod cuda {
             err: *mut *mut std::ffi::c_char,
         ) -> i64;
         pub fn tessera_module_legacy_executors(module: *mut std::ffi::c_void) -> i64;
+        pub fn tessera_jit_executor_mode() -> i32;
     }
 }
 
@@ -1907,7 +1908,12 @@ for mode in range(4):
         let legacy = TorchModel::load(&path, Device::Cpu).unwrap();
         let made = legacy.use_legacy_executor().unwrap();
         assert!(made >= 1, "{made}");
-        assert!(tch::jit::get_profiling_mode(), "the flag is put back");
+        // SAFETY: reads an atomic flag.
+        assert_eq!(
+            unsafe { cuda::tessera_jit_executor_mode() },
+            1,
+            "the flag is put back"
+        );
         let profiling = TorchModel::load(&path, Device::Cpu).unwrap();
         set_thread_executor(Executor::Legacy);
         for _ in 0..3 {

@@ -103,7 +103,9 @@ pub fn load_module(
     // SAFETY: `CModule` is a struct holding exactly one `torch::jit::Module*` (size checked
     // above; see `module_ptr`), and `ptr` is a module the shim allocated with `new`, as tch's
     // own loader does: the CModule owns and frees it.
-    Ok(unsafe { std::mem::transmute::<*mut c_void, CModule>(ptr) })
+    let module = unsafe { std::mem::transmute::<*mut c_void, CModule>(ptr) };
+    debug_assert_eq!(module_ptr(&module), ptr);
+    Ok(module)
 }
 
 /// The tensors of a model's modules that live on its device, grouped by storage, and the host

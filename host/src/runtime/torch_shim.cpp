@@ -57,9 +57,10 @@ extern "C" char* tessera_torchscript_ops(const char* path, int* ok) {
     std::unique_ptr<torch::jit::Module> owned(
         static_cast<torch::jit::Module*>(tessera_load_module(path, 0, 0, &load_error)));
     if (!owned) {
-      std::string why = load_error != nullptr ? load_error : "unknown error";
+      // What the server would do: libtorch's own load (which also takes formats the parallel
+      // reader's zip path does not).
       std::free(load_error);
-      throw std::runtime_error(why);
+      owned = std::make_unique<torch::jit::Module>(torch::jit::load(path, c10::Device(c10::DeviceType::CPU)));
     }
     torch::jit::Module& module = *owned;
     std::set<std::string> ops;
@@ -333,24 +334,35 @@ void each_graph_function(torch::jit::Module& module, F&& f) {
 extern "C" int64_t tessera_module_use_legacy_executor(void* module_ptr, char** err) {
   *err = nullptr;
   auto* module = static_cast<torch::jit::Module*>(module_ptr);
-  std::lock_guard<std::mutex> lock(g_executor_kind);
-  std::atomic<bool>& profiling = torch::jit::getExecutorMode();
-  const bool before = profiling.load();
-  profiling = false;
-  int64_t n = 0;
   try {
+    // The slow part first, outside the flip: each function's optimised graph (cached in the
+    // function), so that the flag is flipped only while executor objects are constructed
+    // (microseconds). Another thread creating an executor for the first time in that window
+    // would get a legacy one too: libtorch has no other way to choose the kind.
+    int64_t n = 0;
     each_graph_function(*module, [&](torch::jit::GraphFunction& gf) {
-      gf.get_executor();
+      gf.optimized_graph();
       ++n;
     });
+    std::lock_guard<std::mutex> lock(g_executor_kind);
+    struct Flip {
+      std::atomic<bool>& profiling;
+      bool before;
+      explicit Flip(std::atomic<bool>& p) : profiling(p), before(p.load()) { profiling = false; }
+      ~Flip() { profiling = before; }
+    } flip(torch::jit::getExecutorMode());
+    each_graph_function(*module, [&](torch::jit::GraphFunction& gf) { gf.get_executor(); });
+    return n;
   } catch (const std::exception& e) {
-    profiling = before;
     *err = dup(e.what());
-    return -1;
+  } catch (...) {
+    *err = dup("unknown C++ exception");
   }
-  profiling = before;
-  return n;
+  return -1;
 }
+
+// libtorch's process-wide executor flag: 1 profiling (its default), 0 legacy (tests).
+extern "C" int tessera_jit_executor_mode() { return torch::jit::getExecutorMode().load() ? 1 : 0; }
 
 // How many of the module's functions have a legacy executor (tests): creating the executors
 // of those without one (as the process's flag says), then asking each for its state, which only

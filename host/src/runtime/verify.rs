@@ -275,6 +275,10 @@ fn content_key(files: &[PathBuf], limits: CheckLimits) -> Option<[u8; 32]> {
         for piece in piece_digests(&file, len)? {
             h.update(piece);
         }
+        // A file that changed size while it was hashed has no key.
+        if file.metadata().ok()?.len() != len {
+            return None;
+        }
     }
     Some(h.finalize().into())
 }
@@ -297,35 +301,42 @@ fn piece_digests(file: &std::fs::File, len: u64) -> Option<Vec<[u8; 32]>> {
     let next = AtomicUsize::new(0);
     let digests = std::sync::Mutex::new(vec![None; pieces]);
     std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= pieces {
+        let work = || {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= pieces {
+                    break;
+                }
+                let (start, end) = (
+                    i as u64 * HASH_PIECE,
+                    (len).min((i as u64 + 1) * HASH_PIECE),
+                );
+                let mut h = Sha256::new();
+                let mut at = start;
+                let mut ok = true;
+                while at < end {
+                    let n = (end - at).min(buf.len() as u64) as usize;
+                    if file.read_exact_at(&mut buf[..n], at).is_err() {
+                        ok = false;
                         break;
                     }
-                    let (start, end) = (
-                        i as u64 * HASH_PIECE,
-                        (len).min((i as u64 + 1) * HASH_PIECE),
-                    );
-                    let mut h = Sha256::new();
-                    let mut at = start;
-                    let mut ok = true;
-                    while at < end {
-                        let n = (end - at).min(buf.len() as u64) as usize;
-                        if file.read_exact_at(&mut buf[..n], at).is_err() {
-                            ok = false;
-                            break;
-                        }
-                        h.update(&buf[..n]);
-                        at += n as u64;
-                    }
-                    let digest = ok.then(|| <[u8; 32]>::from(h.finalize()));
-                    digests.lock().unwrap_or_else(|e| e.into_inner())[i] = digest;
+                    h.update(&buf[..n]);
+                    at += n as u64;
                 }
-            });
+                let digest = ok.then(|| <[u8; 32]>::from(h.finalize()));
+                digests.lock().unwrap_or_else(|e| e.into_inner())[i] = digest;
+                if !ok {
+                    // The key fails anyway: the other threads stop at their next piece.
+                    next.store(pieces, Ordering::Relaxed);
+                }
+            }
+        };
+        // Threads that cannot start leave their share to the others and to this one.
+        for _ in 1..threads {
+            let _ = std::thread::Builder::new().spawn_scoped(scope, work);
         }
+        work();
     });
     digests
         .into_inner()
