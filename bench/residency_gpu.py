@@ -165,7 +165,7 @@ def main():
         swaps = [{"model": mm.group(1), "bytes": int(mm.group(2)), "copy_ms": float(mm.group(3)),
                   "ms": int(mm.group(4))}
                  for mm in re.finditer(r'model swapped in from host memory.*?model=\S*/([\w.-]+)@\S*.*?bytes=(\d+) '
-                                       r'pinned=\w+ copy_ms="?([\d.]+)"? ms=(\d+)', text)]
+                                       r'(?:copied=\d+ )?pinned=\w+ copy_ms="?([\d.]+)"? ms=(\d+)', text)]
         results["settings"][setting] = {"rows": rows, "same_as_first": same, "models": listed,
                                         "moves_to_host": moves, "swap_ins": swaps,
                                         "recaptures": [{"model": mm.group(1), "graphs": int(mm.group(2)),

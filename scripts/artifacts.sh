@@ -37,6 +37,7 @@ done
 echo "==> exporting the example model"
 python models/example/export.py --out "$A/example/model.pt"
 python models/example/export.py --width 128 --depth 6 --seed 1 --out "$A/example/model-large.pt"
+python models/example/export.py --width 128 --depth 6 --seed 2 --out "$A/example/model-large-2.pt"
 python models/example/export.py --oom --out "$A/example/model-oom.pt"
 
 echo "==> exporting the classifier (tiny)"

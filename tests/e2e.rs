@@ -307,6 +307,94 @@ fn evicted_models_wait_in_host_memory_and_come_back_with_one_copy() {
     );
 }
 
+/// Two models of one tenant with byte-identical weights (one file packed under two names) are
+/// held once and weighed once: with a third model of other weights, all three stay resident in a
+/// budget of two and a half (a load still needs room for its whole archive while it loads);
+/// without sharing the same requests evict. Each shows its weights as shared, answers are
+/// unchanged, and the other keeps working when one is unloaded.
+#[test]
+fn identical_weights_of_two_models_are_held_and_weighed_once() {
+    let store = tempfile::tempdir().unwrap();
+    let model = artifact("example/model-large.pt");
+    let size = std::fs::metadata(&model).unwrap().len();
+    for (name, file) in [
+        ("a", "example/model-large.pt"),
+        ("b", "example/model-large.pt"),
+        ("c", "example/model-large-2.pt"),
+    ] {
+        pack(
+            store.path(),
+            name,
+            EXAMPLE_CONFIG,
+            &artifact(file),
+            &artifact("handlers/example.wasm"),
+        );
+    }
+    let mib = ((size * 5 / 2) >> 20).to_string();
+    let request = example_request(24, 16, 5, json!({"strength": 0.5}));
+    for share in ["off", "on"] {
+        let server = Server::start(
+            store.path(),
+            &["--share-weights", share, "--memory-budget-mib", &mib],
+        );
+        let call = |name: &str| post_json(&server.url(&format!("/predictions/{name}")), &request);
+        let described = |name: &str| get(&server.url(&format!("/models/{name}"))).json();
+        let used = || {
+            get(&server.url("/metrics"))
+                .text()
+                .lines()
+                .find(|l| l.starts_with("tessera_residency_used_bytes "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap()
+        };
+        let a = call("a");
+        assert_eq!(a.status, 200, "{}", a.text());
+        let alone = used();
+        let b = call("b");
+        assert_eq!(b.status, 200, "{}", b.text());
+        assert_eq!(b.body, a.body);
+        let c = call("c");
+        assert_eq!(c.status, 200, "{}", c.text());
+        assert_ne!(c.body, a.body);
+        let evictions: u64 = ["a", "b", "c"]
+            .iter()
+            .map(|n| described(n)["evictions"].as_u64().unwrap())
+            .sum();
+        if share == "off" {
+            assert!(evictions > 0, "three copies cannot fit without sharing");
+            continue;
+        }
+        assert_eq!(evictions, 0);
+        for name in ["a", "b"] {
+            let d = described(name);
+            assert_eq!(d["tier"], "cpu", "{d}");
+            let resident = d["residentBytes"].as_u64().unwrap();
+            assert!(resident > size / 2, "{d}");
+            // All but the storages under 64 KiB (biases, the 3-channel convolutions).
+            let shared = d["sharedBytes"].as_u64().unwrap();
+            assert!(
+                shared < resident && resident - shared < resident / 20,
+                "{d}"
+            );
+        }
+        assert_eq!(described("c")["sharedBytes"], 0);
+        assert!(
+            used() < 2 * alone + alone / 4,
+            "a and b weighed once: {} vs {alone}",
+            used()
+        );
+        assert!(server
+            .log()
+            .contains("weights shared with the tenant's other resident models"));
+        // a unloaded: b keeps its weights and answers as before, now holding them alone.
+        assert_eq!(delete(&server.url("/models/a")).status, 200);
+        let again = call("b");
+        assert_eq!(again.status, 200, "{}", again.text());
+        assert_eq!(again.body, a.body);
+        assert_eq!(described("b")["sharedBytes"], 0);
+    }
+}
+
 /// The budget is a bound: a load that does not fit while the models holding the budget are busy
 /// waits for one to become idle (then evicts it), and past its time limit is refused with 507
 /// instead of loading over the budget. Resident bytes never exceed the budget meanwhile.

@@ -119,6 +119,14 @@ pub struct Config {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub model_warm_ups: bool,
 
+    /// `off` keeps every model's weights to itself. On (the default), parameter storages that
+    /// are byte-identical between models of one tenant (fine-tunes sharing a text encoder and
+    /// VAE, versions of one model) are held once on the device and weighed once: found by a
+    /// fingerprint at load and confirmed byte by byte, never taken from the archive's word.
+    #[arg(long, env = "TESSERA_SHARE_WEIGHTS", default_value = "on", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub share_weights: bool,
+
     /// OpenMP threads each CPU op of a forward may use, for CPU models whose config names none
     /// (`tessera.intraOpThreads`; GPU models that name none use 1). Default: libtorch's (the
     /// machine's physical cores).

@@ -130,6 +130,9 @@ impl Server {
             .arg(&work_dir)
             .args(extra)
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
+            // Tests pack copies of one file under several names to exercise eviction: held once
+            // they would never be evicted. Tests of sharing pass `--share-weights on`.
+            .env("TESSERA_SHARE_WEIGHTS", "off")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let cage = how.memory_limit.map(MemoryCage::new);

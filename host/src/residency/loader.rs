@@ -33,6 +33,8 @@ pub struct LoaderConfig {
     pub cuda_graphs: bool,
     /// Whether models' `warm_up` methods run (`--model-warm-ups`).
     pub model_warm_ups: bool,
+    /// Whether byte-identical weights of one tenant's models are held once (`--share-weights`).
+    pub share_weights: bool,
 }
 
 /// A model's intra-op threads: its `tessera.intraOpThreads`, at most the machine's logical CPUs (a
@@ -274,6 +276,27 @@ impl Loader {
         let mut pipeline = runtime::Pipeline::new(stage, entry);
         if !self.config.model_warm_ups {
             pipeline.disable_warm_ups();
+        }
+        if self.config.share_weights {
+            // Before its first call (and CUDA-graph capture): its tensors may be repointed.
+            let share_started = Instant::now();
+            let scope = key.tenant.clone();
+            let (back, shared) = blocking(move || {
+                let shared = pipeline.share_weights(&scope);
+                (pipeline, shared)
+            })
+            .await?;
+            pipeline = back;
+            match shared {
+                Ok(s) if s.joined > 0 => tracing::info!(model = %key, shared_bytes = s.joined,
+                    storages = s.storages, ms = share_started.elapsed().as_millis() as u64,
+                    "weights shared with the tenant's other resident models"),
+                Ok(s) => tracing::debug!(model = %key, storages = s.storages,
+                    ms = share_started.elapsed().as_millis() as u64,
+                    "no weights to share with resident models"),
+                Err(e) => tracing::warn!(model = %key, error = %e,
+                    "sharing weights failed: the model keeps its own copies"),
+            }
         }
         if pipeline.held_bytes() > budget {
             return Err(too_big(

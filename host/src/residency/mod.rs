@@ -260,8 +260,32 @@ impl Residency {
     /// freed yet (still held by requests).
     pub async fn used(&self) -> u64 {
         self.cache.run_pending_tasks().await;
-        let resident: u64 = self.cache.iter().map(|(_, m)| m.weight()).sum();
-        resident + self.retired.load(Ordering::SeqCst)
+        let models: Vec<Arc<LoadedModel>> = self.cache.iter().map(|(_, m)| m).collect();
+        let resident: u64 = models.iter().map(|m| m.weight()).sum();
+        resident - counted_twice(&models) + self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of `model`'s shared storages that another resident model uses too.
+    pub fn shared_bytes_of(&self, model: &LoadedModel) -> u64 {
+        let others: std::collections::HashSet<usize> = self
+            .cache
+            .iter()
+            .filter(|(_, m)| !std::ptr::eq(m.as_ref(), model))
+            .flat_map(|(_, m)| {
+                m.pipeline
+                    .shared_storages()
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        model
+            .pipeline
+            .shared_storages()
+            .iter()
+            .filter(|(id, _)| others.contains(id))
+            .map(|(_, bytes)| bytes)
+            .sum()
     }
 
     /// The resident model under `key`, if loaded.
@@ -798,8 +822,9 @@ impl Residency {
         self.metrics
             .swap_bytes
             .with_label_values(&["from-host"])
-            .inc_by(moved.bytes);
-        tracing::info!(model = %reg.key, bytes = moved.bytes, pinned = moved.pinned,
+            .inc_by(moved.copied);
+        // copied: bytes copied back (weights another resident model shares were found there).
+        tracing::info!(model = %reg.key, bytes = moved.bytes, copied = moved.copied, pinned = moved.pinned,
             copy_ms = format!("{:.1}", moved.ms), ms = started.elapsed().as_millis() as u64,
             "model swapped in from host memory");
         Ok(Some(model))
@@ -996,4 +1021,19 @@ async fn archives_gone(
     })
     .await
     .unwrap_or_default()
+}
+
+/// Bytes the models' weights count more than once: a storage several of them share (see
+/// [`crate::runtime::Pipeline::share_weights`]) is in each one's weight but on the device once.
+fn counted_twice(models: &[Arc<LoadedModel>]) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut twice = 0;
+    for m in models {
+        for (id, bytes) in m.pipeline.shared_storages().iter() {
+            if !seen.insert(*id) {
+                twice += bytes;
+            }
+        }
+    }
+    twice
 }

@@ -43,7 +43,9 @@ mod cuda {
             module: *mut std::ffi::c_void,
             err: *mut *mut std::ffi::c_char,
         ) -> i64;
+        #[cfg(test)]
         pub fn tessera_module_legacy_executors(module: *mut std::ffi::c_void) -> i64;
+        #[cfg(test)]
         pub fn tessera_jit_executor_mode() -> i32;
     }
 }
@@ -666,6 +668,18 @@ impl TorchModel {
             warm_up,
             file,
         })
+    }
+
+    /// Measures again the bytes its tensors hold (after storages were shared with other models
+    /// or among its own).
+    pub fn measure(&mut self) {
+        if let Some(module) = &self.module {
+            // SAFETY: as in `load`.
+            let held = unsafe { cuda::tessera_module_tensor_bytes(module_ptr(module)) };
+            if held >= 0 {
+                self.held_bytes = held as u64;
+            }
+        }
     }
 
     /// Runs the next step of the model's [`WARM_UP_METHOD`], if one is left and no other thread
@@ -1550,6 +1564,99 @@ torch.jit.script(m.eval()).save(sys.argv[1])
             .status()
             .unwrap_or_else(|e| panic!("{}: {e} (run under scripts/env.sh)", python.display()));
         assert!(status.success());
+    }
+
+    /// Three files of one two-layer model: `.0` and `.1` identical, `.2` with the second
+    /// layer's weight changed (its other parameters equal).
+    const SHARING_FIXTURE: &str = r#"
+import sys
+import torch
+
+torch.manual_seed(0)
+class Two(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(1024, 1024)
+        self.b = torch.nn.Linear(1024, 1024)
+
+    def forward(self, x):
+        return self.b(self.a(x).relu())
+
+m = Two().eval()
+torch.jit.script(m).save(sys.argv[1] + ".0")
+torch.jit.script(m).save(sys.argv[1] + ".1")
+with torch.no_grad():
+    m.b.weight.mul_(-1.0)
+torch.jit.script(m).save(sys.argv[1] + ".2")
+"#;
+
+    fn ids(p: &Pipeline) -> std::collections::HashSet<usize> {
+        p.shared_storages().iter().map(|(id, _)| *id).collect()
+    }
+
+    /// Byte-identical parameters of models in one scope are held once (a model's own copies
+    /// freed, its bytes measured again), found only when the bytes are equal, never across
+    /// scopes; answers are unchanged, and a model keeps working when the other is dropped or
+    /// moved to host memory. Back on the device, a shared storage still held there is used as
+    /// it is, the others copied.
+    #[test]
+    fn identical_weights_are_held_once_per_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("two.pt");
+        python_fixture(SHARING_FIXTURE, &base);
+        let load = |k: u32| {
+            Pipeline::new(
+                None,
+                TorchModel::load(&base.with_extension(format!("pt.{k}")), Device::Cpu).unwrap(),
+            )
+        };
+        let (mut p0, mut p1, mut p2, mut other) = (load(0), load(1), load(2), load(0));
+        let x = input(2, 3);
+        let want = p0.entry.forward(&[x.clone()]).unwrap();
+        let want2 = p2.entry.forward(&[x.clone()]).unwrap();
+        assert_ne!(want, want2);
+        let full = p0.entry.held_bytes;
+        let (weight, bias) = (1024 * 1024 * 4u64, 1024 * 4u64);
+        assert_eq!(full, 2 * (weight + bias));
+
+        assert_eq!(
+            p0.share_weights("t").unwrap().joined,
+            0,
+            "nothing to share with yet"
+        );
+        // The weights (4 MiB) are shared; the biases (4 KiB) are too small to be worth it.
+        let s1 = p1.share_weights("t").unwrap();
+        assert_eq!(s1.joined, 2 * weight, "{s1:?}");
+        assert_eq!(ids(&p0), ids(&p1));
+        let s2 = p2.share_weights("t").unwrap();
+        assert_eq!(s2.joined, weight, "b's weight differs: {s2:?}");
+        assert_eq!(ids(&p2).intersection(&ids(&p0)).count(), 1);
+        assert_eq!(other.share_weights("u").unwrap().joined, 0, "another scope");
+        assert!(ids(&other).is_disjoint(&ids(&p0)));
+        assert_eq!(
+            p2.entry.held_bytes, full,
+            "a model still weighs what it uses"
+        );
+
+        assert_eq!(p0.entry.forward(&[x.clone()]).unwrap(), want);
+        assert_eq!(p1.entry.forward(&[x.clone()]).unwrap(), want);
+        assert_eq!(p2.entry.forward(&[x.clone()]).unwrap(), want2);
+        assert_eq!(other.entry.forward(&[x.clone()]).unwrap(), want);
+
+        // The first holder goes: the others keep the storages.
+        drop(p0);
+        assert_eq!(p1.entry.forward(&[x.clone()]).unwrap(), want);
+        // p1 to host memory and back: a's weight is still on the device (p2 holds it) and is
+        // used as it is; b's weight (p1's alone now) and the biases are copied.
+        p1.to_host(false).unwrap();
+        assert!(p1.shared_storages().is_empty());
+        assert_eq!(p2.entry.forward(&[x.clone()]).unwrap(), want2);
+        let back = p1.to_device().unwrap();
+        assert_eq!(back.copied, weight + 2 * bias, "{back:?}");
+        assert_eq!(ids(&p1).intersection(&ids(&p2)).count(), 1);
+        assert_eq!(p1.entry.forward(&[x.clone()]).unwrap(), want);
+        drop(p2);
+        assert_eq!(p1.entry.forward(&[x]).unwrap(), want);
     }
 
     /// Models with a warm-up (each step adds one to a buffer `forward` returns): three steps

@@ -193,6 +193,9 @@ pub struct Tier {
     /// A CUDA graph of the model writes its tensors in place: its replays change them without
     /// bumping their version counters, so no host copy is trusted as unchanged.
     graphs_write: std::sync::atomic::AtomicBool,
+    /// The shared storages it uses on the device (see [`Pipeline::share_weights`]): identity
+    /// and bytes, empty while in host memory.
+    shared: Mutex<Arc<Vec<(usize, u64)>>>,
 }
 
 /// How long a move to the host waits for a call of the model to end (a warm-up step or a CUDA
@@ -313,6 +316,7 @@ impl Pipeline {
             }
         } else {
             self.tier.on_host.store(true, Ordering::SeqCst);
+            *self.tier.shared.lock().unwrap_or_else(|e| e.into_inner()) = Arc::default();
         }
         moved
     }
@@ -342,11 +346,41 @@ impl Pipeline {
             return Err(RuntimeError::Forward("not in host memory".into()));
         };
         let moved = copy.to_device()?;
+        *self.tier.shared.lock().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(copy.shared_storages());
         self.tier.on_host.store(false, Ordering::SeqCst);
         if let Some(g) = self.entry.graphs() {
             g.unpark();
         }
         Ok(moved)
+    }
+
+    /// Shares its parameter storages with byte-identical ones other models of `scope` (a
+    /// tenant) hold on the device, before its first call (see [`HostCopy::share`]); the
+    /// models' device bytes are measured again afterwards (equal storages within it count once).
+    pub fn share_weights(&mut self, scope: &str) -> Result<super::tier::Shared, RuntimeError> {
+        let shared = {
+            let mut copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
+            let copy = self.host_copy(&mut copy)?;
+            let shared = copy.share(scope)?;
+            *self.tier.shared.lock().unwrap_or_else(|e| e.into_inner()) =
+                Arc::new(copy.shared_storages());
+            shared
+        };
+        self.entry.measure();
+        if let Some(stage) = self.stage.as_mut() {
+            stage.model.measure();
+        }
+        Ok(shared)
+    }
+
+    /// The shared storages it uses on the device: (identity, bytes), each once.
+    pub fn shared_storages(&self) -> Arc<Vec<(usize, u64)>> {
+        self.tier
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Frees its host copy while its weights are on the device; the bytes freed.

@@ -37,6 +37,18 @@ mod ffi {
         pub fn tessera_tier_storages(handle: *mut c_void) -> i64;
         pub fn tessera_tier_version_sum(handle: *mut c_void) -> i64;
         pub fn tessera_tier_free(handle: *mut c_void);
+        pub fn tessera_tier_share(
+            handle: *mut c_void,
+            scope: *const c_char,
+            joined: *mut i64,
+            classes: *mut i64,
+        ) -> *mut c_char;
+        pub fn tessera_tier_shared(
+            handle: *mut c_void,
+            ids: *mut i64,
+            sizes: *mut i64,
+            cap: i64,
+        ) -> i64;
         pub fn tessera_load_module(
             path: *const c_char,
             device_type: i32,
@@ -136,7 +148,8 @@ pub struct Moved {
     /// Why page-locking failed at this move, if it did (the block is pageable).
     pub pin_error: Option<String>,
     /// Bytes copied at this move: to the host, those of storages written since the host copy
-    /// last matched them (all at a first move, none when the kept copy was exact).
+    /// last matched them (all at a first move, none when the kept copy was exact); to the
+    /// device, those not found there already (shared weights another model holds).
     pub copied: u64,
     /// Storages the model holds.
     pub storages: u64,
@@ -251,7 +264,62 @@ impl HostCopy {
         if !err.is_null() {
             return Err(error(self.device, take_text(err)));
         }
-        Ok(self.moved(started, None))
+        let mut moved = self.moved(started, None);
+        // SAFETY: a live handle.
+        moved.copied = unsafe { ffi::tessera_tier_copied(self.handle.as_ptr()) } as u64;
+        Ok(moved)
+    }
+
+    /// Shares the model's parameter storages with byte-identical ones already on the device
+    /// under `scope` (see [`Shared`]); while the weights are on the device. On error, storages
+    /// handled before it stay shared (each is switched whole).
+    pub fn share(&mut self, scope: &str) -> Result<Shared, RuntimeError> {
+        let scope = std::ffi::CString::new(scope.replace('\0', "")).expect("NULs removed");
+        let (mut joined, mut classes) = (0i64, 0i64);
+        // SAFETY: a live handle, used by one caller at a time (`&mut self`); out-pointers.
+        let err = unsafe {
+            ffi::tessera_tier_share(
+                self.handle.as_ptr(),
+                scope.as_ptr(),
+                &mut joined,
+                &mut classes,
+            )
+        };
+        if !err.is_null() {
+            return Err(error(self.device, take_text(err)));
+        }
+        Ok(Shared {
+            joined: joined as u64,
+            storages: classes as u64,
+        })
+    }
+
+    /// The distinct shared storages the model uses on its device (identity, bytes): none while
+    /// its weights are in host memory.
+    pub fn shared_storages(&self) -> Vec<(usize, u64)> {
+        let mut cap = 0i64;
+        loop {
+            let mut ids = vec![0i64; cap as usize];
+            let mut sizes = vec![0i64; cap as usize];
+            // SAFETY: a live handle; buffers of `cap` entries.
+            let n = unsafe {
+                ffi::tessera_tier_shared(
+                    self.handle.as_ptr(),
+                    ids.as_mut_ptr(),
+                    sizes.as_mut_ptr(),
+                    cap,
+                )
+            };
+            if n <= cap {
+                return ids
+                    .into_iter()
+                    .zip(sizes)
+                    .take(n as usize)
+                    .map(|(id, size)| (id as usize, size as u64))
+                    .collect();
+            }
+            cap = n;
+        }
     }
 
     /// Frees the host block while the tensors are on the device; whether it was freed.
@@ -272,6 +340,16 @@ impl HostCopy {
             ms: started.elapsed().as_secs_f64() * 1e3,
         }
     }
+}
+
+/// What [`HostCopy::share`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shared {
+    /// Bytes of the model's storages that were found already on the device (now used there
+    /// instead of its own copies, which were freed).
+    pub joined: u64,
+    /// Parameter storages that took part (found or now offered to the next model).
+    pub storages: u64,
 }
 
 /// Makes page-locking fail from now on (`true`) or not: for tests of the fallback.

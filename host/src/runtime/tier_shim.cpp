@@ -34,6 +34,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace {
@@ -121,6 +122,14 @@ struct Block {
   }
 };
 
+// Byte-identical storages of models (parameters only), held once on a device: a class of equal
+// contents, found by a fingerprint and confirmed byte by byte, and the device storage its members
+// use now (weak: the models' tensors own it, so it is freed when no model on the device uses it).
+struct ContentClass {
+  std::mutex mu;
+  c10::weak_intrusive_ptr<c10::StorageImpl> live{c10::intrusive_ptr<c10::StorageImpl>()};
+};
+
 // The tensors of one storage, and where that storage goes in the host block.
 struct Group {
   std::vector<at::Tensor> tensors;
@@ -128,6 +137,10 @@ struct Group {
   size_t offset = 0;
   // The tensors' version counters when the host block last matched them (-1: unknown).
   std::vector<int64_t> versions;
+  // Every tensor of the storage is a module parameter (the only storages shared).
+  bool param = false;
+  // Its content class, once shared (see tessera_tier_share).
+  std::shared_ptr<ContentClass> cls;
 };
 
 int64_t version_of(const at::Tensor& t) {
@@ -161,7 +174,8 @@ struct Moved {
   std::shared_ptr<Block> block;
   bool pinned = false;
   bool on_host = false;
-  // Bytes copied at the latest move to the host (the other storages' copies were exact).
+  // Bytes copied at the latest move: to the host, those not kept exact from an earlier move; to
+  // the device, those not found there already (shared with another model).
   size_t copied = 0;
 };
 
@@ -218,6 +232,79 @@ void repoint(std::vector<Group>& groups, const std::vector<at::Tensor>& bytes) {
     for (size_t k = 0; k < groups[i].tensors.size(); ++k) groups[i].tensors[k].set_data(views[i][k]);
     mark_clean(groups[i]);
   }
+}
+
+// Points the tensors of one group at `bytes` (a byte tensor as long as its storage), keeping each
+// tensor's offset, sizes and strides. The views are built first: an error changes nothing.
+void repoint_group(Group& g, const at::Tensor& bytes) {
+  std::vector<at::Tensor> views;
+  for (const at::Tensor& t : g.tensors) {
+    at::Tensor view = at::empty({0}, at::TensorOptions().dtype(t.dtype()).device(bytes.device()));
+    view.set_(bytes.storage(), t.storage_offset(), t.sizes(), t.strides());
+    views.push_back(view);
+  }
+  for (size_t k = 0; k < g.tensors.size(); ++k) g.tensors[k].set_data(views[k]);
+}
+
+// Content classes by "scope|device|bytes|fingerprint"; dead classes are pruned as buckets are
+// visited, and all of them every kSweepEvery new classes.
+std::mutex g_shared_mu;
+std::unordered_map<std::string, std::vector<std::weak_ptr<ContentClass>>> g_shared;
+size_t g_shared_added = 0;
+constexpr size_t kSweepEvery = 4096;
+// Live classes compared byte by byte at most per storage (a fingerprint chosen to collide costs
+// a tenant at most this many comparisons of its own bytes).
+constexpr size_t kMaxCandidates = 4;
+constexpr int64_t kSamples = 4096;
+// Storages smaller than this are not shared: little memory, and a model of a million tiny
+// parameters would otherwise pay a fingerprint (a gather and a copy) for each.
+constexpr size_t kMinShared = size_t(64) << 10;
+
+// A fingerprint of a storage's bytes: FNV-1a over up to kSamples bytes at evenly spaced offsets
+// (all of them when fewer), gathered on the storage's device. Equal contents give equal
+// fingerprints; unequal ones are told apart by the byte comparison that follows.
+uint64_t fingerprint(const at::Tensor& bytes) {
+  const int64_t n = bytes.numel();
+  at::Tensor sample;
+  if (n <= kSamples) {
+    sample = bytes.to(at::kCPU).contiguous();
+  } else {
+    std::vector<int64_t> at(kSamples);
+    for (int64_t i = 0; i < kSamples; ++i) at[i] = i * (n - 1) / (kSamples - 1);
+    at::Tensor index = at::tensor(at, at::TensorOptions().dtype(at::kLong)).to(bytes.device());
+    sample = bytes.index_select(0, index).to(at::kCPU).contiguous();
+  }
+  uint64_t h = 1469598103934665603ull;
+  const auto* p = sample.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < sample.numel(); ++i) {
+    h ^= p[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+void sweep_shared() {
+  for (auto it = g_shared.begin(); it != g_shared.end();) {
+    auto& bucket = it->second;
+    bucket.erase(std::remove_if(bucket.begin(), bucket.end(), [](const std::weak_ptr<ContentClass>& w) { return w.expired(); }),
+                 bucket.end());
+    it = bucket.empty() ? g_shared.erase(it) : std::next(it);
+  }
+}
+
+// The live device storage of `cls` as a byte tensor, if it has one of `nbytes` on `device`.
+at::Tensor live_bytes(ContentClass& cls, size_t nbytes, const c10::Device& device) {
+  std::lock_guard<std::mutex> lock(cls.mu);
+  auto impl = cls.live.lock();
+  if (!impl || impl->nbytes() != nbytes || impl->device() != device) return at::Tensor();
+  at::Tensor t = at::empty({0}, at::TensorOptions().dtype(at::kByte).device(device));
+  t.set_(c10::Storage(std::move(impl)), 0, {static_cast<int64_t>(nbytes)}, {1});
+  return t;
+}
+
+void set_live(ContentClass& cls, const at::Tensor& bytes) {
+  std::lock_guard<std::mutex> lock(cls.mu);
+  cls.live = bytes.storage().getWeakStorageImpl();
 }
 
 // Waits for the copies queued so far, ignoring errors (on an error path, before the host
@@ -303,6 +390,14 @@ std::unique_ptr<Moved> collect_modules(const std::vector<torch::jit::Module*>& m
     for (torch::jit::Function* fn : cu->get_functions()) {
       if (auto* gf = dynamic_cast<torch::jit::GraphFunction*>(fn)) collect_graph(gf->graph(), visit);
     }
+  }
+  std::unordered_set<const void*> params;
+  for (torch::jit::Module* module : modules) {
+    for (const auto& p : module->named_parameters(/*recurse=*/true)) params.insert(p.value.unsafeGetTensorImpl());
+  }
+  for (Group& g : out->groups) {
+    g.param = std::all_of(g.tensors.begin(), g.tensors.end(),
+                          [&](const at::Tensor& t) { return params.count(t.unsafeGetTensorImpl()) > 0; });
   }
   size_t offset = 0;
   for (Group& g : out->groups) {
@@ -525,15 +620,39 @@ extern "C" char* tessera_tier_to_device(void* handle) {
     if (!m->on_host) return nullptr;
     c10::InferenceMode off(false);
     std::vector<at::Tensor> fresh;
+    std::vector<bool> copy;
     fresh.reserve(m->groups.size());
+    // A shared storage already on the device (another model's, or an earlier group's of this
+    // move) is used as it is; the others are allocated and copied.
+    std::unordered_map<const ContentClass*, size_t> here;
+    m->copied = 0;
     for (Group& g : m->groups) {
-      fresh.push_back(at::empty({static_cast<int64_t>(g.nbytes)}, at::TensorOptions().dtype(at::kByte).device(m->device)));
+      at::Tensor bytes;
+      if (g.cls) {
+        auto it = here.find(g.cls.get());
+        if (it != here.end()) {
+          bytes = fresh[it->second];
+        } else {
+          bytes = live_bytes(*g.cls, g.nbytes, m->device);
+          here.emplace(g.cls.get(), fresh.size());
+        }
+      }
+      copy.push_back(!bytes.defined());
+      if (!bytes.defined()) {
+        m->copied += g.nbytes;
+        bytes = at::empty({static_cast<int64_t>(g.nbytes)}, at::TensorOptions().dtype(at::kByte).device(m->device));
+      }
+      fresh.push_back(bytes);
     }
     for (size_t i = 0; i < m->groups.size(); ++i) {
-      fresh[i].copy_(storage_bytes(m->groups[i].tensors.front()), /*non_blocking=*/m->pinned);
+      if (copy[i]) fresh[i].copy_(storage_bytes(m->groups[i].tensors.front()), /*non_blocking=*/m->pinned);
     }
     sync_if_cuda(m->device);
     repoint(m->groups, fresh);
+    // Copied and in place: other models coming back may use these now.
+    for (size_t i = 0; i < m->groups.size(); ++i) {
+      if (copy[i] && m->groups[i].cls) set_live(*m->groups[i].cls, fresh[i]);
+    }
     m->on_host = false;
     return nullptr;
   } catch (const std::exception& e) {
@@ -543,6 +662,92 @@ extern "C" char* tessera_tier_to_device(void* handle) {
     settle(m->device);
     return dup_tier("unknown C++ exception");
   }
+}
+
+// Shares the handle's parameter storages (of at least kMinShared bytes) with byte-identical ones
+// of other models under the same `scope` (a tenant) on its device: a storage whose fingerprint
+// matches a live one's, and whose bytes are then found equal, is dropped and its tensors view
+// the other one (each keeps its own offset, sizes, strides and dtype); the others become the
+// first of their class. Storages of one model that are equal are shared too. Only while the
+// weights are on the device. Returns null on success (*joined: bytes now shared rather than
+// held, *classes: storages that took part), else the error (storages handled before it stay
+// shared: each group is switched whole).
+extern "C" char* tessera_tier_share(void* handle, const char* scope, int64_t* joined, int64_t* classes) {
+  auto* m = static_cast<Moved*>(handle);
+  *joined = 0;
+  *classes = 0;
+  try {
+    if (m->on_host) return dup_tier("the weights are in host memory");
+    c10::InferenceMode off(false);
+    for (Group& g : m->groups) {
+      if (!g.param || g.cls || g.nbytes < kMinShared) continue;
+      const at::Tensor mine = storage_bytes(g.tensors.front());
+      const std::string key = std::string(scope) + "|" + m->device.str() + "|" + std::to_string(g.nbytes) + "|" +
+                              std::to_string(fingerprint(mine));
+      std::vector<std::shared_ptr<ContentClass>> candidates;
+      {
+        std::lock_guard<std::mutex> lock(g_shared_mu);
+        auto it = g_shared.find(key);
+        if (it != g_shared.end()) {
+          auto& bucket = it->second;
+          bucket.erase(std::remove_if(bucket.begin(), bucket.end(),
+                                      [](const std::weak_ptr<ContentClass>& w) { return w.expired(); }),
+                       bucket.end());
+          for (const auto& w : bucket) {
+            if (candidates.size() == kMaxCandidates) break;
+            if (auto c = w.lock()) candidates.push_back(std::move(c));
+          }
+        }
+      }
+      for (const auto& c : candidates) {
+        at::Tensor theirs = live_bytes(*c, g.nbytes, m->device);
+        if (!theirs.defined()) continue;
+        if (theirs.storage().unsafeGetStorageImpl() == mine.storage().unsafeGetStorageImpl() || at::equal(theirs, mine)) {
+          repoint_group(g, theirs);
+          g.cls = c;
+          *joined += static_cast<int64_t>(g.nbytes);
+          break;
+        }
+      }
+      if (!g.cls) {
+        auto c = std::make_shared<ContentClass>();
+        set_live(*c, mine);
+        g.cls = c;
+        std::lock_guard<std::mutex> lock(g_shared_mu);
+        g_shared[key].push_back(c);
+        if (++g_shared_added % kSweepEvery == 0) sweep_shared();
+      }
+      *classes += 1;
+    }
+    sync_if_cuda(m->device);
+    return nullptr;
+  } catch (const std::exception& e) {
+    settle(m->device);
+    return dup_tier(e.what());
+  } catch (...) {
+    settle(m->device);
+    return dup_tier("unknown C++ exception");
+  }
+}
+
+// The distinct shared storages the handle's tensors use on the device (none while on the host):
+// up to `cap` identities (StorageImpl addresses) and sizes; returns how many there are.
+extern "C" int64_t tessera_tier_shared(void* handle, int64_t* ids, int64_t* sizes, int64_t cap) {
+  auto* m = static_cast<Moved*>(handle);
+  if (m->on_host) return 0;
+  std::unordered_set<const void*> seen;
+  int64_t n = 0;
+  for (const Group& g : m->groups) {
+    if (!g.cls || g.tensors.empty()) continue;
+    const void* id = g.tensors.front().storage().unsafeGetStorageImpl();
+    if (!seen.insert(id).second) continue;
+    if (n < cap) {
+      ids[n] = static_cast<int64_t>(reinterpret_cast<intptr_t>(id));
+      sizes[n] = static_cast<int64_t>(g.tensors.front().storage().nbytes());
+    }
+    ++n;
+  }
+  return n;
 }
 
 // Frees the host block (only while the tensors are on their device); whether it was freed.
@@ -555,7 +760,7 @@ extern "C" int tessera_tier_release_block(void* handle) {
   return 1;
 }
 
-// Bytes the latest move to the host copied (the other storages' kept copies were exact).
+// Bytes the latest move copied (see Moved::copied).
 extern "C" int64_t tessera_tier_copied(void* handle) {
   return static_cast<int64_t>(static_cast<Moved*>(handle)->copied);
 }

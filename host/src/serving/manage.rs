@@ -43,7 +43,10 @@ pub struct ModelInfo {
 #[serde(rename_all = "camelCase")]
 pub struct Resident {
     pub device: String,
+    /// Bytes it holds on its device, shared ones included.
     pub resident_bytes: u64,
+    /// Of those, bytes of weights another resident model uses too (held once).
+    pub shared_bytes: u64,
     pub load_time_ms: u64,
     pub in_flight: usize,
     pub max_workers: u32,
@@ -244,6 +247,7 @@ impl Server {
                 Resident {
                     device: crate::runtime::device_name(m.pipeline.device()),
                     resident_bytes: m.weight(),
+                    shared_bytes: self.residency.shared_bytes_of(m),
                     load_time_ms: m.load_time.as_millis() as u64,
                     in_flight: m.in_use(),
                     max_workers: m.engine.workers() as u32,

@@ -98,6 +98,7 @@ impl Server {
                 grad_mode: config.forward_grad_mode,
                 cuda_graphs: config.cuda_graphs,
                 model_warm_ups: config.model_warm_ups,
+                share_weights: config.share_weights,
             },
             sandbox: sandbox.clone(),
             workers: workers.clone(),
