@@ -261,8 +261,8 @@ impl Residency {
     pub async fn used(&self) -> u64 {
         self.cache.run_pending_tasks().await;
         let models: Vec<Arc<LoadedModel>> = self.cache.iter().map(|(_, m)| m).collect();
-        let resident: u64 = models.iter().map(|m| m.weight()).sum();
-        resident - counted_twice(&models) + self.retired.load(Ordering::SeqCst)
+        let resident: u64 = weights_counted_once(&models).iter().sum();
+        resident + self.retired.load(Ordering::SeqCst)
     }
 
     /// Bytes of `model`'s shared storages that another resident model uses too.
@@ -467,6 +467,7 @@ impl Residency {
                 }
                 let model = Arc::new(self.loader.load(self, reg, tenant).await?);
                 warm_up(model.clone()).await;
+                model.pipeline.wrote_shared_weights(&model.key.to_string());
                 Ok::<_, ResidencyError>(model)
             })
             .await?;
@@ -651,11 +652,15 @@ impl Residency {
         self.cache.run_pending_tasks().await;
         let resident: Vec<Arc<LoadedModel>> = self.cache.iter().map(|(_, m)| m).collect();
         let now = self.now_ms();
+        let weights = weights_counted_once(&resident);
         let candidates: Vec<policy::Candidate> = resident
             .iter()
-            .map(|m| policy::Candidate {
+            .zip(&weights)
+            .map(|(m, &weight)| policy::Candidate {
                 key: &m.key,
-                weight: m.weight(),
+                // Shared storages count once (in the first holder's weight): a tenant's usage
+                // is what its models hold on the device.
+                weight,
                 // A model just published counts as in use until its first request begins.
                 in_use: m.busy() + m.fresh(now) as usize,
                 last_used: m.last_used(),
@@ -699,6 +704,7 @@ impl Residency {
     /// [`Residency::park_on_host`] as a task of its own: a caller that goes away (a request
     /// timing out or disconnecting) does not leave a move half-accounted.
     async fn park_on_host(&self, model: Arc<LoadedModel>, incoming: host::Incoming) {
+        model.pipeline.wrote_shared_weights(&model.key.to_string());
         let parking = Parking {
             host: self.host.clone(),
             metrics: self.metrics.clone(),
@@ -1023,17 +1029,22 @@ async fn archives_gone(
     .unwrap_or_default()
 }
 
-/// Bytes the models' weights count more than once: a storage several of them share (see
-/// [`crate::runtime::Pipeline::share_weights`]) is in each one's weight but on the device once.
-fn counted_twice(models: &[Arc<LoadedModel>]) -> u64 {
+/// The models' weights with each shared storage (see
+/// [`crate::runtime::Pipeline::share_weights`]) counted once, in the first model that holds it:
+/// their sum is what the models hold on the device.
+fn weights_counted_once(models: &[Arc<LoadedModel>]) -> Vec<u64> {
     let mut seen = std::collections::HashSet::new();
-    let mut twice = 0;
-    for m in models {
-        for (id, bytes) in m.pipeline.shared_storages().iter() {
-            if !seen.insert(*id) {
-                twice += bytes;
-            }
-        }
-    }
-    twice
+    models
+        .iter()
+        .map(|m| {
+            let twice: u64 = m
+                .pipeline
+                .shared_storages()
+                .iter()
+                .filter(|(id, _)| !seen.insert(*id))
+                .map(|(_, bytes)| bytes)
+                .sum();
+            m.weight().saturating_sub(twice)
+        })
+        .collect()
 }

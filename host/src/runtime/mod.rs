@@ -670,16 +670,13 @@ impl TorchModel {
         })
     }
 
-    /// Measures again the bytes its tensors hold (after storages were shared with other models
-    /// or among its own).
-    pub fn measure(&mut self) {
-        if let Some(module) = &self.module {
-            // SAFETY: as in `load`.
-            let held = unsafe { cuda::tessera_module_tensor_bytes(module_ptr(module)) };
-            if held >= 0 {
-                self.held_bytes = held as u64;
-            }
-        }
+    /// The bytes of the distinct storages its tensors use now (`None` if they cannot be
+    /// measured).
+    pub fn tensor_bytes(&self) -> Option<u64> {
+        let module = self.module.as_ref()?;
+        // SAFETY: as in `load`.
+        let held = unsafe { cuda::tessera_module_tensor_bytes(module_ptr(module)) };
+        (held >= 0).then_some(held as u64)
     }
 
     /// Runs the next step of the model's [`WARM_UP_METHOD`], if one is left and no other thread
@@ -1655,6 +1652,26 @@ torch.jit.script(m).save(sys.argv[1] + ".2")
         assert_eq!(back.copied, weight + 2 * bias, "{back:?}");
         assert_eq!(ids(&p1).intersection(&ids(&p2)).count(), 1);
         assert_eq!(p1.entry.forward(&[x.clone()]).unwrap(), want);
+        // A write in place to a shared parameter is noticed (here one that keeps its values).
+        assert!(!p1.wrote_shared_weights("p1"));
+        let (_, a) = p1
+            .entry
+            .module()
+            .unwrap()
+            .named_parameters()
+            .unwrap()
+            .into_iter()
+            .find(|(name, _)| name == "a.weight")
+            .unwrap();
+        tch::no_grad(|| {
+            let mut a = a;
+            let _ = a.f_mul_scalar_(1.0).unwrap();
+        });
+        assert!(p1.wrote_shared_weights("p1"));
+        assert!(
+            !p2.wrote_shared_weights("p2"),
+            "p2's own tensors were not written"
+        );
         drop(p2);
         assert_eq!(p1.entry.forward(&[x]).unwrap(), want);
     }

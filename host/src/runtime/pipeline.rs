@@ -5,7 +5,7 @@
 //! bounded in bytes (LRU), so a later request with the same key runs only the entry model.
 //! The cache belongs to one loaded model version, so it is scoped to its tenant and model,
 //! and its capacity is reserved in the residency budget by the caller.
-use super::tier::{HostCopy, Moved};
+use super::tier::{Classes, HostCopy, Moved};
 use super::{collect_outputs, DType, Executor, HostTensor, RuntimeError, TorchModel, WarmUpState};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -196,6 +196,11 @@ pub struct Tier {
     /// The shared storages it uses on the device (see [`Pipeline::share_weights`]): identity
     /// and bytes, empty while in host memory.
     shared: Mutex<Arc<Vec<(usize, u64)>>>,
+    /// The content classes of its shared storages (see [`Pipeline::share_weights`]) and their
+    /// tensors' version sum then.
+    classes: Mutex<Option<(Classes, Option<i64>)>>,
+    /// A shared tensor was found written (logged once).
+    shared_written: std::sync::atomic::AtomicBool,
 }
 
 /// How long a move to the host waits for a call of the model to end (a warm-up step or a CUDA
@@ -265,16 +270,20 @@ impl Pipeline {
         copy: &'a mut Option<HostCopy>,
     ) -> Result<&'a mut HostCopy, RuntimeError> {
         if copy.is_none() {
-            let mut modules = Vec::new();
-            if let Some(m) = self.stage.as_ref().and_then(|s| s.model.module()) {
-                modules.push(m);
-            }
-            if let Some(m) = self.entry.module() {
-                modules.push(m);
-            }
-            *copy = Some(HostCopy::collect(&modules, self.device())?);
+            *copy = Some(HostCopy::collect(&self.modules(), self.device())?);
         }
         Ok(copy.as_mut().expect("set above"))
+    }
+
+    fn modules(&self) -> Vec<&tch::CModule> {
+        let mut modules = Vec::new();
+        if let Some(m) = self.stage.as_ref().and_then(|s| s.model.module()) {
+            modules.push(m);
+        }
+        if let Some(m) = self.entry.module() {
+            modules.push(m);
+        }
+        modules
     }
 
     /// Moves its weights to host memory (page-locked when `pin` and possible), freeing their
@@ -356,22 +365,51 @@ impl Pipeline {
     }
 
     /// Shares its parameter storages with byte-identical ones other models of `scope` (a
-    /// tenant) hold on the device, before its first call (see [`HostCopy::share`]); the
-    /// models' device bytes are measured again afterwards (equal storages within it count once).
+    /// tenant) hold on the device, before its first call (see [`HostCopy::share`]); its held
+    /// bytes drop by what that freed (equal storages within it count once too).
     pub fn share_weights(&mut self, scope: &str) -> Result<super::tier::Shared, RuntimeError> {
-        let shared = {
-            let mut copy = self.tier.copy.lock().unwrap_or_else(|e| e.into_inner());
-            let copy = self.host_copy(&mut copy)?;
-            let shared = copy.share(scope)?;
-            *self.tier.shared.lock().unwrap_or_else(|e| e.into_inner()) =
-                Arc::new(copy.shared_storages());
-            shared
+        let before = (
+            self.entry.tensor_bytes(),
+            self.stage.as_ref().and_then(|s| s.model.tensor_bytes()),
+        );
+        let mut copy = HostCopy::collect(&self.modules(), self.device())?;
+        let shared = copy.share(scope);
+        // Also after an error: storages handled before it stay shared.
+        *self.tier.shared.lock().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(copy.shared_storages());
+        let classes = copy.into_classes();
+        let versions = classes.version_sum();
+        *self.tier.classes.lock().unwrap_or_else(|e| e.into_inner()) = Some((classes, versions));
+        // Less by what sharing freed (a model's held bytes may count more than its tensors hold
+        // now: see `TorchModel::optimized`).
+        let freed = |before: Option<u64>, after: Option<u64>| {
+            before.zip(after).map_or(0, |(b, a)| b.saturating_sub(a))
         };
-        self.entry.measure();
+        let freed_entry = freed(before.0, self.entry.tensor_bytes());
+        self.entry.held_bytes = self.entry.held_bytes.saturating_sub(freed_entry);
         if let Some(stage) = self.stage.as_mut() {
-            stage.model.measure();
+            let f = freed(before.1, stage.model.tensor_bytes());
+            stage.model.held_bytes = stage.model.held_bytes.saturating_sub(f);
         }
-        Ok(shared)
+        shared
+    }
+
+    /// Whether one of its shared parameters was written in place since it was shared (its
+    /// version counter moved): the models sharing it then see the change. Logged once.
+    pub fn wrote_shared_weights(&self, name: &str) -> bool {
+        let classes = self.tier.classes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((classes, Some(then))) = classes.as_ref() else {
+            return false;
+        };
+        let written = classes.version_sum() != Some(*then);
+        if written && !self.tier.shared_written.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                model = name,
+                "the model wrote a parameter it shares with other models: they may answer \
+                 differently now; serve models that write their weights with --share-weights off"
+            );
+        }
+        written
     }
 
     /// The shared storages it uses on the device: (identity, bytes), each once.

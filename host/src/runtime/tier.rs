@@ -43,6 +43,7 @@ mod ffi {
             joined: *mut i64,
             classes: *mut i64,
         ) -> *mut c_char;
+        pub fn tessera_tier_keep_classes_only(handle: *mut c_void);
         pub fn tessera_tier_shared(
             handle: *mut c_void,
             ids: *mut i64,
@@ -339,6 +340,27 @@ impl HostCopy {
             storages: unsafe { ffi::tessera_tier_storages(self.handle.as_ptr()) } as u64,
             ms: started.elapsed().as_secs_f64() * 1e3,
         }
+    }
+}
+
+/// The content classes of a model's shared storages, held while the model lives (see
+/// [`HostCopy::into_classes`]): a later handle of the model (the host tier's) finds them.
+pub struct Classes(HostCopy);
+
+impl Classes {
+    /// The sum of the shared tensors' version counters (see [`HostCopy::version_sum`]).
+    pub fn version_sum(&self) -> Option<i64> {
+        self.0.version_sum()
+    }
+}
+
+impl HostCopy {
+    /// Lets go of the tensors but the shared ones (so that attributes the model replaces later
+    /// are freed), keeping the content classes its shared storages belong to.
+    pub fn into_classes(self) -> Classes {
+        // SAFETY: our live handle; nothing moves through it afterwards.
+        unsafe { ffi::tessera_tier_keep_classes_only(self.handle.as_ptr()) };
+        Classes(self)
     }
 }
 

@@ -250,6 +250,10 @@ void repoint_group(Group& g, const at::Tensor& bytes) {
 // visited, and all of them every kSweepEvery new classes.
 std::mutex g_shared_mu;
 std::unordered_map<std::string, std::vector<std::weak_ptr<ContentClass>>> g_shared;
+// Which class a live storage is the storage of: a handle collected after the model was shared
+// (the host tier's, see collect_modules) finds its groups' classes here. An entry counts only
+// while its class's live storage is that very storage (an address reused after a free does not).
+std::unordered_map<const void*, std::weak_ptr<ContentClass>> g_member;
 size_t g_shared_added = 0;
 constexpr size_t kSweepEvery = 4096;
 // Live classes compared byte by byte at most per storage (a fingerprint chosen to collide costs
@@ -269,9 +273,9 @@ uint64_t fingerprint(const at::Tensor& bytes) {
   if (n <= kSamples) {
     sample = bytes.to(at::kCPU).contiguous();
   } else {
-    std::vector<int64_t> at(kSamples);
-    for (int64_t i = 0; i < kSamples; ++i) at[i] = i * (n - 1) / (kSamples - 1);
-    at::Tensor index = at::tensor(at, at::TensorOptions().dtype(at::kLong)).to(bytes.device());
+    std::vector<int64_t> offsets(kSamples);
+    for (int64_t i = 0; i < kSamples; ++i) offsets[i] = i * (n - 1) / (kSamples - 1);
+    at::Tensor index = at::tensor(offsets, at::TensorOptions().dtype(at::kLong)).to(bytes.device());
     sample = bytes.index_select(0, index).to(at::kCPU).contiguous();
   }
   uint64_t h = 1469598103934665603ull;
@@ -283,7 +287,16 @@ uint64_t fingerprint(const at::Tensor& bytes) {
   return h;
 }
 
+// Drops dead classes and stale memberships; under g_shared_mu.
 void sweep_shared() {
+  for (auto it = g_member.begin(); it != g_member.end();) {
+    bool stale = true;
+    if (auto cls = it->second.lock()) {
+      std::lock_guard<std::mutex> lock(cls->mu);
+      stale = cls->live.lock().get() != it->first;
+    }
+    it = stale ? g_member.erase(it) : std::next(it);
+  }
   for (auto it = g_shared.begin(); it != g_shared.end();) {
     auto& bucket = it->second;
     bucket.erase(std::remove_if(bucket.begin(), bucket.end(), [](const std::weak_ptr<ContentClass>& w) { return w.expired(); }),
@@ -302,9 +315,41 @@ at::Tensor live_bytes(ContentClass& cls, size_t nbytes, const c10::Device& devic
   return t;
 }
 
-void set_live(ContentClass& cls, const at::Tensor& bytes) {
-  std::lock_guard<std::mutex> lock(cls.mu);
-  cls.live = bytes.storage().getWeakStorageImpl();
+void set_live(const std::shared_ptr<ContentClass>& cls, const at::Tensor& bytes) {
+  {
+    std::lock_guard<std::mutex> lock(cls->mu);
+    cls->live = bytes.storage().getWeakStorageImpl();
+  }
+  std::lock_guard<std::mutex> lock(g_shared_mu);
+  g_member[bytes.storage().unsafeGetStorageImpl()] = cls;
+  if (++g_shared_added % kSweepEvery == 0) sweep_shared();
+}
+
+// The class whose live storage `impl` is, if any.
+std::shared_ptr<ContentClass> member_class(const c10::StorageImpl* impl) {
+  std::shared_ptr<ContentClass> cls;
+  {
+    std::lock_guard<std::mutex> lock(g_shared_mu);
+    auto it = g_member.find(impl);
+    if (it == g_member.end()) return nullptr;
+    cls = it->second.lock();
+  }
+  if (!cls) return nullptr;
+  std::lock_guard<std::mutex> lock(cls->mu);
+  auto live = cls->live.lock();
+  return live.get() == impl ? cls : nullptr;
+}
+
+// Whether two byte tensors of one length on one device are equal, compared 32 MiB at a time (a
+// whole-storage comparison would allocate a result as large as the storage).
+bool equal_bytes(const at::Tensor& a, const at::Tensor& b) {
+  constexpr int64_t kStep = int64_t(32) << 20;
+  const int64_t n = a.numel();
+  for (int64_t off = 0; off < n; off += kStep) {
+    const int64_t len = std::min(kStep, n - off);
+    if (!at::equal(a.narrow(0, off, len), b.narrow(0, off, len))) return false;
+  }
+  return true;
 }
 
 // Waits for the copies queued so far, ignoring errors (on an error path, before the host
@@ -398,6 +443,8 @@ std::unique_ptr<Moved> collect_modules(const std::vector<torch::jit::Module*>& m
   for (Group& g : out->groups) {
     g.param = std::all_of(g.tensors.begin(), g.tensors.end(),
                           [&](const at::Tensor& t) { return params.count(t.unsafeGetTensorImpl()) > 0; });
+    // Shared when the model was (tessera_tier_share on an earlier handle): the same class.
+    if (g.param) g.cls = member_class(g.tensors.front().storage().unsafeGetStorageImpl());
   }
   size_t offset = 0;
   for (Group& g : out->groups) {
@@ -649,11 +696,11 @@ extern "C" char* tessera_tier_to_device(void* handle) {
     }
     sync_if_cuda(m->device);
     repoint(m->groups, fresh);
+    m->on_host = false;
     // Copied and in place: other models coming back may use these now.
     for (size_t i = 0; i < m->groups.size(); ++i) {
-      if (copy[i] && m->groups[i].cls) set_live(*m->groups[i].cls, fresh[i]);
+      if (copy[i] && m->groups[i].cls) set_live(m->groups[i].cls, fresh[i]);
     }
-    m->on_host = false;
     return nullptr;
   } catch (const std::exception& e) {
     settle(m->device);
@@ -684,7 +731,9 @@ extern "C" char* tessera_tier_share(void* handle, const char* scope, int64_t* jo
       const at::Tensor mine = storage_bytes(g.tensors.front());
       const std::string key = std::string(scope) + "|" + m->device.str() + "|" + std::to_string(g.nbytes) + "|" +
                               std::to_string(fingerprint(mine));
-      std::vector<std::shared_ptr<ContentClass>> candidates;
+      // Up to kMaxCandidates classes whose storage is live on this device (classes whose
+      // members are all in host memory are passed over).
+      std::vector<std::pair<std::shared_ptr<ContentClass>, at::Tensor>> candidates;
       {
         std::lock_guard<std::mutex> lock(g_shared_mu);
         auto it = g_shared.find(key);
@@ -695,14 +744,16 @@ extern "C" char* tessera_tier_share(void* handle, const char* scope, int64_t* jo
                        bucket.end());
           for (const auto& w : bucket) {
             if (candidates.size() == kMaxCandidates) break;
-            if (auto c = w.lock()) candidates.push_back(std::move(c));
+            auto c = w.lock();
+            if (!c) continue;
+            at::Tensor theirs = live_bytes(*c, g.nbytes, m->device);
+            if (theirs.defined()) candidates.emplace_back(std::move(c), std::move(theirs));
           }
         }
       }
-      for (const auto& c : candidates) {
-        at::Tensor theirs = live_bytes(*c, g.nbytes, m->device);
-        if (!theirs.defined()) continue;
-        if (theirs.storage().unsafeGetStorageImpl() == mine.storage().unsafeGetStorageImpl() || at::equal(theirs, mine)) {
+      for (const auto& [c, theirs] : candidates) {
+        if (theirs.storage().unsafeGetStorageImpl() == mine.storage().unsafeGetStorageImpl() ||
+            equal_bytes(theirs, mine)) {
           repoint_group(g, theirs);
           g.cls = c;
           *joined += static_cast<int64_t>(g.nbytes);
@@ -711,11 +762,10 @@ extern "C" char* tessera_tier_share(void* handle, const char* scope, int64_t* jo
       }
       if (!g.cls) {
         auto c = std::make_shared<ContentClass>();
-        set_live(*c, mine);
+        set_live(c, mine);
         g.cls = c;
         std::lock_guard<std::mutex> lock(g_shared_mu);
         g_shared[key].push_back(c);
-        if (++g_shared_added % kSweepEvery == 0) sweep_shared();
       }
       *classes += 1;
     }
@@ -758,6 +808,17 @@ extern "C" int tessera_tier_release_block(void* handle) {
   m->pinned = false;
   for (Group& g : m->groups) g.versions.clear();
   return 1;
+}
+
+// Lets go of the handle's tensors but the shared ones (parameters), keeping their content
+// classes alive (the model holds them while it lives: a class outlives its device storage while
+// members wait in host memory) and their version counters readable.
+extern "C" void tessera_tier_keep_classes_only(void* handle) {
+  auto* m = static_cast<Moved*>(handle);
+  m->groups.erase(std::remove_if(m->groups.begin(), m->groups.end(), [](const Group& g) { return !g.cls; }),
+                  m->groups.end());
+  m->total = 0;
+  m->block.reset();
 }
 
 // Bytes the latest move copied (see Moved::copied).
