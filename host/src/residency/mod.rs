@@ -347,11 +347,11 @@ impl Residency {
             .await
             .unwrap_or(false);
         if readable_now {
-            let idle: Vec<Arc<LoadedModel>> = self
+            let idle: Vec<std::sync::Weak<LoadedModel>> = self
                 .cache
                 .iter()
-                .map(|(_, m)| m)
-                .filter(|m| m.busy() == 0)
+                .filter(|(_, m)| m.busy() == 0)
+                .map(|(_, m)| Arc::downgrade(&m))
                 .collect();
             let orphans = archives_gone(idle, store_readable.clone()).await;
             for m in orphans {
@@ -366,8 +366,12 @@ impl Residency {
                 }
             }
             // So do models waiting in the host tier whose archive is gone.
-            let parked: Vec<Arc<LoadedModel>> =
-                self.host.list().into_iter().map(|(m, _)| m).collect();
+            let parked: Vec<std::sync::Weak<LoadedModel>> = self
+                .host
+                .list()
+                .into_iter()
+                .map(|(m, _)| Arc::downgrade(&m))
+                .collect();
             for m in archives_gone(parked, store_readable.clone()).await {
                 tracing::info!(model = %m.key, "its archive is gone from the store: dropped from host memory");
                 self.drop_from_host(self.host.remove_where(|k| k == &m.key));
@@ -1009,16 +1013,20 @@ fn drop_from_host(host: &host::HostTier, metrics: &Metrics, models: Vec<Arc<Load
 
 /// Those of `models` whose archive is gone from the store: one stat each, off the async threads
 /// (the store may be slow). A store that went away meanwhile makes every archive look gone: then
-/// the scan says nothing.
+/// the scan says nothing. The scan holds each model only for its own stat (an eviction meanwhile
+/// waits for holders before moving a model to the host tier).
 async fn archives_gone(
-    models: Vec<Arc<LoadedModel>>,
+    models: Vec<std::sync::Weak<LoadedModel>>,
     store_readable: Arc<dyn Fn() -> bool + Send + Sync>,
 ) -> Vec<Arc<LoadedModel>> {
     if models.is_empty() {
         return Vec::new();
     }
     tokio::task::spawn_blocking(move || {
-        let gone: Vec<_> = models.into_iter().filter(|m| m.archive_gone()).collect();
+        let gone: Vec<_> = models
+            .into_iter()
+            .filter_map(|w| w.upgrade().filter(|m| m.archive_gone()))
+            .collect();
         if gone.is_empty() || store_readable() {
             gone
         } else {
