@@ -657,10 +657,28 @@ impl Residency {
         let resident: Vec<Arc<LoadedModel>> = self.cache.iter().map(|(_, m)| m).collect();
         let now = self.now_ms();
         let weights = weights_counted_once(&resident);
+        // How many resident models hold each shared storage: one whose storages are (nearly) all
+        // held by another too frees little when evicted.
+        let mut holders: HashMap<usize, usize> = HashMap::new();
+        for m in &resident {
+            for (id, _) in m.pipeline.shared_storages().iter() {
+                *holders.entry(*id).or_default() += 1;
+            }
+        }
         let candidates: Vec<policy::Candidate> = resident
             .iter()
             .zip(&weights)
             .map(|(m, &weight)| policy::Candidate {
+                frees: {
+                    let shared = m.pipeline.shared_storages();
+                    let still_held: u64 = shared
+                        .iter()
+                        .filter(|(id, _)| holders.get(id).copied().unwrap_or(0) > 1)
+                        .map(|(_, b)| b)
+                        .sum();
+                    // A quarter at least: small unshared storages (biases) do not count.
+                    m.weight().saturating_sub(still_held) >= m.weight() / 4
+                },
                 key: &m.key,
                 // Shared storages count once (in the first holder's weight): a tenant's usage
                 // is what its models hold on the device.

@@ -7,6 +7,9 @@
 //!   otherwise only from the requesting tenant's own models, so one tenant's churn can never
 //!   evict another tenant that stays within its share. With one tenant this is plain LRU.
 //! - A model's holding is its weights plus what it reserves (its cached stage's capacity).
+//! - A model whose eviction would free little (less than a quarter of what it holds: its weights
+//!   shared with other resident models) goes only when every other candidate of the same
+//!   preference would free as little.
 use crate::names::ModelKey;
 use std::collections::HashMap;
 
@@ -21,6 +24,9 @@ pub struct Candidate<'a> {
     pub in_use: usize,
     /// When it last served (any monotonic unit; smaller is older).
     pub last_used: u64,
+    /// Whether evicting it frees at least a quarter of what it holds (not when other resident
+    /// models share its weights).
+    pub frees: bool,
 }
 
 /// The model to evict to make room for `for_key` (whose tenant needs the room), or `None` when
@@ -41,10 +47,15 @@ pub fn choose_victim<'a>(
         usage.get(tenant).copied().unwrap_or(0) as f64 > share * budget as f64
     };
     let least_recent = |pick: &dyn Fn(&Candidate) -> bool| {
-        resident
-            .iter()
-            .filter(|c| c.key != for_key && c.in_use == 0 && pick(c))
+        let idle = || {
+            resident
+                .iter()
+                .filter(|c| c.key != for_key && c.in_use == 0 && pick(c))
+        };
+        idle()
+            .filter(|c| c.frees)
             .min_by_key(|c| c.last_used)
+            .or_else(|| idle().min_by_key(|c| c.last_used))
             .map(|c| c.key)
     };
     least_recent(&|c| over_share(&c.key.tenant))
@@ -83,6 +94,7 @@ mod tests {
                     weight: (held + reserved) * MIB,
                     in_use,
                     last_used,
+                    frees: true,
                 },
             )
             .collect();
@@ -188,5 +200,31 @@ mod tests {
         for row in &table {
             run(row);
         }
+    }
+
+    /// A model whose weights are shared with other resident models frees little when evicted:
+    /// the least recently used model that frees more goes first; when none does, plain LRU.
+    #[test]
+    fn a_victim_that_frees_nothing_goes_last() {
+        let (old, new, next) = (
+            ModelKey::new("a", "old", "1"),
+            ModelKey::new("a", "new", "1"),
+            ModelKey::new("a", "next", "1"),
+        );
+        let candidate = |key, last_used, frees| Candidate {
+            key,
+            weight: 10 * MIB,
+            in_use: 0,
+            last_used,
+            frees,
+        };
+        let shares = HashMap::from([("a".to_string(), 1.0)]);
+        let both = [candidate(&old, 1, false), candidate(&new, 5, true)];
+        assert_eq!(choose_victim(&both, &shares, 100 * MIB, &next), Some(&new));
+        let neither = [candidate(&old, 1, false), candidate(&new, 5, false)];
+        assert_eq!(
+            choose_victim(&neither, &shares, 100 * MIB, &next),
+            Some(&old)
+        );
     }
 }
