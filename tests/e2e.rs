@@ -183,6 +183,109 @@ fn the_python_and_javascript_templates_serve_the_example_model() {
     }
 }
 
+/// Packs the example's `model-large.pt` with its handler under each of `names` in `store`;
+/// returns the model file's size.
+fn pack_large_examples(store: &Path, names: &[&str]) -> u64 {
+    let model = artifact("example/model-large.pt");
+    for name in names {
+        pack(
+            store,
+            name,
+            EXAMPLE_CONFIG,
+            &model,
+            &artifact("handlers/example.wasm"),
+        );
+    }
+    std::fs::metadata(&model).unwrap().len()
+}
+
+/// A model reloaded from the unpacked files on disk loads through its unified copy (written in
+/// the background after the first load, in the server's own folder of the unpacked archive) and
+/// answers the same bytes; a copy whose source changed is not used. The copy's size floor is
+/// lowered to 0 here (by default only files of 64 MiB or more are copied).
+#[test]
+fn a_reload_from_disk_reads_the_unified_copy() {
+    let store = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let size = pack_large_examples(store.path(), &["a", "b"]);
+    // Room for one model on the device, none in host memory: every switch reloads from disk.
+    let mib = ((size * 3 / 2) >> 20).to_string();
+    let server = Server::launch(
+        store.path(),
+        &["--memory-budget-mib", &mib, "--host-memory-budget-mib", "0"],
+        Launch {
+            work_dir: Some(work.path().to_path_buf()),
+            env: vec![("TESSERA_UNIFIED_COPY_MIN_BYTES", "0".into())],
+            ..Launch::default()
+        },
+    );
+    let request = example_request(24, 16, 5, json!({"strength": 0.5}));
+    let call = |name: &str| {
+        let r = post_json(&server.url(&format!("/predictions/{name}")), &request);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r
+    };
+    let copies = || {
+        let mut found = Vec::new();
+        let mut stack = vec![work.path().to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.to_string_lossy().ends_with(".pt.unified") {
+                    found.push(p);
+                }
+            }
+        }
+        found
+    };
+    let first = call("a");
+    assert_eq!(first.header("x-model-tier"), Some("store"));
+    assert!(
+        wait_until(Duration::from_secs(120), || copies().len() == 1),
+        "no copy of a's model written: {:?}\n{}",
+        copies(),
+        server.log()
+    );
+    let copy = copies().remove(0);
+    assert_eq!(
+        copy.parent().unwrap().file_name().unwrap(),
+        std::ffi::OsStr::new(".optimized"),
+        "{copy:?}"
+    );
+    call("b");
+    let back = call("a");
+    assert_eq!(back.header("x-model-tier"), Some("disk"));
+    assert_eq!(back.body, first.body, "output changed through the copy");
+    assert_eq!(
+        server
+            .log()
+            .matches("TorchScript loaded from its unified copy")
+            .count(),
+        1,
+        "{}",
+        server.log()
+    );
+    // The source rewritten in place (a new modification time): the copy is stale, not used.
+    let name = copy
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .replace(".unified", "");
+    let source = copy.parent().unwrap().parent().unwrap().join(name);
+    let bytes = std::fs::read(&source).unwrap();
+    std::fs::write(&source, &bytes).unwrap();
+    call("b");
+    let again = call("a");
+    assert_eq!(again.body, first.body);
+    assert!(
+        server.log().contains("unified copy is stale"),
+        "{}",
+        server.log()
+    );
+}
+
 /// The host-memory tier: a model evicted from the device keeps its weights in host memory and
 /// comes back with one copy (a swap, not a load) giving the same bytes; concurrent requests
 /// share one swap-in; when the tier is full the model in it longest goes, and comes back from
@@ -192,17 +295,7 @@ fn the_python_and_javascript_templates_serve_the_example_model() {
 #[test]
 fn evicted_models_wait_in_host_memory_and_come_back_with_one_copy() {
     let store = tempfile::tempdir().unwrap();
-    let model = artifact("example/model-large.pt");
-    let size = std::fs::metadata(&model).unwrap().len();
-    for name in ["a", "b", "c"] {
-        pack(
-            store.path(),
-            name,
-            EXAMPLE_CONFIG,
-            &model,
-            &artifact("handlers/example.wasm"),
-        );
-    }
+    let size = pack_large_examples(store.path(), &["a", "b", "c"]);
     // Room for one model on the device and one in host memory.
     let mib = ((size * 3 / 2) >> 20).to_string();
     let server = Server::start(
@@ -217,17 +310,8 @@ fn evicted_models_wait_in_host_memory_and_come_back_with_one_copy() {
     let request = example_request(24, 16, 5, json!({"strength": 0.5}));
     let call = |name: &str| post_json(&server.url(&format!("/predictions/{name}")), &request);
     let tier = |reply: &Reply| reply.header("x-model-tier").unwrap_or("none").to_string();
-    let metric = |family: &str, name: &str, extra: &str| -> u64 {
-        get(&server.url("/metrics"))
-            .text()
-            .lines()
-            .filter(|l| {
-                l.starts_with(&format!("{family}{{"))
-                    && l.contains(&format!("model=\"{name}\""))
-                    && l.contains(extra)
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
+    let counter = |family: &str, name: &str, extra: &str| -> u64 {
+        metric(&server, family, &[&format!("model=\"{name}\""), extra]).unwrap_or(0.0) as u64
     };
     let described = |name: &str| get(&server.url(&format!("/models/{name}"))).json();
 
@@ -242,15 +326,15 @@ fn evicted_models_wait_in_host_memory_and_come_back_with_one_copy() {
     assert_eq!(a["tier"], "host", "{a}");
     assert!(a["hostBytes"].as_u64().unwrap() > size / 2, "{a}");
     assert_eq!(a["state"], "Unloaded");
-    assert_eq!(metric("tessera_model_swaps_total", "a", "to-host"), 1);
+    assert_eq!(counter("tessera_model_swaps_total", "a", "to-host"), 1);
     // Back with one copy: same bytes, a swap and not a load.
     let back = call("a");
     assert_eq!(back.status, 200, "{}", back.text());
     assert_eq!(tier(&back), "host");
     assert!(back.header("x-model-load-time").is_some());
     assert_eq!(back.body, first.body, "output changed across the swap");
-    assert_eq!(metric("tessera_model_loads_total", "a", "ok"), 1);
-    assert_eq!(metric("tessera_model_swaps_total", "a", "from-host"), 1);
+    assert_eq!(counter("tessera_model_loads_total", "a", "ok"), 1);
+    assert_eq!(counter("tessera_model_swaps_total", "a", "from-host"), 1);
     assert_eq!(described("a")["tier"], "cpu");
     assert_eq!(described("b")["tier"], "host");
     // c's load evicts a into host memory, which is full: b (in longest) goes.
@@ -264,13 +348,13 @@ fn evicted_models_wait_in_host_memory_and_come_back_with_one_copy() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.body, first.body);
     }
-    assert_eq!(metric("tessera_model_swaps_total", "a", "from-host"), 2);
-    assert_eq!(metric("tessera_model_loads_total", "a", "ok"), 1);
+    assert_eq!(counter("tessera_model_swaps_total", "a", "from-host"), 2);
+    assert_eq!(counter("tessera_model_loads_total", "a", "ok"), 1);
     // b was pushed out of host memory: it comes back from its unpacked files on disk.
     let b = call("b");
     assert_eq!(b.status, 200, "{}", b.text());
     assert_eq!(tier(&b), "disk");
-    assert_eq!(metric("tessera_model_loads_total", "b", "ok"), 2);
+    assert_eq!(counter("tessera_model_loads_total", "b", "ok"), 2);
     // Unloading a model in host memory takes it out of the tier.
     assert_eq!(described("a")["tier"], "host");
     assert_eq!(delete(&server.url("/models/a")).status, 200);
@@ -285,14 +369,7 @@ fn evicted_models_wait_in_host_memory_and_come_back_with_one_copy() {
     assert_eq!(call("c").status, 200);
     assert_eq!(described("b")["tier"], "host");
     std::fs::remove_file(store.path().join("b.tar.gz")).unwrap();
-    let host_bytes = || {
-        get(&server.url("/metrics"))
-            .text()
-            .lines()
-            .find(|l| l.starts_with("tessera_host_tier_bytes "))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap()
-    };
+    let host_bytes = || metric(&server, "tessera_host_tier_bytes", &[]).unwrap() as u64;
     assert!(
         wait_until(Duration::from_secs(20), || host_bytes() == 0),
         "still {} bytes in host memory",
@@ -339,14 +416,7 @@ fn identical_weights_of_two_models_are_held_and_weighed_once() {
         );
         let call = |name: &str| post_json(&server.url(&format!("/predictions/{name}")), &request);
         let described = |name: &str| get(&server.url(&format!("/models/{name}"))).json();
-        let used = || {
-            get(&server.url("/metrics"))
-                .text()
-                .lines()
-                .find(|l| l.starts_with("tessera_residency_used_bytes "))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .unwrap()
-        };
+        let used = || metric(&server, "tessera_residency_used_bytes", &[]).unwrap() as u64;
         let a = call("a");
         assert_eq!(a.status, 200, "{}", a.text());
         let alone = used();
@@ -459,14 +529,7 @@ fn loads_wait_for_room_instead_of_going_over_the_budget() {
             .into_iter()
             .map(|name| scope.spawn(move || call(name, "loop").status))
             .collect();
-        let in_flight = || -> u64 {
-            get(&server.url("/metrics"))
-                .text()
-                .lines()
-                .filter(|l| l.starts_with("tessera_requests_in_flight{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum()
-        };
+        let in_flight = || metric(&server, "tessera_requests_in_flight", &[]).unwrap_or(0.0) as u64;
         assert!(wait_until(Duration::from_secs(10), || in_flight() >= 2));
         // Both models holding the budget are busy for seconds: a model that may wait 1 s is
         // refused, one that may wait 60 s gets the room once one of them is idle.
@@ -490,15 +553,12 @@ fn loads_wait_for_room_instead_of_going_over_the_budget() {
             header("x-queue-time"),
             header("x-model-load-time")
         );
-        let queued_s: f64 = get(&server.url("/metrics"))
-            .text()
-            .lines()
-            .filter(|l| {
-                l.starts_with("tessera_queue_duration_seconds_sum{")
-                    && l.contains("model=\"patient\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let queued_s = metric(
+            &server,
+            "tessera_queue_duration_seconds_sum",
+            &["model=\"patient\""],
+        )
+        .unwrap_or(0.0);
         assert!(queued_s > 1.0, "queue seconds {queued_s}");
         for t in busy {
             assert_eq!(t.join().unwrap(), 504);
@@ -522,17 +582,7 @@ fn loads_wait_for_room_instead_of_going_over_the_budget() {
 #[test]
 fn three_models_with_budget_for_two_all_succeed_and_evict() {
     let store = tempfile::tempdir().unwrap();
-    let model = artifact("example/model-large.pt");
-    let size = std::fs::metadata(&model).unwrap().len();
-    for name in ["a", "b", "c"] {
-        pack(
-            store.path(),
-            name,
-            EXAMPLE_CONFIG,
-            &model,
-            &artifact("handlers/example.wasm"),
-        );
-    }
+    let size = pack_large_examples(store.path(), &["a", "b", "c"]);
     // Budget fits two copies, not three.
     let budget_mib = (size * 5 / 2) >> 20;
     assert!(
@@ -1033,11 +1083,12 @@ fn pack_with_warmups(
 /// Forwards the server has run for the default tenant's model `name`.
 fn forwards(server: &Server, name: &str) -> Option<u64> {
     let label = format!("model=\"{name}\",tenant=\"default\"");
-    get(&server.url("/metrics"))
-        .text()
-        .lines()
-        .find(|l| l.starts_with("tessera_inference_duration_seconds_count") && l.contains(&label))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    metric(
+        server,
+        "tessera_inference_duration_seconds_count",
+        &[&label],
+    )
+    .map(|v| v as u64)
 }
 
 #[test]

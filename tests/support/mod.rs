@@ -113,6 +113,8 @@ pub struct Launch {
     pub listening_only: bool,
     /// Limit on open files (soft and hard), as a service manager would set it.
     pub fd_limit: Option<u64>,
+    /// Environment variables set for the server (after the defaults, so they may replace them).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Server {
@@ -133,6 +135,7 @@ impl Server {
             // Tests pack copies of one file under several names to exercise eviction: held once
             // they would never be evicted. Tests of sharing pass `--share-weights on`.
             .env("TESSERA_SHARE_WEIGHTS", "off")
+            .envs(how.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let cage = how.memory_limit.map(MemoryCage::new);
@@ -358,6 +361,23 @@ impl Drop for MemoryCage {
             }
         }
     }
+}
+
+/// The sum of the values of the server's metric lines named `name` (a family, or a family and
+/// suffix such as `_count`) whose labels include each of `labels` (e.g. `model="a"`); `None`
+/// when no line matches.
+pub fn metric(server: &Server, name: &str, labels: &[&str]) -> Option<f64> {
+    let text = get(&server.url("/metrics")).text();
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// Polls `cond` until it holds or the deadline passes.

@@ -473,7 +473,13 @@ fn load_optimized(
             }
         }
     }
-    let model = TorchModel::load(file, device)?.optimized(how)?;
+    // Read once to be frozen: the frozen file is the one loaded again, and copied.
+    let model = TorchModel::load_as(
+        file,
+        device,
+        runtime::tier::LoadPath::configured().without_copies(),
+    )?
+    .optimized(how)?;
     let optimised_ms = started.elapsed().as_millis() as u64;
     if let Some(saved) = saved {
         let kept = std::fs::create_dir_all(saved.parent().expect("a file in a folder"))

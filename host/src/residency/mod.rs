@@ -659,20 +659,22 @@ impl Residency {
         let resident: Vec<Arc<LoadedModel>> = self.cache.iter().map(|(_, m)| m).collect();
         let now = self.now_ms();
         let weights = weights_counted_once(&resident);
+        let shared: Vec<_> = resident
+            .iter()
+            .map(|m| m.pipeline.shared_storages())
+            .collect();
         // How many resident models hold each shared storage: one whose storages are (nearly) all
         // held by another too frees little when evicted.
         let mut holders: HashMap<usize, usize> = HashMap::new();
-        for m in &resident {
-            for (id, _) in m.pipeline.shared_storages().iter() {
-                *holders.entry(*id).or_default() += 1;
-            }
+        for (id, _) in shared.iter().flat_map(|s| s.iter()) {
+            *holders.entry(*id).or_default() += 1;
         }
         let candidates: Vec<policy::Candidate> = resident
             .iter()
             .zip(&weights)
-            .map(|(m, &weight)| policy::Candidate {
+            .zip(&shared)
+            .map(|((m, &weight), shared)| policy::Candidate {
                 frees: {
-                    let shared = m.pipeline.shared_storages();
                     let still_held: u64 = shared
                         .iter()
                         .filter(|(id, _)| holders.get(id).copied().unwrap_or(0) > 1)

@@ -604,6 +604,43 @@ fn warmed_up() -> std::sync::MutexGuard<'static, std::collections::HashSet<FileK
         .unwrap_or_else(|e| e.into_inner())
 }
 
+/// Writes `path` through `write` (given a temporary name beside it), flushed to disk and then
+/// renamed into place: readers see the whole file or none. Temporary files of this name left by
+/// a process that no longer runs (one killed mid-write) are removed first.
+pub(crate) fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), String> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir = path.parent().ok_or("a file in no folder")?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let prefix = format!(".{name}.tmp-");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let other = e.file_name().to_string_lossy().into_owned();
+            let pid = other
+                .strip_prefix(&prefix)
+                .and_then(|r| r.split('-').next());
+            if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("{prefix}{}-{n}", std::process::id()));
+    let result = write(&tmp)
+        .and_then(|()| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("flushing {}: {e}", tmp.display()))
+        })
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 fn file_key(path: &Path, device: Device) -> Option<FileKey> {
     let meta = std::fs::metadata(path).ok()?;
     Some((
@@ -640,8 +677,16 @@ impl TorchModel {
     /// parallel (no lock): each weighs only its own module. Only files that passed
     /// [`verify::check_files`] may be loaded: loading runs the file's `__setstate__`.
     pub fn load(path: &Path, device: Device) -> Result<TorchModel, RuntimeError> {
-        let mut module = tier::load_module(path, device, tier::LoadPath::configured())
-            .map_err(|e| load_error(device, e))?;
+        TorchModel::load_as(path, device, tier::LoadPath::configured())
+    }
+
+    /// [`TorchModel::load`] the way `how` says.
+    pub fn load_as(
+        path: &Path,
+        device: Device,
+        how: tier::LoadPath,
+    ) -> Result<TorchModel, RuntimeError> {
+        let mut module = tier::load_module(path, device, how).map_err(|e| load_error(device, e))?;
         module.set_eval();
         // SAFETY: a live module pointer; the shim only reads it and catches C++ exceptions.
         let held = unsafe { cuda::tessera_module_tensor_bytes(module_ptr(&module)) };
@@ -792,28 +837,13 @@ impl TorchModel {
     /// Writes the module (as it is now: optimised, say) to `path` as TorchScript, through a
     /// temporary file beside it renamed into place, so that `path` is whole or absent.
     pub fn save_atomically(&self, path: &Path) -> Result<(), RuntimeError> {
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let module = self.module.as_ref().expect("module present until drop");
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let tmp = path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()));
-        let result = module
-            .save(&tmp)
-            .map_err(|e| {
-                RuntimeError::Load(format!(
-                    "saving {}: {}",
-                    path.display(),
-                    first_line(&e.to_string())
-                ))
-            })
-            .and_then(|()| {
-                std::fs::rename(&tmp, path)
-                    .map_err(|e| RuntimeError::Load(format!("saving {}: {e}", path.display())))
-            });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        write_atomically(path, |tmp| {
+            module
+                .save(tmp)
+                .map_err(|e| first_line(&e.to_string()).to_string())
+        })
+        .map_err(|e| RuntimeError::Load(format!("saving {}: {e}", path.display())))
     }
 
     /// Makes the forward the host-driven loop of [`LOOP_METHODS`] (each must exist).
@@ -2053,7 +2083,8 @@ for mode in range(4):
 
     /// A scripted model holding two records larger than the fast loader's read and staging
     /// pieces, a view of another buffer (one storage), tensors in a list attribute and in a
-    /// scripted class's instance, and a small Linear: `forward` uses them all.
+    /// scripted class's instance, and a small Linear: `forward` uses them all, and operators
+    /// whose meaning depends on the file's format version.
     const LOAD_FIXTURE: &str = r#"
 import sys
 from typing import List
@@ -2084,22 +2115,56 @@ class Loaded(torch.nn.Module):
     def forward(self, x):
         return (x * self.big1[-1, :4].sum() + self.big2[-1].mean() + self.part.sum() + self.items[0].sum()
                 + self.items[1].sum() + self.holder.t.sum() + self.small(x)
-                + torch.tensor([1.0, 2.0, 3.0, 4.0], device=x.device))
+                + torch.tensor([1.0, 2.0, 3.0, 4.0], device=x.device)
+                # Operators whose meaning changed across file format versions: a copy read as
+                # an old file would divide integers flooring and refuse gelu's `approximate`.
+                + torch.arange(4, device=x.device) / 4 + torch.full([4], 1, device=x.device)
+                + torch.nn.functional.gelu(x, approximate="tanh"))
 
 
 torch.jit.script(Loaded()).save(sys.argv[1])
 "#;
 
-    /// `path` loaded onto `device` each way: the answers to one input, and the storages its
-    /// tensors hold on the device and on the CPU.
-    fn load_each_way(path: &Path, device: Device) -> Vec<(tier::LoadPath, Tensor, u64, u64)> {
+    /// `path` loaded onto `device` each way (the unified path twice: the first load writes the
+    /// copy, the second reads it): the answers to one input, and the storages its tensors hold
+    /// on the device and on the CPU.
+    fn load_each_way(path: &Path, device: Device) -> Vec<(String, Tensor, u64, u64)> {
         let x = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, 1.0, 3.0, -2.0, 0.0])
             .reshape([2, 4])
             .to_device(device);
-        [tier::LoadPath::Torch, tier::LoadPath::Parallel]
-            .into_iter()
-            .map(|how| {
-                let module = tier::load_module(path, device, how).unwrap();
+        let copy = tier::unified_copy_path(path).unwrap();
+        let _ = std::fs::remove_file(&copy);
+        let ways: [(&str, Box<dyn Fn() -> CModule>); 4] = [
+            (
+                "torch",
+                Box::new(|| tier::load_module(path, device, tier::LoadPath::Torch).unwrap()),
+            ),
+            (
+                "parallel",
+                Box::new(|| tier::load_module(path, device, tier::LoadPath::Parallel).unwrap()),
+            ),
+            (
+                "unified, copy written",
+                Box::new(|| {
+                    let (m, used) =
+                        tier::load_via_unified_copy(path, device, 0, tier::WriteCopy::Now).unwrap();
+                    assert!(!used && copy.is_file());
+                    m
+                }),
+            ),
+            (
+                "unified, from the copy",
+                Box::new(|| {
+                    let (m, used) =
+                        tier::load_via_unified_copy(path, device, 0, tier::WriteCopy::Now).unwrap();
+                    assert!(used);
+                    m
+                }),
+            ),
+        ];
+        ways.into_iter()
+            .map(|(how, load)| {
+                let module = load();
                 let y = tch::no_grad(|| module.forward_ts(&[&x]))
                     .unwrap()
                     .to_device(Device::Cpu);
@@ -2112,13 +2177,13 @@ torch.jit.script(Loaded()).save(sys.argv[1])
                         on(Device::Cpu)
                     },
                 );
-                (how, y, here, cpu)
+                (how.to_string(), y, here, cpu)
             })
             .collect()
     }
 
-    /// The parallel reader gives the model libtorch's own load gives: the same answers, the
-    /// same storages (a view still shares its buffer's).
+    /// The parallel reader and the unified copy give the model libtorch's own load gives: the
+    /// same answers, the same storages (a view still shares its buffer's).
     #[test]
     fn the_fast_loader_loads_what_libtorch_loads() {
         let dir = tempfile::tempdir().unwrap();
@@ -2137,8 +2202,94 @@ torch.jit.script(Loaded()).save(sys.argv[1])
         assert!(tier::load_module(&path, Device::Cpu, tier::LoadPath::Parallel).is_err());
     }
 
-    /// On a GPU (GPU machine only): the parallel reader's load leaves no tensor on the CPU,
-    /// keeps shared storages shared, and answers as libtorch's own load does.
+    /// A unified copy is used only for the version of the file it was made from (a stale one is
+    /// written again and used by the next load), and one that does not load is not trusted: the
+    /// file itself is loaded, and no copy is made again for that version of the file.
+    #[test]
+    fn a_stale_or_broken_unified_copy_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.pt");
+        python_fixture(LOAD_FIXTURE, &path);
+        let copy = tier::unified_copy_path(&path).unwrap();
+        assert_eq!(
+            copy,
+            dir.path()
+                .join(crate::archive::OPTIMIZED_DIR)
+                .join("l.pt.unified")
+        );
+        let load = || {
+            tier::load_via_unified_copy(&path, Device::Cpu, 0, tier::WriteCopy::Now)
+                .unwrap()
+                .1
+        };
+        let x = Tensor::ones([2, 4], (tch::Kind::Float, Device::Cpu));
+        let answer = || {
+            let (m, _) =
+                tier::load_via_unified_copy(&path, Device::Cpu, 0, tier::WriteCopy::Now).unwrap();
+            tch::no_grad(|| m.forward_ts(&[&x])).unwrap()
+        };
+        assert!(!load(), "no copy yet");
+        assert!(load(), "the copy written by the first load");
+        let want = answer();
+        // The source replaced (same bytes, a new file): the copy is stale.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(!load(), "a stale copy is not used");
+        assert!(load(), "and is written again");
+        // A damaged copy (truncated): loaded from the file, and no copy made again for this
+        // version of the file (a copy that failed once would fail again); a new version gets one.
+        let len = std::fs::metadata(&copy).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&copy)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        assert!(!load(), "a broken copy is not used");
+        assert!(
+            !load() && !copy.exists(),
+            "nor written again for this version"
+        );
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(!load());
+        assert!(load());
+        assert!(answer().equal(&want));
+        // Below the size floor nothing is written.
+        std::fs::remove_file(&copy).unwrap();
+        let (_, used) =
+            tier::load_via_unified_copy(&path, Device::Cpu, u64::MAX, tier::WriteCopy::Now)
+                .unwrap();
+        assert!(!used && !copy.exists());
+        // Only the server's own folder is written: no temporary file is left beside the copy.
+        let left: Vec<_> = std::fs::read_dir(copy.parent().unwrap()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A server's load does not wait for the copy: the background writer makes it from its own
+    /// load of the file, and the next load uses it.
+    #[test]
+    fn a_missing_unified_copy_is_written_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.pt");
+        python_fixture(LOAD_FIXTURE, &path);
+        let copy = tier::unified_copy_path(&path).unwrap();
+        let (_, used) =
+            tier::load_via_unified_copy(&path, Device::Cpu, 0, tier::WriteCopy::Later).unwrap();
+        assert!(!used);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while !copy.is_file() {
+            assert!(std::time::Instant::now() < deadline, "no copy written");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let (_, used) =
+            tier::load_via_unified_copy(&path, Device::Cpu, 0, tier::WriteCopy::Later).unwrap();
+        assert!(used);
+    }
+
+    /// On a GPU (GPU machine only): the parallel reader's and the unified copy's loads leave no
+    /// tensor on the CPU, keep shared storages shared, and answer as libtorch's own load does.
     #[test]
     fn gpu_the_parallel_reader_loads_every_tensor_onto_the_device() {
         let Some(_gpu) = gpu_test() else {

@@ -14,7 +14,10 @@
 #include <c10/core/InferenceMode.h>
 
 #include <caffe2/serialize/read_adapter_interface.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/import.h>
+#include <torch/csrc/jit/serialization/storage_context.h>
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -73,7 +76,7 @@ struct Block {
   // Page-locks the whole block, in chunks that begin at `starts` (ascending, the first 0: a
   // copy must not span two registrations, so chunks end on storage boundaries); "" on success,
   // else why not (nothing stays locked).
-  std::string pin(const std::vector<size_t>& starts) {
+  std::string pin(const std::vector<size_t>& starts, unsigned int flags = /*cudaHostRegisterPortable=*/1) {
     if (g_fail_pinning.load() != 0) return "page-locked allocation failed (injected for a test)";
     static const auto reg = reinterpret_cast<RegisterFn>(dlsym(RTLD_DEFAULT, "cudaHostRegister"));
     static const auto unregister = reinterpret_cast<UnregisterFn>(dlsym(RTLD_DEFAULT, "cudaHostUnregister"));
@@ -93,8 +96,8 @@ struct Block {
     std::atomic<size_t> next{0};
     auto work = [&] {
       for (size_t i = next.fetch_add(1); i < chunks.size(); i = next.fetch_add(1)) {
-        // Portable: page-locked for every device, not only the current one.
-        codes[i] = reg(chunks[i], lengths[i], /*cudaHostRegisterPortable=*/1);
+        // Portable (the default): page-locked for every device, not only the current one.
+        codes[i] = reg(chunks[i], lengths[i], flags);
       }
     };
     std::vector<std::thread> pool;
@@ -455,6 +458,12 @@ std::unique_ptr<Moved> collect_modules(const std::vector<torch::jit::Module*>& m
   return out;
 }
 
+// The device the shims' (type, index) pairs name: type 1 CUDA (`index` its ordinal), else CPU.
+c10::Device device_of(int device_type, int index) {
+  return device_type == 1 ? c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index))
+                          : c10::Device(c10::DeviceType::CPU);
+}
+
 // Runs work(i) for i in [0, n) on up to `threads` threads (this one included; fewer if no more
 // threads can be started).
 void parallel(size_t n, size_t threads, const std::function<void(size_t)>& work) {
@@ -531,9 +540,7 @@ std::shared_ptr<ParallelFile> open_parallel(const char* path) {
 extern "C" void* tessera_load_module(const char* path, int device_type, int index, char** err) {
   *err = nullptr;
   try {
-    const c10::Device device = device_type == 1
-                                   ? c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index))
-                                   : c10::Device(c10::DeviceType::CPU);
+    const c10::Device device = device_of(device_type, index);
     return new torch::jit::Module(torch::jit::load(open_parallel(path), device));
   } catch (const std::exception& e) {
     *err = dup_tier(e.what());
@@ -549,9 +556,7 @@ extern "C" void* tessera_load_module(const char* path, int device_type, int inde
 extern "C" void* tessera_tier_collect(void** modules, int n, int device_type, int index, char** err) {
   *err = nullptr;
   try {
-    const c10::Device device = device_type == 1
-                                   ? c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index))
-                                   : c10::Device(c10::DeviceType::CPU);
+    const c10::Device device = device_of(device_type, index);
     std::vector<torch::jit::Module*> list;
     for (int k = 0; k < n; ++k) list.push_back(static_cast<torch::jit::Module*>(modules[k]));
     return collect_modules(list, device).release();
@@ -848,3 +853,143 @@ extern "C" int64_t tessera_tier_storages(void* handle) {
 // Frees the handle (the tensors stay wherever they are, and keep the host block alive while
 // they point into it).
 extern "C" void tessera_tier_free(void* handle) { delete static_cast<Moved*>(handle); }
+
+// ---- Unified copies: a TorchScript file in the layout torch.package uses ----
+//
+// libtorch's own load reads every weight record through its zip reader (a CRC-32 per record on
+// one thread, a fresh allocation, a copy) and then copies each storage to the device from
+// pageable memory: ~2 GB/s for SD2's 2.6 GB on an H100 host. In the unified layout every storage
+// is a record `.data/<key>.storage` named by one key shared by the data and constants pickles, so
+// a loader may hand libtorch the storages it read itself (a DeserializationStorageContext) and
+// libtorch reads only the pickles and the code. The copy is the server's own output from a
+// checked file (written once, atomically, by the caller); `source` tags what it was made from.
+
+namespace {
+
+constexpr const char* kUnifiedTag = "tessera_source";
+constexpr const char* kUnifiedPickle = ".data/ts_code/0/data.pkl";
+
+}  // namespace
+
+// Writes `module` to `path` in the unified layout, with `source` as its tag record. Returns
+// null on success, else the error (the caller removes what was written).
+extern "C" char* tessera_save_unified(void* module_ptr, const char* path, const char* source) {
+  std::unique_ptr<caffe2::serialize::PyTorchStreamWriter> writer;
+  std::string error;
+  try {
+    auto* module = static_cast<torch::jit::Module*>(module_ptr);
+    writer = std::make_unique<caffe2::serialize::PyTorchStreamWriter>(std::string(path));
+    // The current format version (the writer's default is the oldest it can produce): libtorch
+    // reads a file's version as the version of its code and applies the operator upgraders of
+    // older versions to it (integer `/` made floor division, `full` made float, `gelu`'s
+    // `approximate` refused), so a copy left at the default would not compute what it copies.
+    writer->setMinVersion(caffe2::serialize::kProducedFileFormatVersion);
+    torch::jit::ScriptModuleSerializer serializer(*writer);
+    serializer.serialize_unified_format(*module, 0);
+    serializer.writeFiles(".data/ts_code/code/");
+    writer->writeRecord(kUnifiedTag, source, std::strlen(source));
+    writer->writeEndOfFile();
+    return nullptr;
+  } catch (const std::exception& e) {
+    error = e.what();
+  } catch (...) {
+    error = "unknown C++ exception";
+  }
+  // A writer that failed (a full disk, say) throws again from the end-of-file its destructor
+  // writes, and a destructor's throw ends the process: finish it here, where that is caught.
+  if (writer && !writer->finalized()) {
+    try {
+      writer->writeEndOfFile();
+    } catch (...) {
+    }
+  }
+  return dup_tier(error);
+}
+
+// Loads a unified copy onto the device (type 0 CPU, 1 CUDA; `index` its ordinal). Its storages
+// are read by the server: onto the CPU, each into its own allocation with reads on several
+// threads; for CUDA, the file is mapped and page-locked read-only (one cudaHostRegister of the
+// page cache, no copy) and libtorch's unpickler copies each storage to the device from there.
+// Returns a new `torch::jit::Module*`, or null with *stale = 1 when the copy's tag is not
+// `source`, or with the error in *err. `*note` gets why the mapping could not be page-locked,
+// if it could not (the copies then run from pageable memory).
+extern "C" void* tessera_load_unified(const char* path, int device_type, int index, const char* source,
+                                      int* stale, char** note, char** err) {
+  *stale = 0;
+  *note = nullptr;
+  *err = nullptr;
+  try {
+    const c10::Device device = device_of(device_type, index);
+    const bool cuda = device.is_cuda();
+    std::shared_ptr<ParallelFile> file = open_parallel(path);
+    auto reader = std::make_shared<caffe2::serialize::PyTorchStreamReader>(
+        std::static_pointer_cast<caffe2::serialize::ReadAdapterInterface>(file));
+    if (!reader->hasRecord(kUnifiedPickle) || !reader->hasRecord(kUnifiedTag)) {
+      throw std::runtime_error("not a unified copy (no " + std::string(kUnifiedPickle) + " or tag)");
+    }
+    auto [tag, tag_len] = reader->getRecord(kUnifiedTag);
+    if (std::string(static_cast<const char*>(tag.get()), tag_len) != source) {
+      *stale = 1;
+      return nullptr;
+    }
+    struct Record {
+      std::string key;
+      size_t offset;
+      size_t size;
+    };
+    std::vector<Record> records;
+    const std::string prefix = ".data/";
+    const std::string suffix = ".storage";
+    for (const std::string& name : reader->getAllRecords()) {
+      if (name.size() <= prefix.size() + suffix.size() || name.compare(0, prefix.size(), prefix) != 0 ||
+          name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+        continue;
+      }
+      const size_t offset = reader->getRecordOffset(name);
+      const size_t size = reader->getRecordSize(name);
+      if (offset > file->len || size > file->len - offset) {
+        throw std::runtime_error("record " + name + " lies outside the file");
+      }
+      records.push_back({name.substr(prefix.size()), offset, size});
+    }
+    auto context = std::make_shared<torch::jit::DeserializationStorageContext>();
+    if (cuda) {
+      // The mapping lives as long as a storage over it does (each holds a reference).
+      auto mapping = std::make_shared<Block>();
+      void* base = mmap(nullptr, file->len, PROT_READ, MAP_SHARED, file->fd, 0);
+      if (base == MAP_FAILED) throw std::runtime_error(std::string("cannot map ") + path + ": " + std::strerror(errno));
+      mapping->base = static_cast<char*>(base);
+      mapping->size = file->len;
+      // One registration (a copy must not span two); portable (page-locked for every device's
+      // context, as the host tier's blocks are) and read-only: the page cache is not written.
+      const std::string why = mapping->pin({0}, /*cudaHostRegisterPortable | cudaHostRegisterReadOnly=*/1 | 8);
+      if (!why.empty()) *note = dup_tier(why);
+      for (const Record& r : records) {
+        auto* owner = new std::shared_ptr<Block>(mapping);
+        at::DataPtr data(mapping->base + r.offset, owner,
+                         [](void* p) { delete static_cast<std::shared_ptr<Block>*>(p); }, c10::Device(c10::DeviceType::CPU));
+        context->addStorage(r.key, c10::Storage(c10::Storage::use_byte_size_t(), r.size, std::move(data),
+                                                /*allocator=*/nullptr, /*resizable=*/false));
+      }
+    } else {
+      std::vector<at::Tensor> bytes;
+      bytes.reserve(records.size());
+      for (const Record& r : records) bytes.push_back(at::empty({static_cast<int64_t>(r.size)}, at::kByte));
+      // Small records on several threads; a large one is split across threads by the reader.
+      std::atomic<bool> short_read{false};
+      parallel(records.size(), kCopyThreads, [&](size_t i) {
+        const Record& r = records[i];
+        if (r.size > 0 && file->read(r.offset, bytes[i].data_ptr(), r.size, "unified copy") != r.size) short_read = true;
+      });
+      if (short_read) throw std::runtime_error(std::string("short read from ") + path);
+      for (size_t i = 0; i < records.size(); ++i) context->addStorage(records[i].key, bytes[i].storage());
+    }
+    auto cu = std::make_shared<torch::jit::CompilationUnit>();
+    return new torch::jit::Module(torch::jit::import_ir_module(cu, reader, context, device, "0"));
+  } catch (const std::exception& e) {
+    *err = dup_tier(e.what());
+  } catch (...) {
+    *err = dup_tier("unknown C++ exception");
+  }
+  return nullptr;
+}
