@@ -15,14 +15,12 @@ the parallel reader (the default) and with libtorch's own (`TESSERA_LOAD_PATH=to
 
     python bench/cold_load_probe_gpu.py --bin ./tessera --handlers <dir with sd/sam.wasm> --out $OUT
 """
-import argparse
 import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 
@@ -31,7 +29,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import request, start_server, write_results  # noqa: E402
+from common import server_bench_setup, request, start_server, write_results  # noqa: E402
 from residency_gpu import bodies  # noqa: E402
 
 
@@ -124,15 +122,7 @@ def probe_file(path):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--handlers", required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    work = tempfile.mkdtemp()
-    store = os.path.join(work, "store")
-    os.makedirs(store)
+    args, work, store = server_bench_setup()
     results = {"gpu": torch.cuda.get_device_name(0), "cpus": os.cpu_count()}
     py = sys.executable
     quiet = open(os.path.join(args.out, "export.log"), "w")

@@ -151,3 +151,23 @@ def cuda_timed_ms(fn):
     fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) * 1e3
+
+
+def server_bench_setup(extra_args=()):
+    """The GPU server benchmarks' command line (--bin, --handlers, --out and `extra_args`, each
+    (flag, add_argument keywords)) and a fresh work folder with an empty model store in it:
+    returns (args, work, store)."""
+    import argparse
+    import tempfile
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--handlers", required=True, help="folder with the handlers' .wasm files")
+    ap.add_argument("--out", required=True)
+    for flag, kw in extra_args:
+        ap.add_argument(flag, **kw)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp()
+    store = os.path.join(work, "store")
+    os.makedirs(store)
+    return args, work, store

@@ -19,7 +19,6 @@ Also, from Python on the same machine: page-locked host -> GPU copy speed of 2.6
 
     python bench/residency_gpu.py --bin ./tessera --handlers <dir with sd/sam/lama.wasm> --out $OUT [--rounds 5]
 """
-import argparse
 import base64
 import io
 import json
@@ -27,7 +26,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -37,7 +35,7 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import b64png, request, start_server, write_results  # noqa: E402
+from common import server_bench_setup, b64png, request, start_server, write_results  # noqa: E402
 
 BUDGET_MIB = 2800
 MODELS = ["sd", "sam", "lama"]
@@ -67,17 +65,43 @@ def bodies():
     }
 
 
+def export_and_pack(binary, handlers, work, store, out):
+    """Exports full-size random SD2 (fp16), SAM vit_h and LaMa under `work` and packs each into
+    `store` as `<model>.tar.gz`; returns the times taken and the archives' sizes."""
+    results = {}
+    t = time.perf_counter()
+    py = sys.executable
+    quiet = open(os.path.join(out, "export.log"), "w")
+    sd = os.path.join(work, "sd")
+    subprocess.check_call([py, os.path.join(ROOT, "models/sd/export.py"), "--random", "--device", "cuda", "--fp16",
+                           "--out-dir", sd], stdout=quiet, stderr=quiet)
+    sam = os.path.join(work, "sam")
+    subprocess.check_call([py, os.path.join(ROOT, "models/sam/export.py"), "--variant", "vit_h", "--random",
+                           "--out-dir", sam, "--device", "cuda"], stdout=quiet, stderr=quiet)
+    os.makedirs(os.path.join(work, "lama"))
+    lama = os.path.join(work, "lama", "model.pt")
+    subprocess.check_call([py, os.path.join(ROOT, "models/lama/export.py"), "--random", "--out", lama],
+                          stdout=quiet, stderr=quiet)
+    results["export_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    h = handlers
+    pack = lambda *a: subprocess.check_call([binary, "pack", *a, "--skip-model-check"])  # noqa: E731
+    pack("--config", os.path.join(ROOT, "models/sd/model-config.yaml"), "--model", os.path.join(sd, "sd.pt"),
+         "--handler", os.path.join(h, "sd.wasm"), "--asset", os.path.join(sd, "tokenizer"),
+         "--asset", os.path.join(sd, "warmup.json"), "--asset", os.path.join(sd, "warmup-unguided.json"),
+         "--output", os.path.join(store, "sd.tar.gz"))
+    pack("--config", os.path.join(ROOT, "models/sam/model-config.yaml"), "--model", os.path.join(sam, "encoder.pt"),
+         "--model", os.path.join(sam, "decoder.pt"), "--asset", os.path.join(sam, "warmup.json"),
+         "--handler", os.path.join(h, "sam.wasm"), "--output", os.path.join(store, "sam.tar.gz"))
+    pack("--config", os.path.join(ROOT, "models/lama/model-config.yaml"), "--model", lama,
+         "--handler", os.path.join(h, "lama.wasm"), "--output", os.path.join(store, "lama.tar.gz"))
+    results["pack_s"] = time.perf_counter() - t
+    results["archive_bytes"] = {m: os.path.getsize(os.path.join(store, f"{m}.tar.gz")) for m in MODELS}
+    return results
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--handlers", required=True, help="folder with sd.wasm, sam.wasm, lama.wasm")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    work = tempfile.mkdtemp()
-    store = os.path.join(work, "store")
-    os.makedirs(store)
+    args, work, store = server_bench_setup([("--rounds", {"type": int, "default": 5})])
     results = {"gpu": torch.cuda.get_device_name(0), "budget_mib": BUDGET_MIB, "rounds": args.rounds,
                "settings": {}}
 
@@ -96,34 +120,7 @@ def main():
     del host, dev
     torch.cuda.empty_cache()
 
-    t = time.perf_counter()
-    py = sys.executable
-    quiet = open(os.path.join(args.out, "export.log"), "w")
-    sd = os.path.join(work, "sd")
-    subprocess.check_call([py, os.path.join(ROOT, "models/sd/export.py"), "--random", "--device", "cuda", "--fp16",
-                           "--out-dir", sd], stdout=quiet, stderr=quiet)
-    sam = os.path.join(work, "sam")
-    subprocess.check_call([py, os.path.join(ROOT, "models/sam/export.py"), "--variant", "vit_h", "--random",
-                           "--out-dir", sam, "--device", "cuda"], stdout=quiet, stderr=quiet)
-    os.makedirs(os.path.join(work, "lama"))
-    lama = os.path.join(work, "lama", "model.pt")
-    subprocess.check_call([py, os.path.join(ROOT, "models/lama/export.py"), "--random", "--out", lama],
-                          stdout=quiet, stderr=quiet)
-    results["export_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    h = args.handlers
-    pack = lambda *a: subprocess.check_call([args.bin, "pack", *a, "--skip-model-check"])  # noqa: E731
-    pack("--config", os.path.join(ROOT, "models/sd/model-config.yaml"), "--model", os.path.join(sd, "sd.pt"),
-         "--handler", os.path.join(h, "sd.wasm"), "--asset", os.path.join(sd, "tokenizer"),
-         "--asset", os.path.join(sd, "warmup.json"), "--asset", os.path.join(sd, "warmup-unguided.json"),
-         "--output", os.path.join(store, "sd.tar.gz"))
-    pack("--config", os.path.join(ROOT, "models/sam/model-config.yaml"), "--model", os.path.join(sam, "encoder.pt"),
-         "--model", os.path.join(sam, "decoder.pt"), "--asset", os.path.join(sam, "warmup.json"),
-         "--handler", os.path.join(h, "sam.wasm"), "--output", os.path.join(store, "sam.tar.gz"))
-    pack("--config", os.path.join(ROOT, "models/lama/model-config.yaml"), "--model", lama,
-         "--handler", os.path.join(h, "lama.wasm"), "--output", os.path.join(store, "lama.tar.gz"))
-    results["pack_s"] = time.perf_counter() - t
-    results["archive_bytes"] = {m: os.path.getsize(os.path.join(store, f"{m}.tar.gz")) for m in MODELS}
+    results.update(export_and_pack(args.bin, args.handlers, work, store, args.out))
     print(f"exported {results['export_s']:.0f} s, packed {results['pack_s']:.0f} s", flush=True)
 
     body = bodies()
